@@ -1,0 +1,195 @@
+"""Measure what one tick costs the store as the ledger and the visits table grow.
+
+For each size N the store is seeded with N awards and N finished visits (one commit),
+then runs ticks of the runtime's shape: put `--events-per-tick` events, ack the
+previous tick's events, add a few awards and visits, commit. Printed per size:
+
+- put ms: the in-memory writes of one tick (TinyDB rebuilds a table per operation);
+- commit ms: the atomic write of one tick (serialise, write, fsync, rename, fsync dir);
+- events-only commit ms: the same for a tick that only puts and acks events (most ticks);
+- serialise ms: json.dumps of the same state alone, to split CPU from disk;
+- open ms: opening the store again (parse, check every record, build indexes);
+- file size.
+
+Each figure is the median of `--ticks` runs. Run from the repository root:
+``.venv/bin/python benchmarks/store_bench.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.model import Award, Event, Visit, ZoneSegment
+from gateway.store import Store
+
+T0 = 1_764_000_000.0
+
+
+def make_event(seq: int) -> Event:
+    return Event(
+        type="zone.changed",
+        id=f"0193a000-0000-7000-8000-{seq:012d}",
+        ts=T0 + seq,
+        store="store-0042",
+        gateway="gw-0042-a",
+        seq=seq,
+        data={"visit_id": f"visit-{seq:08d}", "from": "entrance", "to": "dairy", "member": "m-00017"},
+    )
+
+
+def make_award(n: int) -> Award:
+    return Award(
+        award_id=f"award-{n:010d}",
+        member=f"m-{n % 5000:05d}",
+        rule="visit-basic",
+        points=10,
+        visit_id=f"visit-{n:08d}",
+        ts=T0 + n,
+        day="2026-11-24",
+        reason="visit of at least 5 minutes",
+    )
+
+
+def make_visit(n: int) -> Visit:
+    start = T0 + n
+    return Visit(
+        visit_id=f"visit-{n:08d}",
+        subject=f"member:m-{n % 5000:05d}",
+        started=start,
+        ended=start + 600.0,
+        segments=(
+            ZoneSegment("entrance", start, start + 30.0),
+            ZoneSegment("dairy", start + 30.0, start + 300.0),
+            ZoneSegment("checkout", start + 300.0, start + 600.0),
+        ),
+        classification="visitor",
+        source="ble",
+    )
+
+
+def ms_since(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def bench_size(root: Path, size: int, ticks: int, events_per_tick: int, visits_limit: int | None) -> dict[str, float]:
+    data_dir = root / f"n{size}"
+    limit = visits_limit or size
+    store = Store(data_dir, recent_visits_limit=limit)
+    t = time.perf_counter()
+    store.put_awards(make_award(n) for n in range(size))
+    store.put_visits(make_visit(n) for n in range(size))
+    seed_put = ms_since(t)
+    t = time.perf_counter()
+    store.commit()
+    seed_commit = ms_since(t)
+
+    puts: list[float] = []
+    commits: list[float] = []
+    seq = 0
+    extra = size
+    previous: list[str] = []
+    for _ in range(ticks):
+        events = [make_event(seq + i + 1) for i in range(events_per_tick)]
+        seq += events_per_tick
+        t = time.perf_counter()
+        store.put_events(events)
+        store.ack_events(previous)
+        store.put_awards([make_award(extra), make_award(extra + 1)])
+        store.put_visits([make_visit(extra), make_visit(extra + 1)])
+        puts.append(ms_since(t))
+        t = time.perf_counter()
+        store.commit()
+        commits.append(ms_since(t))
+        previous = [e.id for e in events]
+        extra += 2
+    events_only: list[float] = []
+    for _ in range(ticks):
+        events = [make_event(seq + i + 1) for i in range(events_per_tick)]
+        seq += events_per_tick
+        store.put_events(events)
+        store.ack_events(previous)
+        t = time.perf_counter()
+        store.commit()
+        events_only.append(ms_since(t))
+        previous = [e.id for e in events]
+    visits = store.diagnostics()["recent_visits"]
+    size_bytes = store.diagnostics()["file_size_bytes"]
+    store.close()
+
+    state = json.loads(store.path.read_bytes())
+    serialise: list[float] = []
+    opens: list[float] = []
+    for _ in range(ticks):
+        t = time.perf_counter()
+        json.dumps(state, separators=(",", ":"))
+        serialise.append(ms_since(t))
+        t = time.perf_counter()
+        Store(data_dir, recent_visits_limit=limit).close()
+        opens.append(ms_since(t))
+    return {
+        "awards": size,
+        "visits": visits,
+        "file_mb": size_bytes / 1e6,
+        "seed_put_ms": seed_put,
+        "seed_commit_ms": seed_commit,
+        "put_ms": statistics.median(puts),
+        "commit_ms": statistics.median(commits),
+        "events_only_commit_ms": statistics.median(events_only),
+        "serialise_ms": statistics.median(serialise),
+        "open_ms": statistics.median(opens),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--sizes",
+        default="1000,10000,50000",
+        help="comma-separated record counts for the ledger and for the visits table (default: %(default)s)",
+    )
+    p.add_argument(
+        "--visits-limit",
+        type=int,
+        help="recent_visits_limit of the store (default: the size, so the visits table holds N too)",
+    )
+    p.add_argument("--ticks", type=int, default=5, help="ticks measured per size; medians are printed")
+    p.add_argument("--events-per-tick", type=int, default=20, help="events put (and acked) per tick")
+    p.add_argument("--dir", type=Path, help="where to create the stores (default: a temporary directory)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per size instead of a table")
+    args = p.parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--sizes {args.sizes!r}: must be comma-separated integers")
+    if args.ticks < 1 or args.events_per_tick < 1 or any(s < 1 for s in sizes) or (args.visits_limit or 1) < 1:
+        p.error("--ticks, --events-per-tick, --visits-limit and every size must be at least 1")
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        if not args.json:
+            print(
+                f"{'awards':>7} {'visits':>7} {'file MB':>8} {'put ms':>8} {'commit ms':>10} "
+                f"{'ev-only commit ms':>18} {'serialise ms':>13} {'open ms':>8}"
+            )
+        for size in sizes:
+            r = bench_size(root, size, args.ticks, args.events_per_tick, args.visits_limit)
+            if args.json:
+                print(json.dumps(r))
+            else:
+                print(
+                    f"{size:>7} {r['visits']:>7.0f} {r['file_mb']:>8.2f} {r['put_ms']:>8.2f} "
+                    f"{r['commit_ms']:>10.2f} {r['events_only_commit_ms']:>18.2f} "
+                    f"{r['serialise_ms']:>13.2f} {r['open_ms']:>8.1f}"
+                )
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Visita dashboard package."""

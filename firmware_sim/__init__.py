@@ -1,0 +1,1 @@
+"""Visita firmware_sim package."""

@@ -1,0 +1,414 @@
+"""The one config file (TOML), validated on load into typed settings.
+
+Every field has a default, a description and bounds; unknown keys are refused. A bad file
+fails before anything starts, with one line per problem naming the key, the bad value
+and what is allowed, e.g. ``site.toml: mqtt.keepalive_s = 0: must be at least 5``.
+
+Nothing is loaded at import time: call `load_settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+"""Store, gateway, zone and receiver ids: lowercase, digits, '-' and '_'; safe in MQTT topics and URLs."""
+
+Id = Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+class ConfigError(Exception):
+    """A config (or rules) file that cannot be used; one line per problem in `problems`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Strict(BaseModel):
+    """Base of every config model: unknown keys refused, no silent type coercion, frozen."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# --------------------------------------------------------------------------- store plan
+
+
+class ZoneConfig(Strict):
+    """One zone of the store plan."""
+
+    id: Id = Field(description="Zone id, used in events and on the dashboard.")
+    name: str = Field(default="", max_length=80, description="Human name for the dashboard.")
+    outside: bool = Field(default=False, description="True for zones outside the store (sidewalk).")
+
+
+class ReceiverConfig(Strict):
+    """A radio that hears adverts: the gateway's own adapter or a remote node."""
+
+    id: Id = Field(description="Receiver id, as the source reports it.")
+    zone: Id = Field(description="Zone the receiver is mounted in.")
+    gain_db: float = Field(
+        default=0.0, ge=-30, le=30, description="Calibration added to every RSSI this receiver reports, dB."
+    )
+
+
+class BeaconConfig(Strict):
+    """A fixed beacon of the store, known by its subject id."""
+
+    id: str = Field(
+        pattern=r"^beacon:[0-9a-z:.-]{1,120}$",
+        description="Subject id as the gateway derives it, e.g. beacon:<uuid>:<major>:<minor>.",
+    )
+    name: str = Field(default="", max_length=80, description="Human name.")
+    zone: Id = Field(description="Zone the beacon is mounted in.")
+
+
+class PlanConfig(Strict):
+    """Zones, receivers and fixed beacons of the store."""
+
+    zones: list[ZoneConfig] = Field(min_length=1, description="Zones, inside and outside.")
+    receivers: list[ReceiverConfig] = Field(min_length=1, description="Receivers.")
+    beacons: list[BeaconConfig] = Field(default_factory=list, description="Fixed beacons.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PlanConfig:
+        zone_ids = [z.id for z in self.zones]
+        problems: list[str] = []
+        for kind, ids in (("zone", zone_ids), ("receiver", [r.id for r in self.receivers])):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            if dupes:
+                problems.append(f"duplicate {kind} id(s) {', '.join(dupes)}: every {kind} id must be unique")
+        for i, r in enumerate(self.receivers):
+            if r.zone not in zone_ids:
+                problems.append(f"receivers[{i}].zone = {r.zone!r}: no such zone (zones: {', '.join(zone_ids)})")
+        for i, b in enumerate(self.beacons):
+            if b.zone not in zone_ids:
+                problems.append(f"beacons[{i}].zone = {b.zone!r}: no such zone (zones: {', '.join(zone_ids)})")
+        if all(z.outside for z in self.zones):
+            problems.append("zones: every zone is outside; at least one zone must be inside the store")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def zone(self, zone_id: str) -> ZoneConfig:
+        """The zone with this id (KeyError if none)."""
+        for z in self.zones:
+            if z.id == zone_id:
+                return z
+        raise KeyError(zone_id)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class MqttConfig(Strict):
+    """The uplink to the loyalty backend's broker."""
+
+    url: str = Field(
+        default="mqtt://127.0.0.1:1883",
+        description='Broker URL, mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; "off" disables the uplink.',
+    )
+    client_id: str = Field(
+        default="",
+        max_length=128,
+        description="MQTT client id; empty means visita-<store>-<gateway> (stable, so the session survives).",
+    )
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive, seconds.")
+    max_inflight: int = Field(
+        default=100, ge=1, le=65535, description="Events handed to the broker and not yet acknowledged, at most."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v == "off":
+            return v
+        parse_mqtt_url(v)
+        return v
+
+
+class DashboardConfig(Strict):
+    """The footfall dashboard and API."""
+
+    listen: str = Field(default="127.0.0.1:8080", description='HOST:PORT to serve on, or "off".')
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v != "off":
+            parse_listen(v)
+        return v
+
+
+class StorageConfig(Strict):
+    """Where the gateway keeps its database."""
+
+    data_dir: str = Field(
+        default="", description="Data directory; empty means $XDG_STATE_HOME/visita (~/.local/state/visita)."
+    )
+
+
+class EstimateConfig(Strict):
+    """The zone estimator (strongest receiver with hysteresis)."""
+
+    smoothing_s: float = Field(
+        default=4.0, gt=0, le=120, description="Time constant of RSSI smoothing per subject and receiver, s."
+    )
+    hysteresis_db: float = Field(
+        default=4.0, ge=0, le=30, description="A new receiver must beat the current one by this much, dB."
+    )
+    stale_s: float = Field(
+        default=12.0, gt=0, le=600, description="A receiver not hearing a subject for this long is ignored, s."
+    )
+    inside_min_rssi: float = Field(
+        default=-90.0,
+        ge=-120,
+        le=0,
+        description="Best smoothed RSSI below this puts the subject in the nearest outside zone, dBm.",
+    )
+
+
+class VisitsConfig(Strict):
+    """Visit sessions and their classification."""
+
+    absence_timeout_s: float = Field(
+        default=60.0, ge=5, le=3600, description="A visit ends after this long without a sighting, s."
+    )
+    min_dwell_s: float = Field(
+        default=45.0, ge=0, le=3600, description="Inside for this long before a session counts as a visit, s."
+    )
+    staff: list[str] = Field(default_factory=list, description="Member refs of staff; their visits are 'staff'.")
+
+
+class PointsConfig(Strict):
+    """Loyalty points."""
+
+    rules: str = Field(default="", description="Rules file (TOML, docs/rules.md); empty means built-in rules.")
+
+
+class Settings(Strict):
+    """Everything `visita run` needs."""
+
+    store: Id = Field(default="demo-store", description="Store id (in topics and events).")
+    gateway: Id = Field(default="gw-1", description="Gateway id, unique within the store.")
+    timezone: str = Field(default="UTC", description="Store's IANA time zone; days for points are local days.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    plan: PlanConfig = Field(default_factory=lambda: default_plan())
+    estimate: EstimateConfig = Field(default_factory=EstimateConfig)
+    visits: VisitsConfig = Field(default_factory=VisitsConfig)
+    points: PointsConfig = Field(default_factory=PointsConfig)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown time zone; use an IANA name such as Europe/Berlin or UTC") from None
+        return v
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+
+@dataclass(frozen=True, slots=True)
+class MqttUrl:
+    """A parsed broker URL."""
+
+    tls: bool
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_mqtt_url(url: str) -> MqttUrl:
+    """Parse mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; ValueError says what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError("must be mqtt://HOST[:PORT], mqtts://HOST[:PORT] or off")
+    if parts.username or parts.password:
+        raise ValueError("must not hold a user name or password (they would end up in logs)")
+    if not parts.hostname:
+        raise ValueError("has no host; use mqtt://HOST[:PORT]")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must not have a path, query or fragment")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("port must be 1..65535") from None
+    if port == 0:
+        raise ValueError("port must be 1..65535")
+    tls = parts.scheme == "mqtts"
+    return MqttUrl(tls=tls, host=parts.hostname, port=port or (8883 if tls else 1883))
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Parse HOST:PORT (IPv6 as [::1]:8080); ValueError says what is wrong."""
+    m = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", value)
+    if not m or not m.group(1):
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080, or off")
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError("port must be 1..65535")
+    return m.group(1), port
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '10m', '1h30m', '2h', or plain seconds → seconds; ValueError on anything else."""
+    t = text.strip().lower()
+    try:
+        value = float(t)
+    except ValueError:
+        pos, total = 0, 0.0
+        for m in _DURATION.finditer(t):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * _UNIT_S[m.group(2)]
+            pos = m.end()
+        if pos != len(t) or not t:
+            raise ValueError(f"{text!r} is not a duration; use e.g. 90s, 10m, 1h30m or 2h") from None
+        value = total
+    if value <= 0:
+        raise ValueError(f"{text!r}: a duration must be positive")
+    return value
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _field_names(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str] | None:
+    """Names of the fields of the model found at `loc` (for 'unknown key' messages)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        fld = current.model_fields.get(part)
+        if fld is None:
+            return None
+        current = fld.annotation
+        args = getattr(current, "__args__", None)
+        if args:  # list[X] / X | None
+            current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def dotted(loc: tuple[str | int, ...]) -> str:
+    """('plan', 'zones', 2, 'id') → 'plan.zones[2].id'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _data_loc(loc: tuple[Any, ...], data: object) -> tuple[str | int, ...]:
+    """The error's location in the user's file: drop the tags pydantic inserts for tagged unions
+    (`rules[0].visit.points` → `rules[0].points`, where `visit` is that rule's `kind`)."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if not isinstance(part, (str, int)):
+            continue
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and part in node.values():
+            continue
+        out.append(part)
+        if isinstance(node, dict) and isinstance(part, str):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(out)
+
+
+def format_errors(source: str, err: ValidationError, model: type[BaseModel], data: object = None) -> list[str]:
+    """One clear line per problem: `source: key = value: what is allowed`."""
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = _data_loc(e["loc"], data)
+        key = dotted(loc)
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            allowed = _field_names(model, loc[:-1])
+            msg = "unknown key" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: {key}: required key is missing")
+            continue
+        elif e["type"] == "string_pattern_mismatch":
+            msg = "must be lowercase letters, digits, '-' or '_' (at most 64), starting with a letter or digit"
+        value = e.get("input")
+        if isinstance(value, (dict, list)) or key == "":
+            lines.append(f"{source}: {key or '(top level)'}: {msg}")
+        else:
+            lines.append(f"{source}: {key} = {value!r}: {msg}")
+    return lines
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file; ConfigError names the file and what is wrong with it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: cannot be read: {e}"]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+
+
+def validate(model: type[Strict], data: dict[str, Any], source: str) -> Any:
+    """Validate `data` against `model`; ConfigError with one line per problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(source, e, model, data)) from None
+
+
+def default_plan() -> PlanConfig:
+    """The demo store's plan (matches firmware_sim's default scenario)."""
+    text = resources.files("gateway").joinpath("defaults/plan.toml").read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    plan: PlanConfig = validate(PlanConfig, data, "built-in plan")
+    return plan
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Settings from a TOML file, or the built-in defaults (the demo store) when `path` is None."""
+    if path is None:
+        return Settings()
+    settings: Settings = validate(Settings, read_toml(path), str(path))
+    rules = settings.points.rules
+    if rules and not Path(rules).is_absolute():
+        # A relative rules path means "next to the config file", wherever visita was started.
+        points = settings.points.model_copy(update={"rules": str(path.parent / rules)})
+        settings = settings.model_copy(update={"points": points})
+    return settings
+
+
+def default_data_dir() -> Path:
+    """$XDG_STATE_HOME/visita, or ~/.local/state/visita."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "visita"

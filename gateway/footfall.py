@@ -1,0 +1,102 @@
+"""Footfall counts for the dashboard and the `footfall.minute` aggregates.
+
+Counts follow the visit tracker's changes: an entry is a visit that started, an exit one that
+ended, a pass-by a session that ended without ever qualifying. Staff are counted apart and
+never in occupancy or entries.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.days import LocalDays
+from gateway.model import VisitChange
+
+
+@dataclass(slots=True)
+class _Minute:
+    start: float
+    entries: int = 0
+    exits: int = 0
+    passbys: int = 0
+    dwell_sum_s: float = 0.0
+
+
+class Footfall:
+    """Live counts and per-minute aggregates; no I/O, time from the data."""
+
+    def __init__(self, days: LocalDays) -> None:
+        self._days = days
+        self._open: set[str] = set()
+        self._entries: deque[float] = deque()  # start times of visits, for "last hour"
+        self._day = ""
+        self._today = {"visitors": 0, "passbys": 0, "staff": 0}
+        self._minute: _Minute | None = None
+        self._now = 0.0
+
+    def update(self, changes: Sequence[VisitChange], now: float) -> list[dict[str, Any]]:
+        """Fold in changes; returns the aggregates of every minute that closed before `now`."""
+        closed: list[dict[str, Any]] = []
+        self._now = max(self._now, now)
+        for c in sorted(changes, key=lambda c: c.ts):
+            closed += self._roll(c.ts)
+            v = c.visit
+            m = self._minute
+            assert m is not None
+            if c.kind == "started" and v.classification == "visitor":
+                self._open.add(v.visit_id)
+                self._entries.append(v.started)
+                self._today["visitors"] += 1
+                m.entries += 1
+            elif c.kind == "started" and v.classification == "staff":
+                self._today["staff"] += 1
+            elif c.kind == "ended" and v.classification == "pass-by":
+                self._today["passbys"] += 1
+                m.passbys += 1
+            elif c.kind == "ended" and v.visit_id in self._open:
+                self._open.discard(v.visit_id)
+                m.exits += 1
+                m.dwell_sum_s += v.dwell_s
+        closed += self._roll(now)
+        while self._entries and self._entries[0] < self._now - 3600:
+            self._entries.popleft()
+        return closed
+
+    def _roll(self, ts: float) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        start = ts - ts % 60
+        day = self._days.day(ts)
+        if day != self._day:
+            self._day = day
+            self._today = dict.fromkeys(self._today, 0)
+        if self._minute is None:
+            self._minute = _Minute(start)
+        while self._minute.start < start:
+            m = self._minute
+            out.append(
+                {
+                    "minute": m.start,
+                    "entries": m.entries,
+                    "exits": m.exits,
+                    "passbys": m.passbys,
+                    "occupancy": len(self._open),
+                    "mean_dwell_s": round(m.dwell_sum_s / m.exits, 1) if m.exits else None,
+                }
+            )
+            self._minute = _Minute(m.start + 60)
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Occupancy now, entries in the last hour, today's visitors / pass-bys / staff."""
+        return {
+            "as_of": self._now,
+            "occupancy": len(self._open),
+            "entries_last_hour": sum(1 for t in self._entries if t >= self._now - 3600),
+            "day": self._day,
+            "visitors_today": self._today["visitors"],
+            "passbys_today": self._today["passbys"],
+            "staff_today": self._today["staff"],
+        }

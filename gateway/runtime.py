@@ -1,0 +1,296 @@
+"""Wiring: builds the stages, owns time, and runs the pipeline, the uplink and the dashboard.
+
+Nothing else in Visita starts tasks or threads (paho's network thread is started by the
+uplink, on our call). Each tick the runtime reads the clock once, pulls the adverts that
+arrived up to that time from the source, pushes them through the pure stages, and hands
+everything the tick produced to the store in one commit before anything is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.config import Settings, default_data_dir, parse_listen, parse_mqtt_url
+from gateway.days import LocalDays
+from gateway.decode import Decoder
+from gateway.estimate import StrongestReceiver
+from gateway.events import EventFactory, topic_prefix
+from gateway.footfall import Footfall
+from gateway.identity import Identifier, MemberDirectory
+from gateway.model import Event, Visit
+from gateway.points import PointsEngine, RuleSet, load_rules
+from gateway.store import Store
+from gateway.uplink import Uplink
+from gateway.visits import VisitTracker
+from sensors.base import Source
+
+log = logging.getLogger("visita.runtime")
+
+RECENT_VISITS = 200
+
+
+class StartupError(Exception):
+    """Something outside Visita keeps it from starting; the message says what and the fix."""
+
+
+class Clock:
+    """Data time for a live radio (speed 1, now) or a simulation (any start, any speed)."""
+
+    def __init__(self, speed: float = 1.0, start: float | None = None) -> None:
+        self.speed = speed
+        self.start = time.time() if start is None else start
+        self._t0 = time.monotonic()
+
+    def now(self) -> float:
+        """Current data time, UNIX seconds."""
+        return self.start + (time.monotonic() - self._t0) * self.speed
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What `visita run` was asked to do, beyond the config file."""
+
+    data_dir: Path | None = None
+    """Overrides storage.data_dir."""
+    mqtt: str | None = None
+    """Overrides mqtt.url ("off" disables)."""
+    dashboard: str | None = None
+    """Overrides dashboard.listen ("off" disables)."""
+    until_s: float | None = None
+    """Stop after this much data time."""
+    tick_s: float = 0.1
+    """Wall-clock seconds between pipeline ticks."""
+    flush_timeout_s: float = 10.0
+    """How long a stop waits for the broker to acknowledge what is queued."""
+
+
+class Gateway:
+    """The running pipeline. The dashboard reads through this object, never the database."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        source: Source,
+        members: MemberDirectory,
+        rules: RuleSet,
+        staff: list[str],
+    ) -> None:
+        self.settings = settings
+        self.version = __version__
+        self.store = store
+        self.source = source
+        days = LocalDays(settings.timezone)
+        self.decoder = Decoder()
+        self.identifier = Identifier(members, days)
+        self.estimator = StrongestReceiver(settings.plan, settings.estimate)
+        visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
+        self.tracker = VisitTracker(settings.gateway, visits_cfg)
+        self.points = PointsEngine(rules, days, store.awards())
+        self.footfall = Footfall(days)
+        self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
+        self.uplink: Uplink | None = None
+        self._recent: deque[Visit] = deque(store.recent_visits(RECENT_VISITS), maxlen=RECENT_VISITS)
+        self.now = 0.0
+        self.ticks = 0
+        self.adverts = 0
+
+    def status_event(self, online: bool) -> Event:
+        """The retained status message (birth or will)."""
+        return self.events.status(time.time(), online, self.version)
+
+    def step(self, now: float) -> list[Event]:
+        """One tick: source → decode → identify → estimate → visits → points → store (one commit) → uplink."""
+        self.now = now
+        adverts = self.source.poll(now)
+        self.adverts += len(adverts)
+        sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
+        changes = self.tracker.update(self.estimator.update(sightings), now)
+        awards = self.points.evaluate(changes)
+        minutes = self.footfall.update(changes, now)
+        events = [e for c in changes if (e := self.events.from_change(c)) is not None]
+        events += [self.events.from_award(a) for a in awards]
+        events += [self.events.make("footfall.minute", m["minute"] + 60, m) for m in minutes]
+        finished = [c.visit for c in changes if c.kind == "ended" and c.visit.classification != "pass-by"]
+        self.store.put_events(events)
+        self.store.put_awards(awards)
+        self.store.put_visits(finished)
+        if self.uplink is not None:
+            self.store.ack_events(self.uplink.take_acks())
+        self.store.commit()  # stored before anything is offered to the broker
+        if self.uplink is not None:
+            self.uplink.offer(events)
+        self._recent.extendleft(finished)
+        self.ticks += 1
+        return events
+
+    def visits(self, limit: int) -> list[Visit]:
+        """Open visits (longest first) then finished ones (newest first), at most `limit`."""
+        open_visits = sorted(self.tracker.open_visits(), key=lambda v: v.started)
+        return (open_visits + list(self._recent))[:limit]
+
+    def zone_occupancy(self) -> dict[str, int]:
+        """Open visitor visits by the zone they are in now (staff excluded)."""
+        counts = {z.id: 0 for z in self.settings.plan.zones if not z.outside}
+        for v in self.tracker.open_visits():
+            if v.classification == "visitor" and v.segments:
+                counts[v.segments[-1].zone] = counts.get(v.segments[-1].zone, 0) + 1
+        return counts
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Every stage's diagnostics, for /api/v1/status and `visita doctor`."""
+        return {
+            "data_time": self.now,
+            "ticks": self.ticks,
+            "adverts": self.adverts,
+            "source": self.source.diagnostics(),
+            "decoder": self.decoder.diagnostics(),
+            "identity": self.identifier.diagnostics(),
+            "estimator": self.estimator.diagnostics(),
+            "visits": self.tracker.diagnostics(),
+            "points": self.points.diagnostics(),
+            "store": self.store.diagnostics(),
+            "uplink": self.uplink.diagnostics() if self.uplink else {"broker": "off"},
+        }
+
+
+class _QuietServer:
+    """uvicorn's server without its own signal handling (the runtime owns SIGINT/SIGTERM)."""
+
+    def __init__(self, app: Any, sock: socket.socket) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        self._sock = sock
+        self.server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+
+    async def serve(self) -> None:
+        await self.server.serve(sockets=[self._sock])
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
+def bind(listen: str) -> socket.socket:
+    """A listening socket for the dashboard; OSError names the address."""
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def run(
+    settings: Settings,
+    opts: RunOptions,
+    source: Source,
+    clock: Clock,
+    members: MemberDirectory,
+    staff: list[str],
+    banner: list[str],
+) -> int:
+    """Run until stopped (signal or `until_s`); returns the process exit code."""
+    from dashboard.app import create_app
+
+    data_dir = opts.data_dir or Path(settings.storage.data_dir or default_data_dir())
+    mqtt_url = opts.mqtt or settings.mqtt.url
+    listen = opts.dashboard or settings.dashboard.listen
+    rules = load_rules(Path(settings.points.rules) if settings.points.rules else None)
+    store = Store(data_dir)
+    gw = Gateway(settings, store, source, members, rules, staff)
+
+    try:
+        sock = bind(listen) if listen != "off" else None
+    except OSError as e:
+        store.close()
+        raise StartupError(
+            f"dashboard cannot listen on {listen}: {e.strerror}; pass --dashboard HOST:PORT or --dashboard off"
+        ) from None
+    lines = [*banner]
+    if sock is not None:
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        lines.append(f"  dashboard  http://{shown}:{port}/")
+    else:
+        lines.append("  dashboard  off")
+    if mqtt_url != "off":
+        url = parse_mqtt_url(mqtt_url)
+        client_id = settings.mqtt.client_id or f"visita-{settings.store}-{settings.gateway}"
+        gw.uplink = Uplink(settings.mqtt, url, client_id, gw.status_event)
+        lines.append(f"  mqtt       {url}  topics {topic_prefix(settings.store, settings.gateway)}#")
+    else:
+        lines.append("  mqtt       off (events are kept in the outbox)")
+    lines.append(f"  data       {data_dir}")
+    lines.append("Ctrl-C stops; queued events are flushed first.")
+    print("\n".join(lines), flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    server = _QuietServer(create_app(gw), sock) if sock is not None else None
+    server_task = asyncio.create_task(server.serve()) if server else None
+    pending = store.pending_events()
+    if gw.uplink is not None:
+        if pending:
+            log.info("%d event(s) from an earlier run are waiting in the outbox", len(pending))
+        gw.uplink.offer(pending)
+        gw.uplink.start()
+    await source.start()
+    end = clock.start + opts.until_s if opts.until_s is not None else None
+    code = 0
+    try:
+        while not stop.is_set():
+            now = clock.now()
+            if end is not None and now >= end:
+                gw.step(end)
+                break
+            gw.step(now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), opts.tick_s)
+    except Exception:
+        log.exception("pipeline failed")
+        code = 1
+    finally:
+        await source.stop()
+        if gw.uplink is not None:
+            await asyncio.to_thread(gw.uplink.stop, opts.flush_timeout_s)
+            store.ack_events(gw.uplink.take_acks())
+        queued = len(store.pending_events())
+        store.close()
+        if server is not None and server_task is not None:
+            server.stop()
+            await server_task
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        snap = gw.footfall.snapshot()
+        print(
+            f"stopped: last event seq {gw.events.last_seq}, {queued} still queued in the outbox"
+            + (" (sent at next start)" if queued else "")
+            + f"; today {snap['visitors_today']} visits, {snap['passbys_today']} pass-bys",
+            flush=True,
+        )
+    return code

@@ -1,0 +1,102 @@
+"""Visit sessions per subject: start, zone segments, end after absence, classification.
+
+A session opens at a subject's first estimate, inside or out. It becomes a *visit* (and
+`started` is reported, dated at the first inside estimate) once the subject has been inside
+for `min_dwell_s`; someone seen only on the sidewalk, or stepping into the entrance for a
+few seconds, never does and ends as a pass-by. A session ends when the subject has not been
+heard for `absence_timeout_s`. Staff are members on the staff list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gateway.config import VisitsConfig
+from gateway.model import Classification, Visit, VisitChange, ZoneEstimate, ZoneSegment
+
+
+@dataclass(slots=True)
+class _Seg:
+    zone: str
+    entered: float
+    left: float
+
+
+@dataclass(slots=True)
+class _Session:
+    subject: str
+    first: float
+    last: float
+    visit_id: str
+    segments: list[_Seg] = field(default_factory=list)
+    qualified: bool = False
+
+
+class VisitTracker:
+    """Sessions for every subject; no I/O, time comes with the estimates and `now`."""
+
+    def __init__(self, gateway_id: str, cfg: VisitsConfig) -> None:
+        self._gateway = gateway_id
+        self._cfg = cfg
+        self._staff = {"member:" + ref for ref in cfg.staff}
+        self._sessions: dict[str, _Session] = {}
+
+    def _visit_id(self, subject: str, started: float) -> str:
+        # Derived, not random: a replay of the same data yields the same ids.
+        return hashlib.sha256(f"{self._gateway}|{subject}|{started:.3f}".encode()).hexdigest()[:24]
+
+    def _snapshot(self, s: _Session, ended: float | None) -> Visit:
+        segments = tuple(ZoneSegment(g.zone, g.entered, g.left) for g in s.segments)
+        cls: Classification
+        if s.subject in self._staff:
+            cls = "staff"
+        elif s.qualified:
+            cls = "visitor"
+        else:
+            cls = "pass-by"
+        started = segments[0].entered if segments else s.first
+        return Visit(s.visit_id, s.subject, started, ended, segments, cls, "ble")
+
+    def update(self, estimates: Sequence[ZoneEstimate], now: float) -> list[VisitChange]:
+        """Fold in estimates, then end sessions silent for the absence timeout as of `now`."""
+        changes: list[VisitChange] = []
+        for e in sorted(estimates, key=lambda e: e.ts):
+            s = self._sessions.get(e.subject)
+            if s is None:
+                s = _Session(e.subject, e.ts, e.ts, self._visit_id(e.subject, e.ts))
+                self._sessions[e.subject] = s
+            s.last = max(s.last, e.ts)
+            if not e.inside:
+                continue
+            if not s.segments:
+                s.segments.append(_Seg(e.zone, e.ts, e.ts))
+            elif s.segments[-1].zone != e.zone:
+                previous = s.segments[-1]
+                previous.left = max(previous.left, e.ts)
+                s.segments.append(_Seg(e.zone, e.ts, e.ts))
+                if s.qualified:
+                    changes.append(VisitChange("zone", e.ts, self._snapshot(s, None), previous.zone))
+            else:
+                s.segments[-1].left = max(s.segments[-1].left, e.ts)
+            if not s.qualified and e.ts - s.segments[0].entered >= self._cfg.min_dwell_s:
+                s.qualified = True
+                changes.append(VisitChange("started", e.ts, self._snapshot(s, None)))
+        deadline = now - self._cfg.absence_timeout_s
+        for subject in [k for k, s in self._sessions.items() if s.last < deadline]:
+            s = self._sessions.pop(subject)
+            # Sessions that never qualified end too (as pass-by), so footfall can count them.
+            changes.append(VisitChange("ended", s.last, self._snapshot(s, s.last)))
+        return changes
+
+    def open_visits(self) -> list[Visit]:
+        """Qualified visits still open (for occupancy and the dashboard)."""
+        return [self._snapshot(s, None) for s in self._sessions.values() if s.qualified]
+
+    def diagnostics(self) -> dict[str, int]:
+        """Open sessions and how many of them are visits."""
+        return {
+            "sessions": len(self._sessions),
+            "open_visits": sum(1 for s in self._sessions.values() if s.qualified),
+        }

@@ -1,0 +1,178 @@
+"""Config files: good ones load, bad ones fail before anything starts with one clear line per problem."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import VISITA
+
+from gateway.cli import main
+from gateway.config import ConfigError, load_settings, parse_duration, parse_listen, parse_mqtt_url
+
+GOOD = """
+store = "berlin-mitte"
+gateway = "gw-2"
+timezone = "Europe/Berlin"
+
+[mqtt]
+url = "mqtts://broker.example:8883"
+keepalive_s = 60
+
+[dashboard]
+listen = "0.0.0.0:8090"
+
+[visits]
+absence_timeout_s = 90
+staff = ["emp-7"]
+
+[plan]
+zones = [
+  { id = "street", outside = true },
+  { id = "shop", name = "Shop floor" },
+]
+receivers = [{ id = "pi", zone = "shop" }]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "visita.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    return info.value.problems
+
+
+def test_good_file_loads_with_defaults_for_the_rest(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, GOOD))
+    assert (s.store, s.gateway, s.timezone) == ("berlin-mitte", "gw-2", "Europe/Berlin")
+    assert s.mqtt.keepalive_s == 60 and s.mqtt.max_inflight == 100
+    assert [z.id for z in s.plan.zones] == ["street", "shop"]
+    assert s.visits.staff == ["emp-7"] and s.visits.min_dwell_s == 45.0
+
+
+def test_no_file_means_the_demo_store() -> None:
+    s = load_settings(None)
+    assert s.store == "demo-store" and len(s.plan.receivers) == 6
+    assert any(z.outside for z in s.plan.zones)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            'store = "x"\n[mqtt]\nhots = "a"\n',
+            "visita.toml: mqtt.hots = 'a': unknown key (allowed here: url, client_id",
+        ),
+        ("[mqtt]\nkeepalive_s = 0\n", "visita.toml: mqtt.keepalive_s = 0: Input should be greater than or equal to 5"),
+        ('[mqtt]\nkeepalive_s = "30"\n', "visita.toml: mqtt.keepalive_s = '30': Input should be a valid integer"),
+        ('[mqtt]\nurl = "http://x"\n', "visita.toml: mqtt.url = 'http://x': must be mqtt://HOST[:PORT]"),
+        ('[mqtt]\nurl = "mqtt://u:p@x"\n', "must not hold a user name or password"),
+        ('[mqtt]\nurl = "mqtt://x:99999"\n', "visita.toml: mqtt.url = 'mqtt://x:99999': port must be 1..65535"),
+        ('store = "Main Street!"\n', "visita.toml: store = 'Main Street!': must be lowercase letters, digits"),
+        ('timezone = "Mars/Olympus"\n', "visita.toml: timezone = 'Mars/Olympus': unknown time zone"),
+        ('[dashboard]\nlisten = "8080"\n', "visita.toml: dashboard.listen = '8080': must be HOST:PORT"),
+        ("stores = 1\n", "visita.toml: stores = 1: unknown key (allowed here: store, gateway"),
+        (
+            '[plan]\nzones = [{ id = "a" }]\nreceivers = [{ id = "r", zone = "b" }]\n',
+            "receivers[0].zone = 'b': no such zone (zones: a)",
+        ),
+        (
+            '[plan]\nzones = [{ id = "a", outside = true }]\nreceivers = [{ id = "r", zone = "a" }]\n',
+            "every zone is outside",
+        ),
+        (
+            '[plan]\nzones = [{ id = "a" }, { id = "a" }]\nreceivers = [{ id = "r", zone = "a" }]\n',
+            "duplicate zone id(s) a",
+        ),
+        ('[plan]\nzones = [{ id = "a" }]\n', "visita.toml: plan.receivers: required key is missing"),
+        ("store = \n", "visita.toml: not valid TOML: "),
+    ],
+)
+def test_bad_values_are_named(tmp_path: Path, text: str, expected: str) -> None:
+    lines = problems(write(tmp_path, text))
+    assert any(expected in line for line in lines), lines
+
+
+def test_every_problem_gets_its_own_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[mqtt]\nkeepalive_s = 0\nmax_inflight = 0\n[visits]\nabsence_timeout_s = -1\n")
+    lines = problems(path)
+    assert len(lines) == 3
+    assert all(line.startswith(f"{path}: ") for line in lines)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert problems(tmp_path / "nope.toml") == [f"{tmp_path / 'nope.toml'}: no such file"]
+
+
+def test_rules_file_is_checked_and_found_next_to_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "rules.toml").write_text('[[rules]]\nid = "visit"\nkind = "visit"\npoints = -5\n')
+    cfg = write(tmp_path, '[points]\nrules = "rules.toml"\n')
+    assert main(["config", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "rules.toml: rules[0] (id 'visit').points = -5: Input should be greater than or equal to 1" in err
+
+
+def test_config_check_ok_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write(tmp_path, GOOD)
+    assert main(["config", "check", str(cfg)]) == 0
+    assert "ok: store berlin-mitte, gateway gw-2, 2 zones, 1 receivers" in capsys.readouterr().out
+    assert main(["config", "check", "--json", str(cfg)]) == 0
+    assert '"store": "berlin-mitte"' in capsys.readouterr().out
+
+
+def test_run_with_bad_config_fails_before_starting(tmp_path: Path) -> None:
+    """The real process: exit 2, the problem on stderr, nothing created in the data directory."""
+    cfg = write(tmp_path, "[mqtt]\nkeepalive_s = 0\n")
+    data = tmp_path / "data"
+    proc = subprocess.run(
+        [*VISITA, "run", "--sim", "--config", str(cfg), "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "mqtt.keepalive_s = 0" in proc.stderr
+    assert not data.exists()
+
+
+def test_run_plan_must_match_the_scenario(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write(tmp_path, GOOD)
+    assert main(["run", "--sim", "--config", str(cfg), "--data-dir", str(tmp_path / "d")]) == 2
+    assert "receiver(s) rx-entrance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--speed", "0"], "must be more than 0"),
+        (["--until", "soon"], "is not a duration"),
+        (["--mqtt", "tcp://x"], "must be mqtt://HOST[:PORT]"),
+        (["--dashboard", "localhost"], "must be HOST:PORT"),
+    ],
+)
+def test_bad_options_exit_2(args: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--sim", *args])
+    assert info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_run_without_a_source_says_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--mqtt", "off", "--dashboard", "off"]) == 2
+    assert "pass --sim" in capsys.readouterr().err
+
+
+def test_parsers() -> None:
+    assert parse_duration("1h30m") == 5400 and parse_duration("90s") == 90 and parse_duration("2") == 2
+    for bad in ("", "10x", "m10", "-5", "0s"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    assert parse_listen("[::1]:8080") == ("::1", 8080)
+    assert str(parse_mqtt_url("mqtts://h")) == "mqtts://h:8883"
+    assert str(parse_mqtt_url("mqtt://h")) == "mqtt://h:1883"

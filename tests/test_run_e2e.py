@@ -1,0 +1,161 @@
+"""`visita run --sim` end to end: the real CLI process, a real Mosquitto, a paho subscriber."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+
+from conftest import VISITA, Broker, Subscriber, free_port
+
+from gateway.store import Store
+
+MAC = re.compile(r"(?i)\b(?:[0-9a-f]{2}:){5}[0-9a-f]{2}\b")
+ENVELOPE_KEYS = {"schema", "id", "ts", "store", "gateway", "seq", "data"}
+UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+PREFIX = "visita/v1/demo-store/gw-1/"
+
+
+def sim_member_keys(seed: int = 1, members: int = 400) -> list[str]:
+    """The simulator's member keys for a seed, as hex: none may ever appear in output."""
+    keys = [hashlib.sha256(f"visita-sim/{seed}/member/{i}".encode()).hexdigest() for i in range(members)]
+    return keys + [hashlib.sha256(f"visita-sim/{seed}/staff-{i}".encode()).hexdigest() for i in (1, 2)]
+
+
+def run_args(broker_url: str, data_dir: Path, until: str = "20m") -> list[str]:
+    return [
+        *VISITA,
+        "run",
+        "--sim",
+        "--speed",
+        "60",
+        "--until",
+        until,
+        "--mqtt",
+        broker_url,
+        "--dashboard",
+        "off",
+        "--data-dir",
+        str(data_dir),
+    ]
+
+
+def last_seq(stdout: str) -> int:
+    m = re.search(r"last event seq (\d+)", stdout)
+    assert m, f"no 'last event seq' in output:\n{stdout}"
+    return int(m.group(1))
+
+
+def stream(sub: Subscriber) -> dict[str, dict[str, object]]:
+    """Durable-stream events received, de-duplicated by id (as consumers do)."""
+    return {str(p["id"]): p for _, p, _ in sub.snapshot() if p.get("seq") is not None}
+
+
+def wait_for_seqs(sub: Subscriber, n: int, timeout: float = 30) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seqs = sorted(int(str(p["seq"])) for p in stream(sub).values())
+        if len(seqs) >= n:
+            return seqs
+        time.sleep(0.1)
+    return sorted(int(str(p["seq"])) for p in stream(sub).values())
+
+
+def outbox(data_dir: Path) -> int:
+    """Events still waiting in a stopped gateway's outbox."""
+    with Store(data_dir) as store:
+        return len(store.pending_events())
+
+
+def assert_private(text: str) -> None:
+    assert not MAC.search(text), f"a Bluetooth address leaked: {MAC.search(text)}"
+    for key in sim_member_keys():
+        assert key not in text, "a member key leaked"
+
+
+def test_run_sim_publishes_valid_gapless_events(broker: Broker, tmp_path: Path) -> None:
+    sub = Subscriber(broker)
+    proc = subprocess.run(run_args(broker.url, tmp_path / "data"), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    n = last_seq(proc.stdout)
+    seqs = wait_for_seqs(sub, n)
+    sub.close()
+    assert seqs == list(range(1, n + 1)), "seq must increase without gaps and every event must arrive"
+
+    events = stream(sub).values()
+    kinds = {str(e["schema"]) for e in events}
+    assert {"visita.visit.started/1", "visita.visit.ended/1", "visita.points.awarded/1"} <= kinds
+    for topic, payload, _ in sub.snapshot():
+        assert set(payload) == ENVELOPE_KEYS, payload
+        event_type = str(payload["schema"]).removeprefix("visita.").removesuffix("/1")
+        assert topic == PREFIX + event_type
+        assert UUID7.match(str(payload["id"]))
+        assert payload["store"] == "demo-store" and payload["gateway"] == "gw-1"
+        datetime.fromisoformat(str(payload["ts"]))
+        assert isinstance(payload["data"], dict)
+    awards = [e["data"] for e in events if e["schema"] == "visita.points.awarded/1"]
+    assert all(isinstance(a, dict) and a["points"] > 0 and a["member"] for a in awards)
+    ended = [e["data"] for e in events if e["schema"] == "visita.visit.ended/1"]
+    assert all(isinstance(v, dict) and v["dwell_s"] >= 0 and v["path"] for v in ended)
+
+    # The retained status: online at start, offline after the clean stop.
+    statuses = [p["data"] for t, p, _ in sub.snapshot() if t == PREFIX + "status"]
+    assert statuses[-1] == {"state": "offline", "version": statuses[-1]["version"]}  # type: ignore[index]
+    assert {"state": "online", "version": statuses[0]["version"]} in statuses  # type: ignore[index]
+
+    everything = json.dumps([p for _, p, _ in sub.snapshot()]) + proc.stdout + proc.stderr
+    everything += (tmp_path / "data" / "visita.json").read_text()
+    assert_private(everything)
+    assert outbox(tmp_path / "data") == 0, "every acknowledged event leaves the outbox"
+
+
+def test_broker_outage_loses_nothing(broker: Broker, tmp_path: Path) -> None:
+    sub = Subscriber(broker, client_id="outage-subscriber")
+    proc = subprocess.Popen(
+        run_args(broker.url, tmp_path / "data"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(stream(sub)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(stream(sub)) >= 3, "no events before the outage"
+        broker.stop()
+        time.sleep(5)  # five minutes of simulated store traffic with no broker
+        broker.start()
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    n = last_seq(out)
+    seqs = wait_for_seqs(sub, n)
+    sub.close()
+    assert seqs == list(range(1, n + 1)), f"missing seqs: {sorted(set(range(1, n + 1)) - set(seqs))[:20]}"
+    outage_lines = [line for line in err.splitlines() if "WARNING" in line and "MQTT broker" in line]
+    assert len(outage_lines) == 1, f"the outage must be reported once: {outage_lines}"
+    assert "kept in the outbox" in outage_lines[0]
+    assert outbox(tmp_path / "data") == 0
+
+
+def test_unreachable_broker_keeps_running_and_next_start_sends_the_backlog(broker: Broker, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    nowhere = f"mqtt://127.0.0.1:{free_port()}"
+    first = subprocess.run(run_args(nowhere, data, until="10m"), capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    unreachable = [line for line in first.stderr.splitlines() if "unreachable" in line]
+    assert len(unreachable) == 1, first.stderr
+    queued = outbox(data)
+    assert queued > 0 and f"{queued} still queued" in first.stdout
+    n1 = last_seq(first.stdout)
+
+    sub = Subscriber(broker, client_id="backlog-subscriber")
+    second = subprocess.run(run_args(broker.url, data, until="2m"), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    n2 = last_seq(second.stdout)
+    assert n2 >= n1, "seq continues across restarts"
+    seqs = wait_for_seqs(sub, n2)
+    sub.close()
+    assert seqs == list(range(1, n2 + 1)), "the first run's backlog and the second run's events all arrive"

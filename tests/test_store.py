@@ -1,0 +1,535 @@
+"""Tests for gateway.store: real files under tmp_path; the file system is faked only where stated."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import gateway.store as store_mod
+from gateway.model import Award, Event, Visit, ZoneSegment
+from gateway.store import Store, StoreError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def event(seq: int | None, *, event_id: str | None = None, data: dict[str, object] | None = None) -> Event:
+    return Event(
+        type="visit.started",
+        id=event_id or f"evt-{seq}",
+        ts=1_700_000_000.0 + (seq or 0),
+        store="store-1",
+        gateway="gw-1",
+        seq=seq,
+        data={"visit_id": f"v{seq}", "zones": ["entrance"]} if data is None else data,
+    )
+
+
+def award(n: int, day: str = "2026-11-24") -> Award:
+    return Award(
+        award_id=f"award-{n}",
+        member="m-42",
+        rule="visit",
+        points=10,
+        visit_id=f"v{n}",
+        ts=1_700_000_000.0 + n,
+        day=day,
+        reason="visited the store",
+    )
+
+
+def visit(n: int, ended: float | None) -> Visit:
+    start = 1_700_000_000.0 + n
+    return Visit(
+        visit_id=f"v{n}",
+        subject=f"member:m-{n}",
+        started=start,
+        ended=ended,
+        segments=(ZoneSegment("entrance", start, start + 10.0), ZoneSegment("dairy", start + 10.0, start + 60.0)),
+        classification="visitor",
+        source="ble",
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def open_store(data_dir: Path) -> Iterator[Callable[..., Store]]:
+    """Opens stores on data_dir and closes whatever a test leaves open."""
+    opened: list[Store] = []
+
+    def _open(**kwargs: int) -> Store:
+        s = Store(data_dir, **kwargs)
+        opened.append(s)
+        return s
+
+    yield _open
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def replace_spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Counts os.replace calls (then calls through): each one is a committed file write."""
+    calls: list[tuple[str, str]] = []
+    real = os.replace
+
+    def spy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        calls.append((os.fspath(src), os.fspath(dst)))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    return calls
+
+
+# --------------------------------------------------------------------------- events
+
+
+def test_events_round_trip_in_seq_order(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    assert s.last_seq() == 0
+    assert s.pending_events() == []
+    events = [event(3), event(1), event(2)]
+    s.put_events(events)
+    # Buffered changes are visible before the commit.
+    assert [e.seq for e in s.pending_events()] == [1, 2, 3]
+    s.commit()
+    s.close()
+
+    s = open_store()
+    assert s.pending_events() == sorted(events, key=lambda e: e.seq or 0)
+    assert s.last_seq() == 3
+
+
+def test_ack_removes_and_last_seq_survives_an_empty_outbox(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    s.put_events([event(1), event(2), event(3)])
+    s.commit()
+    assert s.ack_events(["evt-2", "unknown"]) == 1
+    assert [e.seq for e in s.pending_events()] == [1, 3]
+    assert s.ack_events(iter(["evt-1", "evt-3", "evt-3"])) == 2
+    assert s.ack_events(["evt-1"]) == 0
+    assert s.pending_events() == []
+    s.close()
+
+    s = open_store()
+    assert s.pending_events() == []
+    assert s.last_seq() == 3
+    s.put_events([event(4)])
+    assert s.last_seq() == 4
+
+
+def test_last_seq_never_goes_down(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    s.put_events([event(10)])
+    s.ack_events(["evt-10"])
+    s.put_events([event(5)])
+    assert s.last_seq() == 10
+
+
+def test_put_events_checks_the_whole_batch_before_applying(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    with pytest.raises(ValueError, match="seq None"):
+        s.put_events([event(1), event(None, event_id="status-1")])
+    with pytest.raises(ValueError, match="JSON-safe"):
+        s.put_events([event(1), event(2, data={"bad": {1, 2}})])
+    assert s.pending_events() == []
+    assert s.last_seq() == 0
+    assert s.diagnostics()["uncommitted"] == 0
+
+
+def test_put_events_is_idempotent_and_rejects_a_reused_seq(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    s.put_events([event(1)])
+    s.put_events([event(1)])
+    assert len(s.pending_events()) == 1
+    with pytest.raises(ValueError, match="already pending"):
+        s.put_events([event(1, event_id="other")])
+    with pytest.raises(ValueError, match="already pending"):
+        s.put_events([event(2, event_id="evt-1")])
+
+
+def test_stored_event_is_a_copy(open_store: Callable[..., Store]) -> None:
+    data: dict[str, object] = {"n": 1}
+    s = open_store()
+    s.put_events([event(1, data=data)])
+    data["n"] = 2  # the caller changing its dict later must not change the outbox
+    assert s.pending_events()[0].data == {"n": 1}
+
+
+def test_returned_event_is_a_copy(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    s.put_events([event(1, data={"zones": ["entrance"]})])
+    s.pending_events()[0].data["zones"].append("dairy")
+    assert s.pending_events()[0].data == {"zones": ["entrance"]}
+
+
+# --------------------------------------------------------------------------- awards
+
+
+def test_awards_dedupe_by_award_id_across_reopen(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    assert s.put_awards([award(1), award(2), award(1)]) == 2
+    s.close()
+
+    s = open_store()
+    assert s.put_awards([award(2), award(3)]) == 1
+    assert s.put_awards([award(3)]) == 0
+    assert [a.award_id for a in s.awards()] == ["award-1", "award-2", "award-3"]
+    assert s.awards()[0] == award(1)
+
+
+def test_awards_since_day(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    s.put_awards([award(1, "2026-11-22"), award(2, "2026-11-24"), award(3, "2026-11-23"), award(4, "2026-12-01")])
+    assert [a.award_id for a in s.awards(since_day="2026-11-23")] == ["award-2", "award-3", "award-4"]
+    assert s.awards(since_day="2027-01-01") == []
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        s.awards(since_day="24.11.2026")
+
+
+# --------------------------------------------------------------------------- visits
+
+
+def test_visits_bounded_to_the_limit_newest_first(open_store: Callable[..., Store]) -> None:
+    s = open_store(recent_visits_limit=3)
+    # Not in `ended` order on purpose.
+    s.put_visits([visit(1, 500.0), visit(2, 100.0), visit(3, 400.0)])
+    s.put_visits([visit(4, 300.0), visit(5, 200.0)])
+    assert [v.visit_id for v in s.recent_visits()] == ["v1", "v3", "v4"]
+    assert [v.visit_id for v in s.recent_visits(limit=2)] == ["v1", "v3"]
+    assert s.diagnostics()["visits_trimmed"] == 2
+    assert s.recent_visits()[0] == visit(1, 500.0)
+    s.close()
+
+    s = open_store(recent_visits_limit=3)
+    assert [v.visit_id for v in s.recent_visits()] == ["v1", "v3", "v4"]
+    # Same visit_id again replaces the stored visit rather than adding a second one.
+    s.put_visits([visit(4, 900.0)])
+    assert [v.visit_id for v in s.recent_visits()] == ["v4", "v1", "v3"]
+    s.close()
+
+    # A smaller limit than last run trims at open.
+    s = open_store(recent_visits_limit=1)
+    assert [v.visit_id for v in s.recent_visits()] == ["v4"]
+
+
+def test_open_visit_is_rejected(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    with pytest.raises(ValueError, match="still open"):
+        s.put_visits([visit(1, 100.0), visit(2, None)])
+    assert s.recent_visits() == []
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+def test_one_file_write_per_commit(open_store: Callable[..., Store], replace_spy: list[tuple[str, str]]) -> None:
+    s = open_store()
+    s.put_events([event(i) for i in range(1, 201)])
+    s.put_awards([award(i) for i in range(100)])
+    s.put_visits([visit(i, 1000.0 + i) for i in range(50)])
+    s.ack_events([f"evt-{i}" for i in range(1, 51)])
+    assert replace_spy == []  # nothing reaches the disk before commit()
+    assert not s.path.exists()
+    s.commit()
+    assert replace_spy == [(str(s.path) + ".tmp", str(s.path))]
+    assert s.diagnostics()["commits"] == 1
+
+    for tick in range(3):
+        s.put_events([event(1000 + tick * 10 + i) for i in range(10)])
+        s.put_awards([award(1000 + tick)])
+        s.commit()
+    assert len(replace_spy) == 4
+    assert s.diagnostics()["commits"] == 4
+
+
+def test_commit_without_change_writes_nothing(
+    open_store: Callable[..., Store], replace_spy: list[tuple[str, str]]
+) -> None:
+    s = open_store()
+    s.commit()  # a new, empty store
+    assert replace_spy == []
+    assert not s.path.exists()
+
+    s.put_awards([award(1)])
+    s.put_events([event(1)])
+    s.commit()
+    assert len(replace_spy) == 1
+    mtime = s.path.stat().st_mtime_ns
+
+    # Calls that change nothing must not count as changes.
+    s.commit()
+    assert s.ack_events(["nope"]) == 0
+    assert s.put_awards([award(1)]) == 0
+    s.put_events([event(1)])
+    s.put_visits([])
+    s.commit()
+    s.close()
+    assert len(replace_spy) == 1
+    assert s.path.stat().st_mtime_ns == mtime
+
+
+def test_commits_touching_some_tables_write_the_whole_state(open_store: Callable[..., Store], data_dir: Path) -> None:
+    # The storage reuses the JSON text of tables that did not change; the file must
+    # still hold every table exactly as a fresh open sees it.
+    s = open_store()
+    s.put_events([event(1), event(2)])
+    s.put_awards([award(1)])
+    s.put_visits([visit(1, 100.0)])
+    s.commit()
+    s.ack_events(["evt-1"])  # outbox only
+    s.commit()
+    s.put_awards([award(2)])  # ledger only
+    s.commit()
+    s.put_visits([visit(2, 200.0)])  # visits only
+    s.commit()
+    s.put_events([event(3)])  # outbox and meta
+    s.commit()
+    expected = (s.pending_events(), s.awards(), s.recent_visits(), s.last_seq())
+    s.close()
+    s = open_store()
+    assert (s.pending_events(), s.awards(), s.recent_visits(), s.last_seq()) == expected
+    assert expected[0] == [event(2), event(3)]
+    assert expected[1] == [award(1), award(2)]
+    assert expected[2] == [visit(2, 200.0), visit(1, 100.0)]
+    assert expected[3] == 3
+
+
+def test_modes_and_file_shape(tmp_path: Path) -> None:
+    data_dir = tmp_path / "a" / "b"
+    with Store(data_dir) as s:
+        s.put_events([event(1)])
+        s.put_awards([award(1)])
+        s.put_visits([visit(1, 100.0)])
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(s.path.stat().st_mode) == 0o600
+    assert sorted(os.listdir(data_dir)) == ["visita.json"]
+    doc = json.loads(s.path.read_bytes())
+    assert set(doc) == {"outbox", "ledger", "visits", "meta"}
+    assert doc["meta"] == {"1": {"last_seq": 1}}
+    assert doc["outbox"]["1"] == event(1).to_record()
+
+
+def test_diagnostics(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    s.put_events([event(1), event(2)])
+    s.put_awards([award(1)])
+    s.commit()
+    d = s.diagnostics()
+    assert d["outbox_depth"] == 2
+    assert d["ledger_size"] == 1
+    assert d["commits"] == 1
+    assert d["file_size_bytes"] == s.path.stat().st_size
+    assert d["last_commit_ms"] > 0
+    assert d["uncommitted"] == 0
+
+
+# --------------------------------------------------------------------------- opening and errors
+
+
+def test_second_open_of_the_same_directory_is_refused(open_store: Callable[..., Store], data_dir: Path) -> None:
+    open_store()
+    with pytest.raises(StoreError, match="in use by another Visita process"):
+        Store(data_dir)
+
+
+def test_data_dir_that_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match=r"cannot be created: .*; pass --data-dir DIR or fix its permissions"):
+        Store(blocker / "data")
+    with pytest.raises(StoreError, match="not a directory"):
+        Store(blocker)
+
+
+def test_data_dir_not_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Permissions cannot stop root (CI runs as root), so the refusal the kernel would give is injected.
+    real_open = os.open
+
+    def refuse(path: str | os.PathLike[str], flags: int, mode: int = 0o777, **kw: object) -> int:
+        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, mode)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(StoreError, match=r"data directory .*ro is not writable: Permission denied; pass --data-dir"):
+        Store(tmp_path / "ro")
+
+
+def test_closed_store_refuses_work(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    s.close()
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.put_events([event(1)])
+
+
+# --------------------------------------------------------------------------- crash safety
+
+
+def test_leftover_tmp_is_removed_and_data_intact(
+    open_store: Callable[..., Store], data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = open_store()
+    s.put_events([event(1)])
+    s.put_awards([award(1)])
+    s.close()
+    tmp = data_dir / "visita.json.tmp"
+    tmp.write_bytes(b'{"outbox": {"1": {"type": "visit.sta')  # a commit that died mid-write
+
+    with caplog.at_level(logging.INFO, logger="visita.store"):
+        s = open_store()
+    assert not tmp.exists()
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert str(tmp) in caplog.records[0].getMessage()
+    assert s.pending_events() == [event(1)]
+    assert s.awards() == [award(1)]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b'{"outbox": {"1": {"type": "visit.started", "id": "ev', id="truncated"),
+        pytest.param(bytes(range(256)), id="garbage"),
+        pytest.param(b"[1, 2, 3]", id="list"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b'{"ledger": {"1": {"award_id": "x"}}}', id="bad-record"),
+        pytest.param(b'{"outbox": {"1": {"type": "t", "id": "e", "ts": 1, "store": "s", '
+                     b'"gateway": "g", "seq": 7, "data": {}}}}', id="seq-mismatch"),
+    ],
+)  # fmt: skip
+def test_corrupt_target_is_moved_aside(
+    open_store: Callable[..., Store], data_dir: Path, caplog: pytest.LogCaptureFixture, content: bytes
+) -> None:
+    data_dir.mkdir(mode=0o700)
+    target = data_dir / "visita.json"
+    target.write_bytes(content)
+
+    with caplog.at_level(logging.INFO, logger="visita.store"):
+        s = open_store()
+    aside = list(data_dir.glob("visita.json.corrupt-*"))
+    assert len(aside) == 1
+    assert aside[0].read_bytes() == content
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert str(target) in warnings[0].getMessage()
+    assert str(aside[0]) in warnings[0].getMessage()
+
+    assert s.last_seq() == 0
+    assert s.pending_events() == []
+    assert s.awards() == []
+    s.put_events([event(1)])
+    s.close()
+    s = open_store()
+    assert s.pending_events() == [event(1)]
+
+
+def test_crash_mid_write_leaves_the_previous_commit(
+    open_store: Callable[..., Store], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = open_store()
+    s.put_events([event(1)])
+    s.put_awards([award(1)])
+    s.commit()
+    before = s.path.read_bytes()
+
+    real_write_all = store_mod._write_all
+
+    def half_then_fail(fd: int, data: bytes) -> None:
+        real_write_all(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "_write_all", half_then_fail)
+    s.put_events([event(2)])
+    s.put_awards([award(i) for i in range(2, 200)])
+    with pytest.raises(StoreError, match=r"cannot write .*visita.json: No space left on device; free disk space"):
+        s.commit()
+    assert s.path.read_bytes() == before
+    assert not (data_dir / "visita.json.tmp").exists()
+    assert s.diagnostics()["uncommitted"] == 1
+
+    # The changes were kept in memory: the next commit that can write, writes them.
+    monkeypatch.setattr(store_mod, "_write_all", real_write_all)
+    s.commit()
+    s.close()
+    s = open_store()
+    assert s.last_seq() == 2
+    assert len(s.awards()) == 199
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+from gateway.model import Award, Event
+from gateway.store import Store
+
+store = Store(Path(sys.argv[1]))
+seq = store.last_seq()
+print("ready", seq, flush=True)
+while True:
+    seq += 1
+    store.put_events([Event("visit.started", f"e{seq}", float(seq), "st", "gw", seq, {"n": seq})])
+    store.ack_events([f"e{seq - 1}"])
+    store.put_awards(
+        Award(f"a{seq}-{i}", "m", "visit", 1, f"v{seq}", float(seq), "2026-11-24", "r" * 40) for i in range(10)
+    )
+    store.commit()
+    print(seq, flush=True)
+"""
+
+
+def test_sigkill_during_commits_never_corrupts(data_dir: Path) -> None:
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    progressed = 0
+    for attempt in range(20):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(data_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            assert proc.stdout is not None
+            ready = proc.stdout.readline().split()
+            assert ready[:1] == ["ready"], proc.communicate(timeout=5)
+            committed = int(ready[1])
+            time.sleep(rng.uniform(0.005, 0.05))
+            proc.send_signal(signal.SIGKILL)
+            out, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, err
+        reported = [int(line) for line in out.split()]
+        progressed += bool(reported)
+        committed = max(reported, default=committed)
+
+        with Store(data_dir) as s:
+            context = f"seed {seed}, attempt {attempt}, last reported commit {committed}"
+            assert s.last_seq() in (committed, committed + 1), context
+            # Every commit acked the previous event, so exactly the newest one is pending.
+            if s.last_seq():
+                assert [e.seq for e in s.pending_events()] == [s.last_seq()], context
+            assert len(s.awards()) == 10 * s.last_seq(), context
+        assert sorted(os.listdir(data_dir)) == ["visita.json"], context
+    assert progressed > 0, f"seed {seed}: the child never committed before being killed"
