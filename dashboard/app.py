@@ -3,23 +3,36 @@
 `create_app(gateway)` builds the FastAPI app around a running `Gateway`; every endpoint
 reads the gateway's in-memory objects (the gateway process is the database's only writer).
 The page ships in `dashboard/static` and loads nothing from the internet: stores are often
-offline. The OpenAPI page is at /docs.
+offline, and the page's Content-Security-Policy makes the browser refuse anything that is not
+served by the gateway itself. The OpenAPI page is at /docs (it alone loads Swagger UI from a CDN).
+
+Privacy: subjects are pseudonymous and stay inside the gateway. No response carries a subject
+(`member:…`, `anon:…`), a member ref or a Bluetooth address; a visit says only whether it was a
+member or an anonymous phone.
 """
 
 from __future__ import annotations
 
 from importlib import resources
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.model import Visit
 from gateway.runtime import Gateway
 
 STATIC = resources.files("dashboard").joinpath("static")
+VISITS_MAX = 500
+
+# Everything the page needs comes from the gateway; inline scripts and styles are refused too.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -31,6 +44,9 @@ def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
+# --------------------------------------------------------------------------- response models
+
+
 class Health(BaseModel):
     """Liveness: the process answers and which gateway it is."""
 
@@ -40,19 +56,28 @@ class Health(BaseModel):
     version: str = Field(description="Visita version.")
 
 
+class ZoneCount(BaseModel):
+    """Visitors inside one zone now."""
+
+    id: str = Field(description="Zone id from the store plan.")
+    name: str = Field(description="Display name of the zone (the id when the plan gives none).")
+    visitors: int = Field(ge=0, description="Open visitor visits whose current zone this is (staff excluded).")
+
+
 class FootfallNow(BaseModel):
     """Live footfall counts."""
 
     store: str = Field(description="Store id.")
-    as_of: float = Field(description="Data time of these counts, UNIX seconds.")
-    day: str = Field(description="Store-local day the 'today' counts are for (YYYY-MM-DD).")
-    occupancy: int = Field(description="Visitors inside now (staff excluded).")
-    entries_last_hour: int = Field(description="Visits that started in the last hour.")
-    visitors_today: int = Field(description="Visits today.")
-    passbys_today: int = Field(description="People who passed by without visiting, today.")
-    staff_today: int = Field(description="Staff visits today.")
-    zones: dict[str, int] = Field(description="Visitors inside now by zone.")
-    zone_names: dict[str, str] = Field(description="Display name of each zone.")
+    gateway: str = Field(description="Gateway id.")
+    timezone: str = Field(description="Store's IANA time zone; 'today' is the store-local day.")
+    as_of: float = Field(description="Data time of these counts, UNIX seconds; 0 before the first tick.")
+    day: str = Field(description="Store-local day the 'today' counts are for (YYYY-MM-DD); empty before data.")
+    occupancy: int = Field(ge=0, description="Visitors inside now (staff excluded).")
+    entries_last_hour: int = Field(ge=0, description="Visitor visits that started in the hour up to as_of.")
+    visitors_today: int = Field(ge=0, description="Visitor visits started today.")
+    passbys_today: int = Field(ge=0, description="People who passed by without visiting, today.")
+    staff_today: int = Field(ge=0, description="Staff visits today.")
+    zones: list[ZoneCount] = Field(description="Visitors inside now by zone, in store plan order (inside zones).")
     resolution: Literal["zones", "presence"] = Field(
         description="'zones' with several receivers; 'presence' (inside/outside only) with one."
     )
@@ -61,22 +86,22 @@ class FootfallNow(BaseModel):
 class ZoneDwell(BaseModel):
     """Time spent in one zone during a visit."""
 
-    zone: str
-    dwell_s: float
+    zone: str = Field(description="Zone id.")
+    dwell_s: float = Field(ge=0, description="Seconds in this zone, summed over the visit.")
 
 
 class VisitOut(BaseModel):
-    """A visit, open or finished. Subjects are pseudonymous; no address or key ever appears."""
+    """A visit, open or finished. Subjects are pseudonymous; no subject, address or key ever appears."""
 
-    visit_id: str
-    subject_kind: Literal["member", "anonymous"]
+    visit_id: str = Field(description="Visit id (derived, the same as in visit.* events).")
+    subject_kind: Literal["member", "anonymous"] = Field(description="A member's app, or a phone without it.")
     started: float = Field(description="Entered the store, UNIX seconds.")
     ended: float | None = Field(description="Last seen before the visit ended; null while open.")
-    open: bool
-    dwell_s: float
+    open: bool = Field(description="True while the visitor is still inside.")
+    dwell_s: float = Field(ge=0, description="Seconds from entering to the last sighting inside.")
     zone: str | None = Field(description="Current zone while open, last zone when finished.")
-    path: list[str]
-    zones: list[ZoneDwell]
+    path: list[str] = Field(description="Zone ids in the order visited.")
+    zones: list[ZoneDwell] = Field(description="Seconds per zone.")
     classification: Literal["visitor", "pass-by", "staff"]
     source: Literal["ble", "checkin", "both"]
 
@@ -98,27 +123,89 @@ class VisitOut(BaseModel):
         )
 
 
+class Status(BaseModel):
+    """Diagnostics of every stage, as `Gateway.diagnostics()` reports them."""
+
+    # A stage that grows a new diagnostics section shows up here without a release of the page.
+    model_config = ConfigDict(extra="allow")
+
+    store_id: str = Field(description="Store id.")
+    gateway_id: str = Field(description="Gateway id.")
+    version: str = Field(description="Visita version.")
+    data_time: float = Field(description="Data time of the last pipeline tick, UNIX seconds.")
+    ticks: int = Field(ge=0, description="Pipeline ticks since start.")
+    adverts: int = Field(ge=0, description="Adverts received since start.")
+    source: dict[str, Any] = Field(description="The advert source (radio, nodes or simulator).")
+    decoder: dict[str, Any] = Field(description="Frames decoded by type, unknown adverts dropped.")
+    identity: dict[str, Any] = Field(description="Sightings by subject kind, beacon telemetry.")
+    estimator: dict[str, Any] = Field(description="Zone estimator state.")
+    visits: dict[str, Any] = Field(description="Open sessions and visits.")
+    points: dict[str, Any] = Field(description="Awards made.")
+    store: dict[str, Any] = Field(description="Database file, outbox depth, commits.")
+    uplink: dict[str, Any] = Field(description="MQTT broker connection and outbox delivery.")
+
+
+class ValidationProblem(BaseModel):
+    """A request the API cannot answer: `message` in one line, `detail` as FastAPI reports it."""
+
+    message: str = Field(description="What is wrong and the allowed values, e.g. 'limit = 900: must be 1..500'.")
+    detail: list[dict[str, Any]] = Field(description="Every problem, with its location.")
+
+
+# --------------------------------------------------------------------------- app
+
+
+def _problem_line(err: dict[str, Any]) -> str:
+    """One line per problem: what, where and what is allowed."""
+    where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body")) or "request"
+    shown = f"{where} = {err['input']!s}" if "input" in err else where
+    if where == "limit":
+        return f"{shown}: must be a whole number from 1 to {VISITS_MAX}"
+    return f"{shown}: {err.get('msg', 'invalid')}"
+
+
+def _zones(gw: Gateway) -> list[ZoneCount]:
+    counts = gw.zone_occupancy()
+    return [
+        ZoneCount(id=z.id, name=z.name or z.id, visitors=counts.get(z.id, 0))
+        for z in gw.settings.plan.zones
+        if not z.outside
+    ]
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     """The dashboard app for a running gateway."""
     app = FastAPI(
         title="Visita gateway",
         version=gateway.version,
-        description="Footfall dashboard and API of one Visita gateway.",
+        description="Footfall dashboard and API of one Visita gateway. People are pseudonymous: no response "
+        "carries a subject, member ref or Bluetooth address.",
     )
     app.state.gateway = gateway
+    bad_request = {422: {"model": ValidationProblem, "description": "A query parameter is out of range."}}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [dict(e) for e in exc.errors()]
+        problem = ValidationProblem(message="; ".join(_problem_line(e) for e in errors), detail=errors)
+        return JSONResponse(problem.model_dump(mode="json"), status_code=422)
+
+    # The endpoints are `async def` on purpose: they then run on the event loop that also runs the
+    # pipeline ticks, so a read never sees a tick half-way (the tracker's dicts, the recent-visits deque).
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
-    def healthz(gw: GatewayDep) -> Health:
-        """Liveness probe."""
+    async def healthz(gw: GatewayDep) -> Health:
+        """Liveness probe: always exactly {status, store, gateway, version}."""
         return Health(status="ok", store=gw.settings.store, gateway=gw.settings.gateway, version=gw.version)
 
     @app.get("/api/v1/footfall", response_model=FootfallNow, tags=["footfall"])
-    def footfall(gw: GatewayDep) -> FootfallNow:
+    async def footfall(gw: GatewayDep) -> FootfallNow:
         """Occupancy now, entries in the last hour, visitors vs pass-by today, visitors per zone."""
         snap = gw.footfall.snapshot()
-        plan = gw.settings.plan
         return FootfallNow(
             store=gw.settings.store,
+            gateway=gw.settings.gateway,
+            timezone=gw.settings.timezone,
             as_of=snap["as_of"],
             day=snap["day"],
             occupancy=snap["occupancy"],
@@ -126,27 +213,36 @@ def create_app(gateway: Gateway) -> FastAPI:
             visitors_today=snap["visitors_today"],
             passbys_today=snap["passbys_today"],
             staff_today=snap["staff_today"],
-            zones=gw.zone_occupancy(),
-            zone_names={z.id: z.name or z.id for z in plan.zones},
-            resolution="zones" if len(plan.receivers) > 1 else "presence",
+            zones=_zones(gw),
+            resolution="zones" if len(gw.settings.plan.receivers) > 1 else "presence",
         )
 
-    @app.get("/api/v1/visits", response_model=list[VisitOut], tags=["footfall"])
-    def visits(
+    @app.get("/api/v1/zones", response_model=list[ZoneCount], tags=["footfall"])
+    async def zones(gw: GatewayDep) -> list[ZoneCount]:
+        """Visitors inside now by zone (the same list as in /api/v1/footfall)."""
+        return _zones(gw)
+
+    @app.get("/api/v1/visits", response_model=list[VisitOut], tags=["footfall"], responses=bad_request)
+    async def visits(
         gw: GatewayDep,
-        limit: Annotated[int, Query(ge=1, le=200, description="How many visits at most.")] = 50,
+        limit: Annotated[int, Query(ge=1, le=VISITS_MAX, description="How many visits at most (1..500).")] = 50,
     ) -> list[VisitOut]:
         """Open visits (longest first), then finished ones (newest first)."""
         return [VisitOut.of(v) for v in gw.visits(limit)]
 
-    @app.get("/api/v1/status", tags=["ops"])
-    def status(gw: GatewayDep) -> dict[str, object]:
-        """Diagnostics of every stage: source, decoder, identity, estimator, visits, store, uplink."""
-        return gw.diagnostics()
+    @app.get("/api/v1/status", response_model=Status, tags=["ops"])
+    async def status(gw: GatewayDep) -> Status:
+        """Diagnostics of every stage: source, decoder, identity, estimator, visits, points, store, uplink."""
+        return Status(
+            store_id=gw.settings.store, gateway_id=gw.settings.gateway, version=gw.version, **gw.diagnostics()
+        )
 
     @app.get("/", include_in_schema=False)
-    def index() -> FileResponse:
-        return FileResponse(str(STATIC.joinpath("index.html")))
+    async def index() -> FileResponse:
+        return FileResponse(
+            str(STATIC.joinpath("index.html")),
+            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"},
+        )
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app
