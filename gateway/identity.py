@@ -101,18 +101,22 @@ class Identifier:
         self._members = members
         self._days = days
         self._salt_source = salt_source
-        self._salt_day = ""
-        self._salt = b""
+        self._salts: dict[str, bytes] = {}  # local day -> salt, for at most the two newest days
         self._beacon_by_address: dict[str, str] = {}
         self._battery: dict[str, int | None] = {}
         self._counts = {"member": 0, "member_unresolved": 0, "anonymous": 0, "beacon": 0, "telemetry": 0}
 
     def _anon(self, address: str, ts: float) -> str:
         day = self._days.day(ts)
-        if day != self._salt_day:
+        salt = self._salts.get(day)
+        if salt is None:
             # A new salt each local day, never stored: yesterday's hashes cannot be linked to today's.
-            self._salt_day, self._salt = day, self._salt_source()
-        return "anon:" + hmac.new(self._salt, address.encode(), hashlib.sha256).hexdigest()[:16]
+            # Yesterday's stays in memory next to today's because remote receivers deliver late and
+            # batches are unsorted: a sighting from 23:59 must not replace today's salt mid-day.
+            salt = self._salts[day] = self._salt_source()
+            for old in sorted(self._salts)[:-2]:
+                del self._salts[old]
+        return "anon:" + hmac.new(salt, address.encode(), hashlib.sha256).hexdigest()[:16]
 
     def _remember_beacon(self, address: str, subject: str) -> None:
         if address not in self._beacon_by_address and len(self._beacon_by_address) >= MAX_TLM_ADDRESSES:
