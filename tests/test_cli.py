@@ -1,0 +1,95 @@
+"""`visita` as people and scripts use it: Ctrl-C, restarts, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import VISITA, Broker, Subscriber
+from test_run_e2e import last_seq, outbox, run_args, stream, wait_for_seqs
+
+
+def test_ctrl_c_flushes_the_outbox_and_a_restart_continues_the_sequence(broker: Broker, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    sub = Subscriber(broker, client_id="ctrl-c-subscriber")
+    args = [a for a in run_args(broker.url, data) if a not in ("--until", "20m")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(stream(sub)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "0 still queued in the outbox" in out, out
+    assert outbox(data) == 0
+    first = last_seq(out)
+    assert first >= 5
+
+    again = subprocess.run(run_args(broker.url, data, until="3m"), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    second = last_seq(again.stdout)
+    assert second > first, "the second run made events of its own"
+    seqs = wait_for_seqs(sub, second)
+    sub.close()
+    assert seqs == list(range(1, second + 1)), "one gapless sequence across the restart, no seq reused"
+    statuses = [p["data"] for t, p, _ in sub.snapshot() if t.endswith("/status")]
+    assert statuses[-1]["state"] == "offline"  # type: ignore[index]
+
+
+def visita(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VISITA, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run"], "visita run: no radio source yet: pass --sim"),
+        (["run", "--sim", "--mqtt", "http://broker"], "--mqtt: 'http://broker': must be mqtt://HOST[:PORT]"),
+        (["run", "--sim", "--dashboard", "localhost"], "--dashboard: 'localhost': must be HOST:PORT"),
+        (["run", "--sim", "--until", "soon"], "'soon' is not a duration; use e.g. 90s, 10m, 1h30m or 2h"),
+        (["run", "--sim", "--speed", "0"], "--speed: '0': must be more than 0"),
+        (["run", "--sim", "--config", "/nonexistent/visita.toml"], "/nonexistent/visita.toml: no such file"),
+    ],
+)
+def test_bad_input_is_refused_with_exit_2_and_a_clear_line(args: list[str], message: str) -> None:
+    proc = visita(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_busy_dashboard_port_is_a_clear_startup_failure(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = visita("run", "--sim", "--mqtt", "off", "--dashboard", f"127.0.0.1:{port}", "--data-dir", str(tmp_path))
+    assert proc.returncode == 1
+    assert f"dashboard cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "--dashboard off" in proc.stderr
+
+
+def test_a_data_directory_in_use_is_refused(tmp_path: Path) -> None:
+    first = subprocess.Popen(
+        [*VISITA, "run", "--sim", "--mqtt", "off", "--dashboard", "off", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stdout is not None
+        assert "Visita" in first.stdout.readline()  # the banner: the store is open
+        second = visita("run", "--sim", "--mqtt", "off", "--dashboard", "off", "--data-dir", str(tmp_path))
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    assert second.returncode == 1
+    assert "in use by another Visita process" in second.stderr
+    assert first.returncode == 0
