@@ -8,6 +8,12 @@ only when it is stronger by the hysteresis margin, or when the current one has g
 silent. A subject whose best signal, normalised to a -59 dBm-at-1-m transmitter, is below
 `inside_min_rssi` is put in the plan's outside zone.
 
+How fast a move is followed: when a subject moves so that the new receiver leads the old one by
+D dB where it trailed by D dB before, the smoothed difference crosses the hysteresis margin h
+after smoothing_s * ln(2D / (D - h)), give or take one advertising interval. For any move with
+D >= 2h that is at most smoothing_s * ln 4, about 5.5 s with the defaults (4 s, 4 dB); noise on
+the readings adds a little. A receiver that stops hearing the subject is dropped after stale_s.
+
 This is the baseline the hidden-Markov estimator of a later issue has to beat.
 """
 
@@ -101,11 +107,13 @@ class StrongestReceiver:
             or fresh[best_rx].rssi > fresh[current].rssi + self._cfg.hysteresis_db
         ):
             subj.current = current = best_rx
-        rssi = fresh[current].rssi
-        if rssi < self._cfg.inside_min_rssi:
-            return ZoneEstimate(ts, subject, self._outside_zone, False, rssi)
+        # Inside or out is decided by the best signal, as documented: hysteresis may keep a weaker
+        # current receiver, but that must not put a subject outside while another hears it well.
+        best = fresh[best_rx].rssi
+        if best < self._cfg.inside_min_rssi:
+            return ZoneEstimate(ts, subject, self._outside_zone, False, best)
         zone = self._zone_of[current]
-        return ZoneEstimate(ts, subject, zone, zone not in self._outside_ids, rssi)
+        return ZoneEstimate(ts, subject, zone, zone not in self._outside_ids, fresh[current].rssi)
 
     def _prune(self, now: float) -> None:
         if now - self._last_prune < 30.0:
