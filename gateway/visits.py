@@ -42,6 +42,7 @@ class VisitTracker:
         self._cfg = cfg
         self._staff = {"member:" + ref for ref in cfg.staff}
         self._sessions: dict[str, _Session] = {}
+        self._staff_not_visits = 0
 
     def _visit_id(self, subject: str, started: float) -> str:
         # Derived, not random: a replay of the same data yields the same ids.
@@ -70,6 +71,10 @@ class VisitTracker:
             s.last = max(s.last, e.ts)
             if not e.inside:
                 continue
+            if s.segments and e.ts < s.segments[-1].left:
+                # Older than the newest inside estimate (a late remote sighting): that time is already
+                # accounted for, and placing it would invent moves (entrance → produce → entrance).
+                continue
             if not s.segments:
                 s.segments.append(_Seg(e.zone, e.ts, e.ts))
             elif s.segments[-1].zone != e.zone:
@@ -86,6 +91,11 @@ class VisitTracker:
         deadline = now - self._cfg.absence_timeout_s
         for subject in [k for k, s in self._sessions.items() if s.last < deadline]:
             s = self._sessions.pop(subject)
+            if not s.qualified and s.subject in self._staff:
+                # Staff are not footfall, and a staff session that never qualified had no visit.started:
+                # reporting it would publish a visit.ended for a visit that never began. Counted instead.
+                self._staff_not_visits += 1
+                continue
             # Sessions that never qualified end too (as pass-by), so footfall can count them.
             changes.append(VisitChange("ended", s.last, self._snapshot(s, s.last)))
         return changes
@@ -95,8 +105,9 @@ class VisitTracker:
         return [self._snapshot(s, None) for s in self._sessions.values() if s.qualified]
 
     def diagnostics(self) -> dict[str, int]:
-        """Open sessions and how many of them are visits."""
+        """Open sessions, how many of them are visits, and staff sessions that ended without being one."""
         return {
             "sessions": len(self._sessions),
             "open_visits": sum(1 for s in self._sessions.values() if s.qualified),
+            "staff_not_visits": self._staff_not_visits,
         }

@@ -1,0 +1,229 @@
+"""Tests for gateway.visits on hand-built estimate sequences: start, zones, end, dwell, path, classification."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import VisitsConfig
+from gateway.model import VisitChange, ZoneEstimate
+from gateway.visits import VisitTracker
+
+T0 = 1_764_000_000.0
+SHOPPER = "anon:5a5a5a5a5a5a5a5a"
+WALKER = "anon:0b0b0b0b0b0b0b0b"
+CFG = VisitsConfig(absence_timeout_s=60, min_dwell_s=45, staff=["s-7"])
+
+
+def inside(t: float, zone: str, subject: str = SHOPPER) -> ZoneEstimate:
+    return ZoneEstimate(T0 + t, subject, zone, True, -65.0)
+
+
+def outside(t: float, subject: str = SHOPPER) -> ZoneEstimate:
+    return ZoneEstimate(T0 + t, subject, "sidewalk", False, -93.0)
+
+
+def tracker(cfg: VisitsConfig = CFG, gateway: str = "gw-1") -> VisitTracker:
+    return VisitTracker(gateway, cfg)
+
+
+def run(t: VisitTracker, script: dict[float, list[ZoneEstimate]], until: float, step: float = 1.0) -> list[VisitChange]:
+    """Tick every `step` seconds from 0 to `until`, handing over the estimates scripted for that tick."""
+    out: list[VisitChange] = []
+    n = round(until / step)
+    for i in range(n + 1):
+        now = i * step
+        out += t.update(script.get(now, []), T0 + now)
+    return out
+
+
+def shopper_script() -> dict[float, list[ZoneEstimate]]:
+    """Sidewalk 0-8 s, entrance 10-38, produce 40-158, bakery 160-248, produce 250-278, checkout 280-310,
+    sidewalk 312-320, then gone. An estimate every 2 s."""
+    plan = [(0, 10, None), (10, 40, "entrance"), (40, 160, "produce"), (160, 250, "bakery")]
+    plan += [(250, 280, "produce"), (280, 312, "checkout"), (312, 322, None)]
+    script: dict[float, list[ZoneEstimate]] = {}
+    for start, end, zone in plan:
+        for t in range(start, end, 2):
+            script[float(t)] = [outside(t) if zone is None else inside(t, zone)]
+    return script
+
+
+# --------------------------------------------------------------------------- a shopper
+
+
+def test_a_five_minute_shopper_starts_moves_and_ends_with_dwell_path_and_zone_dwell() -> None:
+    changes = run(tracker(), shopper_script(), until=500)
+    kinds = [(c.kind, c.ts - T0) for c in changes]
+    # started once inside for 45 s: first inside at 10, so at the first estimate at or after 55 (56)
+    # zone changes reported only once it is a visit (entrance → produce at 40 came before that)
+    # ended when nothing was heard for 60 s after the last sighting at 320 (on the sidewalk)
+    assert kinds == [("started", 56), ("zone", 160), ("zone", 250), ("zone", 280), ("ended", 320)]
+    started, *zone_changes, ended = changes
+    assert started.visit.started == T0 + 10 and started.visit.ended is None
+    assert started.visit.classification == "visitor" and started.visit.source == "ble"
+    assert started.visit.path == ("entrance", "produce")
+    assert [(c.from_zone, c.visit.path[-1]) for c in zone_changes] == [
+        ("produce", "bakery"),
+        ("bakery", "produce"),
+        ("produce", "checkout"),
+    ]
+    v = ended.visit
+    assert v.ended == T0 + 320
+    assert v.dwell_s == pytest.approx(300.0)  # first inside 10 → last inside 310
+    assert v.path == ("entrance", "produce", "bakery", "produce", "checkout")
+    assert v.zone_dwell() == pytest.approx({"entrance": 30, "produce": 120 + 30, "bakery": 90, "checkout": 30})
+    assert sum(v.zone_dwell().values()) == pytest.approx(v.dwell_s)
+    assert v.visit_id == started.visit.visit_id == zone_changes[0].visit.visit_id
+
+
+def test_the_visit_ends_exactly_after_the_absence_timeout_as_of_now() -> None:
+    t = tracker()
+    for s in range(0, 100, 5):
+        assert not [c for c in t.update([inside(s, "produce")], T0 + s) if c.kind == "ended"]
+    # last heard at 95: still open at 155 (60 s later), ended once now is past 155
+    assert t.update([], T0 + 155) == []
+    assert len(t.open_visits()) == 1
+    (ended,) = t.update([], T0 + 155.5)
+    assert (ended.kind, ended.ts, ended.visit.dwell_s) == ("ended", T0 + 95, 95)
+    assert t.open_visits() == [] and t.diagnostics() == {"sessions": 0, "open_visits": 0, "staff_not_visits": 0}
+
+
+def test_open_visits_show_only_qualified_sessions() -> None:
+    t = tracker()
+    t.update([inside(0, "entrance"), inside(0, "entrance", WALKER)], T0)
+    t.update([inside(50, "produce")], T0 + 50)
+    (v,) = t.open_visits()
+    assert (v.subject, v.ended, v.path) == (SHOPPER, None, ("entrance", "produce"))
+    assert t.diagnostics() == {"sessions": 2, "open_visits": 1, "staff_not_visits": 0}
+
+
+# --------------------------------------------------------------------------- pass-by
+
+
+def test_a_pedestrian_on_the_sidewalk_for_20_s_is_a_pass_by_and_never_starts() -> None:
+    script = {float(s): [outside(s, WALKER)] for s in range(0, 21, 2)}
+    changes = run(tracker(), script, until=200)
+    assert [c.kind for c in changes] == ["ended"]
+    v = changes[0].visit
+    assert v.classification == "pass-by"
+    assert (v.segments, v.path, v.dwell_s) == ((), (), 0.0)
+    assert (v.started, v.ended) == (T0, T0 + 20)
+
+
+def test_stepping_into_the_entrance_for_less_than_min_dwell_is_still_a_pass_by() -> None:
+    script = {float(s): [outside(s, WALKER)] for s in range(0, 60, 2)}
+    for s in range(20, 40, 2):  # 18 s at the door, after 20 s on the sidewalk and before 20 more
+        script[float(s)] = [inside(s, "entrance", WALKER)]
+    changes = run(tracker(), script, until=200)
+    assert [(c.kind, c.visit.classification) for c in changes] == [("ended", "pass-by")]
+    assert changes[0].visit.path == ("entrance",)
+
+
+def test_min_dwell_zero_starts_at_the_first_inside_estimate() -> None:
+    t = tracker(VisitsConfig(absence_timeout_s=60, min_dwell_s=0))
+    assert t.update([outside(0)], T0) == []
+    (c,) = t.update([inside(1, "entrance")], T0 + 1)
+    assert (c.kind, c.ts, c.visit.started) == ("started", T0 + 1, T0 + 1)
+
+
+# --------------------------------------------------------------------------- staff
+
+
+def test_a_staff_member_is_classified_staff_from_start_to_end() -> None:
+    staff = "member:s-7"
+    script = {float(s): [inside(s, "checkout", staff)] for s in range(0, 120, 5)}
+    changes = run(tracker(), script, until=300)
+    assert [(c.kind, c.visit.classification) for c in changes] == [("started", "staff"), ("ended", "staff")]
+    assert changes[1].visit.member == "s-7"
+
+
+def test_a_member_not_on_the_staff_list_is_a_visitor() -> None:
+    script = {float(s): [inside(s, "checkout", "member:s-8")] for s in range(0, 120, 5)}
+    assert {c.visit.classification for c in run(tracker(), script, until=300)} == {"visitor"}
+
+
+def test_a_staff_member_passing_by_ends_no_visit() -> None:
+    # Staff are not in footfall and have no visit that started: a staff session that never qualified
+    # must not come out as an ended visit (visit.ended without visit.started).
+    staff = "member:s-7"
+    t = tracker()
+    script = {float(s): [outside(s, staff)] for s in range(0, 20, 2)}
+    changes = run(t, script, until=200)
+    assert changes == []
+    assert t.diagnostics() == {"sessions": 0, "open_visits": 0, "staff_not_visits": 1}
+
+
+# --------------------------------------------------------------------------- ids
+
+
+def test_visit_ids_are_deterministic_and_differ_by_gateway_subject_and_session() -> None:
+    def ids(gateway: str, script: dict[float, list[ZoneEstimate]]) -> list[str]:
+        return [c.visit.visit_id for c in run(tracker(gateway=gateway), script, until=500)]
+
+    first = ids("gw-1", shopper_script())
+    assert len(set(first)) == 1 and len(first[0]) == 24 and int(first[0], 16) >= 0
+    assert ids("gw-1", shopper_script()) == first  # a replay of the same data gives the same id
+    assert set(ids("gw-2", shopper_script())).isdisjoint(first)
+    other = {
+        t: [ZoneEstimate(e.ts, WALKER, e.zone, e.inside, e.rssi) for e in es] for t, es in shopper_script().items()
+    }
+    assert set(ids("gw-1", other)).isdisjoint(first)
+
+    # the same subject coming back after the absence timeout is a new visit
+    t = tracker()
+    back = {**shopper_script(), **{float(s): [inside(s, "produce")] for s in range(400, 480, 2)}}
+    changes = run(t, back, until=700)
+    ended = [c.visit for c in changes if c.kind == "ended"]
+    assert len(ended) == 2 and ended[0].visit_id != ended[1].visit_id
+    assert ended[0].visit_id == first[0]
+
+
+# --------------------------------------------------------------------------- order and duplicates
+
+
+def _batched(script: dict[float, list[ZoneEstimate]], every: int) -> dict[float, list[ZoneEstimate]]:
+    """The same estimates delivered `every` seconds at a time, newest first, each one twice."""
+    out: dict[float, list[ZoneEstimate]] = {}
+    for t, es in script.items():
+        due = float((int(t) // every + 1) * every)
+        out.setdefault(due, []).extend(es + es)
+    return {t: sorted(es, key=lambda e: -e.ts) for t, es in out.items()}
+
+
+def test_unsorted_batches_with_duplicates_give_the_same_visit() -> None:
+    reference = next(c for c in run(tracker(), shopper_script(), until=500) if c.kind == "ended").visit
+    shuffled = run(tracker(), _batched(shopper_script(), every=10), until=500)
+    assert [c.kind for c in shuffled].count("started") == 1
+    assert [c.kind for c in shuffled].count("ended") == 1
+    got = shuffled[-1].visit
+    assert (got.visit_id, got.started, got.ended, got.segments) == (
+        reference.visit_id,
+        reference.started,
+        reference.ended,
+        reference.segments,
+    )
+
+
+def test_a_late_estimate_from_an_earlier_zone_does_not_split_the_path() -> None:
+    # A remote receiver's sighting that arrives a tick late and says "entrance" must not add
+    # entrance → produce → entrance → produce to the path, nor report zone changes that never happened.
+    t = tracker()
+    changes: list[VisitChange] = []
+    for s in range(0, 60, 2):
+        changes += t.update([inside(s, "entrance")], T0 + s)
+    for s in range(60, 120, 2):
+        changes += t.update([inside(s, "produce")], T0 + s)
+        if s == 70:
+            changes += t.update([inside(58, "entrance")], T0 + s)  # late
+    changes += t.update([], T0 + 300)
+    assert [(c.kind, c.from_zone) for c in changes] == [("started", None), ("zone", "entrance"), ("ended", None)]
+    v = changes[-1].visit
+    assert v.path == ("entrance", "produce")
+    assert all(a.left <= b.entered for a, b in zip(v.segments, v.segments[1:], strict=False))
+
+
+def test_equal_timestamps_in_one_zone_do_not_create_segments() -> None:
+    t = tracker()
+    t.update([inside(0, "produce"), inside(0, "produce"), inside(10, "produce"), inside(10, "produce")], T0 + 10)
+    (v,) = [c.visit for c in t.update([inside(50, "produce")], T0 + 50)]
+    assert (v.path, v.dwell_s) == (("produce",), 50)
