@@ -13,6 +13,7 @@ member or an anonymous phone.
 
 from __future__ import annotations
 
+import sys
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -227,8 +228,14 @@ def create_app(gateway: Gateway) -> FastAPI:
         gw: GatewayDep,
         limit: Annotated[int, Query(ge=1, le=VISITS_MAX, description="How many visits at most (1..500).")] = 50,
     ) -> list[VisitOut]:
-        """Open visits (longest first), then finished ones (newest first)."""
-        return [VisitOut.of(v) for v in gw.visits(limit)]
+        """Visits still inside (newest first), then finished ones (most recently ended first).
+
+        Newest first so that a busy store's new arrivals are never cut off by `limit`.
+        """
+        known = gw.visits(sys.maxsize)  # in memory and bounded: the open visits and the recent finished ones
+        inside = sorted((v for v in known if v.ended is None), key=lambda v: v.started, reverse=True)
+        finished = [v for v in known if v.ended is not None]
+        return [VisitOut.of(v) for v in (inside + finished)[:limit]]
 
     @app.get("/api/v1/status", response_model=Status, tags=["ops"])
     async def status(gw: GatewayDep) -> Status:
@@ -237,7 +244,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             store_id=gw.settings.store, gateway_id=gw.settings.gateway, version=gw.version, **gw.diagnostics()
         )
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(
             str(STATIC.joinpath("index.html")),

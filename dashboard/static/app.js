@@ -4,33 +4,60 @@
 "use strict";
 
 const REFRESH_MS = 2000;
-const TIMEOUT_MS = 4000; // a hung gateway must turn into "not answering", not a frozen page
+const TIMEOUT_MS = 4000; // a hung gateway must turn into "offline", not a frozen page
+const STALE_MS = 10000; // answering, but the figures have not moved for this long: say so
 const VISITS_LIMIT = 30;
+const PATH_SHOWN = 3; // zones shown in a visit's path before it is shortened
 
 const $ = (id) => document.getElementById(id);
 
-function pad2(n) {
-  return String(n).padStart(2, "0");
-}
+// ------------------------------------------------------------------ formatting
 
-/** Local HH:MM of a UNIX time in seconds. */
-function hhmm(ts) {
-  const d = new Date(ts * 1000);
-  return `${pad2(d.getHours())}:${pad2(d.getMinutes())}`;
-}
+let timeZone; // the store's, once the gateway has said which; the tablet's until then
+let clockFmt = null;
+let dayFmt = null;
 
-/** Local HH:MM:SS of a UNIX time in seconds. */
+function setTimeZone(tz) {
+  if (tz === timeZone && clockFmt !== null) return;
+  const opts = { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" };
+  try {
+    clockFmt = new Intl.DateTimeFormat(undefined, { ...opts, timeZone: tz });
+    dayFmt = new Intl.DateTimeFormat(undefined, { weekday: "short", day: "numeric", month: "short", timeZone: "UTC" });
+    timeZone = tz;
+  } catch (err) {
+    clockFmt = new Intl.DateTimeFormat(undefined, opts); // unknown zone on an old tablet: local time
+    dayFmt = new Intl.DateTimeFormat(undefined, { weekday: "short", day: "numeric", month: "short" });
+    timeZone = tz;
+  }
+}
+setTimeZone(undefined);
+
+/** HH:MM:SS of a UNIX time in seconds, in the store's time zone. */
 function hhmmss(ts) {
-  const d = new Date(ts * 1000);
-  return `${hhmm(ts)}:${pad2(d.getSeconds())}`;
+  return clockFmt.format(new Date(ts * 1000));
 }
 
-/** "42 s", "7 min 12 s", "1 h 3 min". */
+/** HH:MM of a UNIX time in seconds, in the store's time zone. */
+function hhmm(ts) {
+  return hhmmss(ts).slice(0, 5);
+}
+
+/** "Thu 28 May" from a YYYY-MM-DD day. */
+function dayLabel(day) {
+  const d = new Date(`${day}T12:00:00Z`);
+  return Number.isNaN(d.getTime()) ? day : dayFmt.format(d);
+}
+
+/** "42 s", "4 min 12 s", "1 h 3 min". */
 function dwell(seconds) {
   const s = Math.max(0, Math.round(seconds));
   if (s < 60) return `${s} s`;
   if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
   return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+function fmt(n) {
+  return Number(n).toLocaleString();
 }
 
 function el(tag, className, text) {
@@ -40,76 +67,95 @@ function el(tag, className, text) {
   return node;
 }
 
-function fmt(n) {
-  return Number(n).toLocaleString();
-}
+// ------------------------------------------------------------------ fetching
+
+class HttpError extends Error {}
 
 async function getJSON(url) {
-  const response = await fetch(url, { cache: "no-store", signal: AbortSignal.timeout(TIMEOUT_MS) });
-  if (!response.ok) throw new Error(`HTTP ${response.status} from ${url}`);
-  return response.json();
+  // AbortController + setTimeout rather than AbortSignal.timeout: store tablets are often not new.
+  const ctrl = new AbortController();
+  const timer = setTimeout(() => ctrl.abort(), TIMEOUT_MS);
+  try {
+    const response = await fetch(url, { cache: "no-store", signal: ctrl.signal });
+    if (!response.ok) throw new HttpError(`HTTP ${response.status}`);
+    return await response.json();
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 // ------------------------------------------------------------------ connection state
 
 let lastOk = null; // wall-clock ms of the last successful refresh
+let downSince = null; // wall-clock ms of the first failure in a row
+let lastAsOf = null; // the data time shown
+let asOfMovedAt = null; // wall-clock ms when the data time last moved
 
 function setConn(state, text) {
   const box = $("conn-state");
-  box.className = `conn conn-${state}`;
+  if (box.dataset.state !== state) box.className = `conn conn-${state}`;
   box.dataset.state = state;
-  box.querySelector(".conn-text").textContent = text;
+  const span = box.querySelector(".conn-text");
+  if (span.textContent !== text) span.textContent = text; // unchanged text: nothing re-announced
   $("main").classList.toggle("stale", state !== "ok");
+}
+
+function wallClock(ms) {
+  return hhmmss(ms / 1000);
 }
 
 // ------------------------------------------------------------------ rendering
 
 function renderFootfall(f) {
+  setTimeZone(f.timezone);
   $("store").textContent = f.store;
+  $("gateway").textContent = f.gateway;
   $("occupancy").textContent = fmt(f.occupancy);
   $("entries-last-hour").textContent = fmt(f.entries_last_hour);
   $("visitors-today").textContent = fmt(f.visitors_today);
   $("passbys-today").textContent = fmt(f.passbys_today);
   $("staff-today").textContent = fmt(f.staff_today);
-  $("day").textContent = f.day;
+  $("day").textContent = f.day ? `· ${dayLabel(f.day)}` : "";
 
   const seen = f.visitors_today + f.passbys_today;
   const share = seen > 0 ? (100 * f.visitors_today) / seen : 0;
   const bar = $("today-bar");
-  bar.querySelector(".ratio-visitor").style.width = `${seen > 0 ? share : 0}%`;
+  bar.querySelector(".ratio-visitor").style.width = `${share}%`;
   bar.querySelector(".ratio-passby").style.width = `${seen > 0 ? 100 - share : 0}%`;
   bar.setAttribute(
     "aria-label",
-    seen > 0 ? `${f.visitors_today} visitors and ${f.passbys_today} passers-by today` : "Nobody seen yet today",
+    seen > 0 ? `${f.visitors_today} came in and ${f.passbys_today} passed by today` : "Nobody seen yet today",
   );
   $("capture").textContent = seen > 0 ? `${Math.round(share)}% of people seen came in` : "nobody seen yet today";
 
   const asOf = $("as-of");
-  const d = new Date(f.as_of * 1000);
-  const today = new Date();
-  const sameDay = d.toDateString() === today.toDateString();
-  asOf.textContent = sameDay ? hhmmss(f.as_of) : `${f.day} ${hhmmss(f.as_of)}`;
-  asOf.dateTime = d.toISOString();
+  asOf.dataset.ts = String(f.as_of);
+  if (f.as_of > 0) {
+    asOf.textContent = hhmmss(f.as_of);
+    asOf.dateTime = new Date(f.as_of * 1000).toISOString();
+  } else {
+    asOf.textContent = "no data yet";
+  }
 
   renderZones(f);
 }
 
 function renderZones(f) {
   const list = $("zones");
-  const ids = Object.keys(f.zones);
-  const max = Math.max(1, ...ids.map((z) => f.zones[z]));
+  const max = Math.max(1, ...f.zones.map((z) => z.visitors));
   $("zones-note").hidden = f.resolution !== "presence";
-  const items = ids.map((id) => {
-    const n = f.zones[id];
-    const li = el("li", n === 0 ? "zone zone-empty" : "zone");
-    li.dataset.zone = id;
-    li.append(el("span", "zone-name", f.zone_names[id] || id));
+  const items = f.zones.map((z) => {
+    const li = el("li", z.visitors === 0 ? "zone zone-empty" : "zone");
+    li.dataset.zone = z.id;
+    li.append(el("span", "zone-name", z.name));
     const track = el("span", "zone-track");
     track.setAttribute("aria-hidden", "true");
     const fill = el("span", "zone-fill");
-    fill.style.width = `${(100 * n) / max}%`;
+    fill.style.width = `${(100 * z.visitors) / max}%`;
     track.append(fill);
-    li.append(track, el("span", "zone-count", fmt(n)));
+    const count = el("span", "zone-count", fmt(z.visitors));
+    count.setAttribute("aria-label", `${z.visitors} ${z.visitors === 1 ? "visitor" : "visitors"}`);
+    li.append(track, count);
     return li;
   });
   if (items.length === 0) items.push(el("li", "empty", "No zones in the store plan"));
@@ -118,42 +164,63 @@ function renderZones(f) {
 
 const KIND = { member: "Member", anonymous: "Anonymous" };
 
-function renderVisits(visits, zoneNames) {
-  // Open visits first (the API already orders them so; keep it true whatever it sends).
+/** The zones of a path as "Entrance → … → Bakery → Checkout": the first and the last two. */
+function pathParts(path, name) {
+  const names = path.map(name);
+  if (names.length <= PATH_SHOWN) return names;
+  return [names[0], "…", ...names.slice(-(PATH_SHOWN - 1))];
+}
+
+function renderVisits(visits, zones) {
+  const names = Object.fromEntries(zones.map((z) => [z.id, z.name]));
+  const name = (id) => names[id] || id;
+  // Visits still inside first (the API already orders them so; keep it true whatever it sends).
   const rows = [...visits.filter((v) => v.open), ...visits.filter((v) => !v.open)];
-  const body = $("visits");
-  const name = (z) => zoneNames[z] || z;
   const trs = rows.map((v) => {
     const tr = el("tr", v.open ? "visit open" : "visit");
     tr.dataset.testid = "visit-row";
-    tr.dataset.visit = v.visit_id;
+    tr.dataset.visit = v.visit_id.slice(0, 6);
 
     const started = el("td", "time");
+    started.dataset.label = "Started";
     const t = el("time", "", hhmm(v.started));
     t.dateTime = new Date(v.started * 1000).toISOString();
     started.append(t);
 
-    const who = el("td", `who who-${v.subject_kind}`, KIND[v.subject_kind] || v.subject_kind);
+    const id = el("td", "vid", `#${v.visit_id.slice(0, 6)}`);
+    id.dataset.label = "Visit";
+    const who = el("td", `who who-${v.subject_kind}`, KIND[v.subject_kind] || "Unknown");
+    who.dataset.label = "Who";
     const dw = el("td", "num dwell", dwell(v.dwell_s));
-    const path = el("td", "path", v.path.map(name).join(" → "));
+    dw.dataset.label = "Dwell";
+    const path = el("td", "path");
+    path.dataset.label = "Path";
+    pathParts(v.path, name).forEach((part, i) => {
+      if (i > 0) path.append(" → ");
+      path.append(el("span", "stop", part)); // a zone name never breaks across lines
+    });
+    if (v.path.length === 0) path.textContent = "—";
+    if (v.path.length > PATH_SHOWN) path.append(el("span", "stops", ` · ${v.path.length} stops`));
 
-    const type = el("td", "type");
-    if (v.open) type.append(el("span", "badge badge-inside", "inside"));
-    type.append(el("span", `badge badge-${v.classification}`, v.classification));
+    const state = el("td", "state");
+    state.dataset.label = "Status";
+    if (v.open) state.append(el("span", "badge badge-inside", "inside"));
+    else if (v.ended !== null) state.append(el("span", "left", `left ${hhmm(v.ended)}`));
+    if (v.classification !== "visitor") state.append(el("span", `badge badge-${v.classification}`, v.classification));
 
-    tr.append(started, who, dw, path, type);
+    tr.append(started, id, who, dw, path, state);
     return tr;
   });
   if (trs.length === 0) {
     const tr = el("tr", "empty");
-    const td = el("td", "", "No visits yet today");
-    td.colSpan = 5;
+    const td = el("td", "", "No visits yet");
+    td.colSpan = 6;
     tr.append(td);
     trs.push(tr);
   }
-  body.replaceChildren(...trs);
+  $("visits").replaceChildren(...trs);
   const inside = rows.filter((v) => v.open).length;
-  $("visits-note").textContent = `${inside} open · ${rows.length - inside} finished · newest ${VISITS_LIMIT} at most`;
+  $("visits-note").textContent = `${inside} inside · ${rows.length - inside} finished · latest ${VISITS_LIMIT}`;
 }
 
 // ------------------------------------------------------------------ polling
@@ -164,14 +231,34 @@ async function refresh() {
       getJSON("/api/v1/footfall"),
       getJSON(`/api/v1/visits?limit=${VISITS_LIMIT}`),
     ]);
+    if ($("version").textContent === "") {
+      getJSON("/healthz").then((h) => ($("version").textContent = h.version), () => {});
+    }
     renderFootfall(footfall);
-    renderVisits(visits, footfall.zone_names);
-    lastOk = Date.now();
-    setConn("ok", "Live");
+    renderVisits(visits, footfall.zones);
+    const now = Date.now();
+    lastOk = now;
+    downSince = null;
+    if (footfall.as_of !== lastAsOf) {
+      lastAsOf = footfall.as_of;
+      asOfMovedAt = now;
+    }
+    if (footfall.as_of <= 0) {
+      setConn("wait", "Connected · waiting for the first data");
+    } else if (now - asOfMovedAt > STALE_MS) {
+      setConn("stale", `Stale · no new data since ${wallClock(asOfMovedAt)}`);
+    } else {
+      setConn("ok", "Live");
+    }
   } catch (err) {
-    const since = lastOk === null ? "" : ` since ${hhmmss(lastOk / 1000)}`;
-    const answered = err instanceof Error && err.message.startsWith("HTTP ");
-    setConn("down", answered ? `Gateway error (${err.message.split(" from")[0]})` : `Gateway not answering${since}`);
+    downSince = downSince ?? Date.now();
+    const since = wallClock(downSince);
+    if (err instanceof HttpError) {
+      setConn("error", `Gateway error since ${since} (${err.message}) · showing the last figures`);
+    } else {
+      const last = lastOk === null ? "never reached" : `last contact ${wallClock(lastOk)}`;
+      setConn("offline", `Offline since ${since} · gateway not answering (${last})`);
+    }
   } finally {
     setTimeout(refresh, REFRESH_MS);
   }
