@@ -130,6 +130,8 @@ class PointsEngine:
             self._record(a)
 
     def _record(self, a: Award) -> None:
+        if a.award_id in self._granted:
+            return  # a ledger that lists an award twice still holds one award against the day's limit
         self._granted.add(a.award_id)
         key = (a.member, a.rule, a.day)
         self._per_day[key] = self._per_day.get(key, 0) + 1
