@@ -1,36 +1,52 @@
 """Building events: the envelope, the per-gateway sequence, topics (docs/events.md).
 
-Topics are built here and only here, from ids that config validation already restricted to
-`[a-z0-9_-]`, so no MQTT wildcard or separator can sneak into one.
+Topics are built here and only here. Config validation already restricts store and gateway
+ids to `[a-z0-9_-]`; the topic functions check the parts again, so no MQTT wildcard or
+separator can sneak into a topic from a caller that skipped the config.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from gateway.config import ID_PATTERN
 from gateway.model import EVENT_TYPES, Award, Event, Visit, VisitChange
 
 TOPIC_ROOT = "visita/v1"
+_ID = re.compile(ID_PATTERN)
+
+
+def _check_ids(store: str, gateway: str) -> None:
+    for what, value in (("store", store), ("gateway", gateway)):
+        if not _ID.fullmatch(value):
+            raise ValueError(
+                f"{what} id {value!r} cannot be a topic level: use [a-z0-9_-], at most 64, no leading - or _"
+            )
 
 
 def topic(store: str, gateway: str, event_type: str) -> str:
-    """visita/v1/<store>/<gateway>/<type>."""
+    """visita/v1/<store>/<gateway>/<type>; ValueError for an unknown type or an id that is not a valid level."""
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown event type {event_type!r}")
+    _check_ids(store, gateway)
     return f"{TOPIC_ROOT}/{store}/{gateway}/{event_type}"
 
 
 def topic_prefix(store: str, gateway: str) -> str:
-    """visita/v1/<store>/<gateway>/ (subscribe to this plus '#')."""
+    """visita/v1/<store>/<gateway>/ (subscribe to this plus '#'); ValueError like `topic`."""
+    _check_ids(store, gateway)
     return f"{TOPIC_ROOT}/{store}/{gateway}/"
 
 
 def uuid7(ts: float, rand: Callable[[int], bytes] = os.urandom) -> str:
     """An RFC 9562 UUIDv7: 48-bit millisecond timestamp, version 7, variant 10, 74 random bits."""
-    ms = int(ts * 1000) & ((1 << 48) - 1)
+    # Rounded to microseconds first, as the envelope's RFC 3339 `ts` is: int(ts * 1000) alone can land
+    # a millisecond early (2180641271.285 * 1000 is 2180641271284.9998) and disagree with `ts`.
+    ms = (round(ts * 1_000_000) // 1000) & ((1 << 48) - 1)
     r = int.from_bytes(rand(10), "big")
     value = (ms << 80) | (0x7 << 76) | ((r >> 68) & 0xFFF) << 64 | (0b10 << 62) | (r & ((1 << 62) - 1))
     h = f"{value:032x}"
@@ -58,6 +74,7 @@ class EventFactory:
     """Makes envelopes with a gapless per-gateway `seq`, continuing from the stored last value."""
 
     def __init__(self, store: str, gateway: str, last_seq: int) -> None:
+        _check_ids(store, gateway)  # fail at start, not at the first event
         self.store = store
         self.gateway = gateway
         self._seq = last_seq
