@@ -183,7 +183,9 @@ def create_app(gateway: Gateway) -> FastAPI:
         "carries a subject, member ref or Bluetooth address.",
     )
     app.state.gateway = gateway
-    bad_request = {422: {"model": ValidationProblem, "description": "A query parameter is out of range."}}
+    bad_request: dict[int | str, dict[str, Any]] = {
+        422: {"model": ValidationProblem, "description": "A query parameter is out of range."}
+    }
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -234,7 +236,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         """
         known = gw.visits(sys.maxsize)  # in memory and bounded: the open visits and the recent finished ones
         inside = sorted((v for v in known if v.ended is None), key=lambda v: v.started, reverse=True)
-        finished = [v for v in known if v.ended is not None]
+        finished = sorted((v for v in known if v.ended is not None), key=lambda v: v.ended or 0.0, reverse=True)
         return [VisitOut.of(v) for v in (inside + finished)[:limit]]
 
     @app.get("/api/v1/status", response_model=Status, tags=["ops"])
