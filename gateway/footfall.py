@@ -69,7 +69,9 @@ class Footfall:
         out: list[dict[str, Any]] = []
         start = ts - ts % 60
         day = self._days.day(ts)
-        if day != self._day:
+        # Only forward (ISO dates sort as strings): an end reported a timeout after the last sighting
+        # can be dated before midnight, and going back to yesterday would wipe today's counts.
+        if day > self._day:
             self._day = day
             self._today = dict.fromkeys(self._today, 0)
         if self._minute is None:

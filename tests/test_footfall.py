@@ -1,0 +1,172 @@
+"""Tests for gateway.footfall on a hand-built day: minute aggregates, the live snapshot, the local-day reset."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from gateway.days import LocalDays
+from gateway.footfall import Footfall
+from gateway.model import Classification, Visit, VisitChange, VisitChangeKind, ZoneSegment
+
+TZ = ZoneInfo("Europe/Berlin")
+
+
+def at(h: int, m: int, s: int = 0, day: int = 15) -> float:
+    """UNIX seconds of a Berlin wall-clock time in June 2026 (UTC+2)."""
+    return datetime(2026, 6, day, h, m, s, tzinfo=TZ).timestamp()
+
+
+def visit(vid: str, started: float, last_inside: float, cls: Classification, ended: float | None = None) -> Visit:
+    subject = "member:s-1" if cls == "staff" else f"anon:{vid:0>16}"
+    return Visit(vid, subject, started, ended, (ZoneSegment("produce", started, last_inside),), cls, "ble")
+
+
+def chg(kind: VisitChangeKind, ts: float, v: Visit) -> VisitChange:
+    return VisitChange(kind, ts, v)
+
+
+def run(
+    f: Footfall, deliveries: dict[float, list[VisitChange]], start: float, end: float, tick: float = 10.0
+) -> list[dict[str, Any]]:
+    """Tick like the runtime does, handing each change over at the tick it is due (its detection time)."""
+    out: list[dict[str, Any]] = []
+    due = sorted(deliveries)
+    now = start
+    while now <= end:
+        batch = [c for t in due if now - tick < t <= now for c in deliveries[t]]
+        out += f.update(batch, now)
+        now += tick
+    return out
+
+
+def hand_built_morning() -> dict[float, list[VisitChange]]:
+    """10:00-10:20 on 2026-06-15. Changes keyed by when the tracker reports them (ended: a minute after last seen)."""
+    v1 = visit("v1", at(10, 0, 5), at(10, 14, 20), "visitor")
+    v2 = visit("v2", at(10, 0, 55), at(10, 5, 5), "visitor")
+    v3 = visit("v3", at(10, 9, 30), at(10, 10, 15), "visitor")
+    s1 = visit("s1", at(10, 0, 0), at(10, 0, 20), "staff")
+    return {
+        at(10, 0, 20): [chg("started", at(10, 0, 20), s1)],
+        at(10, 0, 50): [chg("started", at(10, 0, 50), v1)],
+        at(10, 1, 40): [chg("started", at(10, 1, 40), v2)],
+        at(10, 2, 10): [
+            chg("ended", at(10, 1, 10), visit("p1", at(10, 0, 40), at(10, 0, 40), "pass-by", at(10, 1, 10)))
+        ],
+        at(10, 3, 10): [chg("zone", at(10, 3, 10), v1)],
+        at(10, 3, 30): [chg("ended", at(10, 2, 30), visit("p2", at(10, 2, 0), at(10, 2, 0), "pass-by", at(10, 2, 30)))],
+        at(10, 6, 20): [
+            chg("ended", at(10, 5, 20), visit("v2", at(10, 0, 55), at(10, 5, 5), "visitor", at(10, 5, 20)))
+        ],
+        at(10, 10, 20): [chg("started", at(10, 10, 15), v3)],
+        at(10, 15, 30): [
+            chg("ended", at(10, 14, 30), visit("v1", at(10, 0, 5), at(10, 14, 20), "visitor", at(10, 14, 30)))
+        ],
+    }
+
+
+def test_minute_aggregates_of_a_hand_built_morning() -> None:
+    f = Footfall(LocalDays("Europe/Berlin"))
+    minutes = run(f, hand_built_morning(), at(10, 0), at(10, 20))
+    assert [m["minute"] for m in minutes] == [at(10, i) for i in range(20)]  # every closed minute, quiet ones too
+    by_minute = {round((m["minute"] - at(10, 0)) / 60): m for m in minutes}
+
+    def row(i: int) -> tuple[int, int, int, int, float | None]:
+        m = by_minute[i]
+        return (m["entries"], m["exits"], m["passbys"], m["occupancy"], m["mean_dwell_s"])
+
+    # (entries, exits, passbys, occupancy at the end of the minute, mean dwell of the exits)
+    assert row(0) == (1, 0, 0, 1, None)  # v1 starts; staff s1 is not an entry
+    assert row(1) == (1, 0, 0, 2, None)  # v2 starts
+    assert row(2) == (0, 0, 1, 2, None)  # p1 reported
+    assert row(3) == (0, 0, 1, 2, None)  # p2 reported; v1's zone change counts nothing
+    assert row(6) == (0, 1, 0, 1, 250.0)  # v2 reported ended: 10:00:55 → 10:05:05
+    assert row(10) == (1, 0, 0, 2, None)  # v3 starts
+    assert row(15) == (0, 1, 0, 1, 855.0)  # v1 reported ended: 10:00:05 → 10:14:20
+    quiet = [4, 5, 7, 8, 9, 11, 12, 13, 14, 16, 17, 18, 19]
+    assert all(row(i)[:3] == (0, 0, 0) for i in quiet)
+    assert [row(i)[3] for i in quiet] == [2, 2, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 1]
+    assert sum(m["entries"] for m in minutes) == 3 and sum(m["exits"] for m in minutes) == 2
+
+
+def test_snapshot_of_a_hand_built_morning_and_an_hour_later() -> None:
+    f = Footfall(LocalDays("Europe/Berlin"))
+    run(f, hand_built_morning(), at(10, 0), at(10, 20))
+    assert f.snapshot() == {
+        "as_of": at(10, 20),
+        "occupancy": 1,  # v3 (staff are never occupancy)
+        "entries_last_hour": 3,
+        "day": "2026-06-15",
+        "visitors_today": 3,
+        "passbys_today": 2,
+        "staff_today": 1,
+    }
+    f.update([], at(11, 5))  # v1 (10:00:05) and v2 (10:00:55) entered more than an hour ago, v3 (10:09:30) not
+    snap = f.snapshot()
+    assert (snap["entries_last_hour"], snap["visitors_today"], snap["occupancy"]) == (1, 3, 1)
+    f.update([], at(11, 9, 31))
+    assert f.snapshot()["entries_last_hour"] == 0
+
+
+def test_only_minutes_closed_before_now_are_returned() -> None:
+    f = Footfall(LocalDays("UTC"))
+    t0 = 1_764_000_000.0  # a whole minute
+    assert f.update([], t0 + 5) == []
+    assert f.update([], t0 + 59.9) == []
+    (m,) = f.update([], t0 + 60)
+    assert m["minute"] == t0
+    assert [m["minute"] for m in f.update([], t0 + 60 + 3 * 60 + 1)] == [t0 + 60, t0 + 120, t0 + 180]
+
+
+def test_todays_counts_reset_at_local_midnight_but_occupancy_does_not() -> None:
+    f = Footfall(LocalDays("Europe/Berlin"))
+    evening = visit("late", at(23, 40), at(23, 50), "visitor")
+    f.update([chg("started", at(23, 41), evening)], at(23, 41))
+    f.update([chg("ended", at(23, 30), visit("p", at(23, 29), at(23, 29), "pass-by", at(23, 30)))], at(23, 31))
+    assert (f.snapshot()["visitors_today"], f.snapshot()["passbys_today"], f.snapshot()["day"]) == (1, 1, "2026-06-15")
+    # Berlin midnight is 22:00 UTC: the UTC date does not change, the local one does
+    f.update([], at(23, 59, 59))
+    assert f.snapshot()["day"] == "2026-06-15"
+    f.update([], at(0, 0, 0, day=16))
+    snap = f.snapshot()
+    assert (snap["day"], snap["visitors_today"], snap["passbys_today"], snap["occupancy"]) == ("2026-06-16", 0, 0, 1)
+    assert snap["entries_last_hour"] == 1  # the last hour reaches back over midnight
+
+
+def test_a_change_from_before_midnight_reported_after_it_does_not_wipe_today() -> None:
+    # The tracker reports an end a timeout after the last sighting, so a pass-by last seen at 23:59:50
+    # arrives at 00:00:50: that must not send the counters back to yesterday and wipe today's.
+    f = Footfall(LocalDays("Europe/Berlin"))
+    f.update([], at(23, 59, 0))
+    morning = visit("early", at(0, 0, 5, day=16), at(0, 0, 30, day=16), "visitor")
+    out = f.update([chg("started", at(0, 0, 30, day=16), morning)], at(0, 0, 30, day=16))
+    late = visit("p", at(23, 59, 40), at(23, 59, 40), "pass-by", at(23, 59, 50))
+    out += f.update([chg("ended", at(23, 59, 50), late)], at(0, 0, 50, day=16))
+    out += f.update([], at(0, 1, 0, day=16))
+    snap = f.snapshot()
+    assert (snap["day"], snap["visitors_today"]) == ("2026-06-16", 1)
+    # counted when it became known, like the minute aggregates: today's totals equal today's minutes
+    todays = [m for m in out if m["minute"] >= at(0, 0, 0, day=16)]
+    assert snap["passbys_today"] == sum(m["passbys"] for m in todays) == 1
+    assert snap["visitors_today"] == sum(m["entries"] for m in todays)
+
+
+def test_staff_are_counted_apart_and_never_in_occupancy_or_entries() -> None:
+    f = Footfall(LocalDays("UTC"))
+    t0 = 1_764_000_000.0
+    s = visit("s", t0, t0 + 300, "staff")
+    f.update([chg("started", t0 + 45, s)], t0 + 45)
+    out = f.update([chg("ended", t0 + 300, visit("s", t0, t0 + 300, "staff", t0 + 300))], t0 + 360)
+    assert sum(m["entries"] + m["exits"] + m["occupancy"] + m["passbys"] for m in out) == 0
+    snap = f.snapshot()
+    assert (snap["staff_today"], snap["visitors_today"], snap["occupancy"], snap["entries_last_hour"]) == (1, 0, 0, 0)
+
+
+def test_an_end_without_a_start_seen_is_not_an_exit() -> None:
+    # After a restart the footfall counts start empty: a visit that started before it must not drive
+    # occupancy negative or count an exit.
+    f = Footfall(LocalDays("UTC"))
+    t0 = 1_764_000_000.0
+    out = f.update([chg("ended", t0 + 10, visit("old", t0 - 600, t0, "visitor", t0 + 10))], t0 + 70)
+    assert sum(m["exits"] for m in out) == 0 and f.snapshot()["occupancy"] == 0
