@@ -1,0 +1,296 @@
+"""The footfall page in a real browser: Debian's Chromium driven by Playwright, against the real product.
+
+The gateway is `visita run --sim` in a subprocess (the simulated store at 60x, no broker); the page is
+read the way a person reads it, through its data-testid elements, and compared with the JSON API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import VISITA, free_port
+from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+MAC = re.compile(r"(?i)\b(?:[0-9a-f]{2}[:-]){5}[0-9a-f]{2}\b")
+DWELL = re.compile(r"^(\d+ s|\d+ min \d+ s|\d+ h \d+ min)$")
+
+# Everything the page shows, read in one go so that no redraw can fall between two figures.
+READ_PAGE = """() => {
+  const text = (id) => document.querySelector(`[data-testid="${id}"]`).textContent.trim();
+  return {
+    as_of: Number(document.querySelector('[data-testid="as-of"]').dataset.ts),
+    occupancy: text("occupancy"),
+    entries_last_hour: text("entries-last-hour"),
+    visitors_today: text("visitors-today"),
+    passbys_today: text("passbys-today"),
+    zones: [...document.querySelectorAll('[data-testid="zones"] [data-zone]')].map((li) => ({
+      id: li.dataset.zone,
+      name: li.querySelector(".zone-name").textContent,
+      count: li.querySelector(".zone-count").textContent,
+    })),
+  };
+}"""
+
+
+def number(shown: str) -> int:
+    """A figure as the page shows it ("1,234") as an int; fails on a placeholder."""
+    assert re.fullmatch(r"\d[\d,.\u202f\u00a0 ]*", shown), f"not a number: {shown!r}"
+    return int(re.sub(r"\D", "", shown))
+
+
+@dataclass
+class Product:
+    """`visita run --sim` on a free port, and what it printed."""
+
+    proc: subprocess.Popen[bytes]
+    base: str
+    log: Path
+
+    def get(self, path: str) -> Any:
+        """GET from the running gateway; the decoded JSON."""
+        with urllib.request.urlopen(self.base + path, timeout=5) as r:
+            return json.load(r)
+
+    def stop(self) -> int:
+        """SIGTERM, as systemd stops it; the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(15)
+
+
+@pytest.fixture
+def product(tmp_path: Path) -> Iterator[Product]:
+    """The real gateway over the simulated store, answering /healthz."""
+    port = free_port()
+    log = tmp_path / "visita.log"
+    args = [*VISITA, "run", "--sim", "--speed", "60", "--mqtt", "off", "--dashboard", f"127.0.0.1:{port}"]
+    with open(log, "wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen([*args, "--data-dir", str(tmp_path / "data")], stdout=out, stderr=out)
+    p = Product(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"visita run exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+            try:
+                health = p.get("/healthz")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"visita run did not answer /healthz within 20 s:\n{log.read_text()[-2000:]}")
+                time.sleep(0.1)
+        assert set(health) == {"status", "store", "gateway", "version"} and health["status"] == "ok"
+        yield p
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, headless; fails (never skips) when it is not installed."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
+            "scripts/test.sh installs it"
+        )
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@dataclass
+class Watch:
+    """What a page did: every request it made, console errors, uncaught exceptions."""
+
+    requests: list[str] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+
+    def attach(self, page: Page) -> None:
+        def on_request(r: Request) -> None:
+            self.requests.append(r.url)
+
+        def on_console(m: ConsoleMessage) -> None:
+            if m.type == "error":
+                self.console_errors.append(m.text)
+
+        page.on("request", on_request)
+        page.on("console", on_console)
+        page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+
+    def external(self) -> list[str]:
+        """Requests to anything but the gateway on the loopback (data: URLs are not requests out)."""
+        return [u for u in self.requests if urlsplit(u).scheme != "data" and urlsplit(u).hostname not in LOCAL_HOSTS]
+
+
+def open_page(browser: Browser, product: Product, **context: Any) -> tuple[Page, Watch]:
+    page = browser.new_page(**context)
+    watch = Watch()
+    watch.attach(page)
+    page.goto(product.base + "/")
+    return page, watch
+
+
+def shown_footfall(page: Page) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A footfall response the page received and what the page showed for it."""
+    for _ in range(5):
+        with page.expect_response(lambda r: urlsplit(r.url).path == "/api/v1/footfall", timeout=10_000) as info:
+            pass
+        body: dict[str, Any] = info.value.json()
+        page.wait_for_function(
+            "ts => Number(document.querySelector('[data-testid=\"as-of\"]').dataset.ts) >= ts",
+            arg=body["as_of"],
+            timeout=5_000,
+        )
+        shown: dict[str, Any] = page.evaluate(READ_PAGE)
+        if shown["as_of"] == body["as_of"]:
+            return body, shown
+    pytest.fail("the page never showed the footfall response it had just received")
+
+
+def test_page_shows_the_live_figures_of_the_api(browser: Browser, product: Product) -> None:
+    page, watch = open_page(browser, product, viewport={"width": 1280, "height": 800})
+    conn = page.get_by_test_id("conn-state")
+    expect(conn).to_have_attribute("data-state", "ok", timeout=10_000)
+    expect(conn).to_have_text("Live")
+    expect(page.locator("main")).not_to_have_class(re.compile(r"\bstale\b"))
+
+    # Wait for the simulated store to have had visitors, then compare figure by figure.
+    deadline = time.monotonic() + 15
+    while True:
+        body, shown = shown_footfall(page)
+        if body["visitors_today"] > 0 or time.monotonic() > deadline:
+            break
+    assert body["visitors_today"] > 0, "no visitor within 15 s at 60x"
+    for key in ("occupancy", "entries_last_hour", "visitors_today", "passbys_today"):
+        assert number(shown[key]) == body[key], (key, shown[key], body[key])
+    assert shown["zones"] == [{"id": z["id"], "name": z["name"], "count": str(z["visitors"])} for z in body["zones"]]
+    # The API asked directly afterwards has moved on from what the page showed, never back.
+    later = product.get("/api/v1/footfall")
+    assert later["as_of"] >= body["as_of"] and later["visitors_today"] >= body["visitors_today"]
+    expect(page.get_by_test_id("as-of")).to_have_text(re.compile(r"^\d\d:\d\d:\d\d$"))
+
+    # Recent visits: rows appear, read as a person would, and change within a few polls.
+    rows = page.get_by_test_id("visit-row")
+    expect(rows.first).to_be_visible(timeout=10_000)
+    assert 0 < rows.count() <= 30
+    first = page.get_by_test_id("visits").inner_text()
+    deadline = time.monotonic() + 8  # four polls
+    while page.get_by_test_id("visits").inner_text() == first:
+        assert time.monotonic() < deadline, "the visits list did not change within four polls"
+        time.sleep(0.25)
+    cells = page.evaluate(
+        """() => [...document.querySelectorAll('[data-testid="visit-row"]')].map((tr) =>
+             ({id: tr.dataset.visit, cells: [...tr.cells].map((td) => td.textContent.trim())}))"""
+    )
+    known = {v["visit_id"][:6] for v in product.get("/api/v1/visits?limit=500")}
+    for row in cells:
+        started, short_id, who, dwell, path, status = row["cells"]
+        assert re.fullmatch(r"\d\d:\d\d", started), row
+        assert short_id == f"#{row['id']}" and re.fullmatch(r"#[0-9a-f]{6}", short_id), row
+        assert row["id"] in known, f"row {short_id} is not a visit the API knows"
+        assert who in ("Member", "Anonymous"), row
+        assert DWELL.match(dwell), row
+        stops = re.sub(r" · \d+ stops$", "", path).split(" → ")
+        assert stops and set(stops) <= {z["name"] for z in body["zones"]} | {"…"}, row
+        assert status.startswith(("inside", "left")), row
+
+    # Nothing identifying on the page, nothing fetched from anywhere but the gateway, no errors.
+    html = page.content()
+    assert "anon:" not in html and "member:" not in html and not MAC.search(html)
+    assert watch.requests and not watch.external(), watch.external()
+    assert not watch.console_errors, watch.console_errors
+    assert not watch.page_errors, watch.page_errors
+    page.close()
+
+
+def test_page_goes_offline_keeps_greyed_figures_and_recovers(browser: Browser, product: Product) -> None:
+    page, watch = open_page(browser, product)
+    conn = page.get_by_test_id("conn-state")
+    main = page.locator("main")
+    expect(conn).to_have_attribute("data-state", "ok", timeout=10_000)
+    expect(page.get_by_test_id("visit-row").first).to_be_visible(timeout=10_000)
+
+    # A hung gateway (stopped, its socket still accepting): the page's request timeout turns it offline.
+    os.kill(product.proc.pid, signal.SIGSTOP)
+    expect(conn).to_have_attribute("data-state", "offline", timeout=9_000)
+    expect(conn).to_contain_text("Offline since")
+    expect(main).to_have_class(re.compile(r"\bstale\b"))
+    figures = page.evaluate(READ_PAGE)
+    number(figures["occupancy"])  # the last figures stay on screen, greyed, not blanked
+    assert page.get_by_test_id("visit-row").count() > 0
+    opacity = page.eval_on_selector('[data-testid="occupancy"]', "e => getComputedStyle(e.closest('p')).opacity")
+    assert float(opacity) < 0.6
+
+    # It answers again: the page recovers on its own.
+    os.kill(product.proc.pid, signal.SIGCONT)
+    expect(conn).to_have_attribute("data-state", "ok", timeout=10_000)
+    expect(main).not_to_have_class(re.compile(r"\bstale\b"))
+    assert not watch.console_errors, watch.console_errors
+
+    # Stopped for good (SIGTERM, as systemd stops it): offline, last figures kept.
+    assert product.stop() == 0, product.log.read_text()[-2000:]
+    expect(conn).to_have_attribute("data-state", "offline", timeout=6_000)
+    expect(conn).to_contain_text(re.compile(r"Offline since \d\d:\d\d:\d\d"))
+    expect(main).to_have_class(re.compile(r"\bstale\b"))
+    number(page.evaluate(READ_PAGE)["visitors_today"])
+    # Refused connections are logged by Chromium itself; anything else is an error of the page.
+    assert all("ERR_CONNECTION_REFUSED" in m or "Failed to load resource" in m for m in watch.console_errors)
+    assert not watch.page_errors, watch.page_errors
+    assert not watch.external(), watch.external()
+    page.close()
+
+
+@pytest.mark.parametrize(("width", "height", "scheme"), [(390, 844, "light"), (800, 1280, "dark"), (1280, 800, "dark")])
+def test_page_fits_phones_and_tablets_in_light_and_dark(
+    browser: Browser, product: Product, width: int, height: int, scheme: str
+) -> None:
+    page, watch = open_page(browser, product, viewport={"width": width, "height": height}, color_scheme=scheme)
+    expect(page.get_by_test_id("conn-state")).to_have_attribute("data-state", "ok", timeout=10_000)
+    expect(page.get_by_test_id("visit-row").first).to_be_visible(timeout=10_000)
+    assert page.evaluate("document.documentElement.scrollWidth") <= width, "no sideways scrolling"
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    r, g, b = (int(c) for c in re.findall(r"\d+", background)[:3])
+    assert (r + g + b < 150) == (scheme == "dark"), background
+    # Every figure has a visible label a screen reader reads with it.
+    for testid in ("occupancy", "entries-last-hour"):
+        label = page.get_by_test_id(testid).locator("xpath=ancestor::article").get_attribute("aria-labelledby")
+        assert label and page.locator(f"#{label}").inner_text().strip()
+    assert page.get_by_role("status").get_attribute("aria-live") == "polite"
+    assert not watch.console_errors and not watch.page_errors and not watch.external()
+    page.close()
