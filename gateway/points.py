@@ -138,24 +138,30 @@ class PointsEngine:
 
     def evaluate(self, changes: Sequence[VisitChange]) -> list[Award]:
         """Awards earned by these changes that were not granted before."""
+        return [a for c in changes for a in self._grant(c.kind, c.ts, c.visit)]
+
+    def evaluate_open(self, visits: Iterable[Visit], now: float) -> list[Award]:
+        """Awards open visits have earned by `now` (a visit rule's dwell reached while the shopper is
+        still in one zone), so members see their points before they leave, not one timeout after."""
+        return [a for v in visits if v.member is not None for a in self._grant("open", now, v)]
+
+    def _grant(self, kind: str, ts: float, visit: Visit) -> list[Award]:
+        member = visit.member
+        if member is None or visit.classification != "visitor":
+            return []
         out: list[Award] = []
-        for change in changes:
-            visit = change.visit
-            member = visit.member
-            if member is None or visit.classification != "visitor":
+        day = self._days.day(visit.started)
+        for rule in self._rules:
+            got = self._fires(rule, kind, visit)
+            if got is None:
                 continue
-            day = self._days.day(visit.started)
-            for rule in self._rules:
-                got = self._fires(rule, change.kind, visit)
-                if got is None:
-                    continue
-                points, reason = got
-                aid = award_id(member, visit.visit_id, rule.id)
-                if aid in self._granted or self._per_day.get((member, rule.id, day), 0) >= rule.per_day:
-                    continue
-                award = Award(aid, member, rule.id, points, visit.visit_id, change.ts, day, reason)
-                self._record(award)
-                out.append(award)
+            points, reason = got
+            aid = award_id(member, visit.visit_id, rule.id)
+            if aid in self._granted or self._per_day.get((member, rule.id, day), 0) >= rule.per_day:
+                continue
+            award = Award(aid, member, rule.id, points, visit.visit_id, ts, day, reason)
+            self._record(award)
+            out.append(award)
         return out
 
     @staticmethod

@@ -117,7 +117,7 @@ class Gateway:
         self.adverts += len(adverts)
         sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
         changes = self.tracker.update(self.estimator.update(sightings), now)
-        awards = self.points.evaluate(changes)
+        awards = self.points.evaluate(changes) + self.points.evaluate_open(self.tracker.open_visits(), now)
         minutes = self.footfall.update(changes, now)
         events = [e for c in changes if (e := self.events.from_change(c)) is not None]
         events += [self.events.from_award(a) for a in awards]

@@ -75,6 +75,17 @@ def test_visit_rule_fires_once_the_visit_has_lasted_min_dwell() -> None:
     assert e.evaluate([change("ended", visit("v1", NOON, 400, ended=True))]) == []  # never twice for one visit
 
 
+def test_open_visits_earn_while_the_shopper_stays_in_one_zone() -> None:
+    # No change is reported while a shopper stays put; points must still come before they leave.
+    e = engine(rules(VISIT_RULE, BONUS_RULE))
+    anon = visit("v2", NOON, 300, subject="anon:0123456789abcdef")
+    assert e.evaluate_open([visit("v1", NOON, 100), anon], NOON + 100) == []
+    (a,) = e.evaluate_open([visit("v1", NOON, 130), anon], NOON + 130)
+    assert (a.rule, a.points, a.visit_id, a.ts) == ("visit", 10, "v1", NOON + 130)
+    assert e.evaluate_open([visit("v1", NOON, 1300)], NOON + 1300) == [], "a dwell bonus waits for the end"
+    assert e.evaluate([change("ended", visit("v1", NOON, 1300, ended=True))])[0].rule == "dwell-bonus"
+
+
 def test_visit_rule_without_min_dwell_fires_at_start() -> None:
     e = engine(rules({"id": "hello", "kind": "visit", "points": 1}))
     (a,) = e.evaluate([change("started", visit("v1", NOON, 45))])
