@@ -174,7 +174,7 @@ class EstimateConfig(Strict):
         default=-90.0,
         ge=-120,
         le=0,
-        description="Best smoothed RSSI below this puts the subject in the nearest outside zone, dBm.",
+        description="Best smoothed RSSI below this puts the subject outside (in the plan's first outside zone), dBm.",
     )
 
 
