@@ -86,7 +86,6 @@ async function getJSON(url) {
 
 // ------------------------------------------------------------------ connection state
 
-let lastOk = null; // wall-clock ms of the last successful refresh
 let downSince = null; // wall-clock ms of the first failure in a row
 let lastAsOf = null; // the data time shown
 let asOfMovedAt = null; // wall-clock ms when the data time last moved
@@ -237,7 +236,6 @@ async function refresh() {
     renderFootfall(footfall);
     renderVisits(visits, footfall.zones);
     const now = Date.now();
-    lastOk = now;
     downSince = null;
     if (footfall.as_of !== lastAsOf) {
       lastAsOf = footfall.as_of;
@@ -254,10 +252,9 @@ async function refresh() {
     downSince = downSince ?? Date.now();
     const since = wallClock(downSince);
     if (err instanceof HttpError) {
-      setConn("error", `Gateway error since ${since} (${err.message}) · showing the last figures`);
+      setConn("error", `Gateway error (${err.message}) since ${since}`);
     } else {
-      const last = lastOk === null ? "never reached" : `last contact ${wallClock(lastOk)}`;
-      setConn("offline", `Offline since ${since} · gateway not answering (${last})`);
+      setConn("offline", `Offline since ${since} · gateway not answering`);
     }
   } finally {
     setTimeout(refresh, REFRESH_MS);
