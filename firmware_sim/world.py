@@ -577,6 +577,10 @@ class World:
         self.finished.clear()
         return out
 
+    def beacon_address(self, i: int) -> int:
+        """Address id of beacon `i` (scenario order)."""
+        return self._beacons[i].address
+
     def zones_of(self, p: Person, until: float) -> list[list[Any]]:
         """Ground-truth zone runs of a person up to `until`."""
         return zone_intervals(p, until, self.zone_polys, self.zone_ids)

@@ -36,6 +36,16 @@ def _speed(text: str) -> float:
     return value
 
 
+def _step(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds; use e.g. 0.5 or 1") from None
+    if not 0.01 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0.01..60 seconds")
+    return value
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -101,6 +111,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log detail")
 
+    sim = sub.add_parser(
+        "sim",
+        help="simulate a store: write an advert log and the ground truth",
+        description="Play a scenario (docs/scenarios.md) and write the receivers' adverts as an advert log "
+        "(docs/advert-log.md) and what really happened as ground truth; prints a summary line.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sim.add_argument("scenario", metavar="SCENARIO", help="a shipped scenario's name or a scenario file")
+    sim.add_argument("--seed", type=int, default=1, metavar="N", help="random seed (default: 1)")
+    sim.add_argument("--duration", type=_duration, default=3600.0, metavar="DURATION", help="e.g. 2h (default: 1h)")
+    sim.add_argument(
+        "--start", metavar="TIME", help="ISO date and time to start at (default: the scenario's start, local time)"
+    )
+    sim.add_argument("--out", type=Path, metavar="DIR", help="write adverts.vlog.gz and truth.jsonl here")
+    sim.add_argument("--speed", type=_speed, metavar="X", help="pace at X times real time (default: full speed)")
+    sim.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    sim.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log detail")
+
+    replay = sub.add_parser(
+        "replay",
+        help="feed a recorded advert log through the pipeline",
+        description="Replay an advert log (docs/advert-log.md) through decode, identify, estimate, visits and "
+        "points, as fast as it goes or at --speed X; the store plan and member keys come from the log's "
+        "scenario unless --config is given.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_argument("log", type=Path, metavar="LOG", help="an advert log, e.g. DIR/adverts.vlog.gz")
+    replay.add_argument("--speed", type=_speed, metavar="X", help="pace at X times real time (default: full speed)")
+    replay.add_argument(
+        "--step",
+        type=_step,
+        default=1.0,
+        metavar="SECONDS",
+        help="at full speed, data time per pipeline tick (default: 1; the live gateway ticks every 0.1 s of wall time)",
+    )
+    replay.add_argument("--config", type=Path, metavar="FILE", help="config file (default: the log's scenario's plan)")
+    replay.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the store here (default: a temporary one)")
+    replay.add_argument("--mqtt", type=_mqtt, default="off", metavar="URL|off", help="broker URL (default: off)")
+    replay.add_argument("--dashboard", type=_listen, default="off", metavar="HOST:PORT|off", help="(default: off)")
+    replay.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log detail")
+
     cfg = sub.add_parser("config", help="check a config file", description="Config file tools.")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     check = cfg_sub.add_parser(
@@ -137,7 +190,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """visita run."""
-    from firmware_sim.scenario import load_scenario
+    from firmware_sim.scenario import load_scenario, scenario_plan
     from firmware_sim.world import World
     from gateway.identity import MemberDirectory
     from gateway.runtime import Clock, RunOptions, StartupError, run
@@ -149,6 +202,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.sim:
         raise UsageError("no radio source yet: pass --sim to run against the built-in store simulator")
     scenario = load_scenario(args.scenario)
+    if args.config is None:  # no config: the plan is the scenario's own (for `default`, the built-in plan)
+        settings = settings.model_copy(update={"plan": scenario_plan(scenario)})
     plan_rx = {r.id for r in settings.plan.receivers}
     missing = [r.id for r in scenario.receivers if r.id not in plan_rx]
     if missing:
@@ -175,6 +230,121 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
+def _span(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    """visita sim SCENARIO: simulate, write the advert log and the ground truth, print the summary."""
+    import time
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from firmware_sim.record import record
+    from firmware_sim.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    start = scenario.start_ts()
+    if args.start:
+        try:
+            when = datetime.fromisoformat(args.start)
+        except ValueError:
+            raise UsageError(f"--start {args.start!r}: use an ISO date and time such as 2025-03-03T08:00") from None
+        start = (when if when.tzinfo else when.replace(tzinfo=ZoneInfo(scenario.timezone))).timestamp()
+    last = [time.monotonic()]
+
+    def progress(done: float, adverts: int) -> None:
+        if time.monotonic() - last[0] >= 5:
+            last[0] = time.monotonic()
+            print(f"visita sim: {done:4.0%} of {_span(args.duration)}, {adverts:,} adverts", file=sys.stderr)
+
+    try:
+        rec = record(scenario, args.seed, start, args.duration, args.out, args.speed, progress)
+    except OSError as e:
+        print(f"visita sim: cannot write to {args.out}: {e.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    s = rec.summary
+    if args.json:
+        files = {"log": str(rec.log or ""), "truth": str(rec.truth or "")}
+        print(json.dumps({**s, "wall_s": round(rec.wall_s, 3), **files}))
+        return EXIT_OK
+    per_rx = ", ".join(f"{k} {v:,}" for k, v in s["per_receiver"].items())
+    print(
+        f"{s['scenario']} seed {s['seed']}: {_span(s['duration_s'])} from {s['start_utc']} simulated in "
+        f"{rec.wall_s:.1f} s · subjects {s['subjects']:,} ({s['people']:,} people, {s['beacons']} beacons) · "
+        f"visits {s['visits']:,} · pass-bys {s['pass_bys']:,} · staff {s['staff']} · adverts {s['adverts']:,} · "
+        f"per receiver: {per_rx}"
+    )
+    if rec.log is not None:
+        print(f"wrote {rec.log} ({rec.log.stat().st_size:,} bytes) and {rec.truth}")
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """visita replay LOG: feed a recorded advert log through the pipeline."""
+    import tempfile
+    import time
+
+    from firmware_sim.advlog import LogError
+    from firmware_sim.scenario import scenario_from_data, scenario_plan
+    from firmware_sim.world import member_keys
+    from gateway.identity import MemberDirectory
+    from gateway.runtime import Clock, RunOptions, StartupError, run
+    from gateway.store import StoreError
+    from sensors.replay import ReplaySource
+
+    settings = load_settings(args.config)
+    load_rules(Path(settings.points.rules) if settings.points.rules else None)
+    try:
+        source = ReplaySource(args.log)
+    except LogError as e:
+        print(f"visita replay: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    h = source.header
+    if args.config is None:
+        if not isinstance(h.get("scenario_data"), dict):
+            raise UsageError(f"{args.log} names no scenario: pass --config with the store's [plan]")
+        scenario = scenario_from_data(h["scenario_data"], f"{args.log}: embedded scenario")
+        settings = settings.model_copy(update={"plan": scenario_plan(scenario)})
+    members = MemberDirectory()
+    staff = [str(r) for r in h.get("staff", [])]
+    if "seed" in h and "members" in h:  # a simulated store's app users, as the backend would provision them
+        members.set_members(member_keys(int(h["seed"]), int(h["members"]), len(staff)))
+    span = source.end_ts - source.start_ts
+    clock = Clock(args.speed, start=source.start_ts) if args.speed else Clock(start=source.start_ts, step_s=args.step)
+    banner = [
+        f"Visita {__version__} · store {settings.store} · gateway {settings.gateway}",
+        f"  source     advert log {args.log} ({h.get('scenario', '?')}, seed {h.get('seed', '?')}, "
+        f"{_span(span)} from {h.get('start_utc', source.start_ts)}) "
+        + (f"at {args.speed:g}x" if args.speed else "as fast as it goes"),
+    ]
+    with tempfile.TemporaryDirectory(prefix="visita-replay-") as tmp:
+        opts = RunOptions(
+            data_dir=args.data_dir or Path(tmp),
+            mqtt=args.mqtt,
+            dashboard=args.dashboard,
+            until_s=span,
+            tick_s=0.1 if args.speed else 0.0,
+        )
+        wall0 = time.monotonic()
+        try:
+            code = asyncio.run(run(settings, opts, source, clock, members, staff, banner))
+        except (StartupError, StoreError) as e:
+            print(f"visita replay: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        wall = time.monotonic() - wall0
+    print(
+        f"replayed {source.delivered:,} adverts ({_span(span)} of data) in {wall:.1f} s "
+        f"({source.delivered / max(wall, 1e-9):,.0f} adverts/s)"
+        + ("" if args.data_dir else "; the store was temporary (pass --data-dir DIR to keep it)")
+    )
+    if source.error:
+        print(f"visita replay: {source.error}", file=sys.stderr)
+        return EXIT_FAILED
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `visita` console script."""
     parser = build_parser()
@@ -187,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "sim":
+            return cmd_sim(args)
+        if args.command == "replay":
+            return cmd_replay(args)
         return cmd_config_check(args)
     except ConfigError as e:
         for line in e.problems:

@@ -45,15 +45,22 @@ class StartupError(Exception):
 
 
 class Clock:
-    """Data time for a live radio (speed 1, now) or a simulation (any start, any speed)."""
+    """Data time for a live radio (speed 1, now), a simulation (any start, any speed), or a
+    replay driven by the data alone (`step_s`: each reading moves data time on by that much,
+    whatever the wall clock says, so a recorded log plays as fast as the pipeline goes)."""
 
-    def __init__(self, speed: float = 1.0, start: float | None = None) -> None:
+    def __init__(self, speed: float = 1.0, start: float | None = None, step_s: float | None = None) -> None:
         self.speed = speed
         self.start = time.time() if start is None else start
+        self.step_s = step_s
         self._t0 = time.monotonic()
+        self._ticks = 0
 
     def now(self) -> float:
         """Current data time, UNIX seconds."""
+        if self.step_s is not None:
+            self._ticks += 1
+            return self.start + self._ticks * self.step_s
         return self.start + (time.monotonic() - self._t0) * self.speed
 
 
