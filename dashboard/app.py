@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -149,7 +150,9 @@ class Status(BaseModel):
 class ValidationProblem(BaseModel):
     """A request the API cannot answer: `message` in one line, `detail` as FastAPI reports it."""
 
-    message: str = Field(description="What is wrong and the allowed values, e.g. 'limit = 900: must be 1..500'.")
+    message: str = Field(
+        description="What is wrong and what is allowed, e.g. 'limit = 900: must be a whole number from 1 to 500'."
+    )
     detail: list[dict[str, Any]] = Field(description="Every problem, with its location.")
 
 
@@ -189,7 +192,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [dict(e) for e in exc.errors()]
+        errors: list[dict[str, Any]] = jsonable_encoder(exc.errors())  # ctx may hold exceptions
         problem = ValidationProblem(message="; ".join(_problem_line(e) for e in errors), detail=errors)
         return JSONResponse(problem.model_dump(mode="json"), status_code=422)
 
