@@ -44,6 +44,7 @@ DeviceLost calls on advertisement monitors (only Activate is called).
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -51,11 +52,13 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import termios
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +106,7 @@ _BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Confi
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
   <type>system</type>
-  <listen>unix:dir={dir}</listen>
+  <listen>{listen}</listen>
   <auth>EXTERNAL</auth>
   <policy context="default">
     <allow user="*"/>
@@ -127,8 +130,10 @@ def dbus_daemon_binary() -> str | None:
 class BusDaemon:
     """A private `dbus-daemon` acting as a system bus; `address` is set once started."""
 
-    def __init__(self) -> None:
+    def __init__(self, socket_path: str | None = None) -> None:
         self.address = ""
+        self.socket_path = socket_path
+        """Listen on this socket (unix:path=...) instead of a fresh one in a temporary folder."""
         self._dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -142,7 +147,8 @@ class BusDaemon:
             )
         self._dir = tempfile.mkdtemp(prefix="visita-dbus-")
         config = Path(self._dir) / "system.conf"
-        config.write_text(_BUS_CONFIG.format(dir=self._dir))
+        listen = f"unix:path={self.socket_path}" if self.socket_path else f"unix:dir={self._dir}"
+        config.write_text(_BUS_CONFIG.format(listen=listen))
         self._proc = subprocess.Popen(
             [binary, f"--config-file={config}", "--nofork", "--nopidfile", "--print-address=1"],
             stdout=subprocess.PIPE,
@@ -507,6 +513,10 @@ class EmulatedBluez:
         self._sender = ""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self._outbox: deque[Message] = deque()
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._sock_fd = -1
+        self._send_limit = 0
         self.counts = {
             "delivered": 0,
             "signals": 0,
@@ -518,6 +528,7 @@ class EmulatedBluez:
             "devices_added": 0,
             "devices_removed": 0,
             "restarts": 0,
+            "backlog_max": 0,
         }
 
     # ------------------------------------------------------------------ life cycle
@@ -544,6 +555,8 @@ class EmulatedBluez:
             )
         )
         self._bus = bus
+        self._outbox.clear()
+        self._watch_socket(bus)
         self.adapters.clear()
         self._by_receiver.clear()
         for name in self._specs:
@@ -572,6 +585,10 @@ class EmulatedBluez:
                 self._unexport_adapter(name)
         self.adapters.clear()
         self._by_receiver.clear()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._outbox.clear()
         if self._bus is not None:
             self._bus.disconnect()
             self._bus = None
@@ -666,10 +683,56 @@ class EmulatedBluez:
 
     # ------------------------------------------------------------------ devices
 
+    def _send(self, msg: Message) -> None:
+        """Send a signal without ever filling the socket.
+
+        dbus-fast treats EAGAIN on a full socket as a fatal error and drops the connection
+        (python-dbus-next #153, still so in dbus-fast 5.2), and a flood or a busy daemon can
+        fill it. So signals wait in `_outbox` while the kernel's send queue is more than
+        half full, and are flushed from the event loop as it drains.
+        """
+        if self._outbox or not self._room():
+            self._outbox.append(msg)
+            self.counts["backlog_max"] = max(self.counts["backlog_max"], len(self._outbox))
+            if self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_later(0.001, self._flush)
+            return
+        assert self._bus is not None
+        self._bus.send(msg)
+
+    def _room(self) -> bool:
+        if self._sock_fd < 0:
+            return True
+        try:
+            queued = int.from_bytes(fcntl.ioctl(self._sock_fd, termios.TIOCOUTQ, b"\0\0\0\0"), sys.byteorder)
+        except OSError:
+            return True
+        return queued < self._send_limit
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self._bus is None:
+            self._outbox.clear()
+            return
+        while self._outbox and self._room():
+            self._bus.send(self._outbox.popleft())
+        if self._outbox:
+            self._flush_handle = asyncio.get_running_loop().call_later(0.001, self._flush)
+
+    def _watch_socket(self, bus: MessageBus) -> None:
+        # dbus-fast does not expose its socket; without it, sends are not paced.
+        sock = getattr(bus, "_sock", None)
+        self._sock_fd, self._send_limit = -1, 0
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            self._sock_fd = sock.fileno()
+            self._send_limit = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
+
     def _send_changed(self, path: str, changed: dict[str, Variant], invalidated: list[str]) -> None:
         if self._bus is None:
             return
-        self._bus.send(
+        self._send(
             Message.new_signal(path, PROPERTIES, "PropertiesChanged", "sa{sv}as", [DEVICE1, changed, invalidated])
         )
         self.counts["signals"] += 1
@@ -679,7 +742,7 @@ class EmulatedBluez:
             return
         self.counts["devices_removed"] += 1
         if self._bus is not None:
-            self._bus.send(Message.new_signal(path, OBJECT_MANAGER, "InterfacesRemoved", "oas", [path, [DEVICE1]]))
+            self._send(Message.new_signal(path, OBJECT_MANAGER, "InterfacesRemoved", "oas", [path, [DEVICE1]]))
 
     @staticmethod
     def _variants(props: dict[str, Any]) -> dict[str, Variant]:
@@ -756,7 +819,7 @@ class EmulatedBluez:
             adapter.devices[path] = _Device(path, props, now)
             self.counts["devices_added"] += 1
             assert self._bus is not None
-            self._bus.send(
+            self._send(
                 Message.new_signal(
                     path, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}", [path, {DEVICE1: self._variants(props)}]
                 )
@@ -1162,3 +1225,122 @@ async def play(
     summary = {**world.summary(), "bluez": {k: v for k, v in emu.counts.items()}}
     print("summary " + json.dumps(summary, separators=(",", ":")), file=out, flush=True)
     return summary
+
+
+# --------------------------------------------------------------------------- synthetic load
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """A steady synthetic load per adapter, for tests and benchmarks (no store, no people)."""
+
+    beacons: int = 3
+    """Fixed beacons heard by every adapter: iBeacon, Eddystone-UID and AltBeacon in turn."""
+    beacon_hz: float = 10.0
+    """Adverts per second of each beacon."""
+    phones: int = 0
+    """Phones (Apple Nearby Info frames, random addresses) heard by every adapter."""
+    phone_hz: float = 1.0
+    """Adverts per second of each phone."""
+
+
+def load_transmitters(load: Load, seed: int = 7) -> list[tuple[str, bool, dict[int, bytes], dict[str, bytes], float]]:
+    """(address, random, manufacturer data, service data, adverts per second) for each transmitter of a load."""
+    rng = random.Random(seed)
+    out: list[tuple[str, bool, dict[int, bytes], dict[str, bytes], float]] = []
+    for i in range(load.beacons):
+        address = f"C0:FF:EE:00:{i // 256:02X}:{i % 256:02X}"
+        kind = i % 3
+        if kind == 0:
+            out.append(
+                (address, False, frames.ibeacon("e2c56db5-dffb-48d2-b060-d0f5a71096e0", 1, i, -59), {}, load.beacon_hz)
+            )
+        elif kind == 1:
+            out.append(
+                (address, False, {}, frames.eddystone_uid("a1b2c3d4e5f60718293a", f"{i:012x}", -18), load.beacon_hz)
+            )
+        else:
+            mfr = frames.altbeacon(0x0118, "7a3f0c55-1e0b-4c9a-9a51-3cbd2f4e8d10", 7, i, -59)
+            out.append((address, False, mfr, {}, load.beacon_hz))
+    for _ in range(load.phones):
+        b = bytearray(rng.randbytes(6))
+        b[0] = (b[0] & 0x3F) | 0x40
+        out.append((":".join(f"{x:02X}" for x in b), True, frames.apple_nearby_info(), {}, load.phone_hz))
+    return out
+
+
+async def run_load(emu: EmulatedBluez, load: Load, stop: asyncio.Event, tick_s: float = 0.01) -> None:
+    """Play `load` through every adapter of `emu` until `stop` is set (RSSI jitters, so most adverts signal)."""
+    tx = load_transmitters(load)
+    rng = random.Random(11)
+    phase = [rng.random() for _ in tx]
+    start = emu.clock()
+    sent = [0] * len(tx)
+    receivers = [s.receiver for s in emu._specs.values()]
+    while not stop.is_set():
+        now = emu.clock()
+        batch: list[Advert] = []
+        for i, (address, rand, mfr, svc, hz) in enumerate(tx):
+            due = int((now - start) * hz + phase[i])
+            for _ in range(due - sent[i]):
+                for receiver in receivers:
+                    batch.append(Advert(now, receiver, address, rand, -55 - rng.randrange(20), None, mfr, svc))
+            sent[i] = due
+        emu.deliver(batch)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), tick_s)
+
+
+async def serve(specs: Sequence[AdapterSpec], load: Load, speed: float = 1.0, out: TextIO = sys.stdout) -> None:
+    """`python -m firmware_sim.bluez`: a private bus and an emulated BlueZ playing a synthetic load until stopped."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    daemon = BusDaemon()
+    await asyncio.to_thread(daemon.start)
+    clock = PlayClock(time.time(), speed)
+    emu = EmulatedBluez(daemon.address, specs, clock=clock.now, speed=speed)
+    try:
+        await emu.start()
+        print(f"DBUS_SYSTEM_BUS_ADDRESS={daemon.address}", file=out, flush=True)
+        await run_load(emu, load, stop)
+    finally:
+        await emu.stop()
+        await asyncio.to_thread(daemon.stop)
+    print("stats " + json.dumps(emu.stats(), separators=(",", ":")), file=out, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of `python -m firmware_sim.bluez` (a development tool; `visita sim --bluez` plays stores)."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m firmware_sim.bluez",
+        description="An emulated BlueZ on a private D-Bus playing synthetic beacons and phones. "
+        "Prints DBUS_SYSTEM_BUS_ADDRESS=<address> first; test hooks: org.visita.BluezEmulator1.",
+    )
+    p.add_argument(
+        "--adapter", action="append", metavar="NAME=RECEIVER", help="adapter and its receiver id (repeatable)"
+    )
+    p.add_argument("--beacons", type=int, default=3, help="fixed beacons per adapter (default 3)")
+    p.add_argument("--beacon-hz", type=float, default=10.0, help="adverts per second per beacon (default 10)")
+    p.add_argument("--phones", type=int, default=0, help="phones per adapter (default 0)")
+    p.add_argument("--phone-hz", type=float, default=1.0, help="adverts per second per phone (default 1)")
+    p.add_argument("--speed", type=float, default=1.0, help="emulator time runs X times faster (default 1)")
+    args = p.parse_args(argv)
+    specs = []
+    for item in args.adapter or ["hci0=rx-1"]:
+        name, _, receiver = item.partition("=")
+        specs.append(AdapterSpec(name, receiver or name))
+    load = Load(args.beacons, args.beacon_hz, args.phones, args.phone_hz)
+    try:
+        asyncio.run(serve(specs, load, args.speed))
+    except BluezEmulatorError as e:
+        print(f"firmware_sim.bluez: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -215,6 +215,7 @@ class BleSource:
         for r in self._radios:
             await self._drop_scanner(r)
             r.state = "stopped"
+        await self._renew_bleak(reconnect=False)
         if self._bus is not None:
             self._bus.disconnect()
             self._bus = None
@@ -377,7 +378,8 @@ class BleSource:
                     "check `rfkill list` and `rfkill unblock bluetooth`; retrying",
                 )
             else:
-                self._radio_problem(r, "off", f"adapter {r.name} was powered off; powered it on")
+                if r.problem != "blocked":  # unblocked: the "scanning again" line tells the rest
+                    self._radio_problem(r, "off", f"adapter {r.name} was powered off; powered it on")
                 self._wake.set()
             return
         if r.scanner is None:
@@ -504,19 +506,26 @@ class BleSource:
             seen.clear()
             r.bleak_cache_trims += 1
 
-    async def _renew_bleak(self) -> None:
-        """Give bleak a fresh connection, so its object cache holds only the new bluetoothd's objects."""
-        from bleak.backends.bluezdbus.manager import get_global_bluez_manager
+    async def _renew_bleak(self, reconnect: bool = True) -> None:
+        """Give bleak a fresh connection (its object cache then holds only the new bluetoothd's
+        objects), or with `reconnect` false just close it (on stop)."""
+        from bleak.backends.bluezdbus import manager as bluez_manager
 
+        # bleak has no public way to drop its connection and object cache: it keeps one
+        # manager per event loop, whose bus it renews by itself once that bus is closed.
         manager_log = logging.getLogger("bleak.backends.bluezdbus.manager")
         level = manager_log.level
         manager_log.setLevel(logging.ERROR)  # its "connection lost" warning: we cut it on purpose
         try:
-            manager = await asyncio.wait_for(get_global_bluez_manager(), self.options.call_timeout_s)
+            manager = bluez_manager._global_instances.get(asyncio.get_running_loop())
             bus = getattr(manager, "_bus", None)
             if isinstance(bus, MessageBus) and bus.connected:
                 bus.disconnect()
-                await asyncio.wait_for(get_global_bluez_manager(), self.options.call_timeout_s)
+                watcher = getattr(manager, "_bus_watcher_task", None)
+                if isinstance(watcher, asyncio.Task):
+                    await asyncio.wait({watcher}, timeout=self.options.call_timeout_s)
+            if reconnect:
+                await asyncio.wait_for(bluez_manager.get_global_bluez_manager(), self.options.call_timeout_s)
         except asyncio.CancelledError:
             raise
         except Exception as e:
