@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from firmware_sim.geometry import as_polygon, points_in_polygon, zone_index
+from firmware_sim.geometry import as_polygon, zone_index
 from firmware_sim.scenario import Scenario
 
 F64 = npt.NDArray[np.float64]
@@ -109,6 +109,20 @@ class Person:
     def position(self, t: F64) -> tuple[F64, F64]:
         """Positions at times `t` (clamped to the track)."""
         return np.interp(t, self.kt, self.kx), np.interp(t, self.kt, self.ky)
+
+
+def _edge_list(polygon: Sequence[tuple[float, float]]) -> list[tuple[float, float, float, float]]:
+    n = len(polygon)
+    return [(*polygon[i], *polygon[(i + 1) % n]) for i in range(n) if polygon[i][1] != polygon[(i + 1) % n][1]]
+
+
+def _inside(x: float, y: float, edges: list[tuple[float, float, float, float]]) -> bool:
+    """Scalar ray casting, the same rule as geometry.points_in_polygon (faster for one point)."""
+    hit = False
+    for x1, y1, x2, y2 in edges:
+        if (y1 > y) != (y2 > y) and x < (x2 - x1) * (y - y1) / (y2 - y1) + x1:
+            hit = not hit
+    return hit
 
 
 class _Track:
@@ -200,6 +214,7 @@ class Mover:
         self.rng = rng
         self.pop = scenario.population
         self.polys = {z.id: as_polygon(z.polygon) for z in scenario.zones}
+        self._edges = {z.id: _edge_list(z.polygon) for z in scenario.zones}
         self.inside = scenario.inside_zones()
         self.side = _Polyline(scenario.sidewalk.points)
         entrance_zones = {scenario.zone_of(e.inside) for e in scenario.entrances}
@@ -217,16 +232,16 @@ class Mover:
     def point_in(self, zone: str, near: tuple[float, float] | None = None) -> tuple[float, float]:
         """A random point in a zone (within BROWSE_RADIUS_M of `near` when possible)."""
         poly = self.polys[zone]
+        edges = self._edges[zone]
         lo, hi = poly.min(axis=0), poly.max(axis=0)
         for attempt in range(8):
             if near is not None and attempt < 4:
-                c = np.asarray(near) + self.rng.uniform(-BROWSE_RADIUS_M, BROWSE_RADIUS_M, (32, 2))
+                c = np.asarray(near) + self.rng.uniform(-BROWSE_RADIUS_M, BROWSE_RADIUS_M, (16, 2))
             else:
-                c = self.rng.uniform(lo, hi, (32, 2))
-            ok = points_in_polygon(c[:, 0], c[:, 1], poly)
-            if ok.any():
-                x, y = c[int(np.argmax(ok))]
-                return float(x), float(y)
+                c = self.rng.uniform(lo, hi, (16, 2))
+            for x, y in c.tolist():
+                if _inside(x, y, edges):
+                    return x, y
         centre = poly.mean(axis=0)
         return float(centre[0]), float(centre[1])
 

@@ -11,7 +11,7 @@ from typing import Any
 from firmware_sim.advlog import Content, LogWriter
 from firmware_sim.people import Person
 from firmware_sim.scenario import Scenario
-from firmware_sim.truth import TruthWriter
+from firmware_sim.truth import TruthWriter, quick_label
 from firmware_sim.world import BLOCK_S, World
 from gateway import __version__
 from gateway.model import rfc3339
@@ -53,12 +53,6 @@ def log_header(world: World, end: float) -> dict[str, Any]:
     }
 
 
-def _label(p: Person) -> str:
-    # Shoppers' tracks always go in through a door and pedestrians' never do (the truth file
-    # derives the same from the tracks, and tests hold the two together).
-    return {"shopper": "visit", "pedestrian": "pass-by", "staff": "staff"}[p.kind]
-
-
 def record(
     scenario: Scenario,
     seed: int,
@@ -86,7 +80,7 @@ def record(
     def leave(people: list[Person]) -> None:
         people = [p for p in people if p.t0 < end]
         for p in people:
-            labels[_label(p)] += 1
+            labels[quick_label(world, p, end)] += 1
         if truth is not None:
             truth.people(people)
 

@@ -313,7 +313,7 @@ def _beacon_problems(i: int, b: Beacon) -> list[str]:
             uuidlib.UUID(b.uuid)
         except ValueError:
             example = "'e2c56db5-dffb-48d2-b060-d0f5a71096e0'"
-            out.append(f"{key}.uuid = {b.uuid!r}: a {b.frame} needs a UUID such as {example}")
+            out.append(f"{key}.uuid = {b.uuid!r}: {b.frame} beacons need a UUID such as {example}")
     if b.frame == "eddystone-uid":
         for name, value, size in (("namespace", b.namespace, 10), ("instance", b.instance, 6)):
             try:
@@ -321,14 +321,14 @@ def _beacon_problems(i: int, b: Beacon) -> list[str]:
             except ValueError:
                 ok = False
             if not ok:
-                out.append(f"{key}.{name} = {value!r}: an eddystone-uid needs {2 * size} hex digits")
+                out.append(f"{key}.{name} = {value!r}: eddystone-uid beacons need {2 * size} hex digits")
     if b.frame == "eddystone-url":
         try:
             frames.eddystone_url(b.url, 0)
         except ValueError as e:
             out.append(f"{key}.url = {b.url!r}: {str(e).split(': ', 2)[-1]}")
     if b.tlm_every and not b.frame.startswith("eddystone"):
-        out.append(f"{key}.tlm_every = {b.tlm_every}: TLM frames are Eddystone's; use 0 for a {b.frame}")
+        out.append(f"{key}.tlm_every = {b.tlm_every}: TLM frames are Eddystone's; use 0 for {b.frame} beacons")
     return out
 
 
@@ -349,11 +349,13 @@ def check_scenario(s: Scenario) -> list[str]:
     points += [("sidewalk.points", s.sidewalk.points)]
     points += [(f"receivers[{i}].position", [r.position]) for i, r in enumerate(s.receivers)]
     points += [(f"beacons[{i}].position", [b.position]) for i, b in enumerate(s.beacons)]
-    for key, pts in points:
-        if any(not (math.isfinite(c) and abs(c) <= MAX_EXTENT_M) for p in pts for c in p):
-            problems.append(f"{key} = {_fmt(pts)}: coordinates must be finite metres within ±{MAX_EXTENT_M:g}")
-    if problems:
-        return problems
+    bad_points = [
+        f"{key} = {_fmt(pts)}: coordinates must be finite metres within ±{MAX_EXTENT_M:g}"
+        for key, pts in points
+        if any(not (math.isfinite(c) and abs(c) <= MAX_EXTENT_M) for p in pts for c in p)
+    ]
+    if bad_points:  # the geometry checks below need usable coordinates
+        return problems + bad_points
     for i, z in enumerate(s.zones):
         if polygon_area(as_polygon(z.polygon)) < 0.01:
             problems.append(

@@ -37,6 +37,19 @@ def _t(v: float) -> float | None:
     return None if math.isinf(v) else round(v, 3)
 
 
+def label(kind: str, entered: bool) -> str:
+    """The truth's label: staff, visit (was inside an inside zone) or pass-by (never was, so far)."""
+    return "staff" if kind == "staff" else ("visit" if entered else "pass-by")
+
+
+def quick_label(world: World, p: Person, end: float) -> str:
+    """`label` without writing the record: shoppers who finished always went in, pedestrians never do."""
+    if p.kind == "pedestrian" or (p.kind == "shopper" and p.t1 <= end):
+        return label(p.kind, p.kind == "shopper")
+    inside = set(world.scenario.inside_zones())
+    return label(p.kind, any(z[0] in inside for z in world.zones_of(p, end)))
+
+
 def person_record(world: World, p: Person, end: float) -> dict[str, Any]:
     """What really happened to one person up to `end`."""
     complete = p.t1 <= end
@@ -47,7 +60,6 @@ def person_record(world: World, p: Person, end: float) -> dict[str, Any]:
     if visit_zones:
         start, stop = visit_zones[0][1], visit_zones[-1][2]
         visit = {"start": start, "end": stop, "dwell_s": round(stop - start, 3), "zones": visit_zones}
-    label = "staff" if p.kind == "staff" else ("visit" if visit else "pass-by")
     t0 = math.ceil(p.t0)
     grid = np.arange(t0, math.floor(min(p.t1, end)) + 1, TRACK_STEP_S)
     x, y = p.position(grid)
@@ -55,7 +67,7 @@ def person_record(world: World, p: Person, end: float) -> dict[str, Any]:
         "type": "person",
         "pid": p.pid,
         "kind": p.kind,
-        "label": label,
+        "label": label(p.kind, visit is not None),
         "has_app": p.member is not None,
         "member": p.member,
         "member_index": p.member_index,

@@ -1,0 +1,168 @@
+"""The advert log and sensors/replay.py: exact round trips, damaged files, `visita sim` → `visita replay`."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import VISITA
+
+from firmware_sim.advlog import AdvertLog, Content, LogError, decode_content, encode_content
+from firmware_sim.record import LOG_NAME, TRUTH_NAME, record
+from firmware_sim.scenario import load_scenario
+from firmware_sim.truth import read_truth
+from firmware_sim.world import World
+from gateway.model import Advert
+from gateway.runtime import Clock
+from gateway.store import Store
+from sensors.replay import ReplaySource
+
+NOON = "2025-03-03T12:00:00"
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, float]:
+    """20 minutes of the demo store (seed 5), recorded: (log, start, end)."""
+    s = load_scenario("default")
+    out = tmp_path_factory.mktemp("rec")
+    rec = record(s, 5, s.start_ts(), 1200, out)
+    assert rec.log is not None
+    return rec.log, s.start_ts(), s.start_ts() + 1200
+
+
+def replay_all(path: Path, steps: list[float]) -> list[Advert]:
+    src = ReplaySource(path)
+    asyncio.run(src.start())
+    out: list[Advert] = []
+    for now in steps:
+        got = src.poll(now)
+        assert all(a.ts <= now for a in got)
+        out += got
+    asyncio.run(src.stop())
+    return out
+
+
+def test_replay_gives_back_exactly_what_the_world_heard(recorded: tuple[Path, float, float]) -> None:
+    log, start, end = recorded
+    world = World(load_scenario("default"), 5, start).advance(end)
+    steps = [start + 7.3 * k for k in range(1, int((end - start) / 7.3) + 2)]
+    replayed = replay_all(log, steps)
+    assert len(replayed) == len(world) > 100_000
+    assert replayed == world
+
+
+def test_the_log_is_compact_and_self_describing(recorded: tuple[Path, float, float]) -> None:
+    log, start, end = recorded
+    with AdvertLog(log) as f:
+        h = f.header
+        n = sum(len(c) for c in f.chunks())
+        assert f.complete
+    assert (h["format"], h["version"], h["scenario"], h["seed"]) == ("visita-advert-log", 1, "default", 5)
+    assert (h["start"], h["end"], h["start_ms"]) == (start, end, round(start * 1000))
+    assert h["receivers"] == [r.id for r in load_scenario("default").receivers]
+    assert h["scenario_data"]["name"] == "default"
+    assert log.stat().st_size / n < 6, "under 6 bytes per advert"
+    with gzip.open(log) as f:
+        first = f.readline()
+    assert json.loads(first)["format"] == "visita-advert-log", "the first line is plain JSON once unzipped"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        Content(),
+        Content({0x004C: b"\x02\x15" + bytes(21), 0xFFFF: b"V"}, {"0000feaa-0000-1000-8000-00805f9b34fb": b"\x20"}),
+        Content({}, {}, ("0000180f-0000-1000-8000-00805f9b34fb",), "Beacon ✓", -4),
+    ],
+)
+def test_payload_entries_round_trip(content: Content) -> None:
+    assert decode_content(encode_content(content)) == content
+
+
+def test_payload_entries_refuse_garbage() -> None:
+    for raw in (b"", b"\x01", b"\x01\x01\x4c\x00\x05ab", b"\x01\x09", b"\x00\x00"):
+        with pytest.raises(ValueError):
+            decode_content(raw)
+
+
+def test_damaged_logs_say_what_is_wrong(tmp_path: Path, recorded: tuple[Path, float, float]) -> None:
+    log, _, end = recorded
+    raw = gzip.decompress(log.read_bytes())
+    cut = tmp_path / "cut.vlog.gz"
+    cut.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    src = ReplaySource(cut)
+    asyncio.run(src.start())
+    got = src.poll(end)
+    asyncio.run(src.stop())
+    assert len(got) > 0 and src.finished
+    assert src.error is not None and "cut short after" in src.error and "no end frame" in src.error
+    assert src.diagnostics()["error"] == src.error
+
+    truncated_gzip = tmp_path / "truncated.vlog.gz"
+    truncated_gzip.write_bytes(log.read_bytes()[:-5000])
+    src = ReplaySource(truncated_gzip)
+    src.poll(end)
+    asyncio.run(src.stop())
+    assert src.error is not None and str(truncated_gzip) in src.error
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    with pytest.raises(LogError, match=r"notes.txt: not a Visita advert log \(no gzip-compressed JSON header line\)"):
+        AdvertLog(text)
+    newer = tmp_path / "newer.vlog.gz"
+    newer.write_bytes(gzip.compress(b'{"format": "visita-advert-log", "version": 2}\n'))
+    with pytest.raises(LogError, match="advert log version 2; this Visita reads version 1"):
+        AdvertLog(newer)
+    with pytest.raises(LogError, match="cannot be read"):
+        AdvertLog(tmp_path / "missing.vlog.gz")
+
+
+def test_the_data_driven_clock_moves_by_its_step_per_reading() -> None:
+    clock = Clock(start=100.0, step_s=2.5)
+    assert [clock.now(), clock.now(), clock.now()] == [102.5, 105.0, 107.5]
+    paced = Clock(speed=60, start=100.0)
+    assert 100.0 <= paced.now() < 101.0
+
+
+def test_visita_sim_writes_a_log_that_visita_replay_turns_into_visits(tmp_path: Path) -> None:
+    out, data = tmp_path / "out", tmp_path / "data"
+    args = ["small-shop", "--seed", "2", "--duration", "40m", "--start", NOON, "--out", str(out), "--json"]
+    sim = subprocess.run(
+        [*VISITA, "sim", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sim.returncode == 0, sim.stderr
+    summary = json.loads(sim.stdout)
+    assert summary["scenario"] == "small-shop" and summary["visits"] > 5 and summary["adverts"] > 1000
+    assert summary["log"] == str(out / LOG_NAME) and summary["truth"] == str(out / TRUTH_NAME)
+    truth = list(read_truth(out / TRUTH_NAME))
+    assert truth[-1] == {"type": "summary", **{k: v for k, v in summary.items() if k not in ("wall_s", "log", "truth")}}
+
+    rep = subprocess.run(
+        [*VISITA, "replay", str(out / LOG_NAME), "--data-dir", str(data)], capture_output=True, text=True, timeout=180
+    )
+    assert rep.returncode == 0, rep.stderr
+    m = re.search(r"today (\d+) visits, (\d+) pass-bys", rep.stdout)
+    assert m and int(m.group(1)) > 0 and int(m.group(2)) > 0, rep.stdout
+    assert f"replayed {summary['adverts']:,} adverts (0h40m00s of data)" in rep.stdout
+    assert "as fast as it goes" in rep.stdout
+    with Store(data) as store:
+        visits = store.recent_visits(500)
+    assert visits and all(v.ended is not None and v.classification in ("visitor", "staff") for v in visits)
+    members = {p["member"] for p in truth if p["type"] == "person" and p["has_app"]}
+    assert {v.member for v in visits if v.member} <= members | {"staff-1"}, "members resolved from the log's seed"
+
+
+def test_replay_refuses_a_bad_log_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.vlog.gz"
+    bad.write_bytes(b"not gzip at all")
+    proc = subprocess.run([*VISITA, "replay", str(bad)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"visita replay: {bad}: not a Visita advert log (no gzip-compressed JSON header line)"
