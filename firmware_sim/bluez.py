@@ -62,7 +62,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TextIO
 
 from dbus_fast import BusType, DBusError, Message, MessageType, PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
@@ -71,6 +71,9 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
 from firmware_sim import frames
 from gateway.model import Advert
+
+if TYPE_CHECKING:
+    from firmware_sim.scenario import Scenario
 
 log = logging.getLogger("visita.sim.bluez")
 
@@ -476,6 +479,10 @@ class _Control(ServiceInterface):
     def Stats(self) -> DBusStr:
         return json.dumps(self.emu.stats())
 
+    @dbus_method()
+    def Info(self) -> DBusStr:
+        return json.dumps({**self.emu.info, "now": self.emu.clock(), "speed": self.emu.speed})
+
 
 # --------------------------------------------------------------------------- the service
 
@@ -497,8 +504,11 @@ class EmulatedBluez:
         speed: float = 1.0,
         device_timeout_s: float = DEVICE_TIMEOUT_S,
         passive: bool = True,
+        info: dict[str, Any] | None = None,
     ) -> None:
         self.address = address
+        self.info = dict(info or {})
+        """What is being played (scenario, seed, ...), for `Info` on the control interface."""
         self.clock = clock
         self.speed = speed
         self.device_timeout_s = device_timeout_s
@@ -1145,6 +1155,10 @@ class EmulatorControl:
         """See `EmulatedBluez.stats`."""
         return dict(json.loads(await self.call("Stats")))
 
+    async def info(self) -> dict[str, Any]:
+        """What the emulator plays (`visita sim`: scenario, seed, start), its clock `now` and `speed`."""
+        return dict(json.loads(await self.call("Info")))
+
 
 # --------------------------------------------------------------------------- playing a scenario
 
@@ -1163,26 +1177,30 @@ class PlayClock:
 
 
 async def play(
-    scenario_name: str,
+    scenario: "Scenario",
     seed: int,
-    speed: float,
+    start: float,
+    speed: float = 1.0,
     *,
+    duration: float | None = None,
+    scenario_ref: str | None = None,
     out: TextIO = sys.stdout,
     stop: asyncio.Event | None = None,
     tick_s: float = 0.02,
 ) -> dict[str, Any]:
     """`visita sim SCENARIO --bluez`: a private bus, an emulated BlueZ, the scenario played through it.
 
-    Prints `DBUS_SYSTEM_BUS_ADDRESS=<address>` first (flushed) once the service is up, then a
-    line naming the adapters, and plays until `stop` is set or SIGINT/SIGTERM; returns (and
-    prints) the run's summary.
+    Adapter hciN hears for the scenario's N-th receiver. Prints `DBUS_SYSTEM_BUS_ADDRESS=<address>`
+    first (flushed) once the service is up, then a line naming the adapters and the simulated
+    start, and plays from `start` (simulated time) at `speed` until `stop` is set, SIGINT or
+    SIGTERM, or `duration` simulated seconds; returns the world's summary with the emulator's
+    counters under "bluez". `scenario_ref` (the name or path it was loaded from) is what
+    `visita run --ble --rehearse` loads, from the emulator's `Info`, to follow along.
     """
-    from firmware_sim.scenario import load_scenario
     from firmware_sim.world import World
 
-    scenario = load_scenario(scenario_name)
-    world = World(scenario, seed, time.time())
-    clock = PlayClock(world.now, speed)
+    world = World(scenario, seed, start)
+    clock = PlayClock(world.start_ts, speed)
     specs = [AdapterSpec(f"hci{i}", r.id) for i, r in enumerate(scenario.receivers)]
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -1191,39 +1209,46 @@ async def play(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
+    end = world.start_ts + duration if duration is not None else math.inf
     daemon = BusDaemon()
-    await asyncio.to_thread(daemon.start)
-    emu = EmulatedBluez(daemon.address, specs, clock=clock.now, speed=speed)
     try:
+        await asyncio.to_thread(daemon.start)
+        info = {"scenario": scenario_ref or scenario.name, "seed": seed, "start": world.start_ts}
+        emu = EmulatedBluez(daemon.address, specs, clock=clock.now, speed=speed, info=info)
         await emu.start()
-        print(f"DBUS_SYSTEM_BUS_ADDRESS={daemon.address}", file=out, flush=True)
-        print(
-            f"playing {scenario.name!r} seed {seed} from {world.start_ts:.0f} at {speed:g}x through "
-            + " ".join(f"{s.name}={s.receiver}" for s in specs)
-            + "; Ctrl-C stops",
-            file=out,
-            flush=True,
-        )
-        pending: list[Advert] = []
-        while not stop.is_set():
-            now = clock.now()
-            while world.now < now + 1.0:
-                pending += world.advance(world.now + 1.0)
-            cut = 0
-            while cut < len(pending) and pending[cut].ts <= now:
-                cut += 1
-            if cut:
-                emu.deliver(pending[:cut])
-                del pending[:cut]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), tick_s)
+        try:
+            print(f"DBUS_SYSTEM_BUS_ADDRESS={daemon.address}", file=out, flush=True)
+            print(
+                f"playing {scenario.name} seed {seed} from {world.start_ts:.0f} at {speed:g}x through "
+                + " ".join(f"{s.name}={s.receiver}" for s in specs)
+                + "; Ctrl-C stops",
+                file=out,
+                flush=True,
+            )
+            clock = PlayClock(world.start_ts, speed)  # simulated time starts now, not at daemon start
+            emu.clock = clock.now
+            pending: list[Advert] = []
+            while not stop.is_set():
+                now = min(clock.now(), end)
+                while world.now < now + 1.0:
+                    pending += world.advance(world.now + 1.0)
+                cut = 0
+                while cut < len(pending) and pending[cut].ts <= now:
+                    cut += 1
+                if cut:
+                    emu.deliver(pending[:cut])
+                    del pending[:cut]
+                if now >= end:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), tick_s)
+        finally:
+            await emu.stop()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-        await emu.stop()
         await asyncio.to_thread(daemon.stop)
-    summary = {**world.summary(), "bluez": {k: v for k, v in emu.counts.items()}}
-    print("summary " + json.dumps(summary, separators=(",", ":")), file=out, flush=True)
+    summary = {**world.summary(), "simulated_s": min(clock.now(), end) - world.start_ts, "bluez": dict(emu.counts)}
     return summary
 
 

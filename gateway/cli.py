@@ -11,10 +11,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings, parse_duration, parse_listen, parse_mqtt_url
 from gateway.points import load_rules
+
+if TYPE_CHECKING:
+    from firmware_sim.scenario import Scenario
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -96,10 +100,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="config file (TOML, docs/config.md); default: the demo store",
     )
     run.add_argument("--sim", action="store_true", help="take adverts from the built-in store simulator")
+    run.add_argument(
+        "--ble",
+        action="store_true",
+        help="take adverts from the local Bluetooth adapters (bleak on BlueZ; docs/ble.md); keeps retrying "
+        "while the bus, bluetoothd or an adapter is missing",
+    )
+    run.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME[=RECEIVER]",
+        help="--ble: adapter and the plan receiver it hears for, e.g. hci0=rx-entrance (repeatable; "
+        "default hci0 = the plan's first receiver, or with --rehearse hciN = the scenario's receivers in order)",
+    )
+    run.add_argument(
+        "--scan", choices=["auto", "passive", "active"], default="auto", help="--ble: scan mode (default: auto)"
+    )
+    run.add_argument(
+        "--expect-beacons",
+        type=int,
+        metavar="N",
+        help="--ble: fixed beacons every adapter hears; silence is then impossible and the watchdog acts on it "
+        "(default: the plan's beacons; 0 disarms it)",
+    )
+    run.add_argument(
+        "--silence", type=float, default=4.0, metavar="SECONDS", help="--ble: watchdog silence threshold (default: 4)"
+    )
+    run.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="--ble against `visita sim SCENARIO --bluez`: scenario, seed, speed and clock come from that "
+        "emulator; the plan (without --config) and the app users' keys from its scenario",
+    )
     run.add_argument("--scenario", default="default", metavar="NAME|FILE", help="simulator scenario (default: default)")
     run.add_argument("--seed", type=int, default=1, metavar="N", help="simulator seed (default: 1)")
     run.add_argument(
-        "--speed", type=_speed, default=1.0, metavar="X", help="simulated time runs X times faster (--sim)"
+        "--speed",
+        type=_speed,
+        default=1.0,
+        metavar="X",
+        help="simulated time runs X times faster (--sim, or --ble --rehearse against a sim played at X)",
     )
     run.add_argument(
         "--until", type=_duration, metavar="DURATION", help="stop after this much (simulated) time, e.g. 10m"
@@ -121,13 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("scenario", metavar="SCENARIO", help="a shipped scenario's name or a scenario file")
     sim.add_argument("--seed", type=int, default=1, metavar="N", help="random seed (default: 1)")
-    sim.add_argument("--duration", type=_duration, default=3600.0, metavar="DURATION", help="e.g. 2h (default: 1h)")
+    sim.add_argument(
+        "--duration", type=_duration, metavar="DURATION", help="e.g. 2h (default: 1h; with --bluez: until stopped)"
+    )
     sim.add_argument(
         "--start", metavar="TIME", help="ISO date and time to start at (default: the scenario's start, local time)"
     )
     sim.add_argument("--out", type=Path, metavar="DIR", help="write adverts.vlog.gz and truth.jsonl here")
     sim.add_argument("--speed", type=_speed, metavar="X", help="pace at X times real time (default: full speed)")
     sim.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    sim.add_argument(
+        "--bluez",
+        action="store_true",
+        help="play the scenario live through an emulated BlueZ on a private D-Bus (docs/ble.md): prints "
+        "DBUS_SYSTEM_BUS_ADDRESS=<address> first, then plays in real time (or --speed X) until stopped; "
+        "run `visita run --ble --rehearse` with that variable set",
+    )
     sim.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log detail")
 
     replay = sub.add_parser(
@@ -199,8 +248,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     load_rules(Path(settings.points.rules) if settings.points.rules else None)  # fail before anything starts
+    if args.sim and args.ble:
+        raise UsageError("--sim and --ble are two sources: pass one")
+    if args.ble:
+        return _run_ble(args, settings)
     if not args.sim:
-        raise UsageError("no radio source yet: pass --sim to run against the built-in store simulator")
+        raise UsageError(
+            "no source chosen: pass --sim (the built-in store simulator) or --ble (the local Bluetooth adapters)"
+        )
     scenario = load_scenario(args.scenario)
     if args.config is None:  # no config: the plan is the scenario's own (for `default`, the built-in plan)
         settings = settings.model_copy(update={"plan": scenario_plan(scenario)})
@@ -230,6 +285,97 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
+def _ble_adapters(items: list[str] | None, defaults: list[str], plan_rx: list[str]) -> list[tuple[str, str]]:
+    """--adapter NAME[=RECEIVER] values as (adapter, receiver) pairs; defaults: hci0, hci1, … for `defaults`."""
+    if not items:
+        return [(f"hci{i}", rx) for i, rx in enumerate(defaults)]
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(items):
+        name, _, rx = item.partition("=")
+        if not rx:
+            if i >= len(defaults):
+                raise UsageError(f"--adapter {item}: say which receiver it hears for, e.g. --adapter {name}=RECEIVER")
+            rx = defaults[i]
+        if not name or "/" in name:
+            raise UsageError(f"--adapter {item}: give the adapter's name, e.g. hci0")
+        if rx not in plan_rx:
+            raise UsageError(
+                f"--adapter {item}: no receiver {rx!r} in the store plan (receivers: {', '.join(plan_rx)})"
+            )
+        out.append((name, rx))
+    if len({a for a, _ in out}) != len(out):
+        raise UsageError(f"--adapter: each adapter may be given once ({', '.join(a for a, _ in out)})")
+    return out
+
+
+async def _emulator_info() -> dict[str, Any]:
+    """What `visita sim SCENARIO --bluez` on this bus plays, and its clock (for --rehearse)."""
+    import os
+
+    from firmware_sim.bluez import EmulatorControl
+
+    address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "")
+    try:
+        async with EmulatorControl(address) as ctl:
+            return await asyncio.wait_for(ctl.info(), 5)
+    except Exception as e:  # no bus, no emulator on it, or an emulator that does not answer
+        raise UsageError(
+            f"--rehearse: no emulated BlueZ answers on DBUS_SYSTEM_BUS_ADDRESS={address or '(unset)'} ({e}); "
+            "start `visita sim SCENARIO --bluez` and set the variable it prints"
+        ) from None
+
+
+def _run_ble(args: argparse.Namespace, settings: Settings) -> int:
+    """visita run --ble: the local Bluetooth adapters through bleak (sensors/ble.py)."""
+    import os
+
+    from firmware_sim.scenario import load_scenario, scenario_plan
+    from firmware_sim.world import member_keys
+    from gateway.identity import MemberDirectory
+    from gateway.runtime import Clock, RunOptions, StartupError, run
+    from gateway.store import StoreError
+    from sensors import ble_source
+
+    members = MemberDirectory()
+    staff: list[str] = []
+    defaults = [r.id for r in settings.plan.receivers][:1]
+    rehearsal = ""
+    clock = Clock(args.speed)
+    if args.rehearse:
+        info = asyncio.run(_emulator_info())
+        scenario = load_scenario(str(info["scenario"]))
+        seed, speed = int(info["seed"]), float(info["speed"])
+        if args.config is None:
+            settings = settings.model_copy(update={"plan": scenario_plan(scenario)})
+        keys = member_keys(seed, scenario.population.members, scenario.population.staff)
+        members.set_members(keys)  # the simulated store's app users, as if the backend provisioned them
+        staff = [ref for ref in keys if ref.startswith("staff-")]
+        defaults = [r.id for r in scenario.receivers]
+        # The store's phones compute member tokens from simulated time: follow the emulator's clock.
+        clock = Clock(speed, start=float(info["now"]))
+        rehearsal = f", rehearsing {scenario.name!r} (seed {seed}) at {speed:g}x"
+    plan_rx = [r.id for r in settings.plan.receivers]
+    adapters = _ble_adapters(args.adapter, defaults, plan_rx)
+    expected = len(settings.plan.beacons) if args.expect_beacons is None else args.expect_beacons
+    try:
+        source = ble_source(adapters, clock.now, mode=args.scan, expected_beacons=expected, silence_s=args.silence)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    watchdog = f"{expected} beacon(s), silence {args.silence:g} s" if expected else "off (no beacons expected)"
+    banner = [
+        f"Visita {__version__} · store {settings.store} · gateway {settings.gateway}",
+        f"  source     BLE {' '.join(f'{a}={r}' for a, r in adapters)} ({args.scan} scan){rehearsal}",
+        f"  bus        {os.environ.get('DBUS_SYSTEM_BUS_ADDRESS') or 'unix:path=/run/dbus/system_bus_socket'}"
+        f" · watchdog {watchdog}",
+    ]
+    opts = RunOptions(data_dir=args.data_dir, mqtt=args.mqtt, dashboard=args.dashboard, until_s=args.until)
+    try:
+        return asyncio.run(run(settings, opts, source, clock, members, staff, banner))
+    except (StartupError, StoreError) as e:
+        print(f"visita run: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
 def _span(seconds: float) -> str:
     s = round(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
@@ -252,15 +398,18 @@ def cmd_sim(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"--start {args.start!r}: use an ISO date and time such as 2025-03-03T08:00") from None
         start = (when if when.tzinfo else when.replace(tzinfo=ZoneInfo(scenario.timezone))).timestamp()
+    if args.bluez:
+        return _sim_bluez(args, scenario, start)
+    duration = 3600.0 if args.duration is None else args.duration
     last = [time.monotonic()]
 
     def progress(done: float, adverts: int) -> None:
         if time.monotonic() - last[0] >= 5:
             last[0] = time.monotonic()
-            print(f"visita sim: {done:4.0%} of {_span(args.duration)}, {adverts:,} adverts", file=sys.stderr)
+            print(f"visita sim: {done:4.0%} of {_span(duration)}, {adverts:,} adverts", file=sys.stderr)
 
     try:
-        rec = record(scenario, args.seed, start, args.duration, args.out, args.speed, progress)
+        rec = record(scenario, args.seed, start, duration, args.out, args.speed, progress)
     except OSError as e:
         print(f"visita sim: cannot write to {args.out}: {e.strerror}", file=sys.stderr)
         return EXIT_FAILED
@@ -278,6 +427,29 @@ def cmd_sim(args: argparse.Namespace) -> int:
     )
     if rec.log is not None:
         print(f"wrote {rec.log} ({rec.log.stat().st_size:,} bytes) and {rec.truth}")
+    return EXIT_OK
+
+
+def _sim_bluez(args: argparse.Namespace, scenario: Scenario, start: float) -> int:
+    """visita sim SCENARIO --bluez: the scenario played live through an emulated BlueZ (firmware_sim/bluez.py)."""
+    from firmware_sim.bluez import BluezEmulatorError, play
+
+    if args.out is not None or args.json:
+        raise UsageError("--bluez plays live and writes no recording: drop --out and --json (or --bluez)")
+    try:
+        summary = asyncio.run(
+            play(scenario, args.seed, start, args.speed or 1.0, duration=args.duration, scenario_ref=args.scenario)
+        )
+    except BluezEmulatorError as e:
+        print(f"visita sim: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    per_rx = ", ".join(f"{k} {v:,}" for k, v in summary["per_receiver"].items())
+    print(
+        f"{scenario.name} seed {args.seed}: {_span(summary['simulated_s'])} played · shoppers {summary['shoppers']:,}"
+        f" · pedestrians {summary['pedestrians']:,} · adverts {summary['adverts']:,} "
+        f"({summary['bluez']['signals']:,} D-Bus signals) · per receiver: {per_rx}",
+        flush=True,
+    )
     return EXIT_OK
 
 
