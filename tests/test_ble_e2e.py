@@ -138,3 +138,33 @@ def test_gateway_on_real_bleak_finds_the_visits_ground_truth_has(tmp_path: Path)
     missed = expected - found
     assert len(missed) <= max(1, len(expected) // 10), f"missed member visits: {missed} of {expected}"
     assert staff == {"staff-1", "staff-2"}
+
+
+def test_run_ble_without_a_bus_says_so_once_and_keeps_running(tmp_path: Path) -> None:
+    """No system bus at all: one clear line, retries, no exit until asked (here --until 3s)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"}
+    args = ["run", "--ble", "--mqtt", "off", "--dashboard", "off", "--until", "3s", "--data-dir", str(tmp_path / "d")]
+    proc = subprocess.run([*VISITA, *args], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "no D-Bus system bus" in line]
+    assert len(lines) == 1, proc.stderr
+    assert f"unix:path={tmp_path}/no-bus" in lines[0] and "retrying" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--ble", "--adapter", "hci0=rx-nowhere"], "--adapter hci0=rx-nowhere: no receiver 'rx-nowhere'"),
+        (["run", "--ble", "--adapter", "hci0", "--adapter", "hci1"], "--adapter hci1: say which receiver"),
+        (["run", "--ble", "--sim"], "--sim and --ble are two sources: pass one"),
+        (["run", "--ble", "--rehearse"], "--rehearse: no emulated BlueZ answers"),
+        (["sim", "default", "--bluez", "--out", "x"], "--bluez plays live and writes no recording"),
+    ],
+)
+def test_bad_ble_input_is_one_clear_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"}
+    proc = subprocess.run([*VISITA, *args], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
