@@ -50,6 +50,8 @@ I64 = npt.NDArray[np.int64]
 
 BLOCK_S = 30
 """Seconds computed at once; the world is the same however `advance` is called."""
+MAX_FINISHED = 5000
+"""People who left kept for `pop_finished` at most (older ones are counted in `finished_dropped`)."""
 ADV_DELAY_S = 0.010
 """Largest pseudo-random advDelay the link layer adds to each advertising event (Core spec)."""
 
@@ -157,7 +159,10 @@ class World:
         self._sid = 0
         self._pid = 0
         self.people: list[Person] = []
-        self.finished: deque[Person] = deque()
+        # People who left, until `pop_finished` takes them (the recorder does every block); a live
+        # `visita run --sim` never does, so only the newest are kept and the rest counted.
+        self.finished: deque[Person] = deque(maxlen=MAX_FINISHED)
+        self.finished_dropped = 0
         self._gen_until = self.start_ts
         self._next_shopper = self.start_ts + self._first_gap(pop.shoppers_per_hour)
         self._next_pedestrian = self.start_ts + self._first_gap(pop.pedestrians_per_hour)
@@ -318,6 +323,7 @@ class World:
                     p.addresses[-1][2] = p.t1
                 if p.member_index is not None and p.kind != "staff":
                     self._free_members.append(p.member_index)  # the member may come back later
+                self.finished_dropped += int(len(self.finished) == MAX_FINISHED)
                 self.finished.append(p)
             else:
                 keep.append(p)
@@ -601,6 +607,7 @@ class World:
             "phones": c["phones"],
             "with_app": c["with_app"],
             "addresses": len(self.addresses),
+            "finished_not_collected": self.finished_dropped,
             "packets_sent": self.sent,
             "adverts": self.delivered,
             "per_receiver": dict(zip(self.receiver_ids, self.per_receiver.tolist(), strict=True)),
