@@ -364,6 +364,8 @@ def check_scenario(s: Scenario) -> list[str]:
     for i, w in enumerate(s.walls):
         if all(p == w.points[0] for p in w.points):
             problems.append(f"walls[{i}].points = {_fmt(w.points)}: a wall needs two different points")
+    if all(p == s.sidewalk.points[0] for p in s.sidewalk.points):
+        problems.append(f"sidewalk.points = {_fmt(s.sidewalk.points)}: a sidewalk needs two different points")
     for i, e in enumerate(s.entrances):
         zo, zi = s.zone_of(e.outside), s.zone_of(e.inside)
         if zo is None or zo in inside:

@@ -176,7 +176,7 @@ def test_geometry_errors(tmp_path: Path) -> None:
                 {"id": "street", "outside": True, "polygon": [[0, 0], [1, 1], [2, 2]]},
                 {"id": "shop", "polygon": [[0, 0], [10, 0], [10, 10], [0, 10]]},
             ],
-            "sidewalk": {"points": [[5, 5], [6, 5]]},
+            "sidewalk": {"points": [[5, 5], [5, 5]]},
             "entrances": [{"outside": [5, 5], "inside": [5, 6]}],
             "receivers": [{"id": "rx", "position": [5, 5], "scan_window_ms": 100, "scan_interval_ms": 50}],
             "beacons": [],
@@ -184,6 +184,7 @@ def test_geometry_errors(tmp_path: Path) -> None:
     )
     assert out[0] == "zones[0].polygon = [[0, 0], [1, 1], [2, 2]]: encloses no area (corners in order, not in a line)"
     assert "receivers[0].scan_window_ms = 100: must be at most scan_interval_ms (50)" in out
+    assert "sidewalk.points = [[5, 5], [5, 5]]: a sidewalk needs two different points" in out
     assert any(line.startswith("entrances[0].outside = [5, 5]: must lie in an outside zone") for line in out)
 
 
