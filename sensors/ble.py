@@ -298,6 +298,7 @@ class BleSource:
     async def _supervise(self) -> None:
         delay = self.options.check_s
         while True:
+            self._wake.clear()  # a signal (or a step asking for another look) during the check wakes the next one
             try:
                 ok = await self._check()
             except asyncio.CancelledError:
@@ -306,7 +307,6 @@ class BleSource:
                 self._global_problem("internal", f"BLE supervisor error: {e!r}; retrying")
                 ok = False
             delay = self.options.check_s if ok else min(delay * 2, self.options.retry_max_s)
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
