@@ -42,6 +42,9 @@ EDDYSTONE_0M_TO_1M_DB = 41
 MAX_TLM_ADDRESSES = 4096
 """Beacon addresses remembered to attach TLM frames to their beacon (memory bound)."""
 
+MAX_MEMBER_ADDRESSES = 20_000
+"""App phones' current addresses remembered to attach their OS adverts to the member (memory bound)."""
+
 
 def member_token(key: bytes, window: int) -> bytes:
     """The 8-byte token a member's phone advertises in `window` (docs/frames.md)."""
@@ -103,8 +106,18 @@ class Identifier:
         self._salt_source = salt_source
         self._salts: dict[str, bytes] = {}  # local day -> salt, for at most the two newest days
         self._beacon_by_address: dict[str, str] = {}
+        # An app phone also sends the OS's own adverts (Apple Nearby Info, Samsung) from the same address:
+        # they are that member, not a second, anonymous shopper. Memory only, bounded, gone when it rotates.
+        self._member_by_address: dict[str, str] = {}
         self._battery: dict[str, int | None] = {}
-        self._counts = {"member": 0, "member_unresolved": 0, "anonymous": 0, "beacon": 0, "telemetry": 0}
+        self._counts = {
+            "member": 0,
+            "member_device": 0,
+            "member_unresolved": 0,
+            "anonymous": 0,
+            "beacon": 0,
+            "telemetry": 0,
+        }
 
     def _anon(self, address: str, ts: float) -> str:
         day = self._days.day(ts)
@@ -123,13 +136,25 @@ class Identifier:
             self._beacon_by_address.pop(next(iter(self._beacon_by_address)))
         self._beacon_by_address[address] = subject
 
+    def _remember_member(self, address: str, ref: str) -> None:
+        known = self._member_by_address
+        if address not in known and len(known) >= MAX_MEMBER_ADDRESSES:
+            known.pop(next(iter(known)))
+        known[address] = ref
+
     def identify(self, decoded: Sequence[tuple[Advert, Frame]]) -> list[Sighting]:
         """One Sighting per advert that belongs to a subject (TLM frames only update diagnostics)."""
         out: list[Sighting] = []
         counts = self._counts
-        for adv, frame in decoded:
+        members: dict[int, str | None] = {}
+        for i, (adv, frame) in enumerate(decoded):  # member frames first: the batch's other frames may be theirs
             if isinstance(frame, MemberFrame):
-                ref = self._members.resolve(frame, adv.ts)
+                ref = members[i] = self._members.resolve(frame, adv.ts)
+                if ref is not None:
+                    self._remember_member(adv.address, ref)
+        for i, (adv, frame) in enumerate(decoded):
+            if isinstance(frame, MemberFrame):
+                ref = members[i]
                 if ref is None:
                     counts["member_unresolved"] += 1
                     subject = self._anon(adv.address, adv.ts)
@@ -138,8 +163,14 @@ class Identifier:
                     subject = "member:" + ref
                 out.append(Sighting(adv.ts, adv.receiver, subject, adv.rssi, frame.measured_power))
             elif isinstance(frame, DeviceFrame):
-                counts["anonymous"] += 1
-                out.append(Sighting(adv.ts, adv.receiver, self._anon(adv.address, adv.ts), adv.rssi, PHONE_REF_RSSI))
+                ref = self._member_by_address.get(adv.address)
+                if ref is None:
+                    counts["anonymous"] += 1
+                    subject = self._anon(adv.address, adv.ts)
+                else:
+                    counts["member_device"] += 1
+                    subject = "member:" + ref
+                out.append(Sighting(adv.ts, adv.receiver, subject, adv.rssi, PHONE_REF_RSSI))
             elif isinstance(frame, EddystoneTLM):
                 counts["telemetry"] += 1
                 beacon = self._beacon_by_address.get(adv.address)

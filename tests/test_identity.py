@@ -264,6 +264,18 @@ def test_unknown_member_token_becomes_the_devices_anonymous_subject_and_is_count
     assert (d["member"], d["member_unresolved"], d["anonymous"], d["members_known"]) == (0, 1, 1, 1)
 
 
+def test_an_app_phones_own_os_adverts_are_the_member_not_a_second_shopper() -> None:
+    # An iPhone with the app also sends Apple's Nearby Info from the same address (and only that
+    # while iOS pauses the app): one person, one subject. Other phones stay anonymous.
+    ident, _ = identifier(members=directory(**{"m-1": DOC_KEY}))
+    before_token = ident.identify([(advert(DOC_TS), PHONE), (advert(DOC_TS + 0.2), member_frame(DOC_KEY, DOC_WINDOW))])
+    assert [s.subject for s in before_token] == ["member:m-1", "member:m-1"], "same batch, either order"
+    assert subject_of(ident, DOC_TS + 40) == "member:m-1"
+    assert subject_of(ident, DOC_TS + 41, address=OTHER_ADDRESS).startswith("anon:")
+    d = ident.diagnostics()
+    assert (d["member"], d["member_device"], d["anonymous"]) == (1, 2, 1)
+
+
 def test_replacing_members_forgets_old_keys_and_learns_new_ones() -> None:
     members = directory(**{"m-1": DOC_KEY})
     frame_1 = member_frame(DOC_KEY, DOC_WINDOW)
