@@ -50,7 +50,7 @@ def visita(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run"], "visita run: no radio source yet: pass --sim"),
+        (["run"], "visita run: no source chosen: pass --sim (the built-in store simulator) or --ble"),
         (["run", "--sim", "--mqtt", "http://broker"], "--mqtt: 'http://broker': must be mqtt://HOST[:PORT]"),
         (["run", "--sim", "--dashboard", "localhost"], "--dashboard: 'localhost': must be HOST:PORT"),
         (["run", "--sim", "--until", "soon"], "'soon' is not a duration; use e.g. 90s, 10m, 1h30m or 2h"),

@@ -163,11 +163,6 @@ def test_bad_options_exit_2(args: list[str], expected: str, capsys: pytest.Captu
     assert expected in capsys.readouterr().err
 
 
-def test_run_without_a_source_says_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "--mqtt", "off", "--dashboard", "off"]) == 2
-    assert "pass --sim" in capsys.readouterr().err
-
-
 def test_parsers() -> None:
     assert parse_duration("1h30m") == 5400 and parse_duration("90s") == 90 and parse_duration("2") == 2
     for bad in ("", "10x", "m10", "-5", "0s"):
