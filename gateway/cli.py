@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 EPILOG = """exit codes: 0 success, 1 failure while running, 2 bad usage or bad config.
-Documentation: docs/ (config.md, events.md, rules.md, frames.md)."""
+Documentation: docs/ (config.md, events.md, rules.md, frames.md, ble.md, scenarios.md, advert-log.md)."""
 
 
 class UsageError(Exception):
