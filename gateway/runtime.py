@@ -30,6 +30,7 @@ from gateway.footfall import Footfall
 from gateway.identity import Identifier, MemberDirectory
 from gateway.model import Event, Visit
 from gateway.points import PointsEngine, RuleSet, load_rules
+from gateway.sdnotify import Notifier
 from gateway.store import Store
 from gateway.uplink import Uplink
 from gateway.visits import VisitTracker
@@ -269,6 +270,8 @@ async def run(
     await source.start()
     end = clock.start + opts.until_s if opts.until_s is not None else None
     code = 0
+    systemd = Notifier()
+    systemd.ready(f"running; dashboard {listen}, mqtt {mqtt_url}")
     try:
         while not stop.is_set():
             now = clock.now()
@@ -276,12 +279,14 @@ async def run(
                 gw.step(end)
                 break
             gw.step(now)
+            systemd.alive()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), opts.tick_s)
     except Exception:
         log.exception("pipeline failed")
         code = 1
     finally:
+        systemd.stopping()
         await source.stop()
         if gw.uplink is not None:
             await asyncio.to_thread(gw.uplink.stop, opts.flush_timeout_s)
