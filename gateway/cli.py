@@ -212,7 +212,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument("--json", action="store_true", help="print the validated settings as JSON")
+
+    keys = sub.add_parser("keys", help="member keys", description="Member keys (docs/checkin.md).")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
+    imp = keys_sub.add_parser(
+        "import",
+        help="import member keys from JSON lines into the encrypted vault",
+        description='Import JSON lines {"member": REF, "key": 64 hex digits, "tier": NAME (optional)} into '
+        "DATA_DIR/members.vault (AES-256-GCM; the vault key is the systemd credential visita-vault-key or "
+        "DATA_DIR/vault.key, mode 0600). Every bad line is reported with its number and nothing is changed. "
+        "A running gateway loads the vault at its next start.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    imp.add_argument("file", type=Path, metavar="FILE", help="JSON lines, or - for standard input")
+    imp.add_argument("--data-dir", type=Path, metavar="DIR", help="data directory (default: ~/.local/state/visita)")
+    imp.add_argument("--replace", action="store_true", help="replace the whole member set instead of merging")
+    imp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """visita keys import FILE: all or nothing; never prints a key."""
+    from gateway.config import default_data_dir
+    from gateway.members import KeyImportError, KeyStoreError, import_keys
+
+    source = "stdin" if str(args.file) == "-" else str(args.file)
+    try:
+        text = sys.stdin.read() if source == "stdin" else args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{source}: cannot be read: {e}") from None
+    data_dir = args.data_dir or default_data_dir()
+    try:
+        result = import_keys(data_dir, text, source, replace=args.replace)
+    except KeyImportError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        print(f"visita keys import: {len(e.problems)} problem(s); nothing was imported", file=sys.stderr)
+        return EXIT_USAGE
+    except (KeyStoreError, OSError) as e:
+        print(f"visita keys import: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"imported {result['imported']:,} member(s) ({result['added']:,} new, {result['changed']:,} changed, "
+            f"{result['removed']:,} removed): {result['vault']} holds {result['members']:,}, version "
+            f"{result['version']}, encrypted with {result['vault_key']}"
+        )
+    return EXIT_OK
 
 
 def _check_rules(settings: Settings) -> str:
@@ -533,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sim(args)
         if args.command == "replay":
             return cmd_replay(args)
+        if args.command == "keys":
+            return cmd_keys(args)
         return cmd_config_check(args)
     except ConfigError as e:
         for line in e.problems:

@@ -52,34 +52,130 @@ def member_token(key: bytes, window: int) -> bytes:
 
 
 class MemberDirectory:
-    """Member keys and the token tables that resolve a heard token to a member ref in O(1).
+    """Member keys (and tiers) and the token tables that resolve a heard token to a member ref in O(1).
 
-    Tables are built per window on first need and kept for the current and neighbouring
-    windows, so a phone whose clock is off by up to one window is still recognised.
-    Keys live only in memory here; nothing in this class logs or returns them.
+    A table maps every member's token of one window to the member's ref. Tables for the current
+    window and its neighbours are kept, so a phone whose clock is off by up to one window is still
+    recognised. `prepare(now)` builds those and, a chunk of members per call, the table of the window
+    after next, so that when a window starts its neighbour's table is already there: with 100,000
+    members a whole table takes a fraction of a second, which a pipeline tick must not stall on
+    (benchmarks/members_bench.py). Keys live only in memory here; nothing in this class logs them,
+    and `__repr__` shows counts only.
     """
 
-    def __init__(self, window_s: int = TOKEN_WINDOW_S) -> None:
+    def __init__(self, window_s: int = TOKEN_WINDOW_S, chunk: int = 2_000) -> None:
         self._window_s = window_s
+        self._chunk = chunk
         self._keys: dict[str, bytes] = {}
+        self._tiers: dict[str, str] = {}
         self._tables: dict[int, dict[bytes, str]] = {}
+        self._building: tuple[int, dict[bytes, str], list[str], int] | None = None  # window, table, refs, next
+        self.version = 0
+        """Version of the member set (from the backend or `visita keys import`); 0 when never provisioned."""
+        self._counts = {"tables_prepared": 0, "tables_on_demand": 0}
 
-    def set_members(self, keys: Mapping[str, bytes]) -> None:
-        """Replace the whole member set (ref → 32-byte key)."""
+    def __repr__(self) -> str:
+        return f"MemberDirectory({len(self._keys)} members, version {self.version})"
+
+    def set_members(
+        self, keys: Mapping[str, bytes], tiers: Mapping[str, str] | None = None, version: int | None = None
+    ) -> None:
+        """Replace the whole member set (ref → 32-byte key, ref → tier)."""
         self._keys = dict(keys)
+        self._tiers = {r: t for r, t in (tiers or {}).items() if r in self._keys}
         self._tables.clear()
+        self._building = None
+        if version is not None:
+            self.version = version
+
+    def upsert(self, ref: str, key: bytes, tier: str | None = None) -> None:
+        """Add a member or change its key or tier; the tables follow at once."""
+        old = self._keys.get(ref)
+        self._keys[ref] = key
+        if tier is None:
+            self._tiers.pop(ref, None)
+        else:
+            self._tiers[ref] = tier
+        if old != key:
+            for window, table in self._tables.items():
+                if old is not None:
+                    table.pop(member_token(old, window), None)
+                table[member_token(key, window)] = ref
+            self._building = None  # restarted by the next prepare(), over the new set
+
+    def remove(self, ref: str) -> bool:
+        """Forget a member; False if it was not known."""
+        old = self._keys.pop(ref, None)
+        self._tiers.pop(ref, None)
+        if old is None:
+            return False
+        for window, table in self._tables.items():
+            table.pop(member_token(old, window), None)
+        self._building = None
+        return True
+
+    def key(self, ref: str) -> bytes | None:
+        """The member's key (for verifying its check-ins), or None for an unknown member."""
+        return self._keys.get(ref)
+
+    def tier(self, ref: str) -> str | None:
+        """The member's tier as the backend provisioned it, or None."""
+        return self._tiers.get(ref)
+
+    def items(self) -> list[tuple[str, bytes, str | None]]:
+        """(ref, key, tier) of every member, for the encrypted key store."""
+        return [(r, k, self._tiers.get(r)) for r, k in self._keys.items()]
 
     def __len__(self) -> int:
         return len(self._keys)
 
+    def _build(self, window: int) -> dict[bytes, str]:
+        return {member_token(k, window): ref for ref, k in self._keys.items()}
+
     def _table(self, window: int) -> dict[bytes, str]:
         table = self._tables.get(window)
         if table is None:
-            table = {member_token(k, window): ref for ref, k in self._keys.items()}
-            self._tables[window] = table
-            for w in [w for w in self._tables if abs(w - window) > 2]:
-                del self._tables[w]
+            table = self._tables[window] = self._build(window)
+            self._counts["tables_on_demand"] += 1
+            self._drop_old(window - 1)
         return table
+
+    def _drop_old(self, oldest: int) -> None:
+        for w in [w for w in self._tables if w < oldest - 1]:
+            del self._tables[w]
+
+    def prepare(self, now: float) -> None:
+        """Have the current window's and its neighbours' tables ready, and build part of the next one.
+
+        Call once per pipeline tick. Builds at most `chunk` tokens of the window after next per call,
+        so a tick never stalls on a whole table; missing current tables (at start) are built at once.
+        """
+        current = int(now // self._window_s)
+        for window in (current - 1, current, current + 1):
+            if window not in self._tables:
+                self._tables[window] = self._build(window)
+                self._counts["tables_prepared"] += 1
+        self._drop_old(current - 1)
+        ahead = current + 2
+        if ahead in self._tables:
+            return
+        if self._building is None or self._building[0] != ahead:
+            self._building = (ahead, {}, list(self._keys), 0)
+        window, table, refs, pos = self._building
+        keys = self._keys
+        for ref in refs[pos : pos + self._chunk]:
+            table[member_token(keys[ref], window)] = ref
+        pos += self._chunk
+        if pos >= len(refs):
+            self._tables[window] = table
+            self._building = None
+            self._counts["tables_prepared"] += 1
+        else:
+            self._building = (window, table, refs, pos)
+
+    def ready(self, window: int) -> bool:
+        """True when the table of `window` is built."""
+        return window in self._tables
 
     def resolve(self, frame: MemberFrame, ts: float) -> str | None:
         """Member ref for a heard frame at receive time `ts`, or None if no member matches."""
@@ -90,6 +186,10 @@ class MemberDirectory:
                 if ref is not None:
                     return ref
         return None
+
+    def diagnostics(self) -> dict[str, int]:
+        """Members known, the set's version, tables ready, and how tables came to be."""
+        return {"members": len(self._keys), "version": self.version, "tables": len(self._tables), **self._counts}
 
 
 class Identifier:

@@ -28,6 +28,7 @@ from gateway.estimate import StrongestReceiver
 from gateway.events import EventFactory, topic_prefix
 from gateway.footfall import Footfall
 from gateway.identity import Identifier, MemberDirectory
+from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
 from gateway.model import Event, Visit
 from gateway.points import PointsEngine, RuleSet, load_rules
 from gateway.sdnotify import Notifier
@@ -101,6 +102,7 @@ class Gateway:
         self.source = source
         days = LocalDays(settings.timezone)
         self.decoder = Decoder()
+        self.members = members
         self.identifier = Identifier(members, days)
         self.estimator = StrongestReceiver(settings.plan, settings.estimate)
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
@@ -109,6 +111,8 @@ class Gateway:
         self.footfall = Footfall(days)
         self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
         self.uplink: Uplink | None = None
+        self.member_keys: MemberKeys | None = None
+        """The live member set and its vault, for the `cmd/members` downlink (gateway.members)."""
         self._recent: deque[Visit] = deque(store.recent_visits(RECENT_VISITS), maxlen=RECENT_VISITS)
         self.now = 0.0
         self.ticks = 0
@@ -121,6 +125,7 @@ class Gateway:
     def step(self, now: float) -> list[Event]:
         """One tick: source → decode → identify → estimate → visits → points → store (one commit) → uplink."""
         self.now = now
+        self.members.prepare(now)  # the next window's token table, a chunk per tick
         adverts = self.source.poll(now)
         self.adverts += len(adverts)
         sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
@@ -165,6 +170,7 @@ class Gateway:
             "source": self.source.diagnostics(),
             "decoder": self.decoder.diagnostics(),
             "identity": self.identifier.diagnostics(),
+            "members": self.members.diagnostics(),
             "estimator": self.estimator.diagnostics(),
             "visits": self.tracker.diagnostics(),
             "points": self.points.diagnostics(),
@@ -227,7 +233,13 @@ async def run(
     listen = opts.dashboard or settings.dashboard.listen
     rules = load_rules(Path(settings.points.rules) if settings.points.rules else None)
     store = Store(data_dir)
+    try:
+        loaded = load_into(members, data_dir)  # the encrypted member keys (docs/checkin.md)
+    except KeyStoreError as e:
+        store.close()
+        raise StartupError(str(e)) from None
     gw = Gateway(settings, store, source, members, rules, staff)
+    gw.member_keys = MemberKeys(members, KeyVault(data_dir))
 
     try:
         sock = bind(listen) if listen != "off" else None
@@ -250,7 +262,7 @@ async def run(
         lines.append(f"  mqtt       {url}  topics {topic_prefix(settings.store, settings.gateway)}#")
     else:
         lines.append("  mqtt       off (events are kept in the outbox)")
-    lines.append(f"  data       {data_dir}")
+    lines.append(f"  data       {data_dir}" + (f" · {loaded:,} member key(s) from the vault" if loaded else ""))
     lines.append("Ctrl-C stops; queued events are flushed first.")
     print("\n".join(lines), flush=True)
 

@@ -1,0 +1,175 @@
+"""Member keys: `visita keys import` (all or nothing, line numbers), the encrypted vault, the cmd/members handler,
+and the token tables of MemberDirectory (prepared ahead, updated in place)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.identity import TOKEN_WINDOW_S, MemberDirectory, member_token
+from gateway.members import (
+    KEY_FILE,
+    VAULT_FILE,
+    KeyImportError,
+    KeyStoreError,
+    KeyVault,
+    MemberKeys,
+    apply_members_command,
+    import_keys,
+    load_into,
+)
+from gateway.model import MemberFrame
+
+KEYS = {f"m-{i}": bytes([i]) * 32 for i in range(1, 6)}
+
+
+def lines(keys: dict[str, bytes], tier: str | None = "gold") -> str:
+    return "".join(
+        json.dumps({"member": r, "key": k.hex(), **({"tier": tier} if tier else {})}) + "\n" for r, k in keys.items()
+    )
+
+
+def frame(key: bytes, ts: float) -> MemberFrame:
+    window = int(ts // TOKEN_WINDOW_S)
+    return MemberFrame(1, window & 0xFF, -59, member_token(key, window))
+
+
+def test_import_stores_keys_encrypted_with_mode_0600_and_loads_them_back(tmp_path: Path) -> None:
+    result = import_keys(tmp_path, lines(KEYS), "keys.jsonl")
+    assert result["members"] == 5 and result["added"] == 5 and result["version"] == 1
+    vault, key_file = tmp_path / VAULT_FILE, tmp_path / KEY_FILE
+    for f in (vault, key_file):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    blob = vault.read_bytes()
+    for k in KEYS.values():  # neither raw nor hex: the file alone reveals no key
+        assert k not in blob and k.hex().encode() not in blob
+    assert b"m-1" not in blob, "member refs are inside the ciphertext too"
+    d = MemberDirectory()
+    assert load_into(d, tmp_path) == 5
+    assert d.key("m-3") == KEYS["m-3"] and d.tier("m-3") == "gold" and d.version == 1
+    ts = 1_780_000_000.0
+    assert d.resolve(frame(KEYS["m-2"], ts), ts) == "m-2"
+
+
+def test_bad_lines_are_all_reported_with_their_numbers_and_nothing_changes(tmp_path: Path) -> None:
+    import_keys(tmp_path, lines({"m-1": KEYS["m-1"]}), "first.jsonl")
+    before = (tmp_path / VAULT_FILE).read_bytes()
+    secret = "ab" * 31  # 62 hex digits: one byte short
+    text = (
+        lines({"m-2": KEYS["m-2"]})
+        + "{not json\n"
+        + json.dumps({"member": "m-3", "key": secret})
+        + "\n"
+        + json.dumps({"member": "m-2", "key": KEYS["m-2"].hex()})
+        + "\n"
+        + json.dumps({"member": "m 4", "key": KEYS["m-4"].hex()})
+        + "\n"
+        + json.dumps({"member": "m-5", "key": KEYS["m-5"].hex(), "colour": 1})
+        + "\n"
+    )
+    with pytest.raises(KeyImportError) as e:
+        import_keys(tmp_path, text, "bad.jsonl")
+    problems = e.value.problems
+    assert [p.split(":")[1] for p in problems] == ["2", "3", "4", "5", "6"], problems
+    assert "bad.jsonl:3: member m-3: key must be 64 hex digits" in problems[1]
+    assert "already on line 1" in problems[2]
+    assert all(secret not in p for p in problems), "a nearly-right key is still a secret"
+    assert (tmp_path / VAULT_FILE).read_bytes() == before
+
+
+def test_cli_import_exit_codes_and_output_never_show_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(lines(KEYS))
+    bad.write_text(lines(KEYS) + '{"member": "x"}\n')
+    data = tmp_path / "data"
+    assert main(["keys", "import", str(bad), "--data-dir", str(data)]) == 2
+    out = capsys.readouterr()
+    assert "bad.jsonl:6:" in out.err and "nothing was imported" in out.err
+    assert not (data / VAULT_FILE).exists()
+    assert main(["keys", "import", str(good), "--data-dir", str(data), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["members"] == 5
+    for k in KEYS.values():
+        assert k.hex() not in out.out + out.err
+
+
+def test_a_readable_key_file_a_changed_vault_and_a_lost_key_are_refused(tmp_path: Path) -> None:
+    import_keys(tmp_path, lines(KEYS), "k")
+    key_file = tmp_path / KEY_FILE
+    os.chmod(key_file, 0o644)
+    with pytest.raises(KeyStoreError, match="chmod 600"):
+        KeyVault(tmp_path).load()
+    os.chmod(key_file, 0o600)
+    vault = tmp_path / VAULT_FILE
+    blob = bytearray(vault.read_bytes())
+    blob[-1] ^= 1
+    vault.write_bytes(bytes(blob))
+    with pytest.raises(KeyStoreError, match="does not decrypt"):
+        KeyVault(tmp_path).load()
+    key_file.unlink()
+    with pytest.raises(KeyStoreError, match="missing"):
+        KeyVault(tmp_path).load()
+
+
+def test_the_systemd_credential_is_the_vault_key_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "visita-vault-key").write_text("11" * 32)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    data = tmp_path / "data"
+    assert "systemd credential" in import_keys(data, lines(KEYS), "k")["vault_key"]
+    assert not (data / KEY_FILE).exists()
+    assert len(KeyVault(data).load().members) == 5
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(KeyStoreError):  # without the credential the vault stays shut
+        KeyVault(data).load()
+
+
+def test_members_command_full_add_remove_versions_and_refusals_change_nothing(tmp_path: Path) -> None:
+    d = MemberDirectory()
+    keys = MemberKeys(d, KeyVault(tmp_path))
+
+    def member(ref: str, tier: str | None = None) -> dict[str, object]:
+        return {"member": ref, "key": KEYS[ref].hex(), **({"tier": tier} if tier else {})}
+
+    full = {"op": "full", "version": 3, "members": [member("m-1"), member("m-2", "silver")]}
+    assert apply_members_command(keys, json.dumps(full).encode()) == {"ok": True, "version": 3, "members": 2}
+    r = apply_members_command(keys, {"op": "add", "version": 5, "members": [member("m-3")]})
+    assert not r["ok"] and "send a full set" in r["error"] and len(d) == 2
+    r = apply_members_command(keys, {"op": "add", "version": 4, "members": [member("m-3"), {"member": "m-4"}]})
+    assert not r["ok"] and "members[1]" in r["error"] and len(d) == 2 and d.version == 3
+    assert apply_members_command(keys, {"op": "add", "version": 4, "members": [member("m-3", "gold")]})["ok"]
+    r = apply_members_command(keys, {"op": "remove", "version": 5, "members": ["m-1", "nobody"]})
+    assert r == {"ok": True, "version": 5, "members": 2, "removed": 1}
+    assert not apply_members_command(keys, {"op": "full", "version": 5, "members": []})["ok"]
+    assert keys.commands == {"applied": 3, "refused": 3}
+    again = MemberDirectory()
+    load_into(again, tmp_path)
+    assert sorted(r for r, _, _ in again.items()) == ["m-2", "m-3"] and again.version == 5
+    assert again.tier("m-3") == "gold"
+    ts = 1_780_000_000.0
+    assert d.resolve(frame(KEYS["m-1"], ts), ts) is None
+    assert d.resolve(frame(KEYS["m-3"], ts), ts) == "m-3"
+
+
+def test_prepare_builds_the_window_after_next_in_chunks_before_it_is_needed() -> None:
+    d = MemberDirectory(chunk=2)
+    d.set_members(KEYS)
+    ts = 1_780_000_000.0
+    window = int(ts // TOKEN_WINDOW_S)
+    d.prepare(ts)
+    assert all(d.ready(w) for w in (window - 1, window, window + 1))
+    assert not d.ready(window + 2)
+    for _ in range(2):
+        d.prepare(ts)
+    assert d.ready(window + 2)  # 5 members, 2 per call: done by the third call
+    later = (window + 1) * TOKEN_WINDOW_S + 1.0
+    d.prepare(later)
+    assert not d.ready(window - 2)
+    assert d.resolve(frame(KEYS["m-5"], later + TOKEN_WINDOW_S), later) == "m-5"  # a phone one window ahead
+    assert d.diagnostics()["tables_on_demand"] == 0
