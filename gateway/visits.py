@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.config import VisitsConfig
-from gateway.model import Classification, Visit, VisitChange, ZoneEstimate, ZoneSegment
+from gateway.model import Classification, Visit, VisitChange, VisitSource, ZoneEstimate, ZoneSegment
 
 
 @dataclass(slots=True)
@@ -32,6 +32,8 @@ class _Session:
     visit_id: str
     segments: list[_Seg] = field(default_factory=list)
     qualified: bool = False
+    ble: bool = True  # heard over BLE (False for a session a check-in opened, until a sighting joins it)
+    checked_in: bool = False  # a verified app check-in proved presence
 
 
 class VisitTracker:
@@ -58,7 +60,8 @@ class VisitTracker:
         else:
             cls = "pass-by"
         started = segments[0].entered if segments else s.first
-        return Visit(s.visit_id, s.subject, started, ended, segments, cls, "ble")
+        source: VisitSource = ("both" if s.ble else "checkin") if s.checked_in else "ble"
+        return Visit(s.visit_id, s.subject, started, ended, segments, cls, source)
 
     def update(self, estimates: Sequence[ZoneEstimate], now: float) -> list[VisitChange]:
         """Fold in estimates, then end sessions silent for the absence timeout as of `now`."""
@@ -69,6 +72,7 @@ class VisitTracker:
                 s = _Session(e.subject, e.ts, e.ts, self._visit_id(e.subject, e.ts))
                 self._sessions[e.subject] = s
             s.last = max(s.last, e.ts)
+            s.ble = True
             if not e.inside:
                 continue
             if s.segments and e.ts < s.segments[-1].left:
@@ -99,6 +103,26 @@ class VisitTracker:
             # Sessions that never qualified end too (as pass-by), so footfall can count them.
             changes.append(VisitChange("ended", s.last, self._snapshot(s, s.last)))
         return changes
+
+    def checkin(self, subject: str, ts: float, zone: str | None = None) -> list[VisitChange]:
+        """A verified app check-in of `subject` at `ts`: proof of presence, so the session is a visit at once.
+
+        Joins the subject's open session (its source becomes `both` with BLE sightings) or opens one
+        (source `checkin`) that ends after the absence timeout like any other. `zone`, when the phone
+        heard a store beacon, starts the segments of a session that has none.
+        """
+        s = self._sessions.get(subject)
+        if s is None:
+            s = _Session(subject, ts, ts, self._visit_id(subject, ts), ble=False)
+            self._sessions[subject] = s
+        s.last = max(s.last, ts)
+        s.checked_in = True
+        if zone is not None and not s.segments:
+            s.segments.append(_Seg(zone, ts, ts))
+        if s.qualified:
+            return []
+        s.qualified = True
+        return [VisitChange("started", ts, self._snapshot(s, None))]
 
     def open_visits(self) -> list[Visit]:
         """Qualified visits still open (for occupancy and the dashboard)."""
