@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.model import Visit
 from gateway.runtime import Gateway
+from sensors.checkins import MAX_BODY, CheckinRefused
 
 STATIC = resources.files("dashboard").joinpath("static")
 VISITS_MAX = 500
@@ -143,8 +144,38 @@ class Status(BaseModel):
     estimator: dict[str, Any] = Field(description="Zone estimator state.")
     visits: dict[str, Any] = Field(description="Open sessions and visits.")
     points: dict[str, Any] = Field(description="Awards made.")
+    checkins: dict[str, Any] = Field(description="App check-ins accepted, and refused by reason.")
     store: dict[str, Any] = Field(description="Database file, outbox depth, commits.")
     uplink: dict[str, Any] = Field(description="MQTT broker connection and outbox delivery.")
+
+
+class CheckinAward(BaseModel):
+    """One award a check-in brought."""
+
+    award_id: str = Field(description="hash(member, visit, rule): the same as in points.awarded.")
+    rule: str = Field(description="Rule id.")
+    points: int = Field(description="Points granted.")
+
+
+class CheckinAccepted(BaseModel):
+    """A check-in the gateway accepted (201)."""
+
+    visit_id: str = Field(description="The visit the check-in proved (the same as in visit.* events).")
+    source: Literal["checkin", "both"] = Field(description="both when the member's phone was also heard over BLE.")
+    awarded: list[CheckinAward] = Field(description="Awards this check-in brought (often none: already awarded).")
+    points_visit: int = Field(description="Points for this visit so far.")
+    points_today: int = Field(description="Points for the member today (store-local day) so far.")
+
+
+class CheckinRefusal(BaseModel):
+    """A check-in that was not accepted; nothing changed."""
+
+    reason: str = Field(
+        description="too_large, malformed, wrong_store, unknown_member, bad_signature, stale, "
+        "replayed, rate_limited or busy (docs/checkin.md)."
+    )
+    message: str = Field(description="What is wrong, in one line.")
+    field: str | None = Field(default=None, description="The field at fault, when there is one.")
 
 
 class ValidationProblem(BaseModel):
@@ -241,6 +272,32 @@ def create_app(gateway: Gateway) -> FastAPI:
         inside = sorted((v for v in known if v.ended is None), key=lambda v: v.started, reverse=True)
         finished = sorted((v for v in known if v.ended is not None), key=lambda v: v.ended or 0.0, reverse=True)
         return [VisitOut.of(v) for v in (inside + finished)[:limit]]
+
+    refusals: dict[int | str, dict[str, Any]] = {
+        code: {"model": CheckinRefusal, "description": what}
+        for code, what in (
+            (401, "Unknown member or bad signature."),
+            (409, "Replayed nonce or stale timestamp (more than 2 min from the gateway's clock)."),
+            (413, "Body too large."),
+            (422, "Malformed: the field and the reason."),
+            (429, "Over the member's rate limit."),
+        )
+    }
+
+    @app.post("/api/v1/checkins", status_code=201, response_model=CheckinAccepted, tags=["app"], responses=refusals)
+    async def checkin(request: Request, gw: GatewayDep) -> Any:
+        """An app check-in signed with the member key (docs/checkin.md); every refusal is counted by reason."""
+        body = bytearray()
+        async for chunk in request.stream():  # read at most one byte past the limit
+            body += chunk
+            if len(body) > MAX_BODY:
+                break
+        try:
+            result = gw.checkin(bytes(body))
+        except CheckinRefused as e:
+            refusal = CheckinRefusal(reason=e.reason, message=e.message, field=e.field)
+            return JSONResponse(refusal.model_dump(mode="json"), status_code=e.status)
+        return CheckinAccepted.model_validate(result)
 
     @app.get("/api/v1/status", response_model=Status, tags=["ops"])
     async def status(gw: GatewayDep) -> Status:

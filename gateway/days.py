@@ -15,6 +15,11 @@ class LocalDays:
         self._end = -1.0
         self._day = ""
 
+    @property
+    def tz(self) -> ZoneInfo:
+        """The store's time zone."""
+        return self._tz
+
     def day(self, ts: float) -> str:
         """Local date of `ts` as YYYY-MM-DD."""
         if not self._start <= ts < self._end:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, tzinfo
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,12 +28,49 @@ from gateway.days import LocalDays
 from gateway.model import Award, Visit, VisitChange
 
 RuleId = Annotated[str, Field(pattern=ID_PATTERN)]
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HHMM = r"^(?:[01]\d|2[0-3]):[0-5]\d$|^24:00$"
+
+
+class TimeWindow(Strict):
+    """When a rule applies, in the store's local time, judged at the visit's start (happy hours, weekends)."""
+
+    days: list[Weekday] = Field(
+        default_factory=lambda: list(WEEKDAYS), min_length=1, max_length=7, description="Weekdays it applies on."
+    )
+    start: str = Field(default="00:00", pattern=_HHMM, description="From this local time (HH:MM), inclusive.")
+    end: str = Field(default="24:00", pattern=_HHMM, description="Until this local time (HH:MM), exclusive.")
+
+    @model_validator(mode="after")
+    def _order(self) -> TimeWindow:
+        if self.start >= self.end:
+            raise ValueError(f"start {self.start} must be before end {self.end} (split a window across midnight)")
+        return self
+
+    def contains(self, ts: float, tz: tzinfo) -> bool:
+        """True when `ts` falls in the window, in local time."""
+        local = datetime.fromtimestamp(ts, tz)
+        hhmm = f"{local.hour:02d}:{local.minute:02d}"
+        return WEEKDAYS[local.weekday()] in self.days and self.start <= hhmm < self.end
+
+    def describe(self) -> str:
+        """e.g. 'mon-fri 16:00-18:00'."""
+        days = "every day" if len(self.days) == 7 else ",".join(self.days)
+        return f"{days} {self.start}-{self.end}"
 
 
 class _RuleBase(Strict):
     id: RuleId = Field(description="Rule id (in awards and events).")
     description: str = Field(default="", max_length=200, description="Shown to support staff and members.")
     per_day: int = Field(default=1, ge=1, le=100, description="Awards per member per local day, at most.")
+    max_points_per_day: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Points per member per local day from this rule, at most."
+    )
+    when: TimeWindow | None = Field(default=None, description="Only for visits that start in this window.")
+    checkin_is_proof: bool = Field(
+        default=True, description="A verified check-in proves presence in place of the rule's min_dwell_s."
+    )
 
 
 class VisitRule(_RuleBase):
@@ -70,13 +109,57 @@ class DwellBonusRule(_RuleBase):
         return self
 
 
-Rule = Annotated[VisitRule | CheckinRule | DwellBonusRule, Field(discriminator="kind")]
+class ZoneBonusRule(_RuleBase):
+    """Points for spending `min_dwell_s` in one zone (e.g. the promotions zone) during a visit."""
+
+    kind: Literal["zone_bonus"]
+    zone: RuleId = Field(description="Zone id from the store plan.")
+    points: int = Field(ge=1, le=100_000, description="Points granted.")
+    min_dwell_s: float = Field(default=0, ge=0, le=86_400, description="Seconds in the zone, summed over the visit.")
+
+
+class FirstVisitRule(_RuleBase):
+    """Points for the member's first rewarded visit of the local day or week (weeks start on Monday)."""
+
+    kind: Literal["first_visit"]
+    period: Literal["day", "week"] = Field(description="day or week.")
+    points: int = Field(ge=1, le=100_000, description="Points granted.")
+    min_dwell_s: float = Field(default=0, ge=0, le=86_400, description="Dwell inside before it counts, s.")
+
+
+class StreakRule(_RuleBase):
+    """Points when this visit makes `visits` visits within `days` local days, from the member's ledger.
+
+    A visit counts when it earned points under any rule. After a streak award the count starts again,
+    so a member earns it once per `visits` visits, not on every visit after reaching it.
+    """
+
+    kind: Literal["streak"]
+    visits: int = Field(ge=2, le=100, description="Visits needed, this one included.")
+    days: int = Field(ge=1, le=366, description="Within this many local days, today included.")
+    points: int = Field(ge=1, le=100_000, description="Points granted.")
+    min_dwell_s: float = Field(default=0, ge=0, le=86_400, description="Dwell inside before this visit counts, s.")
+
+
+Rule = Annotated[
+    VisitRule | CheckinRule | DwellBonusRule | ZoneBonusRule | FirstVisitRule | StreakRule,
+    Field(discriminator="kind"),
+]
+AnyRule = VisitRule | CheckinRule | DwellBonusRule | ZoneBonusRule | FirstVisitRule | StreakRule
+RULE_KINDS = (VisitRule, CheckinRule, DwellBonusRule, ZoneBonusRule, FirstVisitRule, StreakRule)
+"""Every rule kind (docs/rules.md documents each)."""
 
 
 class RuleSet(Strict):
     """A rules file."""
 
     rules: list[Rule] = Field(min_length=1, description="The rules, applied in order.")
+    tiers: dict[str, float] = Field(
+        default_factory=dict, description="Points multiplier by member tier (from the backend), e.g. gold = 2.0."
+    )
+    max_points_per_day: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Points per member per local day over all rules, at most."
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> RuleSet:
@@ -84,6 +167,9 @@ class RuleSet(Strict):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"duplicate rule id(s) {', '.join(dupes)}: every rule id must be unique")
+        for tier, factor in self.tiers.items():
+            if not 0 <= factor <= 10:
+                raise ValueError(f"tiers.{tier} = {factor}: a multiplier must be 0..10")
         return self
 
 
@@ -118,23 +204,71 @@ def award_id(member: str, visit_id: str, rule: str) -> str:
     return hashlib.sha256(f"{member}|{visit_id}|{rule}".encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Why one rule did or did not award a visit (for `visita points explain`)."""
+
+    rule: str
+    """Rule id."""
+    awarded: int
+    """Points awarded (0 when it did not fire)."""
+    why: str
+    """The reason, in words support staff can read out."""
+
+
 class PointsEngine:
     """Applies a RuleSet to visit changes; pure, starting from the ledger it is given."""
 
-    def __init__(self, rules: RuleSet, days: LocalDays, ledger: Iterable[Award] = ()) -> None:
+    def __init__(
+        self,
+        rules: RuleSet,
+        days: LocalDays,
+        ledger: Iterable[Award] = (),
+        tier_of: Callable[[str], str | None] = lambda member: None,
+    ) -> None:
+        self._set = rules
         self._rules = rules.rules
         self._days = days
-        self._granted: set[str] = set()
+        self._tier_of = tier_of
+        self._granted: dict[str, Award] = {}
         self._per_day: dict[tuple[str, str, str], int] = {}
+        self._per_week: dict[tuple[str, str, str], int] = {}
+        self._rule_day_points: dict[tuple[str, str, str], int] = {}
+        self._visit_points: dict[str, int] = {}
+        self._day_points: dict[tuple[str, str], int] = {}
+        self._member_visits: dict[str, dict[str, str]] = {}  # member -> visit_id -> day of its first award
+        self._streak_day: dict[tuple[str, str], str] = {}  # (member, rule) -> day of its last award
         for a in ledger:
             self._record(a)
+
+    def _week(self, day: str) -> str:
+        iso = date.fromisoformat(day).isocalendar()
+        return f"{iso.year}-W{iso.week:02d}"
 
     def _record(self, a: Award) -> None:
         if a.award_id in self._granted:
             return  # a ledger that lists an award twice still holds one award against the day's limit
-        self._granted.add(a.award_id)
+        self._granted[a.award_id] = a
         key = (a.member, a.rule, a.day)
         self._per_day[key] = self._per_day.get(key, 0) + 1
+        wkey = (a.member, a.rule, self._week(a.day))
+        self._per_week[wkey] = self._per_week.get(wkey, 0) + 1
+        self._rule_day_points[key] = self._rule_day_points.get(key, 0) + a.points
+        self._visit_points[a.visit_id] = self._visit_points.get(a.visit_id, 0) + a.points
+        self._day_points[(a.member, a.day)] = self._day_points.get((a.member, a.day), 0) + a.points
+        self._member_visits.setdefault(a.member, {}).setdefault(a.visit_id, a.day)
+        if a.rule in {r.id for r in self._rules if isinstance(r, StreakRule)}:
+            last = self._streak_day.get((a.member, a.rule))
+            if last is None or a.day > last:
+                self._streak_day[(a.member, a.rule)] = a.day
+
+    def visit_points(self, visit_id: str) -> int:
+        """Points awarded for this visit so far."""
+        return self._visit_points.get(visit_id, 0)
+
+    def day_points(self, member: str, day: str) -> int:
+        """Points awarded to this member on this store-local day so far."""
+        return self._day_points.get((member, day), 0)
 
     def evaluate(self, changes: Sequence[VisitChange]) -> list[Award]:
         """Awards earned by these changes that were not granted before."""
@@ -150,38 +284,113 @@ class PointsEngine:
         if member is None or visit.classification != "visitor":
             return []
         out: list[Award] = []
-        day = self._days.day(visit.started)
         for rule in self._rules:
-            got = self._fires(rule, kind, visit)
-            if got is None:
+            points, reason = self._decide(rule, kind, visit, member)
+            if points <= 0:
                 continue
-            points, reason = got
             aid = award_id(member, visit.visit_id, rule.id)
-            if aid in self._granted or self._per_day.get((member, rule.id, day), 0) >= rule.per_day:
-                continue
-            award = Award(aid, member, rule.id, points, visit.visit_id, ts, day, reason)
+            award = Award(aid, member, rule.id, points, visit.visit_id, ts, self._days.day(visit.started), reason)
             self._record(award)
             out.append(award)
         return out
 
-    @staticmethod
-    def _fires(rule: VisitRule | CheckinRule | DwellBonusRule, kind: str, visit: Visit) -> tuple[int, str] | None:
-        """(points, reason) if `rule` grants something for this visit at this change, else None."""
+    def _decide(self, rule: AnyRule, kind: str, visit: Visit, member: str) -> tuple[int, str]:
+        """(points, reason) this rule grants now, or (0, why not). Limits and caps included."""
+        if member is None or visit.classification != "visitor":
+            return 0, f"not a member's visit (classified {visit.classification})"
+        aid = award_id(member, visit.visit_id, rule.id)
+        if aid in self._granted:
+            return 0, f"already awarded {self._granted[aid].points} for this visit"
+        day = self._days.day(visit.started)
+        if rule.when is not None and not rule.when.contains(visit.started, self._days.tz):
+            return 0, f"the visit started outside {rule.when.describe()}"
+        points, reason = self._fires(rule, kind, visit, member, day)
+        if points <= 0:
+            return 0, reason
+        if self._per_day.get((member, rule.id, day), 0) >= rule.per_day:
+            return 0, f"{reason}, but the rule's {rule.per_day} award(s) for {day} were already made"
+        tier = self._tier_of(member)
+        factor = self._set.tiers.get(tier, 1.0) if tier is not None else 1.0
+        if factor != 1.0:
+            points = round(points * factor)
+            reason += f", ×{factor:g} for tier {tier}"
+        if rule.max_points_per_day is not None:
+            left = rule.max_points_per_day - self._rule_day_points.get((member, rule.id, day), 0)
+            if left < points:
+                points, reason = left, reason + f", capped at {rule.max_points_per_day} a day for this rule"
+        if self._set.max_points_per_day is not None:
+            left = self._set.max_points_per_day - self._day_points.get((member, day), 0)
+            if left < points:
+                points, reason = left, reason + f", capped at {self._set.max_points_per_day} a day in all"
+        if points <= 0:
+            return 0, reason.replace(", capped at", "; nothing left: capped at", 1)
+        return points, reason
+
+    def _present(self, rule: AnyRule, visit: Visit, min_dwell_s: float) -> tuple[bool, str]:
+        """Proof of presence: a verified check-in (if the rule takes one) or `min_dwell_s` inside the store."""
+        if rule.checkin_is_proof and visit.source in ("checkin", "both"):
+            return True, "visit proven by an app check-in"
+        if visit.dwell_s >= min_dwell_s:
+            return True, f"visit with {visit.dwell_s:.0f} s inside (needs {min_dwell_s:.0f} s)"
+        return False, f"only {visit.dwell_s:.0f} s inside so far (needs {min_dwell_s:.0f} s) and no check-in"
+
+    def _fires(self, rule: AnyRule, kind: str, visit: Visit, member: str, day: str) -> tuple[int, str]:
+        """(points, reason) if `rule`'s own condition holds for this visit at this change, else (0, why not)."""
         if isinstance(rule, VisitRule):
-            if visit.dwell_s >= rule.min_dwell_s:
-                return rule.points, f"visit with {visit.dwell_s:.0f} s inside (needs {rule.min_dwell_s:.0f} s)"
-            return None
+            ok, why = self._present(rule, visit, rule.min_dwell_s)
+            return (rule.points if ok else 0), why
         if isinstance(rule, CheckinRule):
             if visit.source in ("checkin", "both"):
                 return rule.points, "visit confirmed by an app check-in"
-            return None
-        if kind != "ended":
-            return None
-        reached = [t for t in rule.tiers if visit.dwell_s >= t.min_dwell_s]
-        if not reached:
-            return None
-        tier = reached[-1]
-        return tier.points, f"stayed {visit.dwell_s:.0f} s (tier {tier.min_dwell_s:.0f} s)"
+            return 0, "no app check-in during this visit"
+        if isinstance(rule, DwellBonusRule):
+            if kind != "ended":
+                return 0, "a dwell bonus is granted when the visit ends"
+            reached = [t for t in rule.tiers if visit.dwell_s >= t.min_dwell_s]
+            if not reached:
+                return 0, f"stayed {visit.dwell_s:.0f} s, below the first tier ({rule.tiers[0].min_dwell_s:.0f} s)"
+            tier = reached[-1]
+            return tier.points, f"stayed {visit.dwell_s:.0f} s (tier {tier.min_dwell_s:.0f} s)"
+        if isinstance(rule, ZoneBonusRule):
+            spent = visit.zone_dwell().get(rule.zone)
+            if spent is None:
+                return 0, f"never in zone {rule.zone}"
+            if spent < rule.min_dwell_s:
+                return 0, f"{spent:.0f} s in zone {rule.zone} (needs {rule.min_dwell_s:.0f} s)"
+            return rule.points, f"{spent:.0f} s in zone {rule.zone} (needs {rule.min_dwell_s:.0f} s)"
+        ok, why = self._present(rule, visit, rule.min_dwell_s)
+        if not ok:
+            return 0, why
+        if isinstance(rule, FirstVisitRule):
+            if rule.period == "day":
+                done = self._per_day.get((member, rule.id, day), 0)
+            else:
+                done = self._per_week.get((member, rule.id, self._week(day)), 0)
+            if done:
+                return 0, f"not the first rewarded visit of the {rule.period}"
+            return rule.points, f"first visit of the {rule.period} ({why})"
+        since = (date.fromisoformat(day) - timedelta(days=rule.days - 1)).isoformat()
+        last = self._streak_day.get((member, rule.id))
+        if last is not None:  # the count starts again the day after the last streak award
+            since = max(since, (date.fromisoformat(last) + timedelta(days=1)).isoformat())
+        visits = self._member_visits.get(member, {})
+        count = 1 + sum(1 for v, d in visits.items() if v != visit.visit_id and since <= d <= day)
+        if count < rule.visits:
+            return 0, f"{count} of {rule.visits} visits within {rule.days} days"
+        return rule.points, f"{count} visits within {rule.days} days ({why})"
+
+    def explain(self, visit: Visit, kind: str = "ended") -> list[Explanation]:
+        """For each rule: the points it awarded this visit, or why it did not (support staff's question)."""
+        member = visit.member or ""
+        out = []
+        for rule in self._rules:
+            granted = self._granted.get(award_id(member, visit.visit_id, rule.id))
+            if granted is not None:
+                out.append(Explanation(rule.id, granted.points, granted.reason))
+                continue
+            _, why = self._decide(rule, kind, visit, member) if visit.member else (0, "not a member's visit")
+            out.append(Explanation(rule.id, 0, why))
+        return out
 
     def diagnostics(self) -> dict[str, int]:
         """Awards known to the engine (from the ledger and granted since start)."""

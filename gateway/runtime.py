@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from gateway.store import Store
 from gateway.uplink import Uplink
 from gateway.visits import VisitTracker
 from sensors.base import Source
+from sensors.checkins import CheckinVerifier, NonceJournal
 
 log = logging.getLogger("visita.runtime")
 
@@ -107,13 +108,17 @@ class Gateway:
         self.estimator = StrongestReceiver(settings.plan, settings.estimate)
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
         self.tracker = VisitTracker(settings.gateway, visits_cfg)
-        self.points = PointsEngine(rules, days, store.awards())
+        self.points = PointsEngine(rules, days, store.awards(), members.tier)
         self.footfall = Footfall(days)
         self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
         self.uplink: Uplink | None = None
         self.member_keys: MemberKeys | None = None
         """The live member set and its vault, for the `cmd/members` downlink (gateway.members)."""
         self._recent: deque[Visit] = deque(store.recent_visits(RECENT_VISITS), maxlen=RECENT_VISITS)
+        self.checkins = CheckinVerifier(settings.store, members.key, NonceJournal(store.path.parent))
+        self.clock: Callable[[], float] = time.time
+        """Data time for check-ins between ticks (the runtime's clock; wall time by default)."""
+        self._days = days
         self.now = 0.0
         self.ticks = 0
         self.adverts = 0
@@ -148,6 +153,36 @@ class Gateway:
         self.ticks += 1
         return events
 
+    def checkin(self, body: bytes) -> dict[str, Any]:
+        """Verify an app check-in and apply it at once: visit, `checkin.accepted`, awards, one commit.
+
+        CheckinRefused (nothing changed) when it is not accepted (sensors/checkins.py, docs/checkin.md).
+        """
+        now = max(self.clock(), self.now)
+        c = self.checkins.verify(body, now)
+        subject = "member:" + c.member
+        zone = next((b.zone for b in self.settings.plan.beacons if b.id == c.beacon), None)
+        changes = self.tracker.checkin(subject, now, zone)
+        visit = next(v for v in self.tracker.open_visits() if v.subject == subject)
+        awards = self.points.evaluate(changes) + self.points.evaluate_open([visit], now)
+        events = [e for ch in changes if (e := self.events.from_change(ch)) is not None]
+        accepted = {"member": c.member, "visit_id": visit.visit_id, "source": visit.source, "zone": zone}
+        events.append(self.events.make("checkin.accepted", now, accepted))
+        events += [self.events.from_award(a) for a in awards]
+        self.store.put_events(events)
+        self.store.put_awards(awards)
+        self.store.commit()
+        if self.uplink is not None:
+            self.uplink.offer(events)
+        day = self._days.day(visit.started)
+        return {
+            "visit_id": visit.visit_id,
+            "source": visit.source,
+            "awarded": [{"award_id": a.award_id, "rule": a.rule, "points": a.points} for a in awards],
+            "points_visit": self.points.visit_points(visit.visit_id),
+            "points_today": self.points.day_points(c.member, day),
+        }
+
     def visits(self, limit: int) -> list[Visit]:
         """Open visits (longest first) then finished ones (newest first), at most `limit`."""
         open_visits = sorted(self.tracker.open_visits(), key=lambda v: v.started)
@@ -174,6 +209,7 @@ class Gateway:
             "estimator": self.estimator.diagnostics(),
             "visits": self.tracker.diagnostics(),
             "points": self.points.diagnostics(),
+            "checkins": self.checkins.diagnostics(),
             "store": self.store.diagnostics(),
             "uplink": self.uplink.diagnostics() if self.uplink else {"broker": "off"},
         }
@@ -240,6 +276,8 @@ async def run(
         raise StartupError(str(e)) from None
     gw = Gateway(settings, store, source, members, rules, staff)
     gw.member_keys = MemberKeys(members, KeyVault(data_dir))
+    if clock.step_s is None:  # a replay's clock moves on each reading: check-ins then use the last tick's time
+        gw.clock = clock.now
 
     try:
         sock = bind(listen) if listen != "off" else None
@@ -305,6 +343,7 @@ async def run(
             store.ack_events(gw.uplink.take_acks())
         queued = len(store.pending_events())
         store.close()
+        gw.checkins.close()
         if server is not None and server_task is not None:
             server.stop()
             await server_task

@@ -274,7 +274,7 @@ def expected_eligible(history: list[VisitChange], days: LocalDays) -> dict[tuple
             continue
         member, day = v.subject.removeprefix("member:"), days.day(v.started)
         fired = []
-        if v.dwell_s >= 120:
+        if v.dwell_s >= 120 or v.source != "ble":  # a verified check-in proves presence (docs/rules.md)
             fired.append("visit")
         fired.append("visit-twice")
         if v.source != "ble":

@@ -1,0 +1,233 @@
+"""App check-ins end to end through `POST /api/v1/checkins` on a real Gateway and Store: every answer code,
+refusals that change nothing, replays across restarts, the merge with BLE sightings, and the property that no
+sequence of check-ins, replays and restarts awards a rule twice for a visit."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.exceptions import StarletteDeprecationWarning
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", StarletteDeprecationWarning)
+    from fastapi.testclient import TestClient
+
+from dashboard.app import create_app
+from gateway.config import Settings
+from gateway.identity import MemberDirectory
+from gateway.model import Advert, ZoneEstimate
+from gateway.points import load_rules
+from gateway.runtime import Gateway
+from gateway.store import Store
+from sensors.checkins import MAX_BODY, REASONS, sign
+
+NOW = 1_780_000_000.0
+KEYS = {"m-1": bytes(range(32)), "m-2": b"\x02" * 32}
+
+
+class NoAdverts:
+    """A source that hears nothing: these tests drive the gateway through check-ins."""
+
+    name = "none"
+
+    async def start(self) -> None:
+        pass
+
+    def poll(self, now: float) -> list[Advert]:
+        return []
+
+    async def stop(self) -> None:
+        pass
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {}
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def gateway(data_dir: Path, clock: Clock) -> Gateway:
+    members = MemberDirectory()
+    members.set_members(KEYS)
+    gw = Gateway(Settings(), Store(data_dir), NoAdverts(), members, load_rules(None), [])
+    gw.clock = clock
+    return gw
+
+
+def body(member: str = "m-1", *, ts: float = NOW, key: bytes | None = None, **over: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {"member": member, "store": "demo-store", "ts": int(ts), "nonce": secrets.token_hex(16)}
+    obj.update(over)
+    obj["sig"] = sign(key or KEYS.get(member, b"\x00" * 32), obj)
+    return obj
+
+
+def post(client: TestClient, obj: dict[str, Any] | bytes) -> Any:
+    content = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return client.post("/api/v1/checkins", content=content, headers={"content-type": "application/json"})
+
+
+def state(gw: Gateway) -> tuple[int, int, int]:
+    return gw.store.last_seq(), len(gw.store.awards()), len(gw.tracker.open_visits())
+
+
+@pytest.fixture
+def gw(tmp_path: Path) -> Any:
+    g = gateway(tmp_path / "data", Clock(NOW))
+    yield g
+    g.store.close()
+    g.checkins.close()
+
+
+def test_accepted_check_in_opens_a_visit_awards_and_publishes_in_order(gw: Gateway) -> None:
+    with TestClient(create_app(gw)) as client:
+        r = post(client, body())
+        assert r.status_code == 201, r.text
+        got = r.json()
+    assert got["source"] == "checkin" and got["points_visit"] == got["points_today"] > 0
+    assert {a["rule"] for a in got["awarded"]} == {"checkin", "visit"}  # a verified check-in proves presence
+    types = [e.type for e in gw.store.pending_events()]
+    assert types == ["visit.started", "checkin.accepted", "points.awarded", "points.awarded"]
+    accepted = gw.store.pending_events()[1].data
+    assert accepted["visit_id"] == got["visit_id"] and accepted["member"] == "m-1"
+    for e in gw.store.pending_events():  # no key, no nonce, no signature upward
+        text = json.dumps(e.envelope())
+        assert KEYS["m-1"].hex() not in text and "sig" not in e.data and "nonce" not in e.data
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "reason", "field"),
+    [
+        (lambda: body(key=b"\x09" * 32), 401, "bad_signature", None),  # forged: signed with another key
+        (lambda: {**body(), "ts": int(NOW) + 1}, 401, "bad_signature", None),  # changed after signing
+        (lambda: body("m-9"), 401, "unknown_member", None),
+        (lambda: body(ts=NOW - 121), 409, "stale", "ts"),
+        (lambda: body(ts=NOW + 121), 409, "stale", "ts"),
+        (lambda: json.dumps(body(beacon="beacon:" + "a" * 120)).encode() + b" " * MAX_BODY, 413, "too_large", None),
+        (lambda: b"{not json", 422, "malformed", None),
+        (lambda: b"[1, 2]", 422, "malformed", None),
+        (lambda: {k: v for k, v in body().items() if k != "nonce"}, 422, "malformed", "nonce"),
+        (lambda: body(nonce="abc"), 422, "malformed", "nonce"),
+        (lambda: body(nonce="ZZ" * 10), 422, "malformed", "nonce"),
+        (lambda: {**body(), "ts": NOW}, 422, "malformed", "ts"),  # a float
+        (lambda: {**body(), "ts": True}, 422, "malformed", "ts"),
+        (lambda: body(points=1000), 422, "malformed", "points"),
+        (lambda: body(store="other-store"), 422, "wrong_store", "store"),
+        (lambda: b'{"member": "m-1", "member": "m-2"}', 422, "malformed", "member"),
+    ],
+)
+def test_each_refusal_has_its_code_reason_and_field_is_counted_and_changes_nothing(
+    gw: Gateway, make: Any, status: int, reason: str, field: str | None
+) -> None:
+    with TestClient(create_app(gw)) as client:
+        before = state(gw)
+        r = post(client, make())
+        assert (r.status_code, r.json()["reason"], r.json().get("field")) == (status, reason, field), r.text
+        assert REASONS[reason] == status
+        assert state(gw) == before
+        counts = client.get("/api/v1/status").json()["checkins"]
+    assert counts["refused"][reason] == 1 and sum(counts["refused"].values()) == 1
+    assert counts["accepted"] == 0 and counts["nonces"] == 0
+
+
+def test_replay_and_rate_limit(gw: Gateway) -> None:
+    with TestClient(create_app(gw)) as client:
+        first = body()
+        assert post(client, first).status_code == 201
+        before = state(gw)
+        r = post(client, first)
+        assert (r.status_code, r.json()["reason"]) == (409, "replayed")
+        assert state(gw) == before
+        for _ in range(5):
+            assert post(client, body()).status_code == 201  # 6 in all: the limit
+        r = post(client, body())
+        assert (r.status_code, r.json()["reason"]) == (429, "rate_limited")
+        assert post(client, body("m-2")).status_code == 201, "the limit is per member"
+        counts = client.get("/api/v1/status").json()["checkins"]
+    assert counts["accepted"] == 7 and counts["refused"]["replayed"] == 1 and counts["refused"]["rate_limited"] == 1
+
+
+def test_a_replay_after_a_restart_is_refused_until_it_is_stale(tmp_path: Path) -> None:
+    clock = Clock(NOW)
+    gw = gateway(tmp_path, clock)
+    first = body()
+    with TestClient(create_app(gw)) as client:
+        assert post(client, first).status_code == 201
+    gw.store.close()
+    gw.checkins.close()
+    clock.t = NOW + 30
+    gw = gateway(tmp_path, clock)
+    with TestClient(create_app(gw)) as client:
+        r = post(client, first)
+        assert (r.status_code, r.json()["reason"]) == (409, "replayed")
+        clock.t = NOW + 121
+        r = post(client, first)
+        assert (r.status_code, r.json()["reason"]) == (409, "stale")
+    gw.store.close()
+    gw.checkins.close()
+
+
+def test_a_check_in_joins_the_members_ble_visit_as_source_both(gw: Gateway) -> None:
+    subject = "member:m-1"
+    estimates = [ZoneEstimate(NOW - 60 + i * 5, subject, "entrance", True, -60.0) for i in range(12)]
+    started = gw.tracker.update(estimates, NOW)
+    assert [c.kind for c in started] == ["started"]
+    with TestClient(create_app(gw)) as client:
+        r = post(client, body())
+    assert r.status_code == 201
+    assert r.json()["visit_id"] == started[0].visit.visit_id and r.json()["source"] == "both"
+    (v,) = gw.tracker.open_visits()
+    assert v.source == "both"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["new", "replay", "restart", "tick"]), st.integers(0, 1)), max_size=25))
+def test_no_sequence_of_check_ins_replays_and_restarts_awards_a_rule_twice_for_a_visit(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]]
+) -> None:
+    data = tmp_path_factory.mktemp("prop")
+    clock = Clock(NOW)
+    gw = gateway(data, clock)
+    client = TestClient(create_app(gw))
+    sent: list[dict[str, Any]] = []
+    try:
+        for op, who in ops:
+            member = f"m-{who + 1}"
+            if op == "new":
+                obj = body(member, ts=clock.t)
+                sent.append(obj)
+                assert post(client, obj).status_code in (201, 429)
+            elif op == "replay" and sent:
+                assert post(client, sent[-1]).status_code in (409,)
+            elif op == "restart":
+                client.close()
+                gw.store.close()
+                gw.checkins.close()
+                gw = gateway(data, clock)
+                client = TestClient(create_app(gw))
+            elif op == "tick":
+                clock.t += 20
+                gw.step(clock.t)
+        ledger = gw.store.awards()
+        per_visit_rule = Counter((a.visit_id, a.rule) for a in ledger)
+        assert all(n == 1 for n in per_visit_rule.values()), per_visit_rule
+        per_day_rule = Counter((a.member, a.rule, a.day) for a in ledger)
+        assert all(n == 1 for n in per_day_rule.values()), "built-in rules fire once per member and day"
+        published = [e.data["award_id"] for e in gw.store.pending_events() if e.type == "points.awarded"]
+        assert len(published) == len(set(published))
+    finally:
+        client.close()
+        gw.store.close()
+        gw.checkins.close()
