@@ -13,8 +13,18 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from gateway import __version__
-from gateway.config import ConfigError, Settings, load_settings, parse_duration, parse_listen, parse_mqtt_url
+from gateway.config import (
+    ConfigError,
+    Settings,
+    format_errors,
+    load_settings,
+    parse_duration,
+    parse_listen,
+    parse_mqtt_url,
+)
 from gateway.points import load_rules
 
 if TYPE_CHECKING:
@@ -64,6 +74,42 @@ def _mqtt(text: str) -> str:
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
     return text
+
+
+def add_mqtt_flags(p: argparse.ArgumentParser) -> None:
+    """--mqtt-ca, --mqtt-cert, --mqtt-key, --mqtt-username, --mqtt-password-file, --mqtt-protocol (override [mqtt])."""
+    p.add_argument("--mqtt-ca", metavar="FILE", help="CA certificate (PEM) for an mqtts:// broker (mqtt.ca)")
+    p.add_argument("--mqtt-cert", metavar="FILE", help="client certificate (PEM) for mqtts:// (mqtt.cert)")
+    p.add_argument("--mqtt-key", metavar="FILE", help="private key (PEM) of the client certificate (mqtt.key)")
+    p.add_argument("--mqtt-username", metavar="NAME", help="MQTT user name (mqtt.username)")
+    p.add_argument(
+        "--mqtt-password-file", metavar="FILE", help="file holding the MQTT password, first line (mqtt.password_file)"
+    )
+    p.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], help="MQTT protocol version (mqtt.protocol, default 5)")
+
+
+def apply_mqtt_flags(args: argparse.Namespace, settings: Settings) -> Settings:
+    """Settings with the --mqtt-* flags applied over [mqtt]; ConfigError names a bad combination."""
+    flags = {
+        "ca": args.mqtt_ca,
+        "cert": args.mqtt_cert,
+        "key": args.mqtt_key,
+        "username": args.mqtt_username,
+        "password_file": args.mqtt_password_file,
+        "protocol": args.mqtt_protocol,
+    }
+    update = {k: v for k, v in flags.items() if v is not None}
+    if not update:
+        return settings
+    try:
+        mqtt = type(settings.mqtt).model_validate({**settings.mqtt.model_dump(), **update})
+    except ValidationError as e:
+        raise ConfigError(format_errors("command line", e, type(settings.mqtt))) from None
+    for key in ("ca", "cert", "key", "password_file"):
+        value = getattr(mqtt, key)
+        if value and not Path(value).is_file():
+            raise ConfigError([f"--mqtt-{key.replace('_', '-')} {value}: no such file"])
+    return settings.model_copy(update={"mqtt": mqtt})
 
 
 def _listen(text: str) -> str:
@@ -146,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--data-dir", type=Path, metavar="DIR", help="data directory (default: ~/.local/state/visita)")
     run.add_argument("--mqtt", type=_mqtt, metavar="URL|off", help="broker URL, e.g. mqtt://127.0.0.1:1883, or off")
+    add_mqtt_flags(run)
     run.add_argument(
         "--dashboard", type=_listen, metavar="HOST:PORT|off", help="dashboard address (default 127.0.0.1:8080)"
     )
@@ -295,7 +342,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.store import StoreError
     from sensors.sim import SimSource
 
-    settings = load_settings(args.config)
+    settings = apply_mqtt_flags(args, load_settings(args.config))
     load_rules(Path(settings.points.rules) if settings.points.rules else None)  # fail before anything starts
     if args.sim and args.ble:
         raise UsageError("--sim and --ble are two sources: pass one")

@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -127,6 +127,25 @@ class MqttConfig(Strict):
     max_inflight: int = Field(
         default=100, ge=1, le=65535, description="Events handed to the broker and not yet acknowledged, at most."
     )
+    protocol: Literal["5", "3.1.1"] = Field(default="5", description='MQTT protocol version: "5" or "3.1.1".')
+    session_expiry_s: int = Field(
+        default=3600, ge=0, le=4_294_967_295, description="MQTT 5 session expiry: how long the broker keeps it, s."
+    )
+    ca: str = Field(default="", description="CA certificate file (PEM) for mqtts://; empty means the system CAs.")
+    cert: str = Field(default="", description="Client certificate file (PEM) for mqtts://, when the broker wants one.")
+    key: str = Field(default="", description="Private key file (PEM) of the client certificate.")
+    username: str = Field(default="", max_length=256, description="MQTT user name; empty means none.")
+    password_file: str = Field(
+        default="",
+        description="File holding the MQTT password (first line); empty means $CREDENTIALS_DIRECTORY/mqtt-password "
+        "when systemd provides it, else none.",
+    )
+    max_rate: int = Field(
+        default=2000, ge=1, le=1_000_000, description="Events published per second at most (backlog replay), /s."
+    )
+    backoff_min_s: float = Field(default=0.5, gt=0, le=60, description="First reconnect delay, s (doubles, jittered).")
+    backoff_max_s: float = Field(default=60.0, gt=0, le=3600, description="Longest reconnect delay, s.")
+    health_interval_s: float = Field(default=60.0, ge=1, le=3600, description="Seconds between `health` events.")
 
     @field_validator("url")
     @classmethod
@@ -135,6 +154,32 @@ class MqttConfig(Strict):
             return v
         parse_mqtt_url(v)
         return v
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> MqttConfig:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("mqtt.cert and mqtt.key go together: give both or neither")
+        if self.backoff_min_s > self.backoff_max_s:
+            raise ValueError("mqtt.backoff_min_s must not be above mqtt.backoff_max_s")
+        return self
+
+    def password(self) -> str | None:
+        """The password from `password_file`, or systemd's credential ``mqtt-password``; None when neither.
+
+        Raises ValueError naming the file when it cannot be read.
+        """
+        path = self.password_file
+        if not path:
+            creds = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not creds or not os.path.exists(os.path.join(creds, "mqtt-password")):
+                return None
+            path = os.path.join(creds, "mqtt-password")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"mqtt.password_file {path}: cannot be read: {e}; fix the path or its mode") from None
+        lines = text.splitlines()
+        return lines[0] if lines else ""
 
 
 class DashboardConfig(Strict):
@@ -155,6 +200,16 @@ class StorageConfig(Strict):
 
     data_dir: str = Field(
         default="", description="Data directory; empty means $XDG_STATE_HOME/visita (~/.local/state/visita)."
+    )
+    outbox_max: int = Field(
+        default=20_000,
+        ge=10,
+        le=1_000_000,
+        description="Events the outbox holds before footfall.minute, then zone.changed events are dropped "
+        "(counted; visits and awards are never dropped).",
+    )
+    full_disk_outbox_max: int = Field(
+        default=2_000, ge=10, le=1_000_000, description="The same bound while the disk is full (events in memory)."
     )
 
 

@@ -24,8 +24,9 @@ from gateway import __version__
 from gateway.config import Settings, default_data_dir, parse_listen, parse_mqtt_url
 from gateway.days import LocalDays
 from gateway.decode import Decoder
+from gateway.downlink import Downlink
 from gateway.estimate import StrongestReceiver
-from gateway.events import EventFactory, topic_prefix
+from gateway.events import EventFactory, topic_prefix, uuid7
 from gateway.footfall import Footfall
 from gateway.identity import Identifier, MemberDirectory
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
@@ -112,6 +113,11 @@ class Gateway:
         self.footfall = Footfall(days)
         self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
         self.uplink: Uplink | None = None
+        self.downlink: Downlink | None = None
+        """Downlink commands (gateway.downlink), applied on the runtime's thread by `feed_uplink`."""
+        self._started = self._health_last = time.monotonic()
+        self._health_next = self._started + settings.mqtt.health_interval_s
+        self._health_adverts = self._health_acked = 0
         self.member_keys: MemberKeys | None = None
         """The live member set and its vault, for the `cmd/members` downlink (gateway.members)."""
         self._recent: deque[Visit] = deque(store.recent_visits(RECENT_VISITS), maxlen=RECENT_VISITS)
@@ -147,8 +153,7 @@ class Gateway:
         if self.uplink is not None:
             self.store.ack_events(self.uplink.take_acks())
         self.store.commit()  # stored before anything is offered to the broker
-        if self.uplink is not None:
-            self.uplink.offer(events)
+        self.feed_uplink()
         self._recent.extendleft(finished)
         self.ticks += 1
         return events
@@ -172,8 +177,7 @@ class Gateway:
         self.store.put_events(events)
         self.store.put_awards(awards)
         self.store.commit()
-        if self.uplink is not None:
-            self.uplink.offer(events)
+        self.feed_uplink()
         day = self._days.day(visit.started)
         return {
             "visit_id": visit.visit_id,
@@ -182,6 +186,34 @@ class Gateway:
             "points_visit": self.points.visit_points(visit.visit_id),
             "points_today": self.points.day_points(c.member, day),
         }
+
+    def feed_uplink(self) -> None:
+        """Hand the uplink what it has room for from the outbox (backlog first, committed events only),
+        apply downlink commands that arrived, and publish `health` when it is due."""
+        if self.uplink is None:
+            return
+        self.uplink.feed(self.store.sendable)
+        if self.downlink is not None:
+            self.downlink.apply_pending()
+        mono = time.monotonic()
+        if mono >= self._health_next:
+            elapsed = max(1e-6, mono - self._health_last)
+            acked = self.uplink.acknowledged
+            store = self.store.diagnostics()
+            data = {
+                "uptime_s": round(mono - self._started, 1),
+                "queue_depth": store["outbox_depth"],
+                "adverts_per_s": round((self.adverts - self._health_adverts) / elapsed, 2),
+                "publish_rate": round((acked - self._health_acked) / elapsed, 2),
+                "outbox_dropped": store["outbox_dropped"],
+                "disk_full": store["disk_full"],
+                "last_error": self.uplink.last_error or store["last_error"],
+            }
+            ts = time.time()
+            health = Event("health", uuid7(ts), ts, self.settings.store, self.settings.gateway, None, data)
+            if self.uplink.publish_transient(health):
+                self._health_last, self._health_adverts, self._health_acked = mono, self.adverts, acked
+                self._health_next = mono + self.settings.mqtt.health_interval_s
 
     def visits(self, limit: int) -> list[Visit]:
         """Open visits (longest first) then finished ones (newest first), at most `limit`."""
@@ -268,7 +300,11 @@ async def run(
     mqtt_url = opts.mqtt or settings.mqtt.url
     listen = opts.dashboard or settings.dashboard.listen
     rules = load_rules(Path(settings.points.rules) if settings.points.rules else None)
-    store = Store(data_dir)
+    store = Store(
+        data_dir,
+        outbox_max=settings.storage.outbox_max,
+        full_disk_outbox_max=settings.storage.full_disk_outbox_max,
+    )
     try:
         loaded = load_into(members, data_dir)  # the encrypted member keys (docs/checkin.md)
     except KeyStoreError as e:
@@ -296,7 +332,15 @@ async def run(
     if mqtt_url != "off":
         url = parse_mqtt_url(mqtt_url)
         client_id = settings.mqtt.client_id or f"visita-{settings.store}-{settings.gateway}"
-        gw.uplink = Uplink(settings.mqtt, url, client_id, gw.status_event)
+        try:
+            password = settings.mqtt.password()
+        except ValueError as e:
+            store.close()
+            if sock is not None:
+                sock.close()
+            raise StartupError(str(e)) from None
+        gw.uplink = Uplink(settings.mqtt, url, client_id, gw.status_event, password)
+        gw.downlink = Downlink(gw, gw.uplink.reply)
         lines.append(f"  mqtt       {url}  topics {topic_prefix(settings.store, settings.gateway)}#")
     else:
         lines.append("  mqtt       off (events are kept in the outbox)")
@@ -315,8 +359,7 @@ async def run(
     if gw.uplink is not None:
         if pending:
             log.info("%d event(s) from an earlier run are waiting in the outbox", len(pending))
-        gw.uplink.offer(pending)
-        gw.uplink.start()
+        gw.uplink.start(gw.downlink.receive if gw.downlink is not None else None)
     await source.start()
     end = clock.start + opts.until_s if opts.until_s is not None else None
     code = 0

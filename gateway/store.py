@@ -1,21 +1,43 @@
-"""Durable state of the gateway: the event outbox, the points ledger and recent visits.
+"""Durable state of the gateway: the event outbox (hot) and the history of awards and visits.
 
 This is the only module that imports tinydb. TinyDB's own JSON storage rewrites the
 whole file on every single insert (about 5 ms at 1,000 documents, 125 ms at 20,000),
-so the store is shaped around group commit instead:
+so the store is shaped around that:
 
 - every write (`put_events`, `ack_events`, `put_awards`, `put_visits`) changes the
   in-memory state at once and costs no I/O;
-- `commit()` writes the whole state once, atomically: temp file in the same directory,
-  fsync, rename over the target, fsync the directory. A crash at any moment leaves the
-  previous commit intact; the runtime calls `commit()` once per tick.
+- `commit()` writes the small hot file once, atomically: temp file in the same
+  directory, fsync, rename over the target, fsync the directory. A crash at any moment
+  leaves the previous commit intact; the runtime calls `commit()` once per tick;
+- history (awards and finished visits) does not live in the hot file. A new award or
+  visit first goes to the hot file's ``journal`` table (so it is durable with the same
+  atomic commit as the events that announce it); every `ROLL_EVERY` records, at close and
+  at open, the journal is appended to per-day files ``history/YYYY-MM-DD.jsonl`` (one
+  JSON record per line, fsynced) and only then cleared from the hot file. The hot file
+  therefore holds the outbox plus at most a few hundred journal records, whatever the
+  history: the cost of a commit does not grow with the ledger.
 
 Tables in the hot file `<data_dir>/visita.json`:
 
 - ``outbox``: events not yet acknowledged by the broker, document id = seq;
-- ``ledger``: awards, append-only, in insertion order;
-- ``visits``: the newest finished visits (bounded);
+- ``journal``: awards and visits not yet appended to their day file;
 - ``meta``: one document with ``last_seq``, so the sequence survives an empty outbox.
+
+A crash between the append to a day file and the commit that clears the journal leaves a
+record in both: the open finds it in the day file and drops it from the journal (records
+are keyed by award_id / visit_id, so nothing is counted twice). A torn last line of a day
+file (power lost during the append) is cut off at open; its record is still in the journal.
+
+The outbox has a size bound (`outbox_max`). Past it, pending events of the droppable types
+are dropped, oldest first, in `DROP_ORDER` (``footfall.minute`` first, then ``zone.changed``);
+visits and awards are never dropped (the bound is exceeded for them rather). Every drop is
+counted per type (`diagnostics()["outbox_dropped"]`) and the first of a run is logged.
+
+A full disk (ENOSPC, EDQUOT) does not stop the gateway: `commit()` returns False, the
+changes stay in memory (under the same bound and drop policy, at `full_disk_outbox_max`),
+the condition is logged once, and the first commit that succeeds again says so.
+Events that are not committed yet are not handed out by `sendable()`: nothing is
+published before it is on disk.
 
 One process owns the data directory (an exclusive `flock` on it, released by the
 kernel when the process dies); the dashboard reads through the gateway's objects.
@@ -24,8 +46,10 @@ The store is not thread-safe: call it from one thread (the runtime's loop).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
+import errno
 import fcntl
 import heapq
 import json
@@ -33,7 +57,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,17 +75,26 @@ from gateway.model import (
     visit_to_record,
 )
 
-__all__ = ["Store", "StoreError"]
+__all__ = ["DROP_ORDER", "ROLL_EVERY", "Store", "StoreError"]
 
 _log = logging.getLogger("visita.store")
 
 HOT_FILE = "visita.json"
 """Name of the hot file inside the data directory."""
+HISTORY_DIR = "history"
+"""Folder of the per-day history files inside the data directory."""
+ROLL_EVERY = 256
+"""Journal records that trigger an append to the day files."""
+DROP_ORDER = ("footfall.minute", "zone.changed")
+"""Event types the outbox bound may drop, first to last. Visits and awards are never dropped."""
 
-_OUTBOX, _LEDGER, _VISITS, _META = "outbox", "ledger", "visits", "meta"
+_OUTBOX, _JOURNAL, _META = "outbox", "journal", "meta"
+_LEGACY = ("ledger", "visits")  # tables of the single-file layout (before the history files)
 _META_DOC_ID = 1
 _DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DAY_FILE_RE = re.compile(r"(\d{4}-\d{2}-\d{2})\.jsonl")
 _FIX = "pass --data-dir DIR or fix its permissions"
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class StoreError(Exception):
@@ -217,16 +250,27 @@ class _AtomicJSONStorage(Storage):
         pass
 
 
-class Store:
-    """The gateway's durable state in one hot file, written once per tick by `commit()`.
+def _visit_day(ended: float) -> str:
+    """The day file of a finished visit: the UTC date it ended."""
+    return datetime.fromtimestamp(ended, UTC).strftime("%Y-%m-%d")
 
-    Reads see buffered (uncommitted) changes. Writes are applied in memory at once and
-    reach the disk at the next `commit()`, in one atomic write however many records
-    changed. Indexes kept in memory (event id -> seq, award ids, visit ids) make ack,
-    award dedupe and visit replacement O(1) lookups.
+
+class Store:
+    """The gateway's durable state: a small hot file written once per tick by `commit()`,
+    and per-day history files appended to every `ROLL_EVERY` awards and visits.
+
+    Reads see buffered (uncommitted) changes. Indexes kept in memory (event id -> seq,
+    award ids, the newest visits) make ack, award dedupe and visit replacement O(1).
     """
 
-    def __init__(self, data_dir: Path, *, recent_visits_limit: int = 5000) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        recent_visits_limit: int = 5000,
+        outbox_max: int = 20_000,
+        full_disk_outbox_max: int = 2_000,
+    ) -> None:
         """Open (or create) the store in `data_dir`, recovering from an interrupted commit.
 
         Creates `data_dir` with mode 0700 when missing. A leftover temp file from a
@@ -237,11 +281,22 @@ class Store:
         """
         if recent_visits_limit < 1:
             raise ValueError(f"recent_visits_limit = {recent_visits_limit}: must be at least 1")
+        if outbox_max < 1 or full_disk_outbox_max < 1:
+            raise ValueError("outbox_max and full_disk_outbox_max must be at least 1")
         self._dir = Path(data_dir)
         self._path = self._dir / HOT_FILE
+        self._hist = self._dir / HISTORY_DIR
         self._limit = recent_visits_limit
+        self._outbox_max = outbox_max
+        self._full_max = full_disk_outbox_max
         self._closed = False
         self._visits_trimmed = 0
+        self._dropped: dict[str, int] = {}
+        self._drop_logged = False
+        self._disk_full = False
+        self._last_error = ""
+        self._rolls = 0
+        self._history_lines = 0
 
         self._dir_fd = self._open_dir()
         try:
@@ -251,8 +306,7 @@ class Store:
             assert isinstance(disk, _AtomicJSONStorage)
             self._disk = disk
             self._outbox: Table = self._db.table(_OUTBOX)
-            self._ledger: Table = self._db.table(_LEDGER)
-            self._visits: Table = self._db.table(_VISITS)
+            self._journal: Table = self._db.table(_JOURNAL)
             self._meta: Table = self._db.table(_META)
             self._load()
         except BaseException:
@@ -304,10 +358,15 @@ class Store:
             os.close(fd)
             os.unlink(tmp)
         except OSError as e:
+            if e.errno in _FULL:
+                # A full disk must not keep the gateway from starting: it runs, keeps
+                # events in memory and writes them when space returns.
+                self._note_full(e)
+                return
             raise StoreError(f"data directory {self._dir} is not writable: {e.strerror}; {_FIX}") from e
 
     def _load(self) -> None:
-        """Read the hot file and build the in-memory indexes; quarantine a corrupt file."""
+        """Read the hot file and the history, build the in-memory indexes; quarantine a corrupt hot file."""
         try:
             data = self._disk.load()
             self._build_indexes(data)
@@ -317,8 +376,23 @@ class Store:
             self._build_indexes(None)
         except OSError as e:
             raise StoreError(f"cannot read {self._path}: {e.strerror}; fix its permissions") from e
-        # A smaller limit than last run trims at once (written at the next commit).
-        self._trim_visits(new_docs={}, removed=[])
+        self._load_history()
+        if self._legacy or any(name in self._db.tables() for name in _LEGACY):
+            fresh = [d for d in self._legacy if not self._in_history(d)]
+            if fresh:
+                self._journal.insert_multiple(fresh)
+            for name in _LEGACY:
+                self._db.drop_table(name)
+            _log.info("moved %d award(s) and visit(s) from %s to the history files", len(fresh), self._path)
+            self._legacy.clear()
+        # Journal records already in a day file (a crash after the append, before the commit
+        # that clears the journal) are dropped from the journal; the rest are appended now.
+        stale = [doc.doc_id for doc in self._journal.all() if self._in_history(doc)]
+        if stale:
+            self._journal.remove(doc_ids=stale)
+        for doc in self._journal.all():
+            self._index_history(doc["kind"], doc["rec"])
+        self._roll()
 
     def _quarantine(self, reason: str) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -338,13 +412,16 @@ class Store:
         _log.warning("store file %s is unusable (%s); moved it to %s and starting empty", self._path, reason, target)
 
     def _build_indexes(self, data: dict[str, Any] | None) -> None:
-        """Check every stored record and index it; raises _CorruptFileError on the first bad one."""
+        """Check every hot record and index it; raises _CorruptFileError on the first bad one."""
         tables: dict[str, Any] = data or {}
         self._outbox_seq: dict[str, int] = {}
         self._outbox_id: dict[int, str] = {}
+        self._order: list[int] = []  # pending seqs, ascending; may hold acked ones (lazy delete)
+        self._droppable: dict[str, dict[int, None]] = {t: {} for t in DROP_ORDER}
+        self._committed_seq = 0  # events up to this seq are on disk
         self._award_ids: set[str] = set()
-        self._visit_doc: dict[str, int] = {}
-        self._visit_by_doc: dict[int, tuple[str, float]] = {}
+        self._visits_heap: list[tuple[float, str]] = []  # (ended, visit_id), the newest `limit`
+        self._visits: dict[str, dict[str, Any]] = {}
         last_seq = 0
 
         def docs(name: str) -> Iterable[tuple[int, dict[str, Any]]]:
@@ -366,24 +443,42 @@ class Store:
                 raise _CorruptFileError(f"table {_OUTBOX!r} document {doc_id} does not match its seq or id")
             self._outbox_seq[ev.id] = doc_id
             self._outbox_id[doc_id] = ev.id
+            if ev.type in self._droppable:
+                self._droppable[ev.type][doc_id] = None
             last_seq = max(last_seq, doc_id)
+        self._order = sorted(self._outbox_id)
+        for t in DROP_ORDER:
+            self._droppable[t] = dict.fromkeys(sorted(self._droppable[t]))
 
-        for doc_id, rec in docs(_LEDGER):
+        for doc_id, rec in docs(_JOURNAL):
             try:
-                award = award_from_record(rec)
+                kind, body = rec["kind"], rec["rec"]
+                if kind == "award":
+                    award_from_record(body)
+                elif kind == "visit":
+                    if visit_from_record(body).ended is None:
+                        raise ValueError("open visit")
+                else:
+                    raise ValueError(kind)
             except (KeyError, TypeError, ValueError) as e:
-                raise bad(_LEDGER, doc_id, e) from e
-            self._award_ids.add(award.award_id)
+                raise bad(_JOURNAL, doc_id, e) from e
 
-        for doc_id, rec in docs(_VISITS):
-            try:
-                visit = visit_from_record(rec)
-            except (KeyError, TypeError, ValueError) as e:
-                raise bad(_VISITS, doc_id, e) from e
-            if visit.ended is None or visit.visit_id in self._visit_doc:
-                raise _CorruptFileError(f"table {_VISITS!r} document {doc_id} is open or a duplicate")
-            self._visit_doc[visit.visit_id] = doc_id
-            self._visit_by_doc[doc_id] = (visit.visit_id, visit.ended)
+        # A hot file of the previous layout kept the ledger and the visits in it: they are
+        # checked here and moved to the journal (then the day files) by `_load`.
+        self._legacy: list[dict[str, Any]] = []
+        for name in _LEGACY:
+            for doc_id, rec in docs(name):
+                try:
+                    if name == "ledger":
+                        a = award_from_record(rec)
+                        self._legacy.append({"kind": "award", "day": a.day, "rec": rec})
+                    else:
+                        v = visit_from_record(rec)
+                        if v.ended is None:
+                            raise ValueError("open visit")
+                        self._legacy.append({"kind": "visit", "day": _visit_day(v.ended), "rec": rec})
+                except (KeyError, TypeError, ValueError) as e:
+                    raise bad(name, doc_id, e) from e
 
         for doc_id, rec in docs(_META):
             value = rec.get("last_seq")
@@ -392,7 +487,134 @@ class Store:
             last_seq = max(last_seq, value)
 
         self._last_seq = last_seq
-        self._next_visit_doc = max(self._visit_by_doc, default=0) + 1
+        self._committed_seq = last_seq
+
+    # ------------------------------------------------------------------ history files
+
+    def _day_files(self) -> list[tuple[str, Path]]:
+        """(day, path) of every history file, oldest day first."""
+        try:
+            names = os.listdir(self._hist)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StoreError(f"cannot read {self._hist}: {e.strerror}; fix its permissions") from e
+        out = [(m.group(1), self._hist / n) for n in names if (m := _DAY_FILE_RE.fullmatch(n))]
+        return sorted(out)
+
+    def _read_day(self, path: Path, *, repair: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(kind, record) of every good line of a day file; a torn last line is cut off when `repair`."""
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e.strerror}; fix its permissions") from e
+        end = raw.rfind(b"\n") + 1
+        if end < len(raw) and repair:
+            # Power lost in the middle of an append: the torn record is still in the journal.
+            with open(path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+            _log.info("cut a torn last record off %s (power lost during an append; it is in the journal)", path)
+        for n, line in enumerate(raw[:end].splitlines(), 1):
+            try:
+                doc = json.loads(line)
+                kind, rec = doc["kind"], doc["rec"]
+                if kind == "award":
+                    award_from_record(rec)
+                elif kind == "visit":
+                    visit_from_record(rec)
+                else:
+                    raise ValueError(kind)
+            except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+                _log.warning("%s line %d is not a valid record (%s); skipped", path, n, type(e).__name__)
+                continue
+            yield kind, rec
+
+    def _load_history(self) -> None:
+        for _, path in self._day_files():
+            for kind, rec in self._read_day(path, repair=True):
+                self._index_history(kind, rec)
+                self._history_lines += 1
+
+    def _index_history(self, kind: str, rec: dict[str, Any]) -> None:
+        if kind == "award":
+            self._award_ids.add(str(rec["award_id"]))
+            return
+        visit_id, ended = str(rec["visit_id"]), float(rec["ended"])
+        old = self._visits.get(visit_id)
+        if old is not None:
+            # Replaced: the newer record wins; the heap entry of the old one is dropped lazily.
+            self._visits[visit_id] = rec
+            if float(old["ended"]) != ended:
+                heapq.heappush(self._visits_heap, (ended, visit_id))
+        else:
+            self._visits[visit_id] = rec
+            heapq.heappush(self._visits_heap, (ended, visit_id))
+        self._trim_visits()
+
+    def _trim_visits(self) -> None:
+        while len(self._visits) > self._limit:
+            ended, visit_id = heapq.heappop(self._visits_heap)
+            rec = self._visits.get(visit_id)
+            if rec is not None and float(rec["ended"]) == ended:
+                del self._visits[visit_id]
+                self._visits_trimmed += 1
+        if len(self._visits_heap) > 2 * self._limit + 64:
+            # Compact the stale entries of replaced visits.
+            self._visits_heap = [(float(r["ended"]), v) for v, r in self._visits.items()]
+            heapq.heapify(self._visits_heap)
+
+    def _in_history(self, doc: dict[str, Any]) -> bool:
+        rec = doc["rec"]
+        if doc["kind"] == "award":
+            return str(rec["award_id"]) in self._award_ids
+        old = self._visits.get(str(rec["visit_id"]))
+        return bool(old == rec)
+
+    def _roll(self) -> bool:
+        """Append the journal to the day files (fsynced) and clear it from memory; True when done.
+
+        The hot file still holds the journal until the next commit, so a crash before
+        that commit leaves the records in both places, which `_load` resolves.
+        """
+        docs = self._journal.all()
+        if not docs or self._disk_full:
+            return False
+        by_day: dict[str, list[bytes]] = {}
+        for doc in docs:
+            line = json.dumps({"kind": doc["kind"], "rec": doc["rec"]}, separators=(",", ":"))
+            by_day.setdefault(doc["day"], []).append(line.encode("ascii") + b"\n")
+        try:
+            created = not self._hist.exists()
+            self._hist.mkdir(mode=0o700, exist_ok=True)
+            if created:
+                os.fsync(self._dir_fd)
+            hist_fd = os.open(self._hist, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for day, lines in sorted(by_day.items()):
+                    fd = os.open(
+                        self._hist / f"{day}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+                    )
+                    try:
+                        _write_all(fd, b"".join(lines))
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                os.fsync(hist_fd)
+            finally:
+                os.close(hist_fd)
+        except OSError as e:
+            if e.errno in _FULL:
+                self._note_full(e)
+                return False
+            raise StoreError(
+                f"cannot append to {self._hist}: {e.strerror}; fix the permissions of {self._dir} "
+                "(the records stay in the hot file's journal and are retried)"
+            ) from e
+        self._journal.truncate()
+        self._rolls += 1
+        self._history_lines += len(docs)
+        return True
 
     # ------------------------------------------------------------------ reads
 
@@ -401,6 +623,11 @@ class Store:
         """The hot file, ``<data_dir>/visita.json``."""
         return self._path
 
+    @property
+    def disk_full(self) -> bool:
+        """True while the last write failed for want of space."""
+        return self._disk_full
+
     def pending_events(self) -> list[Event]:
         """The outbox: events put and not yet acknowledged, ascending seq."""
         self._require_open()
@@ -408,43 +635,82 @@ class Store:
         # A deep copy of `data`: a caller changing a returned event must not reach the stored one.
         return [Event.from_record({**d, "data": copy.deepcopy(d["data"])}) for d in docs]
 
+    def sendable(self, after_seq: int, limit: int) -> list[Event]:
+        """Up to `limit` pending events with seq > `after_seq`, ascending, that are on disk already.
+
+        This is how the uplink is fed: the backlog first, in seq order, then new events.
+        """
+        self._require_open()
+        out: list[Event] = []
+        i = bisect.bisect_right(self._order, after_seq)
+        while i < len(self._order) and len(out) < limit:
+            seq = self._order[i]
+            i += 1
+            if seq > self._committed_seq:
+                break
+            if seq not in self._outbox_id:
+                continue
+            doc = self._outbox.get(doc_id=seq)
+            assert doc is not None  # the index and the table change together
+            out.append(Event.from_record({**doc, "data": copy.deepcopy(doc["data"])}))
+        return out
+
     def last_seq(self) -> int:
         """Highest seq ever put (0 for a new store); survives restarts and an empty outbox."""
         self._require_open()
         return self._last_seq
 
     def awards(self, since_day: str | None = None) -> list[Award]:
-        """The ledger in insertion order; with `since_day` ("YYYY-MM-DD") only awards of that day or later."""
+        """The ledger, oldest day first; with `since_day` ("YYYY-MM-DD") only awards of that day or later.
+
+        Reads the day files (only those of `since_day` or later) and the journal.
+        """
         self._require_open()
         if since_day is not None and not _DAY_RE.fullmatch(since_day):
             raise ValueError(f"since_day = {since_day!r}: must be a date written YYYY-MM-DD")
-        out = (award_from_record(d) for d in self._ledger.all())
-        # ISO dates compare correctly as strings.
-        return [a for a in out if since_day is None or a.day >= since_day]
+        seen: set[str] = set()
+        out: list[Award] = []
+        recs = [
+            rec
+            for day, path in self._day_files()
+            if since_day is None or day >= since_day
+            for kind, rec in self._read_day(path)
+            if kind == "award"
+        ]
+        recs += [d["rec"] for d in self._journal.all() if d["kind"] == "award"]
+        for rec in recs:
+            a = award_from_record(rec)
+            # ISO dates compare correctly as strings.
+            if a.award_id not in seen and (since_day is None or a.day >= since_day):
+                seen.add(a.award_id)
+                out.append(a)
+        return out
 
     def recent_visits(self, limit: int = 100) -> list[Visit]:
         """Up to `limit` finished visits, newest (by `ended`) first."""
         self._require_open()
         if limit <= 0:
             return []
-        newest = heapq.nlargest(limit, self._visit_by_doc.items(), key=lambda kv: (kv[1][1], kv[0]))
-        out: list[Visit] = []
-        for doc_id, _ in newest:
-            doc = self._visits.get(doc_id=doc_id)
-            assert doc is not None  # the index and the table change together
-            out.append(visit_from_record(doc))
-        return out
+        newest = heapq.nlargest(limit, self._visits.items(), key=lambda kv: (float(kv[1]["ended"]), kv[0]))
+        return [visit_from_record(rec) for _, rec in newest]
 
-    def diagnostics(self) -> dict[str, float | int]:
-        """Figures for the CLI and dashboard: sizes, depths and commit cost."""
+    def diagnostics(self) -> dict[str, Any]:
+        """Figures for the CLI and dashboard: sizes, depths, drops and commit cost."""
         return {
             "file_size_bytes": self._disk.size_bytes,
             "outbox_depth": len(self._outbox_seq),
+            "outbox_max": self._outbox_max,
+            "outbox_dropped": dict(self._dropped),
+            "journal": len(self._journal),
             "ledger_size": len(self._award_ids),
-            "recent_visits": len(self._visit_by_doc),
+            "history_records": self._history_lines,
+            "history_rolls": self._rolls,
+            "recent_visits": len(self._visits),
             "visits_trimmed": self._visits_trimmed,
             "last_seq": self._last_seq,
             "uncommitted": int(self._disk.dirty),
+            "disk_full": self._disk_full,
+            "last_error": self._last_error,
             "commits": self._disk.writes,
             "last_commit_ms": round(self._disk.last_write_ms, 3),
         }
@@ -457,11 +723,13 @@ class Store:
         Every event must carry a seq (status events, seq None, are outside the durable
         stream: ValueError). Putting an event that is already pending is a no-op; a seq
         already pending under another event id is a ValueError. The call applies all
-        events or, on error, none.
+        events or, on error, none. Past the outbox bound, droppable events are dropped
+        (see the module docstring).
         """
         self._require_open()
         new: dict[int, Document] = {}
         new_ids: dict[str, int] = {}
+        types: dict[int, str] = {}
         for ev in events:
             if ev.seq is None:
                 raise ValueError(
@@ -479,21 +747,71 @@ class Store:
                 raise ValueError(f"seq {ev.seq} of event {ev.id} is already pending as event {other}")
             new[ev.seq] = Document(_plain(ev.to_record(), f"event {ev.id}"), doc_id=ev.seq)
             new_ids[ev.id] = ev.seq
+            types[ev.seq] = ev.type
         if not new:
             return
         self._outbox.insert_multiple(new.values())
         for event_id, seq in new_ids.items():
             self._outbox_seq[event_id] = seq
             self._outbox_id[seq] = event_id
+        for seq in sorted(new):
+            if self._order and seq < self._order[-1]:
+                bisect.insort(self._order, seq)
+            else:
+                self._order.append(seq)
+            if types[seq] in self._droppable:
+                self._droppable[types[seq]][seq] = None
         top = max(new)
         if top > self._last_seq:
             self._last_seq = top
             self._meta.upsert(Document({"last_seq": top}, doc_id=_META_DOC_ID))
+        self._enforce_bound()
+
+    def set_outbox_max(self, outbox_max: int) -> None:
+        """Change the outbox bound (a `cmd/config` downlink); a smaller one applies at once."""
+        if outbox_max < 1:
+            raise ValueError(f"outbox_max = {outbox_max}: must be at least 1")
+        self._outbox_max = outbox_max
+        self._enforce_bound()
+
+    def _enforce_bound(self) -> None:
+        """Drop droppable events, oldest first in DROP_ORDER, until the outbox is within its bound."""
+        bound = self._full_max if self._disk_full else self._outbox_max
+        excess = len(self._outbox_seq) - bound
+        if excess <= 0:
+            return
+        victims: list[int] = []
+        for t in DROP_ORDER:
+            pool = self._droppable[t]
+            while pool and len(victims) < excess:
+                seq = next(iter(pool))
+                del pool[seq]
+                victims.append(seq)
+                self._dropped[t] = self._dropped.get(t, 0) + 1
+        if not victims:
+            return  # only visits and awards left: never dropped, the bound is exceeded
+        for seq in victims:
+            del self._outbox_seq[self._outbox_id.pop(seq)]
+        self._outbox.remove(doc_ids=victims)
+        self._compact_order()
+        if not self._drop_logged:
+            self._drop_logged = True
+            _log.warning(
+                "outbox is over its bound of %d events%s: dropping the oldest %s events first "
+                "(visits and awards are never dropped); drops are counted in the health event",
+                bound,
+                " (disk full)" if self._disk_full else "",
+                " then ".join(DROP_ORDER),
+            )
+
+    def _compact_order(self) -> None:
+        if len(self._order) > 2 * len(self._outbox_id) + 1024:
+            self._order = sorted(self._outbox_id)
 
     def ack_events(self, ids: Iterable[str]) -> int:
         """Remove acknowledged events from the outbox; returns how many were pending.
 
-        Unknown ids (already acknowledged, or never put) are ignored.
+        Unknown ids (already acknowledged, dropped, or never put) are ignored.
         """
         self._require_open()
         if isinstance(ids, str):
@@ -503,9 +821,12 @@ class Store:
             seq = self._outbox_seq.pop(event_id, None)
             if seq is not None:
                 del self._outbox_id[seq]
+                for pool in self._droppable.values():
+                    pool.pop(seq, None)
                 seqs.append(seq)
         if seqs:
             self._outbox.remove(doc_ids=seqs)
+            self._compact_order()
         return len(seqs)
 
     def put_awards(self, awards: Iterable[Award]) -> int:
@@ -516,82 +837,92 @@ class Store:
         for award in awards:
             if award.award_id in self._award_ids or award.award_id in ids:
                 continue
-            added.append(_plain(award_to_record(award), f"award {award.award_id}"))
+            rec = _plain(award_to_record(award), f"award {award.award_id}")
+            added.append({"kind": "award", "day": award.day, "rec": rec})
             ids.append(award.award_id)
         if added:
-            self._ledger.insert_multiple(added)
+            self._journal.insert_multiple(added)
             self._award_ids.update(ids)
         return len(added)
 
     def put_visits(self, visits: Iterable[Visit]) -> None:
-        """Store finished visits, keeping only the newest `recent_visits_limit` by `ended`.
+        """Store finished visits in the history; the newest `recent_visits_limit` stay in memory.
 
-        A visit_id already stored is replaced. The oldest visits beyond the limit are
-        dropped and counted (`visits_trimmed` in `diagnostics()`). An open visit (ended
-        None) is a ValueError; the call applies all visits or, on error, none.
+        A visit_id already stored is replaced (the newer record wins when read back). An
+        open visit (ended None) is a ValueError; the call applies all visits or, on error, none.
         """
         self._require_open()
-        batch: dict[str, tuple[Visit, dict[str, Any]]] = {}
+        batch: dict[str, tuple[float, dict[str, Any]]] = {}
         for v in visits:
             if v.ended is None:
                 raise ValueError(f"visit {v.visit_id} is still open (ended None): only finished visits are stored")
-            batch[v.visit_id] = (v, _plain(visit_to_record(v), f"visit {v.visit_id}"))
+            batch[v.visit_id] = (v.ended, _plain(visit_to_record(v), f"visit {v.visit_id}"))
         if not batch:
             return
-        removed: list[int] = []
-        new_docs: dict[int, Document] = {}
-        for visit_id, (v, rec) in batch.items():
-            old = self._visit_doc.pop(visit_id, None)
-            if old is not None:
-                del self._visit_by_doc[old]
-                removed.append(old)
-            assert v.ended is not None
-            doc_id = self._next_visit_doc
-            self._next_visit_doc += 1
-            new_docs[doc_id] = Document(rec, doc_id=doc_id)
-            self._visit_doc[visit_id] = doc_id
-            self._visit_by_doc[doc_id] = (visit_id, v.ended)
-        self._trim_visits(new_docs, removed)
-
-    def _trim_visits(self, new_docs: dict[int, Document], removed: list[int]) -> None:
-        """Drop the oldest visits beyond the limit, then apply removals and inserts as one op each."""
-        excess = len(self._visit_by_doc) - self._limit
-        if excess > 0:
-            oldest = heapq.nsmallest(excess, self._visit_by_doc.items(), key=lambda kv: (kv[1][1], kv[0]))
-            for doc_id, (visit_id, _) in oldest:
-                del self._visit_by_doc[doc_id]
-                del self._visit_doc[visit_id]
-                if new_docs.pop(doc_id, None) is None:
-                    removed.append(doc_id)
-            self._visits_trimmed += excess
-        if removed:
-            self._visits.remove(doc_ids=removed)
-        if new_docs:
-            self._visits.insert_multiple(new_docs.values())
+        self._journal.insert_multiple(
+            {"kind": "visit", "day": _visit_day(ended), "rec": rec} for ended, rec in batch.values()
+        )
+        for _, rec in batch.values():
+            self._index_history("visit", rec)
 
     # ------------------------------------------------------------------ durability
 
-    def commit(self) -> None:
-        """Write everything changed since the last commit in one atomic write; nothing if unchanged.
+    def commit(self) -> bool:
+        """Write everything changed since the last commit in one atomic write; True when it is on disk.
 
-        On failure (disk full, permissions) raises StoreError; the changes stay in
-        memory and the next commit retries them, and the file keeps the last commit.
+        A full disk is not an error: returns False, keeps the changes in memory (the next
+        commit retries them; the bound tightens to `full_disk_outbox_max`), and the file
+        keeps the last commit. Other failures (permissions, I/O errors) raise StoreError.
         """
         self._require_open()
         try:
             self._disk.flush()
         except OSError as e:
+            if e.errno in _FULL:
+                self._note_full(e)
+                self._enforce_bound()
+                return False
             raise StoreError(
                 f"cannot write {self._path}: {e.strerror or e}; free disk space or fix the permissions of "
                 f"{self._dir} (changes are kept in memory and retried at the next commit)"
             ) from e
+        self._committed_seq = self._last_seq
+        if len(self._journal) >= ROLL_EVERY:
+            # Only now: a record may reach a day file only once the commit that put it (and the
+            # event announcing it) is on disk. The cleared journal is written at the next commit.
+            self._roll()
+        if self._disk_full:
+            self._disk_full = False
+            _log.warning("disk space is back: %s written again (%d events pending)", self._path, len(self._outbox_seq))
+        return True
+
+    def _note_full(self, e: OSError) -> None:
+        self._last_error = f"cannot write {self._dir}: {e.strerror or e}"
+        if not self._disk_full:
+            self._disk_full = True
+            _log.warning(
+                "disk full: cannot write %s (%s); Visita keeps running, holds new events in memory "
+                "(at most %d, dropping %s first) and writes them when space returns; free disk space",
+                self._dir,
+                e.strerror or e,
+                self._full_max,
+                " then ".join(DROP_ORDER),
+            )
 
     def close(self) -> None:
-        """Commit, then release the file and the directory lock. Closing twice is harmless."""
+        """Commit, roll the journal to the day files, commit again, then release the files and the lock. Idempotent."""
         if self._closed:
             return
         try:
-            self.commit()
+            if self.commit():
+                self._roll()
+            if not self.commit():
+                _log.error(
+                    "disk full at stop: %d event(s) and %d history record(s) not written to %s are lost",
+                    max(0, self._last_seq - self._committed_seq),
+                    len(self._journal),
+                    self._dir,
+                )
         finally:
             self._closed = True
             self._db.close()

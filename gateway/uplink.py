@@ -1,19 +1,34 @@
 """The MQTT uplink: the only module that imports paho.
 
-Durability comes from the outbox in the store, not from paho: the runtime stores an event
-before it offers it here, and deletes it only when `take_acks` reports its PUBACK. This
-module hands events to paho only while connected and keeps at most `max_inflight` of them
-unacknowledged; paho itself resends those after a reconnect (with the DUP flag), so an event
-is never lost and a duplicate can only be a QoS 1 resend, recognisable by its `id`.
+Durability comes from the outbox in the store, not from paho. The runtime feeds this
+module from the store (`room()` then `offer()` with `Store.sendable(cursor, room)`), so the
+backlog of an earlier outage or run goes first, in seq order, at most `mqtt.max_rate`
+events a second, and new events follow it; an event leaves the outbox only when
+`take_acks` reports its PUBACK. At most `max_inflight` events are unacknowledged; paho
+resends those after a reconnect (with the DUP flag), so an event is never lost and a
+duplicate can only be a QoS 1 resend, recognisable by its `id`.
+
+Connection: MQTT 5 (or 3.1.1) with a stable client id and a persistent session (clean
+start off, session expiry), TLS for ``mqtts://`` URLs (a CA file, optionally a client
+certificate and key), a user name and password, and reconnects with exponential backoff
+and jitter, so a fleet of gateways does not reconnect in step after a broker restart.
 
 The `status` topic carries a retained birth message ("online") and the last will
-("offline"), so the backend always knows whether the gateway is reachable.
+("offline"), so the backend always knows whether the gateway is reachable. `health`
+events (outside the durable stream, like `status`) are published with `publish_transient`.
+
+Downlink commands arrive on ``<prefix>cmd/<name>``; they are handed to the `on_command`
+callback given to `start` (gateway/downlink.py decides what they mean) and answered with
+`reply`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
+import ssl
+import sys
 import threading
 import time
 from collections import deque
@@ -27,12 +42,19 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import MqttConfig, MqttUrl
-from gateway.events import topic
+from gateway.events import topic, topic_prefix
 from gateway.model import Event
 
 log = logging.getLogger("visita.uplink")
 
 QOS = 1
+
+_AUTH_HINT = {
+    # CONNACK reason codes (MQTT 5) and their 3.1.1 equivalents, with what to check.
+    "Bad user name or password": "check mqtt.username and the password file",
+    "Not authorized": "check mqtt.username, the password file, or the client certificate",
+    "Client identifier not valid": "check mqtt.client_id",
+}
 
 
 class Uplink:
@@ -44,7 +66,9 @@ class Uplink:
         url: MqttUrl,
         client_id: str,
         status: Callable[[bool], Event],
+        password: str | None = None,
     ) -> None:
+        """`password` is read by the caller (a file, systemd's CREDENTIALS_DIRECTORY); it is never logged."""
         self._cfg = cfg
         self._url = url
         self._status = status
@@ -59,36 +83,66 @@ class Uplink:
         self._outage_reported = False
         self._last_error = ""
         self._published = 0
+        self._refused = 0
+        self._paused_until = 0.0  # after a refused publish (an ACL), wait before trying again
+        self._refusal_backoff = 0.0
+        self._attempt = 0
+        self._connects = 0
+        self.cursor = 0
+        """Highest seq offered so far (the feed asks the store for events after it)."""
+        self._tokens = float(cfg.max_rate)
+        self._t_tokens = time.monotonic()
+        self._on_command: Callable[[str, bytes], None] | None = None
+        v5 = cfg.protocol == "5"
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
         )
         # paho's own queue stays unbounded: it only ever holds our in-flight window.
         self._client.max_inflight_messages_set(cfg.max_inflight)
-        self._client.reconnect_delay_set(1, 30)
+        self._client.reconnect_delay_set(cfg.backoff_min_s, cfg.backoff_max_s)  # type: ignore[arg-type]
         if url.tls:
-            self._client.tls_set()
+            self._client.tls_set(
+                ca_certs=cfg.ca or None,
+                certfile=cfg.cert or None,
+                keyfile=cfg.key or None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if cfg.username or password:
+            self._client.username_pw_set(cfg.username or None, password)
         will = status(False)
+        self._prefix = topic_prefix(will.store, will.gateway)
         self._client.will_set(topic(will.store, will.gateway, "status"), will.payload(), qos=QOS, retain=True)
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_message
 
     # ----------------------------------------------------------------- lifecycle
 
-    def start(self) -> None:
-        """Connect in the background; keeps retrying while the broker is unreachable."""
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 3600
-        self._client.connect_async(
-            self._url.host,
-            self._url.port,
-            keepalive=self._cfg.keepalive_s,
-            clean_start=False,
-            properties=props,
-        )
+    def start(self, on_command: Callable[[str, bytes], None] | None = None) -> None:
+        """Connect in the background; keeps retrying (backoff with jitter) while the broker is unreachable.
+
+        With `on_command`, subscribes to ``<prefix>cmd/+`` and calls it (on paho's thread)
+        with the command name and the payload of each message.
+        """
+        self._on_command = on_command
+        if self._cfg.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self._cfg.session_expiry_s
+            self._client.connect_async(
+                self._url.host,
+                self._url.port,
+                keepalive=self._cfg.keepalive_s,
+                clean_start=False,
+                properties=props,
+            )
+        else:
+            self._client.connect_async(self._url.host, self._url.port, keepalive=self._cfg.keepalive_s)
         self._client.loop_start()
 
     def stop(self, flush_timeout_s: float) -> int:
@@ -97,18 +151,20 @@ class Uplink:
         Returns how many events are still unacknowledged (they stay in the outbox for next time).
         """
         deadline = time.monotonic() + flush_timeout_s
-        while self.connected and self.pending() and time.monotonic() < deadline:
-            self.pump()
-            time.sleep(0.02)
-        left = self.pending()
-        if self.connected:
-            # A clean goodbye: the will is not sent on a normal disconnect, so say "offline" ourselves.
-            bye = self._status(False)
-            info = self._client.publish(topic(bye.store, bye.gateway, "status"), bye.payload(), QOS, retain=True)
-            with contextlib.suppress(RuntimeError, ValueError):
-                info.wait_for_publish(timeout=2.0)
-            self._client.disconnect()
-        self._client.loop_stop()
+        try:
+            while self.connected and self.pending() and time.monotonic() < deadline:
+                self.pump()
+                time.sleep(0.02)
+            left = self.pending()
+            if self.connected:
+                # A clean goodbye: the will is not sent on a normal disconnect, so say "offline" ourselves.
+                bye = self._status(False)
+                info = self._client.publish(topic(bye.store, bye.gateway, "status"), bye.payload(), QOS, retain=True)
+                with contextlib.suppress(RuntimeError, ValueError):
+                    info.wait_for_publish(timeout=2.0)
+                self._client.disconnect()
+        finally:
+            self._client.loop_stop()
         return left
 
     @property
@@ -118,16 +174,44 @@ class Uplink:
 
     # ----------------------------------------------------------------- data path
 
-    def offer(self, events: Iterable[Event]) -> None:
-        """Queue events that are already in the outbox, in seq order."""
+    def room(self) -> int:
+        """How many more events `offer` takes now: the in-flight window, limited to `max_rate` a second."""
+        now = time.monotonic()
         with self._lock:
-            self._queue.extend(events)
-        self.pump()
+            rate = float(self._cfg.max_rate)
+            # A burst of at most a tenth of a second's worth (at least the window) keeps the rate smooth.
+            burst = max(rate / 10.0, float(self._cfg.max_inflight))
+            self._tokens = min(burst, self._tokens + (now - self._t_tokens) * rate)
+            self._t_tokens = now
+            if not self.connected or now < self._paused_until:
+                return 0
+            window = 2 * self._cfg.max_inflight - len(self._queue) - len(self._inflight)
+            return max(0, min(int(self._tokens), window))
+
+    def offer(self, events: Iterable[Event]) -> int:
+        """Queue events that are already in the outbox, in seq order; returns how many were taken.
+
+        Only events that continue the cursor are taken (seq above it, in order); the feed
+        fetches anything else from the store again, so an event offered out of turn is
+        never sent ahead of the backlog nor skipped.
+        """
+        taken = 0
+        with self._lock:
+            for ev in events:
+                if ev.seq is None or ev.seq <= self.cursor:
+                    continue
+                self._queue.append(ev)
+                self.cursor = ev.seq
+                taken += 1
+            self._tokens -= taken
+        if taken:
+            self.pump()
+        return taken
 
     def pump(self) -> None:
         """Hand queued events to paho while connected, keeping the in-flight window."""
         with self._send_lock:
-            while self.connected:
+            while self.connected and time.monotonic() >= self._paused_until:
                 with self._lock:
                     if not self._queue or len(self._inflight) >= self._cfg.max_inflight:
                         return
@@ -142,6 +226,32 @@ class Uplink:
                     else:
                         self._settle(event, early)
 
+    def feed(self, fetch: Callable[[int, int], list[Event]]) -> int:
+        """Top the queue up from the outbox: `fetch(after_seq, limit)` is `Store.sendable`. Runtime thread only.
+
+        Returns how many events were taken. Also restarts sending after a pause.
+        """
+        room = self.room()
+        taken = self.offer(fetch(self.cursor, room)) if room else 0
+        self.pump()
+        return taken
+
+    def reconfigure(self, cfg: MqttConfig) -> None:
+        """Take the settings that can change live (max_rate, health_interval_s); the connection stays."""
+        with self._lock:
+            self._cfg = cfg
+
+    def publish_transient(self, event: Event) -> bool:
+        """Publish an event outside the durable stream (`health`) if connected; False when not sent."""
+        if not self.connected:
+            return False
+        self._client.publish(topic(event.store, event.gateway, event.type), event.payload(), qos=0)
+        return True
+
+    def reply(self, name: str, payload: bytes) -> None:
+        """Publish a downlink command's result on ``<prefix>cmd_result/<name>`` (QoS 1, not retained)."""
+        self._client.publish(f"{self._prefix}cmd_result/{name}", payload, qos=QOS)
+
     def take_acks(self) -> list[str]:
         """Ids of events the broker acknowledged since the last call."""
         with self._lock:
@@ -153,19 +263,41 @@ class Uplink:
         with self._lock:
             return len(self._queue) + len(self._inflight)
 
+    @property
+    def last_error(self) -> str:
+        """The last connection or publish error, "" once connected again."""
+        return self._last_error
+
+    @property
+    def acknowledged(self) -> int:
+        """Events acknowledged by the broker since start."""
+        return self._published
+
     def diagnostics(self) -> dict[str, Any]:
         """Connection state, queue depth, in-flight count, acknowledged total, last error."""
         with self._lock:
             return {
                 "broker": str(self._url),
+                "protocol": self._cfg.protocol,
                 "connected": self.connected,
+                "connects": self._connects,
                 "queued": len(self._queue),
                 "inflight": len(self._inflight),
                 "acknowledged": self._published,
+                "refused": self._refused,
+                "cursor": self.cursor,
                 "last_error": self._last_error,
             }
 
     # ----------------------------------------------------------------- paho callbacks (paho's thread)
+
+    def _next_delay(self) -> None:
+        """Exponential backoff with "equal jitter": half the step fixed, half random."""
+        self._attempt += 1
+        step = min(self._cfg.backoff_max_s, self._cfg.backoff_min_s * 2 ** min(self._attempt - 1, 30))
+        delay = step * random.uniform(0.5, 1.0)
+        # paho waits min(previous * 2, max_delay): with both set to `delay` it waits at most that.
+        self._client.reconnect_delay_set(delay, delay)
 
     def _on_connect(
         self,
@@ -176,18 +308,34 @@ class Uplink:
         properties: Properties | None,
     ) -> None:
         if reason.is_failure:
-            self._report_outage(f"refused the connection: {reason}")
+            hint = _AUTH_HINT.get(str(reason), "check the broker's log")
+            self._report_outage(f"refused the connection: {reason}; {hint}", level=logging.ERROR)
+            self._next_delay()
             return
+        self._attempt = 0
+        self._connects += 1
+        self._client.reconnect_delay_set(self._cfg.backoff_min_s, self._cfg.backoff_max_s)  # type: ignore[arg-type]
         self._connected.set()
         birth = self._status(True)
         client.publish(topic(birth.store, birth.gateway, "status"), birth.payload(), QOS, retain=True)
+        if self._on_command is not None:
+            client.subscribe(f"{self._prefix}cmd/+", qos=QOS)
         log.info("MQTT connected to %s; %d event(s) waiting to be sent", self._url, self.pending())
         self._outage_reported = False
         self._last_error = ""
         self.pump()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._report_outage("is unreachable")
+        # paho calls this inside its `except OSError` block: the exception says why.
+        err = sys.exc_info()[1]
+        if isinstance(err, ssl.SSLError):
+            what = f"refused the TLS handshake: {err.reason or err}; check mqtt.ca, mqtt.cert and mqtt.key"
+            self._report_outage(what, level=logging.ERROR)
+        elif err is not None:
+            self._report_outage(f"is unreachable ({getattr(err, 'strerror', None) or err})")
+        else:
+            self._report_outage("is unreachable")
+        self._next_delay()
 
     def _on_disconnect(
         self,
@@ -201,6 +349,16 @@ class Uplink:
         self._connected.clear()
         if was and reason.is_failure:
             self._report_outage(f"dropped the connection: {reason}")
+        elif not was and self._url.tls:
+            # Closed before CONNACK: with TLS 1.3 a refused client certificate shows up only here.
+            self._report_outage(
+                f"closed the connection before accepting it ({reason}): the TLS client certificate may be "
+                "refused; check mqtt.cert, mqtt.key and the broker's log",
+                level=logging.ERROR,
+            )
+        elif not was:
+            self._report_outage(f"closed the connection before accepting it ({reason}); check the broker's log")
+        self._next_delay()
 
     def _on_publish(
         self,
@@ -213,30 +371,52 @@ class Uplink:
         with self._lock:
             event = self._inflight.pop(mid, None)
             if event is None:
-                # A status message, or a PUBACK that arrived before publish() returned its mid.
+                # A status or reply message, or a PUBACK that arrived before publish() returned its mid.
                 if len(self._early) > 1000:
                     self._early.clear()
                 self._early[mid] = reason
                 return
             self._settle(event, reason)
 
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        name = msg.topic.removeprefix(f"{self._prefix}cmd/")
+        if self._on_command is None or name == msg.topic or "/" in name:
+            return
+        try:
+            self._on_command(name, bytes(msg.payload))
+        except Exception:
+            log.exception("downlink command %r failed", name)
+
     def _settle(self, event: Event, reason: ReasonCode) -> None:
         """Record a PUBACK (caller holds the lock)."""
         if reason.is_failure:
-            # The broker refused it (for example an ACL): keep it stored and try again later.
-            self._last_error = f"broker refused {event.type} seq {event.seq}: {reason}"
+            # The broker refused it (an ACL): keep it stored, pause, and try again later.
+            self._refused += 1
+            error = f"broker refused {event.type} seq {event.seq}: {reason}"
             self._queue.appendleft(event)
-            log.error("MQTT broker %s %s", self._url, self._last_error)
+            self._refusal_backoff = min(60.0, max(1.0, self._refusal_backoff * 2))
+            self._paused_until = time.monotonic() + self._refusal_backoff
+            if error.split(" seq ")[0] != self._last_error.split(" seq ")[0]:
+                log.error(
+                    "MQTT broker %s %s; check the broker's ACL for %s# (retrying in %.0f s)",
+                    self._url,
+                    error,
+                    self._prefix,
+                    self._refusal_backoff,
+                )
+            self._last_error = error
             return
+        self._refusal_backoff = 0.0
         self._acked.append(event.id)
         self._published += 1
 
-    def _report_outage(self, what: str) -> None:
+    def _report_outage(self, what: str, level: int = logging.WARNING) -> None:
         self._last_error = f"broker {self._url} {what}"
         if not self._outage_reported:
             # Once per outage, not once per retry.
             self._outage_reported = True
-            log.warning(
+            log.log(
+                level,
                 "MQTT broker %s %s; events are kept in the outbox and sent when it is back (retrying)",
                 self._url,
                 what,

@@ -36,7 +36,8 @@ def mosquitto_binary() -> str:
 class Broker:
     """A mosquitto process of our own: persistent sessions, restartable on the same port."""
 
-    def __init__(self, workdir: Path, port: int) -> None:
+    def __init__(self, workdir: Path, port: int, listener: list[str] | None = None) -> None:
+        """`listener`: settings of the listener (TLS files, password file, ACL); default anonymous plain MQTT."""
         self.port = port
         self.url = f"mqtt://127.0.0.1:{port}"
         self._dir = workdir
@@ -46,7 +47,7 @@ class Broker:
             "\n".join(
                 [
                     f"listener {port} 127.0.0.1",
-                    "allow_anonymous true",
+                    *(listener if listener is not None else ["allow_anonymous true"]),
                     "persistence true",
                     f"persistence_location {self._dir}/",
                     "autosave_interval 1",

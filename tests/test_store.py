@@ -279,9 +279,14 @@ def test_commit_without_change_writes_nothing(
     s.put_events([event(1)])
     s.put_visits([])
     s.commit()
-    s.close()
     assert len(replace_spy) == 1
     assert s.path.stat().st_mtime_ns == mtime
+    s.close()
+    # Closing appended the journal (the award) to its day file, then cleared it from the hot file.
+    assert len(replace_spy) == 2
+    s = open_store()
+    s.close()
+    assert len(replace_spy) == 2, "opening and closing an unchanged store writes nothing"
 
 
 def test_commits_touching_some_tables_write_the_whole_state(open_store: Callable[..., Store], data_dir: Path) -> None:
@@ -318,11 +323,16 @@ def test_modes_and_file_shape(tmp_path: Path) -> None:
         s.put_visits([visit(1, 100.0)])
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(s.path.stat().st_mode) == 0o600
-    assert sorted(os.listdir(data_dir)) == ["visita.json"]
+    assert sorted(os.listdir(data_dir)) == ["history", "visita.json"]
     doc = json.loads(s.path.read_bytes())
-    assert set(doc) == {"outbox", "ledger", "visits", "meta"}
+    assert set(doc) == {"outbox", "journal", "meta"}
     assert doc["meta"] == {"1": {"last_seq": 1}}
     assert doc["outbox"]["1"] == event(1).to_record()
+    assert doc["journal"] == {}, "close rolls the journal into the day files"
+    assert sorted(os.listdir(data_dir / "history")) == ["1970-01-01.jsonl", "2026-11-24.jsonl"]
+    assert stat.S_IMODE((data_dir / "history" / "2026-11-24.jsonl").stat().st_mode) == 0o600
+    lines = (data_dir / "history" / "2026-11-24.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines] == ["award"]
 
 
 def test_diagnostics(open_store: Callable[..., Store]) -> None:
@@ -458,11 +468,14 @@ def test_crash_mid_write_leaves_the_previous_commit(
     monkeypatch.setattr(store_mod, "_write_all", half_then_fail)
     s.put_events([event(2)])
     s.put_awards([award(i) for i in range(2, 200)])
-    with pytest.raises(StoreError, match=r"cannot write .*visita.json: No space left on device; free disk space"):
-        s.commit()
+    # A full disk is not fatal: commit says False, keeps the changes, and says so once.
+    assert s.commit() is False
+    assert s.commit() is False
     assert s.path.read_bytes() == before
     assert not (data_dir / "visita.json.tmp").exists()
     assert s.diagnostics()["uncommitted"] == 1
+    assert s.diagnostics()["disk_full"] is True
+    assert s.sendable(0, 10) == [event(1)], "an event not on disk is not handed to the uplink"
 
     # The changes were kept in memory: the next commit that can write, writes them.
     monkeypatch.setattr(store_mod, "_write_all", real_write_all)
@@ -531,5 +544,112 @@ def test_sigkill_during_commits_never_corrupts(data_dir: Path) -> None:
             if s.last_seq():
                 assert [e.seq for e in s.pending_events()] == [s.last_seq()], context
             assert len(s.awards()) == 10 * s.last_seq(), context
-        assert sorted(os.listdir(data_dir)) == ["visita.json"], context
+        assert sorted(os.listdir(data_dir)) in ([], ["visita.json"], ["history", "visita.json"]), context
     assert progressed > 0, f"seed {seed}: the child never committed before being killed"
+
+
+# --------------------------------------------------------------------------- history files, bound, disk full
+
+
+def typed(seq: int, kind: str) -> Event:
+    return Event(kind, f"evt-{seq}", 1_700_000_000.0 + seq, "store-1", "gw-1", seq, {"n": seq})
+
+
+def test_history_keeps_the_hot_file_small(open_store: Callable[..., Store], data_dir: Path) -> None:
+    s = open_store()
+    for n in range(1, 3 * store_mod.ROLL_EVERY):
+        s.put_awards([award(n)])
+        s.put_visits([visit(n, 1_700_000_100.0 + n)])
+        s.commit()
+    assert s.diagnostics()["journal"] < store_mod.ROLL_EVERY
+    assert s.diagnostics()["history_rolls"] >= 2
+    assert s.path.stat().st_size < 256 * 1000
+    s.close()
+    s = open_store(recent_visits_limit=10)
+    assert len(s.awards()) == 3 * store_mod.ROLL_EVERY - 1
+    assert [v.visit_id for v in s.recent_visits(3)] == [f"v{3 * store_mod.ROLL_EVERY - i}" for i in (1, 2, 3)]
+    assert s.put_awards([award(5)]) == 0, "award ids in the day files still dedupe"
+
+
+def test_legacy_single_file_is_moved_to_the_history(open_store: Callable[..., Store], data_dir: Path) -> None:
+    from gateway.model import award_to_record, visit_to_record
+
+    data_dir.mkdir(mode=0o700)
+    legacy = {
+        "outbox": {"1": event(1).to_record()},
+        "ledger": {"1": award_to_record(award(1))},
+        "visits": {"1": visit_to_record(visit(1, 100.0))},
+        "meta": {"1": {"last_seq": 1}},
+    }
+    (data_dir / "visita.json").write_text(json.dumps(legacy))
+    s = open_store()
+    assert s.awards() == [award(1)] and s.recent_visits() == [visit(1, 100.0)]
+    assert s.pending_events() == [event(1)]
+    s.close()
+    assert set(json.loads((data_dir / "visita.json").read_text())) == {"outbox", "journal", "meta"}
+    s = open_store()
+    assert s.awards() == [award(1)] and s.recent_visits() == [visit(1, 100.0)]
+
+
+def test_torn_history_tail_and_a_crash_before_the_journal_clear(
+    open_store: Callable[..., Store], data_dir: Path
+) -> None:
+    s = open_store()
+    s.put_awards([award(1), award(2)])
+    s.commit()
+    hot = s.path.read_bytes()  # journal holds both awards
+    s.close()  # rolled: the day file holds both, the journal is empty
+    day = data_dir / "history" / "2026-11-24.jsonl"
+    # Power lost after the append, before the commit that clears the journal, with a torn tail.
+    s.path.write_bytes(hot)
+    day.write_bytes(day.read_bytes()[:-7])
+    s = open_store()
+    assert s.awards() == [award(1), award(2)], "nothing lost, nothing counted twice"
+    s.close()
+    assert len(day.read_text().splitlines()) == 2
+
+
+def test_outbox_bound_drops_aggregates_first_and_never_visits_or_awards(
+    open_store: Callable[..., Store], caplog: pytest.LogCaptureFixture
+) -> None:
+    s = open_store(outbox_max=4)
+    with caplog.at_level(logging.WARNING, logger="visita.store"):
+        s.put_events([typed(1, "footfall.minute"), typed(2, "zone.changed"), typed(3, "visit.started")])
+        s.put_events([typed(4, "footfall.minute"), typed(5, "points.awarded"), typed(6, "visit.ended")])
+        s.put_events([typed(7, "visit.started"), typed(8, "points.awarded")])
+    kept = [(e.seq, e.type) for e in s.pending_events()]
+    assert kept == [(3, "visit.started"), (5, "points.awarded"), (6, "visit.ended"), (7, "visit.started"),
+                    (8, "points.awarded")]  # fmt: skip
+    assert s.diagnostics()["outbox_dropped"] == {"footfall.minute": 2, "zone.changed": 1}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "footfall.minute then zone.changed" in warnings[0]
+    assert [e.seq for e in s.sendable(0, 100)] == [], "nothing is sent before it is committed"
+    s.commit()
+    assert [e.seq for e in s.sendable(3, 2)] == [5, 6]
+
+
+def test_disk_full_keeps_running_drops_by_policy_and_recovers(
+    open_store: Callable[..., Store], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = open_store(full_disk_outbox_max=3)
+    s.put_events([typed(1, "visit.started")])
+    assert s.commit() is True
+    real = store_mod._write_all
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "_write_all", full)
+    with caplog.at_level(logging.WARNING, logger="visita.store"):
+        for seq in range(2, 12):
+            s.put_events([typed(seq, "footfall.minute" if seq % 2 else "visit.ended")])
+            assert s.commit() is False
+        monkeypatch.setattr(store_mod, "_write_all", real)
+        assert s.commit() is True
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("disk full") for m in msgs) == 1
+    assert sum("disk space is back" in m for m in msgs) == 1
+    kinds = [e.type for e in s.pending_events()]
+    assert kinds.count("visit.ended") == 5 and kinds.count("visit.started") == 1
+    assert s.diagnostics()["outbox_dropped"] == {"footfall.minute": 5}
+    assert len(s.sendable(0, 100)) == 6

@@ -1,0 +1,169 @@
+"""Downlink commands: ``visita/v1/<store>/<gateway>/cmd/<name>`` in, ``.../cmd_result/<name>`` out.
+
+A command's payload is a JSON object; an optional ``"id"`` (string) is echoed in the result
+so the backend can match them. Each command is
+
+- validated completely before anything changes;
+- applied atomically, on the runtime's thread (the store and the pipeline are not
+  thread-safe; paho's thread only queues the message);
+- answered on ``cmd_result/<name>``: ``{"id", "name", "ok": true, ...handler's fields}``
+  or ``{"id", "name", "ok": false, "error": "<reason>"}``. A refused command changed nothing.
+
+Who may send commands is the broker's business (its ACL on ``.../cmd/#``), not the gateway's.
+
+Handlers are registered by name in `HANDLERS` (a dict name -> handler); a handler takes the
+gateway and the parsed payload and returns the result's fields, or raises `CommandRefused`
+with the reason. Built in: ``rules`` (replace the points rules of the running gateway) and
+``config`` (change the settings that can change live). ``members`` (gateway/members.py)
+is registered here too, through its own `apply_members_command`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from gateway.config import ConfigError, validate
+
+if TYPE_CHECKING:
+    from gateway.runtime import Gateway
+
+log = logging.getLogger("visita.downlink")
+
+MAX_PAYLOAD = 1 << 20
+"""Largest command accepted, bytes (a full member set of a large store fits)."""
+MAX_QUEUED = 100
+"""Commands waiting for the runtime's next tick, at most; more are refused at once."""
+
+
+class CommandRefused(Exception):
+    """A command that is not applied; the message is the reason sent back."""
+
+
+Handler = Callable[["Gateway", dict[str, Any]], dict[str, Any]]
+
+
+def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
+    """``{"rules": [...]}``: the rules file's content as JSON; replaces the rules of the running gateway."""
+    from gateway.days import LocalDays
+    from gateway.points import PointsEngine, RuleSet
+
+    body = {k: v for k, v in payload.items() if k != "id"}
+    try:
+        rules = validate(RuleSet, body, "cmd/rules")
+    except ConfigError as e:
+        raise CommandRefused("; ".join(e.problems)) from None
+    # Built completely (the ledger replayed into it) before it replaces the old engine.
+    engine = PointsEngine(rules, LocalDays(gw.settings.timezone), gw.store.awards(), gw.members.tier)
+    gw.points = engine
+    return {"rules": [r.id for r in rules.rules]}
+
+
+LIVE_CONFIG = {
+    "mqtt.max_rate": ("mqtt", "max_rate"),
+    "mqtt.health_interval_s": ("mqtt", "health_interval_s"),
+    "storage.outbox_max": ("storage", "outbox_max"),
+}
+"""Settings the ``config`` command may change while the gateway runs."""
+
+
+def _config(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
+    """``{"set": {"mqtt.max_rate": 500, ...}}``: keys of LIVE_CONFIG, validated like the config file."""
+    from gateway.config import Settings
+
+    changes = payload.get("set")
+    if not isinstance(changes, dict) or not changes:
+        raise CommandRefused('"set" must be a non-empty object of setting: value')
+    unknown = sorted(set(changes) - set(LIVE_CONFIG))
+    if unknown:
+        raise CommandRefused(f"cannot change {', '.join(unknown)} live (allowed: {', '.join(LIVE_CONFIG)})")
+    data = gw.settings.model_dump()
+    for key, value in changes.items():
+        section, name = LIVE_CONFIG[key]
+        data[section][name] = value
+    try:
+        settings: Settings = validate(Settings, data, "cmd/config")
+    except ConfigError as e:
+        raise CommandRefused("; ".join(e.problems)) from None
+    # Everything validated: apply all of it.
+    gw.settings = settings
+    if gw.uplink is not None:
+        gw.uplink.reconfigure(settings.mqtt)
+    gw.store.set_outbox_max(settings.storage.outbox_max)
+    return {"set": {k: changes[k] for k in sorted(changes)}}
+
+
+def _members(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
+    from gateway.members import apply_members_command
+
+    if gw.member_keys is None:
+        raise CommandRefused("this gateway keeps no member keys")
+    result = apply_members_command(gw.member_keys, {k: v for k, v in payload.items() if k != "id"})
+    if not result.get("ok", False):
+        raise CommandRefused(str(result.get("error", "refused")))
+    return {k: v for k, v in result.items() if k != "ok"}
+
+
+HANDLERS: dict[str, Handler] = {"rules": _rules, "config": _config, "members": _members}
+"""Command name -> handler; add an entry to serve a new command."""
+
+
+class Downlink:
+    """Queues commands from paho's thread and applies them on the runtime's, one at a time."""
+
+    def __init__(self, gw: Gateway, reply: Callable[[str, bytes], None]) -> None:
+        self._gw = gw
+        self._reply = reply
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(MAX_QUEUED)
+        self.counts = {"applied": 0, "refused": 0}
+
+    def receive(self, name: str, payload: bytes) -> None:
+        """Called on paho's thread for each message on ``cmd/<name>``."""
+        try:
+            self._queue.put_nowait((name, payload))
+        except queue.Full:
+            self._answer(name, None, False, {"error": f"too many commands waiting (at most {MAX_QUEUED})"})
+
+    def apply_pending(self) -> None:
+        """Apply every queued command (runtime thread)."""
+        while True:
+            try:
+                name, payload = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self.apply(name, payload)
+
+    def apply(self, name: str, payload: bytes) -> dict[str, Any]:
+        """Validate and apply one command; returns (and publishes) the result."""
+        cmd_id: str | None = None
+        try:
+            handler = HANDLERS.get(name)
+            if handler is None:
+                raise CommandRefused(f"unknown command {name!r} (known: {', '.join(sorted(HANDLERS))})")
+            if len(payload) > MAX_PAYLOAD:
+                raise CommandRefused(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
+            try:
+                body = json.loads(payload)
+            except (UnicodeDecodeError, ValueError):
+                raise CommandRefused("payload is not UTF-8 JSON") from None
+            if not isinstance(body, dict):
+                raise CommandRefused("payload must be a JSON object")
+            raw_id = body.get("id")
+            if raw_id is not None and not (isinstance(raw_id, str) and len(raw_id) <= 128):
+                raise CommandRefused('"id" must be a string of at most 128 characters')
+            cmd_id = raw_id
+            fields = handler(self._gw, body)
+        except CommandRefused as e:
+            log.warning("downlink command %s refused: %s (nothing changed)", name, e)
+            return self._answer(name, cmd_id, False, {"error": str(e)})
+        log.info("downlink command %s applied", name)
+        return self._answer(name, cmd_id, True, fields)
+
+    def _answer(self, name: str, cmd_id: str | None, ok: bool, fields: dict[str, Any]) -> dict[str, Any]:
+        self.counts["applied" if ok else "refused"] += 1
+        result = {"id": cmd_id, "name": name, "ok": ok, **fields}
+        self._reply(name if "/" not in name else "invalid", json.dumps(result, separators=(",", ":")).encode())
+        return result
