@@ -33,6 +33,7 @@ from gateway.config import (
     PlanConfig,
     ReceiverConfig,
     Strict,
+    WallConfig,
     ZoneConfig,
     read_toml,
     validate,
@@ -461,7 +462,12 @@ def beacon_subject_id(b: Beacon) -> str:
 
 def scenario_plan(s: Scenario) -> PlanConfig:
     """The gateway's store plan for a scenario: the same zone, receiver and beacon ids."""
-    zones = [ZoneConfig(id=z.id, name=z.name, outside=z.outside) for z in s.zones]
-    receivers = [ReceiverConfig(id=r.id, zone=r.zone or s.zone_of(r.position) or "") for r in s.receivers]
+    zones = [ZoneConfig(id=z.id, name=z.name, outside=z.outside, polygon=list(z.polygon)) for z in s.zones]
+    receivers = [
+        ReceiverConfig(id=r.id, zone=r.zone or s.zone_of(r.position) or "", position=r.position) for r in s.receivers
+    ]
     beacons = [BeaconConfig(id=beacon_subject_id(b), name=b.name, zone=s.zone_of(b.position) or "") for b in s.beacons]
-    return PlanConfig(zones=zones, receivers=receivers, beacons=beacons)
+    # The geometry (zone polygons, receiver positions, walls) lets the gateway's HMM estimator place people.
+    walls = [WallConfig(name=w.name, points=list(w.points), loss_db=w.loss_db) for w in s.walls]
+    doors = [((e.outside[0] + e.inside[0]) / 2, (e.outside[1] + e.inside[1]) / 2) for e in s.entrances]
+    return PlanConfig(zones=zones, receivers=receivers, beacons=beacons, walls=walls, doors=doors)

@@ -26,6 +26,9 @@ ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 Id = Annotated[str, Field(pattern=ID_PATTERN)]
 
+Point = Annotated[tuple[float, float], Field(strict=False)]
+"""[x, y] in metres on the store plan (a TOML array of two numbers)."""
+
 
 class ConfigError(Exception):
     """A config (or rules) file that cannot be used; one line per problem in `problems`."""
@@ -50,6 +53,20 @@ class ZoneConfig(Strict):
     id: Id = Field(description="Zone id, used in events and on the dashboard.")
     name: str = Field(default="", max_length=80, description="Human name for the dashboard.")
     outside: bool = Field(default=False, description="True for zones outside the store (sidewalk).")
+    polygon: list[Point] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Corners [x, y] in metres, in order (3 or more); with receiver positions it lets the "
+        "estimator place subjects on the plan (docs/estimation.md). Empty: no geometry.",
+    )
+
+
+class WallConfig(Strict):
+    """Something that attenuates radio between subject and receiver: glass front, outer walls, shelf runs."""
+
+    name: str = Field(default="", max_length=80, description="For people.")
+    points: list[Point] = Field(min_length=2, max_length=256, description="Polyline corners [x, y], m.")
+    loss_db: float = Field(ge=0, le=60, description="Loss of one crossing, dB.")
 
 
 class ReceiverConfig(Strict):
@@ -59,6 +76,9 @@ class ReceiverConfig(Strict):
     zone: Id = Field(description="Zone the receiver is mounted in.")
     gain_db: float = Field(
         default=0.0, ge=-30, le=30, description="Calibration added to every RSSI this receiver reports, dB."
+    )
+    position: Point | None = Field(
+        default=None, description="Where it is mounted, [x, y] in metres in the zones' frame; None: unknown."
     )
 
 
@@ -79,6 +99,15 @@ class PlanConfig(Strict):
     zones: list[ZoneConfig] = Field(min_length=1, description="Zones, inside and outside.")
     receivers: list[ReceiverConfig] = Field(min_length=1, description="Receivers.")
     beacons: list[BeaconConfig] = Field(default_factory=list, description="Fixed beacons.")
+    walls: list[WallConfig] = Field(
+        default_factory=list, max_length=1000, description="Walls, windows and shelf runs (radio loss)."
+    )
+    doors: list[Point] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Where people cross between outside and inside zones, [x, y] m; the HMM lets them cross "
+        "only near a door. Empty: anywhere.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PlanConfig:
@@ -94,6 +123,9 @@ class PlanConfig(Strict):
         for i, b in enumerate(self.beacons):
             if b.zone not in zone_ids:
                 problems.append(f"beacons[{i}].zone = {b.zone!r}: no such zone (zones: {', '.join(zone_ids)})")
+        for i, z in enumerate(self.zones):
+            if z.polygon and len(z.polygon) < 3:
+                problems.append(f"zones[{i}].polygon: give at least three corners (or none)")
         if all(z.outside for z in self.zones):
             problems.append("zones: every zone is outside; at least one zone must be inside the store")
         if problems:
@@ -106,6 +138,10 @@ class PlanConfig(Strict):
             if z.id == zone_id:
                 return z
         raise KeyError(zone_id)
+
+    def has_geometry(self) -> bool:
+        """True when every zone has a polygon and every receiver a position (the HMM estimator needs both)."""
+        return all(z.polygon for z in self.zones) and all(r.position is not None for r in self.receivers)
 
 
 # --------------------------------------------------------------------------- sections
@@ -214,7 +250,31 @@ class StorageConfig(Strict):
 
 
 class EstimateConfig(Strict):
-    """The zone estimator (strongest receiver with hysteresis)."""
+    """The zone estimator (docs/estimation.md): an HMM over the plan when it has geometry, else the
+    strongest receiver with hysteresis (whose settings are smoothing_s, hysteresis_db, stale_s, inside_min_rssi)."""
+
+    method: Literal["auto", "hmm", "baseline"] = Field(
+        default="auto",
+        description="auto: the HMM when the plan has zone polygons and receiver positions, else baseline; "
+        "hmm: require the geometry; baseline: strongest receiver with hysteresis.",
+    )
+    lag_s: int = Field(
+        default=3, ge=0, le=30, description="HMM: fixed-lag smoothing; a zone is reported this many seconds late, s."
+    )
+    cell_m: float = Field(default=1.5, ge=0.5, le=10, description="HMM: grid cell size over the plan, m.")
+    path_loss_exponent: float = Field(
+        default=2.2, ge=1.5, le=5, description="HMM: log-distance path-loss exponent of the store."
+    )
+    sigma_db: float = Field(
+        default=5.0, ge=1, le=20, description="HMM: spread of one second's RSSI around the path-loss model, dB."
+    )
+    walk_mps: float = Field(default=1.5, gt=0, le=5, description="HMM: fastest walking speed assumed, m/s.")
+    outlier_db: float = Field(
+        default=12.0,
+        ge=3,
+        le=40,
+        description="HMM: a second's RSSI further than this from the smoothed level is clipped to it, dB.",
+    )
 
     smoothing_s: float = Field(
         default=4.0, gt=0, le=120, description="Time constant of RSSI smoothing per subject and receiver, s."

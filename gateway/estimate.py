@@ -1,4 +1,9 @@
-"""Zone estimation, first version: strongest receiver with hysteresis.
+"""Zone estimation: the hidden-Markov estimator (`HmmEstimator`) and the first one it replaced.
+
+`make_estimator` picks one from the config: the HMM when the plan has geometry (zone polygons and
+receiver positions; docs/estimation.md), else the baseline described next.
+
+Baseline: strongest receiver with hysteresis.
 
 Per (subject, receiver) the RSSI is smoothed with an exponential moving average whose
 weight follows the time between sightings (a time constant, not a sample count, so a
@@ -23,6 +28,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from gateway.config import EstimateConfig, PlanConfig
 from gateway.model import Sighting, ZoneEstimate
@@ -62,8 +70,8 @@ class StrongestReceiver:
         self._unknown_receiver = 0
         self._last_prune = 0.0
 
-    def update(self, sightings: Sequence[Sighting]) -> list[ZoneEstimate]:
-        """Fold in a batch of sightings; one estimate per non-beacon subject heard in it."""
+    def update(self, sightings: Sequence[Sighting], now: float | None = None) -> list[ZoneEstimate]:
+        """Fold in a batch of sightings; one estimate per non-beacon subject heard in it (`now` unused)."""
         touched: dict[str, float] = {}
         tau = self._cfg.smoothing_s
         for s in sightings:
@@ -126,7 +134,487 @@ class StrongestReceiver:
         """Subjects tracked, sightings from receivers not in the plan, last beacon heard per receiver."""
         return {
             "estimator": "strongest-receiver",
+            "resolution": "receiver-zones",
             "subjects": len(self._subjects),
             "unknown_receiver_sightings": self._unknown_receiver,
             "beacon_last_heard": dict(self._beacon_heard),
         }
+
+
+# =========================================================================== the HMM estimator
+
+F32 = npt.NDArray[np.float32]
+
+MEAN_BODY_LOSS_DB = 3.0
+"""A carrier's body costs 0-6 dB by heading; on average about 3 (docs/estimation.md)."""
+OFFSET_SIGMA_DB = 2.5
+"""Spread of a subject's common offset (phone model, body, pocket), marginalised in the emissions."""
+TELEPORT = 1e-5
+"""Share of probability spread evenly every second, so a wrong belief can recover from any start."""
+REORDER_S = 1.0
+"""A second is decided once data time is this far past its end (late remote sightings still count)."""
+FORGET_S = 90.0
+"""An HMM subject not heard for this long is dropped (the visit tracker has ended it by then)."""
+PRUNE_EVERY_S = 30.0
+DOOR_RADIUS_M = 2.5
+"""Cells this close to one of the plan's doors may pass between inside and outside zones."""
+SENSITIVITY_DBM = -95.0
+PACKET_SIGMA_DB = 5.0
+"""Spread of one packet's RSSI around the model (fading and shadowing), for the chance it is heard at all."""
+MAX_MISS_PACKETS = 0.5
+"""Non-detection evidence is capped at this many packets' worth per second (not overconfident)."""
+RECEIVER_SILENT_S = 10.0
+"""A receiver that reported nothing at all (not even a beacon) for this long is down: its silence says nothing."""
+"""Typical receiver sensitivity: weaker packets are never reported (censoring, docs/estimation.md)."""
+SWITCH_MARGIN = 0.3
+"""The reported zone changes when another zone's probability exceeds the current one's by this much."""
+
+
+def points_in_polygon(x: F32, y: F32, polygon: Sequence[tuple[float, float]]) -> npt.NDArray[np.bool_]:
+    """Ray casting; a point on a lower or left edge is inside, on an upper or right edge outside."""
+    inside = np.zeros(np.shape(x), dtype=np.bool_)
+    n = len(polygon)
+    for i in range(n):
+        x1, y1 = polygon[i]
+        x2, y2 = polygon[(i + 1) % n]
+        if y1 == y2:
+            continue
+        crosses = (y1 > y) != (y2 > y)
+        x_at = (x2 - x1) * (y - y1) / (y2 - y1) + x1
+        inside ^= crosses & (x < x_at)
+    return inside
+
+
+def wall_loss(ax: F32, ay: F32, bx: float, by: float, walls: Sequence[tuple[float, float, float, float, float]]) -> F32:
+    """Summed loss (dB) of the wall segments each straight path a→b crosses."""
+    total = np.zeros(np.shape(ax), dtype=np.float32)
+    dx, dy = bx - ax, by - ay
+    for x1, y1, x2, y2, loss in walls:
+        wx, wy = x2 - x1, y2 - y1
+        s1 = wx * (ay - y1) - wy * (ax - x1)
+        s2 = wx * (by - y1) - wy * (bx - x1)
+        s3 = dx * (y1 - ay) - dy * (x1 - ax)
+        s4 = dx * (y2 - ay) - dy * (x2 - ax)
+        total += np.where((s1 * s2 < 0) & (s3 * s4 < 0), np.float32(loss), np.float32(0))
+    return total
+
+
+class HmmEstimator:
+    """Zones from a hidden Markov model over a grid on the store plan, for all subjects at once.
+
+    No I/O; time comes from the sightings and `now`. See docs/estimation.md for the model, and the
+    module docstring of the baseline above for the estimator it replaces.
+    """
+
+    def __init__(self, plan: PlanConfig, cfg: EstimateConfig) -> None:
+        if not plan.has_geometry():
+            raise ValueError("the HMM estimator needs a polygon for every zone and a position for every receiver")
+        self._cfg = cfg
+        self._lag = cfg.lag_s
+        self._rx_index = {r.id: i for i, r in enumerate(plan.receivers)}
+        self._gain = np.array([r.gain_db for r in plan.receivers], dtype=np.float32)
+        self._rx_zone = [r.zone for r in plan.receivers]
+        self.zone_ids = [z.id for z in plan.zones]
+        self._zone_inside = np.array([not z.outside for z in plan.zones])
+        self.receivers = len(plan.receivers)
+        self.resolution = "zones" if self.receivers > 1 else "inside-outside"
+        # The grid: cell centres over the plan's bounding box, each in the first zone that holds it.
+        pts = [c for z in plan.zones for c in z.polygon]
+        x0, y0 = min(p[0] for p in pts), min(p[1] for p in pts)
+        x1, y1 = max(p[0] for p in pts), max(p[1] for p in pts)
+        h = max(1, math.ceil((y1 - y0) / cfg.cell_m))
+        w = max(1, math.ceil((x1 - x0) / cfg.cell_m))
+        self._shape = (h, w)
+        gy, gx = np.meshgrid(
+            y0 + (np.arange(h, dtype=np.float32) + 0.5) * cfg.cell_m,
+            x0 + (np.arange(w, dtype=np.float32) + 0.5) * cfg.cell_m,
+            indexing="ij",
+        )
+        cx, cy = gx.reshape(-1), gy.reshape(-1)
+        zone = np.full(h * w, -1, dtype=np.int64)
+        for i, z in enumerate(plan.zones):
+            hit = (zone < 0) & points_in_polygon(cx, cy, z.polygon)
+            zone[hit] = i
+        for i, z in enumerate(plan.zones):  # a zone narrower than a cell still gets the cell nearest its centre
+            if not np.any(zone == i):
+                zx = sum(p[0] for p in z.polygon) / len(z.polygon)
+                zy = sum(p[1] for p in z.polygon) / len(z.polygon)
+                zone[int(np.argmin((cx - zx) ** 2 + (cy - zy) ** 2))] = i
+        # From here on only the cells inside some zone are kept: every array is (…, cells).
+        grid = np.full(h * w, -1, dtype=np.int64)
+        valid = np.nonzero(zone >= 0)[0]
+        grid[valid] = np.arange(len(valid))
+        cx, cy, zone = cx[valid], cy[valid], zone[valid]
+        self._cell_zone = zone
+        self.cells = len(valid)
+        onehot = np.zeros((self.cells, len(plan.zones)), dtype=np.float32)
+        onehot[np.arange(self.cells), zone] = 1.0
+        self._onehot = onehot
+        self._cx, self._cy = cx, cy
+        self._nb, self._kernel = self._motion(plan, cfg, grid, valid, h, w)
+        self._norm = self._kernel.sum(axis=1).astype(np.float32)
+        # Expected RSSI per receiver and cell, for a -59 dBm-at-1-m transmitter (path loss, walls, body).
+        walls = [
+            (a[0], a[1], b[0], b[1], wl.loss_db)
+            for wl in plan.walls
+            for a, b in zip(wl.points, wl.points[1:], strict=False)
+        ]
+        mu = np.empty((self.receivers, self.cells), dtype=np.float32)
+        for i, r in enumerate(plan.receivers):
+            assert r.position is not None
+            d = np.maximum(np.hypot(cx - r.position[0], cy - r.position[1]), 1.0)
+            loss = 10 * cfg.path_loss_exponent * np.log10(d) + wall_loss(cx, cy, r.position[0], r.position[1], walls)
+            mu[i] = REFERENCE_RSSI_1M - MEAN_BODY_LOSS_DB - loss
+        # Chance that one packet from a cell reaches each receiver above its sensitivity (for non-detection).
+        margin = (mu - SENSITIVITY_DBM) / np.float32(PACKET_SIGMA_DB)
+        self._pdet = (1.0 - 0.5 * _erfc(margin / math.sqrt(2.0))).astype(np.float32)
+        # Receivers report only packets above their sensitivity, so where the mean is near or below it the
+        # packets heard are the lucky ones: expect the mean of the truncated distribution, not the model's.
+        sd = np.float32(cfg.sigma_db)
+        a = (SENSITIVITY_DBM - mu) / sd
+        tail = np.maximum(0.5 * _erfc(a / math.sqrt(2.0)), 1e-6)
+        mu = mu + sd * np.exp(-0.5 * a * a) / math.sqrt(2 * math.pi) / tail
+        self._mu = mu
+        self._rx_pos = [r.position for r in plan.receivers]
+        self._prior = np.full(self.cells, 1.0 / self.cells, dtype=np.float32)
+        # Per subject (rows 0..n-1 are live).
+        self._rows: dict[str, int] = {}
+        self._names: list[str] = []
+        cap = 64
+        self._alpha = np.zeros((cap, self.cells), dtype=np.float32)
+        self._ring_alpha = np.zeros((self._lag + 1, cap, self.cells), dtype=np.float32)
+        self._ring_emit = np.ones((self._lag + 1, cap, self.cells), dtype=np.float32)
+        self._ring_heard: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]] = [
+            (np.zeros(0, np.int64), np.zeros(0)) for _ in range(self._lag + 1)
+        ]
+        self._level = np.full((cap, self.receivers), np.nan, dtype=np.float32)
+        self._last = np.zeros(cap, dtype=np.float64)
+        self._zone_now = np.full(cap, -1, dtype=np.int64)
+        self._rx_last = np.full(self.receivers, -np.inf)
+        # Sightings waiting for their second to be decided: second, row, receiver, normalised RSSI, ts.
+        self._pending: list[tuple[int, int, int, float, float]] = []
+        self._next_sec: int | None = None
+        self._last_prune = -math.inf
+        self._counts = {"sightings": 0, "late": 0, "unknown_receiver": 0, "outliers_clipped": 0, "seconds": 0}
+        self._beacon_heard: dict[str, float] = {}
+        self._bands: dict[str, int] = {"near": 0, "mid": 0, "far": 0}
+
+    # ------------------------------------------------------------------ model pieces
+
+    def _motion(
+        self,
+        plan: PlanConfig,
+        cfg: EstimateConfig,
+        grid: npt.NDArray[np.int64],
+        valid: npt.NDArray[np.int64],
+        h: int,
+        w: int,
+    ) -> tuple[npt.NDArray[np.int64], F32]:
+        """Neighbours of every cell within one second's walk and their Gaussian weights (symmetric).
+
+        Moves between an inside and an outside zone are allowed only between cells near a door when the
+        plan lists doors: people cross a shop front at its doors, not through the glass.
+        """
+        reach = max(1, math.ceil(cfg.walk_mps / cfg.cell_m))
+        s = max(cfg.walk_mps * 0.67, 0.3)
+        offsets = [(dj, di) for dj in range(-reach, reach + 1) for di in range(-reach, reach + 1)]
+        gj, gi = valid // w, valid % w
+        inside = self._zone_inside[self._cell_zone]
+        door = np.zeros(self.cells, dtype=np.bool_)
+        for dx, dy in plan.doors:
+            door |= np.hypot(self._cx - dx, self._cy - dy) <= DOOR_RADIUS_M
+        if not plan.doors:
+            door[:] = True
+        nb = np.zeros((self.cells, len(offsets)), dtype=np.int64)
+        kernel = np.zeros((self.cells, len(offsets)), dtype=np.float32)
+        for k, (dj, di) in enumerate(offsets):
+            j, i = gj + dj, gi + di
+            ok = (j >= 0) & (j < h) & (i >= 0) & (i < w)
+            other = np.where(ok, grid[np.clip(j, 0, h - 1) * w + np.clip(i, 0, w - 1)], -1)
+            ok &= other >= 0
+            o = np.maximum(other, 0)
+            ok &= (inside == inside[o]) | (door & door[o])
+            nb[:, k] = np.where(ok, o, np.arange(self.cells))
+            kernel[:, k] = np.where(ok, math.exp(-((dj * dj + di * di) * cfg.cell_m**2) / (2 * s * s)), 0.0)
+        return nb, kernel
+
+    def _forward(self, a: F32) -> F32:
+        """Predict one second ahead: row-normalised motion plus a little teleport."""
+        out: F32 = np.einsum("ncj,cj->nc", (a / self._norm)[:, self._nb], self._kernel)
+        out *= np.float32(1 - TELEPORT)
+        out += np.float32(TELEPORT) * self._prior * a.sum(axis=1, keepdims=True)
+        return out
+
+    def _backward(self, b: F32) -> F32:
+        """The transposed motion step, for the backward pass of fixed-lag smoothing."""
+        out: F32 = np.einsum("ncj,cj->nc", b[:, self._nb], self._kernel) / self._norm
+        out *= np.float32(1 - TELEPORT)
+        out += np.float32(TELEPORT) * (b * self._prior).sum(axis=1, keepdims=True)
+        return out
+
+    def _emission(self, obs: F32, heard: npt.NDArray[np.bool_], packets: F32, alive: npt.NDArray[np.bool_]) -> F32:
+        """Likelihood of each cell given one second's RSSI per receiver (rows, receivers), scaled to max 1.
+
+        Residuals are clipped at 3 sigma (robust to a deep fade or a reflection) and a common offset per
+        subject (its phone's power, its body) is integrated out, so the pattern across receivers counts
+        more than the absolute level; receivers that did not hear the subject that second add nothing.
+        """
+        sigma2 = np.float32(self._cfg.sigma_db**2)
+        tau2 = np.float32(OFFSET_SIGMA_DB**2)
+        clip = np.float32(3 * self._cfg.sigma_db)
+        s1 = np.zeros((obs.shape[0], self._mu.shape[1]), dtype=np.float32)
+        s2 = np.zeros_like(s1)
+        for r in range(self.receivers):
+            rows = np.nonzero(heard[:, r])[0]
+            if not len(rows):
+                continue
+            e = np.clip(obs[rows, r, None] - self._mu[r][None, :], -clip, clip)
+            s1[rows] += e
+            s2[rows] += e * e
+        k = heard.sum(axis=1).astype(np.float32)[:, None]
+        ll = -(s2 - s1 * s1 * (tau2 / (sigma2 + k * tau2))) / (2 * sigma2)
+        # A working receiver that heard none of the packets others heard this second: unlikely near it.
+        # (Poisson: P(0 of m packets) = exp(-m p), p the chance one packet from the cell reaches it.)
+        m = np.minimum(packets, np.float32(MAX_MISS_PACKETS))
+        for r in range(self.receivers):
+            if not alive[r]:
+                continue
+            rows = np.nonzero(~heard[:, r])[0]
+            if len(rows):
+                ll[rows] -= m[rows, None] * self._pdet[r][None, :]
+        ll -= ll.max(axis=1, keepdims=True)
+        out: F32 = np.exp(ll).astype(np.float32)
+        return out
+
+    # ------------------------------------------------------------------ rows
+
+    def _grow(self) -> None:
+        cap = self._alpha.shape[0] * 2
+        self._alpha = _resize(self._alpha, cap, 0.0)
+        self._ring_alpha = np.stack([_resize(a, cap, 0.0) for a in self._ring_alpha])
+        self._ring_emit = np.stack([_resize(a, cap, 1.0) for a in self._ring_emit])
+        self._level = _resize(self._level, cap, np.nan)
+        self._last = _resize(self._last, cap, 0.0)
+        self._zone_now = _resize(self._zone_now, cap, -1)
+
+    def _row(self, subject: str) -> int:
+        row = self._rows.get(subject)
+        if row is None:
+            row = len(self._names)
+            if row >= self._alpha.shape[0]:
+                self._grow()
+            self._rows[subject] = row
+            self._names.append(subject)
+            self._alpha[row] = self._prior
+            self._level[row] = np.nan
+            self._last[row] = -math.inf
+            self._zone_now[row] = -1
+        return row
+
+    def _prune(self, now: float) -> None:
+        """Drop subjects not heard for FORGET_S; live rows are compacted to the front."""
+        if now - self._last_prune < PRUNE_EVERY_S:
+            return
+        self._last_prune = now
+        n = len(self._names)
+        keep = np.nonzero(self._last[:n] >= now - FORGET_S)[0]
+        if len(keep) == n:
+            return
+        new_of = np.full(n, -1, dtype=np.int64)
+        new_of[keep] = np.arange(len(keep))
+        for arr in (self._alpha, self._level, self._last, self._zone_now):
+            arr[: len(keep)] = arr[keep]
+        for ring in (self._ring_alpha, self._ring_emit):
+            ring[:, : len(keep)] = ring[:, keep]
+            ring[:, len(keep) : n] = 1.0 if ring is self._ring_emit else 0.0
+        self._names = [self._names[i] for i in keep.tolist()]
+        self._rows = {name: i for i, name in enumerate(self._names)}
+        self._ring_heard = [(new_of[rows][new_of[rows] >= 0], ts[new_of[rows] >= 0]) for rows, ts in self._ring_heard]
+        self._pending = [(k, int(new_of[r]), rx, v, t) for k, r, rx, v, t in self._pending if new_of[r] >= 0]
+
+    # ------------------------------------------------------------------ the stage
+
+    def update(self, sightings: Sequence[Sighting], now: float | None = None) -> list[ZoneEstimate]:
+        """Fold in sightings; return the estimates of every second decided by `now` (each `lag_s` late).
+
+        One estimate per subject and second in which it was heard, dated in that second. A second is
+        decided once data time passes its end by REORDER_S, so the result does not depend on how the
+        sightings were batched.
+        """
+        idx, gain = self._rx_index, self._gain
+        newest = -math.inf
+        for s in sightings:
+            r = idx.get(s.receiver)
+            if r is None:
+                self._counts["unknown_receiver"] += 1
+                continue
+            k = math.floor(s.ts)
+            if s.ts > self._rx_last[r]:
+                self._rx_last[r] = s.ts
+            if s.subject.startswith("beacon:"):
+                self._beacon_heard[s.receiver] = max(s.ts, self._beacon_heard.get(s.receiver, 0.0))
+                continue
+            newest = max(newest, s.ts)
+            if self._next_sec is not None and k < self._next_sec:
+                self._counts["late"] += 1
+                continue
+            value = s.rssi + float(gain[r]) + (REFERENCE_RSSI_1M - s.ref_rssi)
+            row = self._row(s.subject)
+            if s.ts > self._last[row]:
+                self._last[row] = s.ts  # heard: not to be pruned before its second is decided
+            self._pending.append((k, row, r, value, s.ts))
+        self._counts["sightings"] += len(sightings)
+        if now is None:
+            now = newest
+        if not math.isfinite(now):
+            return []
+        if self._next_sec is None:
+            if not self._pending:
+                return []
+            self._next_sec = min(p[0] for p in self._pending)
+        out: list[ZoneEstimate] = []
+        decide_to = math.floor(now - REORDER_S)  # seconds < decide_to are complete
+        if decide_to > self._next_sec + 3600:  # a long silence: skip ahead instead of stepping through it
+            self._next_sec = decide_to - self._lag - 1
+        while self._next_sec < decide_to:
+            out += self._step(self._next_sec)
+            self._next_sec += 1
+        self._prune(now)
+        return out
+
+    def _step(self, k: int) -> list[ZoneEstimate]:
+        n = len(self._names)
+        self._counts["seconds"] += 1
+        due = [p for p in self._pending if p[0] == k]
+        if due:
+            self._pending = [p for p in self._pending if p[0] != k]
+        slot = k % (self._lag + 1)
+        alpha = self._alpha[:n]
+        if n:
+            alpha[:] = self._forward(alpha)
+        emit = self._ring_emit[slot]
+        emit[:n] = 1.0
+        rows = np.zeros(0, dtype=np.int64)
+        last_ts = np.zeros(0)
+        if due:
+            arr = np.array([(r, rx, v, t) for _, r, rx, v, t in due], dtype=np.float64)
+            key = arr[:, 0].astype(np.int64) * self.receivers + arr[:, 1].astype(np.int64)
+            keys, inv = np.unique(key, return_inverse=True)
+            mean = (np.bincount(inv, arr[:, 2]) / np.bincount(inv)).astype(np.float32)
+            krow, krx = keys // self.receivers, keys % self.receivers
+            rows, rinv = np.unique(krow, return_inverse=True)
+            last_ts = np.full(len(rows), -np.inf)
+            np.maximum.at(last_ts, np.searchsorted(rows, arr[:, 0].astype(np.int64)), arr[:, 3])
+            obs = np.zeros((len(rows), self.receivers), dtype=np.float32)
+            heard = np.zeros((len(rows), self.receivers), dtype=np.bool_)
+            # Outlier rejection per (subject, receiver): clip the second's mean to the smoothed level ± outlier_db.
+            level = self._level[krow, krx]
+            lim = np.float32(self._cfg.outlier_db)
+            known = ~np.isnan(level)
+            clipped = np.where(known, np.clip(mean, level - lim, level + lim), mean)
+            self._counts["outliers_clipped"] += int(np.count_nonzero(clipped != mean))
+            obs[rinv, krx] = clipped
+            heard[rinv, krx] = True
+            a = np.float32(1 - math.exp(-1.0 / self._cfg.smoothing_s))
+            self._level[krow, krx] = np.where(known, level + a * (clipped - level), clipped)
+            counts = np.bincount(inv).astype(np.float32)
+            packets = np.zeros(len(rows), dtype=np.float32)
+            np.maximum.at(packets, rinv, counts)
+            alive = self._rx_last >= k - RECEIVER_SILENT_S
+            e = self._emission(obs, heard, packets, alive)
+            emit[rows] = e
+            alpha[rows] *= e
+            alpha[rows] /= np.maximum(alpha[rows].sum(axis=1, keepdims=True), np.float32(1e-30))
+            self._last[rows] = np.maximum(self._last[rows], last_ts)
+        self._ring_alpha[slot, :n] = alpha
+        self._ring_heard[slot] = (rows, last_ts)
+        # Fixed-lag smoothing: the second k - lag, seen with the evidence up to k.
+        out_slot = (k - self._lag) % (self._lag + 1)
+        out_rows, out_ts = self._ring_heard[out_slot]
+        if not len(out_rows) or k - self._lag < 0:
+            return []
+        beta = np.ones((len(out_rows), alpha.shape[1]), dtype=np.float32)
+        for j in range(k, k - self._lag, -1):
+            beta = self._backward(self._ring_emit[j % (self._lag + 1)][out_rows] * beta)
+            beta /= np.maximum(beta.max(axis=1, keepdims=True), np.float32(1e-30))
+        gamma = self._ring_alpha[out_slot][out_rows] * beta
+        zp = gamma @ self._onehot
+        zp /= np.maximum(zp.sum(axis=1, keepdims=True), np.float32(1e-30))
+        return self._decide(k - self._lag, out_rows, out_ts, zp, gamma)
+
+    def _decide(
+        self, sec: int, rows: npt.NDArray[np.int64], ts: npt.NDArray[np.float64], zp: F32, gamma: F32
+    ) -> list[ZoneEstimate]:
+        inside_p = zp[:, self._zone_inside].sum(axis=1)
+        inside = inside_p >= 0.5
+        masked = np.where(self._zone_inside[None, :] == inside[:, None], zp, -1.0)
+        zone = masked.argmax(axis=1)
+        # Hysteresis on the decision: keep the current zone unless another is clearly more likely.
+        cur = self._zone_now[rows]
+        has = cur >= 0
+        keep = has & (self._zone_inside[np.maximum(cur, 0)] == inside)
+        keep &= zp[np.arange(len(rows)), np.maximum(cur, 0)] + SWITCH_MARGIN > zp[np.arange(len(rows)), zone]
+        zone = np.where(keep, cur, zone)
+        self._zone_now[rows] = zone
+        best = np.nanmax(self._level[rows], axis=1)
+        out: list[ZoneEstimate] = []
+        single = self.receivers == 1
+        if single:
+            pos = self._rx_pos[0]
+            assert pos is not None
+            dist = (gamma / np.maximum(gamma.sum(axis=1, keepdims=True), 1e-30)) @ np.hypot(
+                self._cx - pos[0], self._cy - pos[1]
+            )
+        for i, row in enumerate(rows.tolist()):
+            name = self._names[row]
+            zid = self.zone_ids[int(zone[i])]
+            if single and inside[i]:
+                zid = self._rx_zone[0]  # one receiver tells inside from outside and distance, not zones
+                band = "near" if dist[i] < 3 else ("mid" if dist[i] < 8 else "far")
+                self._bands[band] += 1
+            out.append(ZoneEstimate(float(sec) + 0.5, name, zid, bool(inside[i]), float(best[i])))
+        return out
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Estimator, resolution, grid, subjects tracked, counts, last beacon heard per receiver."""
+        d: dict[str, Any] = {
+            "estimator": "hmm",
+            "resolution": self.resolution,
+            "receivers": self.receivers,
+            "cells": self.cells,
+            "lag_s": self._lag,
+            "subjects": len(self._names),
+            "unknown_receiver_sightings": self._counts["unknown_receiver"],
+            "late_sightings": self._counts["late"],
+            "outliers_clipped": self._counts["outliers_clipped"],
+            "seconds_decided": self._counts["seconds"],
+            "beacon_last_heard": dict(self._beacon_heard),
+        }
+        if self.resolution == "inside-outside":
+            d["distance_bands"] = dict(self._bands)
+        return d
+
+
+def _resize(a: Any, cap: int, fill: float) -> Any:
+    out = np.full((cap, *a.shape[1:]), fill, dtype=a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+Estimator = StrongestReceiver | HmmEstimator
+
+
+def make_estimator(plan: PlanConfig, cfg: EstimateConfig) -> Estimator:
+    """The estimator the config asks for: the HMM where the plan has geometry (method auto), else the baseline."""
+    if cfg.method == "baseline" or (cfg.method == "auto" and not plan.has_geometry()):
+        return StrongestReceiver(plan, cfg)
+    return HmmEstimator(plan, cfg)
+
+
+def _erfc(x: Any) -> Any:
+    """Complementary error function on arrays (Abramowitz and Stegun 7.1.26, error below 1.5e-7)."""
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    y = poly * np.exp(-z * z)
+    return np.where(x >= 0, y, 2.0 - y)

@@ -224,7 +224,8 @@ class Visit:
     ended: float | None
     """Last sighting before the absence timeout closed the visit; None while open."""
     segments: tuple[ZoneSegment, ...]
-    """Inside zones in time order; consecutive segments are in different zones."""
+    """Inside zones in time order; consecutive segments are in different zones unless the subject stepped
+    outside in between (time outside belongs to no segment)."""
     classification: Classification
     """visitor, pass-by (never qualified as a visit) or staff (a member on the staff list)."""
     source: VisitSource
@@ -232,15 +233,17 @@ class Visit:
 
     @property
     def dwell_s(self) -> float:
-        """Seconds from entering the store to the last sighting inside."""
-        if not self.segments:
-            return 0.0
-        return max(0.0, self.segments[-1].left - self.segments[0].entered)
+        """Seconds inside the store: the sum of the segments (time stepped outside mid-visit does not count)."""
+        return sum(s.dwell_s for s in self.segments)
 
     @property
     def path(self) -> tuple[str, ...]:
-        """Zones in the order they were visited (a zone repeats when it was left and re-entered)."""
-        return tuple(s.zone for s in self.segments)
+        """Zones in the order they were visited (a zone repeats when another zone came in between)."""
+        out: list[str] = []
+        for s in self.segments:
+            if not out or out[-1] != s.zone:
+                out.append(s.zone)
+        return tuple(out)
 
     def zone_dwell(self) -> dict[str, float]:
         """Seconds per zone, summed over every segment in that zone."""

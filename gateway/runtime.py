@@ -25,7 +25,7 @@ from gateway.config import Settings, default_data_dir, parse_listen, parse_mqtt_
 from gateway.days import LocalDays
 from gateway.decode import Decoder
 from gateway.downlink import Downlink
-from gateway.estimate import StrongestReceiver
+from gateway.estimate import make_estimator
 from gateway.events import EventFactory, topic_prefix, uuid7
 from gateway.footfall import Footfall
 from gateway.identity import Identifier, MemberDirectory
@@ -106,7 +106,7 @@ class Gateway:
         self.decoder = Decoder()
         self.members = members
         self.identifier = Identifier(members, days)
-        self.estimator = StrongestReceiver(settings.plan, settings.estimate)
+        self.estimator = make_estimator(settings.plan, settings.estimate)
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
         self.tracker = VisitTracker(settings.gateway, visits_cfg)
         self.points = PointsEngine(rules, days, store.awards(), members.tier)
@@ -140,7 +140,7 @@ class Gateway:
         adverts = self.source.poll(now)
         self.adverts += len(adverts)
         sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
-        changes = self.tracker.update(self.estimator.update(sightings), now)
+        changes = self.tracker.update(self.estimator.update(sightings, now), now)
         awards = self.points.evaluate(changes) + self.points.evaluate_open(self.tracker.open_visits(), now)
         minutes = self.footfall.update(changes, now)
         events = [e for c in changes if (e := self.events.from_change(c)) is not None]

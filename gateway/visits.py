@@ -1,10 +1,15 @@
 """Visit sessions per subject: start, zone segments, end after absence, classification.
 
 A session opens at a subject's first estimate, inside or out. It becomes a *visit* (and
-`started` is reported, dated at the first inside estimate) once the subject has been inside
-for `min_dwell_s`; someone seen only on the sidewalk, or stepping into the entrance for a
-few seconds, never does and ends as a pass-by. A session ends when the subject has not been
-heard for `absence_timeout_s`. Staff are members on the staff list.
+`started` is reported, dated at the first inside estimate) once the subject has spent
+`min_dwell_s` inside in total; someone seen only on the sidewalk, or stepping into the entrance
+for a few seconds (or flickering inside now and then from the sidewalk), never does and ends as
+a pass-by. An outside estimate closes the current zone segment, so time outside never counts
+toward a zone's dwell; the next inside estimate opens a new segment. A session ends when the
+subject has not been heard for `absence_timeout_s`. Staff are members on the staff list.
+
+Everything follows from the estimates' own times, never from when they were handed over, so the
+runtime's tick size does not change a visit.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class _Seg:
     zone: str
     entered: float
     left: float
+    closed: bool = False  # the subject stepped outside after it: the next inside estimate opens a new one
 
 
 @dataclass(slots=True)
@@ -34,6 +40,9 @@ class _Session:
     qualified: bool = False
     ble: bool = True  # heard over BLE (False for a session a check-in opened, until a sighting joins it)
     checked_in: bool = False  # a verified app check-in proved presence
+
+    def inside_s(self) -> float:
+        return sum(g.left - g.entered for g in self.segments)
 
 
 class VisitTracker:
@@ -73,23 +82,27 @@ class VisitTracker:
                 self._sessions[e.subject] = s
             s.last = max(s.last, e.ts)
             s.ble = True
-            if not e.inside:
-                continue
             if s.segments and e.ts < s.segments[-1].left:
                 # Older than the newest inside estimate (a late remote sighting): that time is already
                 # accounted for, and placing it would invent moves (entrance → produce → entrance).
                 continue
-            if not s.segments:
+            if not e.inside:
+                if s.segments:
+                    s.segments[-1].closed = True  # stepped out: time outside is no zone's dwell
+                continue
+            last = s.segments[-1] if s.segments else None
+            if last is None or last.closed:
                 s.segments.append(_Seg(e.zone, e.ts, e.ts))
-            elif s.segments[-1].zone != e.zone:
-                previous = s.segments[-1]
-                previous.left = max(previous.left, e.ts)
+                if last is not None and s.qualified:
+                    changes.append(VisitChange("zone", e.ts, self._snapshot(s, None), last.zone))
+            elif last.zone != e.zone:
+                last.left = max(last.left, e.ts)
                 s.segments.append(_Seg(e.zone, e.ts, e.ts))
                 if s.qualified:
-                    changes.append(VisitChange("zone", e.ts, self._snapshot(s, None), previous.zone))
+                    changes.append(VisitChange("zone", e.ts, self._snapshot(s, None), last.zone))
             else:
-                s.segments[-1].left = max(s.segments[-1].left, e.ts)
-            if not s.qualified and e.ts - s.segments[0].entered >= self._cfg.min_dwell_s:
+                last.left = max(last.left, e.ts)
+            if not s.qualified and s.inside_s() >= self._cfg.min_dwell_s:
                 s.qualified = True
                 changes.append(VisitChange("started", e.ts, self._snapshot(s, None)))
         deadline = now - self._cfg.absence_timeout_s
