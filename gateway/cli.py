@@ -250,6 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dashboard", type=_listen, default="off", metavar="HOST:PORT|off", help="(default: off)")
     replay.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log detail")
 
+    ev = sub.add_parser(
+        "eval",
+        help="score the estimator and visits against a simulated store's ground truth",
+        description="Simulate a scenario with ground truth, run the pipeline (decode, identify, estimate, visits) "
+        "with the configured estimator and with the baseline (strongest receiver with hysteresis) on the same "
+        "adverts, and print zone accuracy, visit precision/recall/F1, pass-bys counted as visits, dwell error per "
+        "zone visit, zone-change delay and path edit distance for both (docs/estimation.md).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("scenario", metavar="SCENARIO", help="a shipped scenario's name or a scenario file")
+    ev.add_argument("--seed", type=int, default=1, metavar="N", help="random seed (default: 1)")
+    ev.add_argument(
+        "--duration",
+        type=_duration,
+        default=1800.0,
+        metavar="DURATION",
+        help="simulated time to score (default: 30m)",
+    )
+    ev.add_argument(
+        "--skip",
+        type=_duration,
+        metavar="DURATION",
+        help="start this long after the scenario's start (default: 2h, past the quiet opening hour)",
+    )
+    ev.add_argument("--config", type=Path, metavar="FILE", help="take [estimate] and [visits] from this config file")
+    ev.add_argument("--tick", type=_step, default=1.0, metavar="SECONDS", help="pipeline tick, data time (default: 1)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="log detail")
+
     cfg = sub.add_parser("config", help="check a config file", description="Config file tools.")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     check = cfg_sub.add_parser(
@@ -629,6 +659,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sim(args)
         if args.command == "replay":
             return cmd_replay(args)
+        if args.command == "eval":
+            from gateway.eval import cmd_eval
+
+            return cmd_eval(args)
         if args.command == "keys":
             return cmd_keys(args)
         return cmd_config_check(args)
