@@ -232,13 +232,19 @@ _EDDYSTONE_DECODERS: Final[dict[int, Callable[[bytes], Frame | None]]] = {
 
 
 def decode(advert: Advert) -> Frame | None:
-    """The first frame the gateway recognises in `advert`, or None when there is none.
+    """The frame the gateway recognises in `advert`, or None when there is none.
 
     Manufacturer data is tried first, in the advert's order: a value starting with the
     AltBeacon code 0xBEAC under any company id, then Apple (iBeacon, Continuity), Samsung and
     the Visita member frame by company id; then Eddystone service data. Every other company
     id and service UUID is skipped without reading its bytes. Never raises on any bytes.
+
+    A presence-only `DeviceFrame` (Apple Continuity, Samsung) is returned only when nothing
+    else is there: BlueZ merges a device's manufacturer data across adverts and keeps the
+    company ids in the order first heard, so an app phone heard first with its OS's Nearby
+    Info carries both, and its member frame must win.
     """
+    fallback: Frame | None = None
     manufacturer_data = advert.manufacturer_data
     if manufacturer_data:
         decoders = _MANUFACTURER_DECODERS
@@ -251,7 +257,9 @@ def decode(advert: Advert) -> Frame | None:
             decoder = decoders.get(company_id)
             if decoder is not None:
                 frame = decoder(value)
-                if frame is not None:
+                if type(frame) is DeviceFrame:
+                    fallback = fallback or frame
+                elif frame is not None:
                     return frame
     service_data = advert.service_data
     if service_data:
@@ -259,8 +267,10 @@ def decode(advert: Advert) -> Frame | None:
         if payload:
             eddystone = _EDDYSTONE_DECODERS.get(payload[0])
             if eddystone is not None:
-                return eddystone(payload)
-    return None
+                frame = eddystone(payload)
+                if frame is not None:
+                    return frame
+    return fallback
 
 
 _KIND_BY_TYPE: Final[dict[type, str]] = {

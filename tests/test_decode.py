@@ -606,3 +606,16 @@ def test_diagnostics_is_a_copy() -> None:
     assert decoder.diagnostics()["ibeacon"] == 1
     assert decoder.diagnostics()["total"] == len(_valid_adverts())
     assert decoder.diagnostics()["device"] == 3
+
+
+@pytest.mark.parametrize("os_frame", [frames.apple_nearby_info(), frames.samsung()])
+def test_member_frame_wins_over_the_os_adverts_bluez_merged_before_it(os_frame: dict[int, bytes]) -> None:
+    # BlueZ keeps a device's manufacturer data merged, in the order company ids were first heard:
+    # an app phone first heard with its OS's own advert carries both, and is still the member.
+    member = frames.member_frame(bytes(range(32)), 1_764_000_123, -59)
+    merged = advert({**os_frame, **member})
+    assert next(iter(merged.manufacturer_data)) != VISITA_COMPANY_ID
+    assert isinstance(decode(merged), MemberFrame)
+    beacon = frames.ibeacon("e2c56db5-dffb-48d2-b060-d0f5a71096e0", 1, 1, -59)
+    assert isinstance(decode(advert({**frames.samsung(), **beacon})), IBeacon)
+    assert isinstance(decode(advert(os_frame)), DeviceFrame), "alone, it is still a device"
