@@ -36,6 +36,10 @@ EPILOG = """exit codes: 0 success, 1 failure while running, 2 bad usage or bad c
 Documentation: docs/ (config.md, events.md, rules.md, frames.md, ble.md, scenarios.md, advert-log.md)."""
 
 
+THIRD_PARTY_LOGGERS = ("bleak", "dbus_fast", "asyncio", "paho", "uvicorn", "uvicorn.access", "uvicorn.error")
+"""Loggers that never go below WARNING: they would write addresses, payloads or every request."""
+
+
 class UsageError(Exception):
     """A command-line value that cannot be used; the message names the option."""
 
@@ -652,6 +656,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Libraries log raw Bluetooth addresses and advert bytes at debug level (bleak logs every D-Bus
+    # signal): --log-level is for Visita's own loggers; these stay at warnings, whatever it says.
+    for chatty in THIRD_PARTY_LOGGERS:
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         if args.command == "run":
             return cmd_run(args)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -93,3 +95,17 @@ def test_a_data_directory_in_use_is_refused(tmp_path: Path) -> None:
     assert second.returncode == 1
     assert "in use by another Visita process" in second.stderr
     assert first.returncode == 0
+
+
+def test_debug_logging_never_opens_the_libraries_that_log_addresses() -> None:
+    # bleak logs every BlueZ signal (device paths, addresses, advert bytes) at debug level.
+    code = (
+        "import logging; from gateway.cli import main, THIRD_PARTY_LOGGERS\n"
+        "main(['run', '--log-level', 'debug'])\n"
+        "print(logging.getLogger('visita.uplink').getEffectiveLevel(),"
+        " min(logging.getLogger(n).getEffectiveLevel() for n in THIRD_PARTY_LOGGERS + ('bleak.backends',)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    ours, theirs = map(int, proc.stdout.split())
+    assert ours == logging.DEBUG, "--log-level debug is for Visita's own loggers"
+    assert theirs >= logging.WARNING
