@@ -39,6 +39,7 @@ class ReplaySource:
         self._chunks: Iterator[npt.NDArray[np.void]] | None = None
         self._pending: npt.NDArray[np.void] | None = None
         self._done = False
+        self._last_t = -(2**62)  # receive time (ms from start) of the newest record read
         self.error: str | None = None
         self.delivered = 0
         self.data_time = self.start_ts
@@ -53,7 +54,16 @@ class ReplaySource:
         if self._chunks is None:
             self._chunks = self._log.chunks()
         try:
-            return next(self._chunks)
+            while True:
+                chunk = next(self._chunks)
+                if not len(chunk):
+                    continue  # an empty frame carries nothing (our writer never makes one)
+                t = chunk["t"]
+                if int(t[0]) < self._last_t or bool((t[1:] < t[:-1]).any()):
+                    # poll() cuts chunks by binary search, which needs time order.
+                    raise LogError(f"{self.path}: receive times go backwards after {self._last_t} ms")
+                self._last_t = int(t[-1])
+                return chunk
         except StopIteration:
             self._done = True
         except LogError as e:

@@ -9,10 +9,11 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import VISITA
 
-from firmware_sim.advlog import AdvertLog, Content, LogError, decode_content, encode_content
+from firmware_sim.advlog import AdvertLog, Content, LogError, LogWriter, decode_content, encode_content
 from firmware_sim.record import LOG_NAME, TRUTH_NAME, record
 from firmware_sim.scenario import load_scenario
 from firmware_sim.truth import read_truth
@@ -166,3 +167,28 @@ def test_replay_refuses_a_bad_log_with_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([*VISITA, "replay", str(bad)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"visita replay: {bad}: not a Visita advert log (no gzip-compressed JSON header line)"
+
+
+def test_empty_frames_are_skipped_and_time_going_backwards_ends_the_replay(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.vlog.gz"
+    start_ms = 1_764_000_000_000
+    with LogWriter(path, {"start_ms": start_ms, "receivers": ["rx-1"]}) as w:
+        w.add_addresses([("C0:FF:EE:00:00:01", True)])
+        w.add_payloads([Content(manufacturer_data={0x004C: bytes.fromhex("1005071c2e9b07")})])
+
+        def records(*t: int) -> None:
+            n = len(t)
+            ids = np.zeros(n, np.uint32)
+            w.add_records(np.array(t, np.int64) + start_ms, np.zeros(n, np.uint8), ids, ids, np.full(n, -60, np.int8))
+
+        records(1000, 2000)
+        w._frame(b"R", b"")  # an empty frame: another writer could make one
+        records(3000)
+        records(2500)  # back in time
+    src = ReplaySource(path)
+    asyncio.run(src.start())
+    got = src.poll(start_ms / 1000 + 10)
+    assert [round(a.ts * 1000) - start_ms for a in got] == [1000, 2000, 3000]
+    assert src.error is not None and "go backwards" in src.error
+    assert src.finished
+    asyncio.run(src.stop())
