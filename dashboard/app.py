@@ -293,7 +293,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             if len(body) > MAX_BODY:
                 break
         try:
-            result = gw.checkin(bytes(body))
+            result = await gw.checkin_async(bytes(body))
         except CheckinRefused as e:
             refusal = CheckinRefusal(reason=e.reason, message=e.message, field=e.field)
             return JSONResponse(refusal.model_dump(mode="json"), status_code=e.status)

@@ -231,6 +231,7 @@ class PointsEngine:
         self._days = days
         self._tier_of = tier_of
         self._granted: dict[str, Award] = {}
+        self._rules_by_visit: dict[str, dict[str, int]] = {}  # visit_id -> rule -> points: no hashing every tick
         self._per_day: dict[tuple[str, str, str], int] = {}
         self._per_week: dict[tuple[str, str, str], int] = {}
         self._rule_day_points: dict[tuple[str, str, str], int] = {}
@@ -249,6 +250,7 @@ class PointsEngine:
         if a.award_id in self._granted:
             return  # a ledger that lists an award twice still holds one award against the day's limit
         self._granted[a.award_id] = a
+        self._rules_by_visit.setdefault(a.visit_id, {})[a.rule] = a.points
         key = (a.member, a.rule, a.day)
         self._per_day[key] = self._per_day.get(key, 0) + 1
         wkey = (a.member, a.rule, self._week(a.day))
@@ -298,9 +300,9 @@ class PointsEngine:
         """(points, reason) this rule grants now, or (0, why not). Limits and caps included."""
         if member is None or visit.classification != "visitor":
             return 0, f"not a member's visit (classified {visit.classification})"
-        aid = award_id(member, visit.visit_id, rule.id)
-        if aid in self._granted:
-            return 0, f"already awarded {self._granted[aid].points} for this visit"
+        done = self._rules_by_visit.get(visit.visit_id)
+        if done is not None and rule.id in done:
+            return 0, f"already awarded {done[rule.id]} for this visit"
         day = self._days.day(visit.started)
         if rule.when is not None and not rule.when.contains(visit.started, self._days.tz):
             return 0, f"the visit started outside {rule.when.describe()}"

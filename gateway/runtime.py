@@ -30,7 +30,7 @@ from gateway.events import EventFactory, topic_prefix, uuid7
 from gateway.footfall import Footfall
 from gateway.identity import Identifier, MemberDirectory
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
-from gateway.model import Event, Visit
+from gateway.model import Award, Event, Visit
 from gateway.points import PointsEngine, RuleSet, load_rules
 from gateway.sdnotify import Notifier
 from gateway.store import Store
@@ -122,6 +122,9 @@ class Gateway:
         """The live member set and its vault, for the `cmd/members` downlink (gateway.members)."""
         self._recent: deque[Visit] = deque(store.recent_visits(RECENT_VISITS), maxlen=RECENT_VISITS)
         self.checkins = CheckinVerifier(settings.store, members.key, NonceJournal(store.path.parent))
+        self._checkin_events: list[Event] = []
+        self._checkin_awards: list[Award] = []
+        self._checkin_flush: asyncio.Future[None] | None = None
         self.clock: Callable[[], float] = time.time
         """Data time for check-ins between ticks (the runtime's clock; wall time by default)."""
         self._days = days
@@ -147,6 +150,7 @@ class Gateway:
         events += [self.events.from_award(a) for a in awards]
         events += [self.events.make("footfall.minute", m["minute"] + 60, m) for m in minutes]
         finished = [c.visit for c in changes if c.kind == "ended" and c.visit.classification != "pass-by"]
+        self._put_checkins()
         self.store.put_events(events)
         self.store.put_awards(awards)
         self.store.put_visits(finished)
@@ -163,21 +167,70 @@ class Gateway:
 
         CheckinRefused (nothing changed) when it is not accepted (sensors/checkins.py, docs/checkin.md).
         """
+        result = self._apply_checkin(body)
+        self._commit_checkins()
+        return result
+
+    async def checkin_async(self, body: bytes) -> dict[str, Any]:
+        """`checkin` for the HTTP endpoint: check-ins that arrive together share one commit (group commit).
+
+        The check-in is applied at once (so a replay right behind it is refused); the answer waits until
+        the nonce journal and the store are on disk, which one callback on the event loop does for every
+        check-in applied since the last one.
+        """
+        result = self._apply_checkin(body)
+        if self._checkin_flush is None:
+            loop = asyncio.get_running_loop()
+            self._checkin_flush = loop.create_future()
+            loop.call_soon(self._flush_checkins)
+        await asyncio.shield(self._checkin_flush)
+        return result
+
+    def _flush_checkins(self) -> None:
+        done, self._checkin_flush = self._checkin_flush, None
+        assert done is not None
+        try:
+            self._commit_checkins()
+        except Exception as e:  # the store's error reaches every waiting request (500); state stays for a retry
+            done.set_exception(e)
+            return
+        done.set_result(None)
+
+    def _commit_checkins(self) -> None:
+        """Journal, then store, then the uplink: accepted check-ins are durable before they are answered."""
+        self._put_checkins()
+        self.store.commit()
+        self.feed_uplink()
+
+    def _put_checkins(self) -> list[Event]:
+        """Hand the store the check-ins applied since the last commit, their nonces journalled first.
+
+        One put per group (TinyDB copies a table on every put); also called by `step` before its own
+        events, so the outbox receives seqs in order and nothing is sent ahead of a check-in's events.
+        """
+        events, awards = self._checkin_events, self._checkin_awards
+        if events:
+            self.checkins.sync()
+            self.store.put_events(events)
+            self.store.put_awards(awards)
+            self._checkin_events, self._checkin_awards = [], []
+        return events
+
+    def _apply_checkin(self, body: bytes) -> dict[str, Any]:
         now = max(self.clock(), self.now)
         c = self.checkins.verify(body, now)
         subject = "member:" + c.member
         zone = next((b.zone for b in self.settings.plan.beacons if b.id == c.beacon), None)
         changes = self.tracker.checkin(subject, now, zone)
-        visit = next(v for v in self.tracker.open_visits() if v.subject == subject)
+        # A new visit comes with its change; only a check-in that joins an open one looks it up.
+        visit = changes[0].visit if changes else next(v for v in self.tracker.open_visits() if v.subject == subject)
         awards = self.points.evaluate(changes) + self.points.evaluate_open([visit], now)
         events = [e for ch in changes if (e := self.events.from_change(ch)) is not None]
         accepted = {"member": c.member, "visit_id": visit.visit_id, "source": visit.source, "zone": zone}
         events.append(self.events.make("checkin.accepted", now, accepted))
         events += [self.events.from_award(a) for a in awards]
-        self.store.put_events(events)
-        self.store.put_awards(awards)
-        self.store.commit()
-        self.feed_uplink()
+        self._checkin_events += events
+        self._checkin_awards += awards
         day = self._days.day(visit.started)
         return {
             "visit_id": visit.visit_id,

@@ -163,6 +163,7 @@ class NonceJournal:
         self.path = Path(data_dir) / JOURNAL_FILE
         self._fd: int | None = None
         self._lines = 0
+        self._dirty = False
 
     def load(self, now: float, skew_s: float) -> list[tuple[str, str, int]]:
         """Entries still inside the skew window; rewrites the file with only those. A torn last line is ignored."""
@@ -192,12 +193,18 @@ class NonceJournal:
         self._lines = len(entries)
 
     def append(self, member: str, nonce: str, ts: int) -> None:
-        """Record one accepted check-in durably (before the gateway acts on it)."""
+        """Record one accepted check-in; durable at the next `sync` (before the gateway answers it)."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.write(self._fd, f"{ts} {member} {nonce}\n".encode())
-        os.fdatasync(self._fd)
         self._lines += 1
+        self._dirty = True
+
+    def sync(self) -> None:
+        """fdatasync what was appended since the last sync (one for a whole group of check-ins)."""
+        if self._dirty and self._fd is not None:
+            os.fdatasync(self._fd)
+        self._dirty = False
 
     def bloated(self, live: int) -> bool:
         """True when the file holds far more lines than the `live` entries (time to `rewrite`)."""
@@ -298,7 +305,7 @@ class CheckinVerifier:
         if len(self._nonces) >= self._max:
             raise CheckinRefused("busy", "too many check-ins right now; try again in a minute")
         if self._journal is not None:
-            self._journal.append(member, nonce, ts)  # durable before anything acts on it
+            self._journal.append(member, nonce, ts)  # synced before the check-in is answered
         self._remember(member, nonce, ts)
         if recent is None:
             recent = self._recent[member] = deque()
@@ -311,9 +318,15 @@ class CheckinVerifier:
         beacon = obj.get("beacon")
         return CheckIn(now, member, ts, nonce, beacon if isinstance(beacon, str) else None)
 
+    def sync(self) -> None:
+        """Make the nonces of accepted check-ins durable: call before the gateway answers them."""
+        if self._journal is not None:
+            self._journal.sync()
+
     def close(self) -> None:
         """Close the journal."""
         if self._journal is not None:
+            self._journal.sync()
             self._journal.close()
 
     def diagnostics(self) -> dict[str, Any]:

@@ -1,0 +1,235 @@
+"""App check-ins under load: sustained rate and latency from the request to `points.awarded` on a real broker.
+
+Starts a private mosquitto on a free loopback port, imports `--members` member keys with `visita keys import`,
+runs `visita run --sim` (the demo store's BLE traffic keeps the pipeline busy meanwhile) with the uplink on that
+broker, then sends signed check-ins over HTTP at `--rate` per second for `--seconds`, each for a member who has
+not checked in yet (so each one earns points). A QoS 1 subscriber stamps every `points.awarded`; the latency of
+a check-in is from just before its request is written to the first `points.awarded` of its member.
+
+Printed: check-ins sent and accepted, the achieved rate, HTTP answer latency p50/p99, request → points.awarded
+latency p50/p99/max, and whether p99 met the target (`--target-ms`, 50).
+
+Run from the repository root: ``.venv/bin/python benchmarks/checkin_bench.py [--rate 200] [--seconds 20]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from sensors.checkins import sign
+
+STORE = "demo-store"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", type=float, default=200.0, help="check-ins per second (default 200)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="how long to send (default 20)")
+    ap.add_argument("--members", type=int, default=0, help="members provisioned (default: rate × seconds + 100)")
+    ap.add_argument("--senders", type=int, default=8, help="HTTP connections sending in parallel (default 8)")
+    ap.add_argument("--target-ms", type=float, default=50.0)
+    ap.add_argument("--profile", type=Path, metavar="FILE", help="run the gateway under cProfile, stats to FILE")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    n = int(args.rate * args.seconds)
+    members = max(args.members, n + 100)
+    root = Path(__file__).resolve().parent.parent
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+    with tempfile.TemporaryDirectory(prefix="visita-checkin-bench-") as tmp:
+        work = Path(tmp)
+        mport, dport = free_port(), free_port()
+        (work / "mosquitto.conf").write_text(
+            f"listener {mport} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nuser root\n"
+        )
+        broker = subprocess.Popen(
+            [mosquitto, "-c", str(work / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        gateway: subprocess.Popen[str] | None = None
+        try:
+            wait_port(mport, broker, "mosquitto")
+            keys = {f"bench-{i:06d}": secrets.token_bytes(32) for i in range(members)}
+            keyfile = work / "members.jsonl"
+            keyfile.write_text("".join(json.dumps({"member": r, "key": k.hex()}) + "\n" for r, k in keys.items()))
+            data = work / "data"
+            visita = [sys.executable, "-m", "gateway.cli"]
+            subprocess.run([*visita, "keys", "import", str(keyfile), "--data-dir", str(data)], check=True, cwd=root)
+
+            received: dict[str, float] = {}
+            lock = threading.Lock()
+            subscribed = threading.Event()
+            sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="checkin-bench")
+
+            def on_connect(c: mqtt.Client, u: object, f: object, rc: object, p: object) -> None:
+                c.subscribe("visita/v1/+/+/points.awarded", qos=1)
+
+            def on_subscribe(c: mqtt.Client, u: object, mid: int, rcs: object, p: object) -> None:
+                subscribed.set()
+
+            def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+                t = time.perf_counter()
+                member = json.loads(msg.payload)["data"]["member"]
+                with lock:
+                    received.setdefault(member, t)
+
+            sub.on_connect, sub.on_subscribe, sub.on_message = on_connect, on_subscribe, on_message
+            sub.connect("127.0.0.1", mport)
+            sub.loop_start()
+            if not subscribed.wait(10):
+                raise RuntimeError("subscriber could not subscribe")
+
+            profile = ["-m", "cProfile", "-o", str(args.profile.resolve())] if args.profile else []
+            gateway = subprocess.Popen(
+                [
+                    sys.executable,
+                    *profile,
+                    "-m",
+                    "gateway.cli",
+                    "run",
+                    "--sim",
+                    "--data-dir",
+                    str(data),
+                    "--mqtt",
+                    f"mqtt://127.0.0.1:{mport}",
+                    "--dashboard",
+                    f"127.0.0.1:{dport}",
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=root,
+                stdout=subprocess.DEVNULL,
+                stderr=open(work / "gateway.log", "w"),  # noqa: SIM115  # the child keeps it
+                text=True,
+            )
+            wait_port(dport, gateway, "visita run")
+            time.sleep(1.0)  # the first ticks: token tables, the uplink's connection
+
+            refs = list(keys)[:n]
+            sent: dict[str, float] = {}
+            http_ms: list[float] = []
+            codes: dict[int, int] = {}
+            t_start = time.perf_counter()
+
+            def sender(k: int) -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", dport, timeout=10)
+                for i in range(k, n, args.senders):
+                    due = t_start + i / args.rate
+                    delay = due - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    ref = refs[i]
+                    obj: dict[str, Any] = {
+                        "member": ref,
+                        "store": STORE,
+                        "ts": int(time.time()),
+                        "nonce": secrets.token_hex(16),
+                    }
+                    obj["sig"] = sign(keys[ref], obj)
+                    payload = json.dumps(obj).encode()
+                    t0 = time.perf_counter()
+                    conn.request("POST", "/api/v1/checkins", payload, {"content-type": "application/json"})
+                    resp = conn.getresponse()
+                    resp.read()
+                    t1 = time.perf_counter()
+                    with lock:
+                        sent[ref] = t0
+                        http_ms.append((t1 - t0) * 1000)
+                        codes[resp.status] = codes.get(resp.status, 0) + 1
+                conn.close()
+
+            threads = [threading.Thread(target=sender, args=(k,)) for k in range(args.senders)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            t_sent = time.perf_counter() - t_start
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                with lock:
+                    if all(r in received for r in sent):
+                        break
+                time.sleep(0.05)
+            sub.loop_stop()
+            sub.disconnect()
+            with lock:
+                lat = [(received[r] - sent[r]) * 1000 for r in sent if r in received]
+                missing = sum(1 for r in sent if r not in received)
+        finally:
+            if gateway is not None and gateway.poll() is None:
+                gateway.send_signal(signal.SIGINT)
+                try:
+                    gateway.wait(30)
+                except subprocess.TimeoutExpired:
+                    gateway.kill()
+            broker.terminate()
+            broker.wait(10)
+
+    out = {
+        "rate_target": args.rate,
+        "sent": len(sent),
+        "answers": {str(k): v for k, v in sorted(codes.items())},
+        "achieved_per_s": round(len(sent) / t_sent, 1),
+        "http_p50_ms": round(statistics.median(http_ms), 2),
+        "http_p99_ms": round(pct(http_ms, 99), 2),
+        "to_points_awarded_p50_ms": round(statistics.median(lat), 2) if lat else None,
+        "to_points_awarded_p99_ms": round(pct(lat, 99), 2) if lat else None,
+        "to_points_awarded_max_ms": round(max(lat), 2) if lat else None,
+        "no_points_awarded": missing,
+        "cpus": os.cpu_count(),
+    }
+    ok = bool(lat) and missing == 0 and pct(lat, 99) < args.target_ms
+    out["target_met"] = ok
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:28} {v}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
