@@ -227,3 +227,38 @@ def test_equal_timestamps_in_one_zone_do_not_create_segments() -> None:
     t.update([inside(0, "produce"), inside(0, "produce"), inside(10, "produce"), inside(10, "produce")], T0 + 10)
     (v,) = [c.visit for c in t.update([inside(50, "produce")], T0 + 50)]
     assert (v.path, v.dwell_s) == (("produce",), 50)
+
+
+# --------------------------------------------------------------------------- time outside, rotation, tick size
+
+
+def test_time_outside_mid_visit_counts_toward_no_zone_and_not_toward_dwell() -> None:
+    script = {float(s): [inside(s, "produce")] for s in range(0, 60, 2)}
+    script |= {float(s): [outside(s)] for s in range(60, 90, 2)}  # out on the sidewalk for 30 s
+    script |= {float(s): [inside(s, "produce")] for s in range(90, 150, 2)}
+    v = next(c for c in run(tracker(), script, until=400) if c.kind == "ended").visit
+    assert v.zone_dwell() == pytest.approx({"produce": 58 + 58})
+    assert v.dwell_s == pytest.approx(116) and v.path == ("produce",)
+
+
+def test_flickering_inside_from_the_sidewalk_does_not_make_a_visit() -> None:
+    # A pedestrian at the window: outside, with an inside estimate every 20 s. The span from the first to the
+    # last inside estimate is long, but the time inside is not.
+    script = {float(s): [outside(s, WALKER)] for s in range(0, 120, 2)}
+    script |= {float(s): [inside(s, "entrance", WALKER)] for s in range(0, 120, 20)}
+    assert [(c.kind, c.visit.classification) for c in run(tracker(), script, until=300)] == [("ended", "pass-by")]
+
+
+@pytest.mark.parametrize("step", [0.25, 1.0, 5.0])
+def test_the_tick_size_does_not_change_the_visit(step: float) -> None:
+    reference = next(c for c in run(tracker(), shopper_script(), until=500) if c.kind == "ended").visit
+    due: dict[float, list[ZoneEstimate]] = {}
+    for t, es in shopper_script().items():  # the same estimates, handed over at the next tick of `step`
+        due.setdefault(round((int(t / step) + 1) * step, 6), []).extend(es)
+    got = next(c for c in run(tracker(), due, until=500, step=step) if c.kind == "ended").visit
+    assert (got.started, got.ended, got.segments, got.classification) == (
+        reference.started,
+        reference.ended,
+        reference.segments,
+        reference.classification,
+    )
