@@ -57,6 +57,10 @@ _AUTH_HINT = {
 }
 
 
+EARLY_PUBACK_S = 5.0
+"""How long a PUBACK that beat publish() returning its mid may wait to be matched, s."""
+
+
 class Uplink:
     """Publishes events with QoS 1 and reports which ones the broker acknowledged."""
 
@@ -77,7 +81,10 @@ class Uplink:
         self._send_lock = threading.Lock()  # one pump at a time (runtime thread or paho's on_connect)
         self._queue: deque[Event] = deque()  # stored, not yet handed to paho
         self._inflight: dict[int, Event] = {}  # mid -> handed, waiting for PUBACK
-        self._early: dict[int, ReasonCode] = {}  # PUBACKs that beat publish() returning its mid
+        # PUBACKs that beat publish() returning its mid, with when they came. Status, health and reply
+        # messages land here too and are never claimed: only a fresh entry may settle an event, or an
+        # old one would settle the event that reuses its mid 65,535 publishes later, unacknowledged.
+        self._early: dict[int, tuple[ReasonCode, float]] = {}
         self._acked: list[str] = []
         self._connected = threading.Event()
         self._outage_reported = False
@@ -221,10 +228,10 @@ class Uplink:
                 info = self._client.publish(topic(event.store, event.gateway, event.type), event.payload(), qos=QOS)
                 with self._lock:
                     early = self._early.pop(info.mid, None)
-                    if early is None:
+                    if early is None or time.monotonic() - early[1] > EARLY_PUBACK_S:
                         self._inflight[info.mid] = event
                     else:
-                        self._settle(event, early)
+                        self._settle(event, early[0])
 
     def feed(self, fetch: Callable[[int, int], list[Event]]) -> int:
         """Top the queue up from the outbox: `fetch(after_seq, limit)` is `Store.sendable`. Runtime thread only.
@@ -371,10 +378,11 @@ class Uplink:
         with self._lock:
             event = self._inflight.pop(mid, None)
             if event is None:
-                # A status or reply message, or a PUBACK that arrived before publish() returned its mid.
+                # A status, health or reply message, or a PUBACK that arrived before publish() returned its mid.
+                now = time.monotonic()
                 if len(self._early) > 1000:
-                    self._early.clear()
-                self._early[mid] = reason
+                    self._early = {m: e for m, e in self._early.items() if now - e[1] <= EARLY_PUBACK_S}
+                self._early[mid] = (reason, now)
                 return
             self._settle(event, reason)
 
