@@ -30,7 +30,7 @@ from gateway.events import EventFactory, topic_prefix, uuid7
 from gateway.footfall import Footfall
 from gateway.identity import Identifier, MemberDirectory
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
-from gateway.model import Award, Event, Visit
+from gateway.model import Award, Event, Visit, VisitChange
 from gateway.points import PointsEngine, RuleSet, load_rules
 from gateway.sdnotify import Notifier
 from gateway.store import Store
@@ -144,6 +144,17 @@ class Gateway:
         self.adverts += len(adverts)
         sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
         changes = self.tracker.update(self.estimator.update(sightings, now), now)
+        return self._conclude(changes, now)
+
+    def end_visits(self, now: float) -> list[Event]:
+        """A clean stop: end every open session at its last sighting, as the absence timeout would have,
+        so no visit is left started-but-never-ended for the backend and dwell bonuses are granted."""
+        self.now = now
+        changes = self.tracker.update([], now + self.settings.visits.absence_timeout_s + 1.0)
+        return self._conclude(changes, now)
+
+    def _conclude(self, changes: list[VisitChange], now: float) -> list[Event]:
+        """Visit changes → points → footfall → events → store (one commit) → uplink."""
         awards = self.points.evaluate(changes) + self.points.evaluate_open(self.tracker.open_visits(), now)
         minutes = self.footfall.update(changes, now)
         events = [e for c in changes if (e := self.events.from_change(c)) is not None]
@@ -428,6 +439,7 @@ async def run(
             systemd.alive()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), opts.tick_s)
+        gw.end_visits(gw.now)  # stored and queued before the outbox is flushed below
     except Exception:
         log.exception("pipeline failed")
         code = 1

@@ -101,6 +101,8 @@ def test_run_sim_publishes_valid_gapless_events(broker: Broker, tmp_path: Path) 
     assert all(isinstance(a, dict) and a["points"] > 0 and a["member"] for a in awards)
     ended = [e["data"] for e in events if e["schema"] == "visita.visit.ended/1"]
     assert all(isinstance(v, dict) and v["dwell_s"] >= 0 and v["path"] for v in ended)
+    started = {e["data"]["visit_id"] for e in events if e["schema"] == "visita.visit.started/1"}  # type: ignore[index]
+    assert started <= {v["visit_id"] for v in ended}, "a clean stop ends every open visit"  # type: ignore[index]
 
     # The retained status: online at start, offline after the clean stop.
     statuses = [p["data"] for t, p, _ in sub.snapshot() if t == PREFIX + "status"]
