@@ -310,7 +310,102 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--data-dir", type=Path, metavar="DIR", help="data directory (default: ~/.local/state/visita)")
     imp.add_argument("--replace", action="store_true", help="replace the whole member set instead of merging")
     imp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    points = sub.add_parser("points", help="loyalty points", description="Loyalty points (docs/rules.md).")
+    points_sub = points.add_subparsers(dest="points_command", metavar="SUBCOMMAND", required=True)
+    explain = points_sub.add_parser(
+        "explain",
+        help="why each rule did or did not award a member's visits",
+        description="For a member's stored (finished) visits, newest first, every rule of the rules file with the "
+        "points it awarded or why it did not: for support staff answering 'where are my points?'. Reads the "
+        "data directory, so run it where the gateway runs (while the gateway is stopped: it holds the lock).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    explain.add_argument("member", metavar="MEMBER_REF", help="the member's ref, as the backend knows it")
+    explain.add_argument("--visit", metavar="ID", help="only this visit")
+    explain.add_argument("--limit", type=int, default=10, metavar="N", help="newest N visits (default 10)")
+    explain.add_argument("--config", type=Path, metavar="FILE", help="config file (for the rules and time zone)")
+    explain.add_argument("--data-dir", type=Path, metavar="DIR", help="data directory (default: the config's)")
+    explain.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def cmd_points_explain(args: argparse.Namespace) -> int:
+    """visita points explain MEMBER_REF [--visit ID]."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from gateway.config import default_data_dir
+    from gateway.days import LocalDays
+    from gateway.identity import MemberDirectory
+    from gateway.members import KeyStoreError, load_into
+    from gateway.points import PointsEngine
+    from gateway.store import Store, StoreError
+
+    settings = load_settings(args.config)
+    rules = load_rules(Path(settings.points.rules) if settings.points.rules else None)
+    data_dir = args.data_dir or Path(settings.storage.data_dir or default_data_dir())
+    if not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir}: no such directory")
+    members = MemberDirectory()
+    tiers = "tiers from the member vault"
+    try:
+        load_into(members, data_dir)
+    except KeyStoreError as e:
+        tiers = f"tiers unknown ({e})"
+    try:
+        store = Store(data_dir)
+    except StoreError as e:
+        print(f"visita points explain: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    with store:
+        ledger = store.awards()
+        visits = [v for v in store.recent_visits(100_000) if v.member == args.member]
+    engine = PointsEngine(rules, LocalDays(settings.timezone), ledger, members.tier)
+    if args.visit:
+        visits = [v for v in visits if v.visit_id == args.visit]
+    visits = visits[: max(1, args.limit)] if not args.visit else visits
+    shown = {v.visit_id for v in visits}
+    others = [a for a in ledger if a.member == args.member and a.visit_id not in shown]
+    tz = ZoneInfo(settings.timezone)
+    out: list[dict[str, Any]] = []
+    for v in visits:
+        why = engine.explain(v)
+        out.append(
+            {
+                "visit_id": v.visit_id,
+                "started": datetime.fromtimestamp(v.started, tz).isoformat(timespec="seconds"),
+                "dwell_s": round(v.dwell_s),
+                "source": v.source,
+                "classification": v.classification,
+                "path": list(v.path),
+                "points": sum(x.awarded for x in why),
+                "rules": [{"rule": x.rule, "points": x.awarded, "why": x.why} for x in why],
+            }
+        )
+    if args.json:
+        extra = [{"visit_id": a.visit_id, "rule": a.rule, "points": a.points, "reason": a.reason} for a in others]
+        print(json.dumps({"member": args.member, "visits": out, "other_awards": extra, "tiers": tiers}))
+        return EXIT_OK if out or extra else EXIT_FAILED
+    if not out:
+        where = f"visit {args.visit}" if args.visit else "finished visit"
+        print(f"no stored {where} of member {args.member} in {data_dir} (open visits live in the running gateway)")
+    for rec in out:
+        print(
+            f"visit {rec['visit_id']} · {rec['started']} · {rec['dwell_s']} s inside · {rec['classification']}, "
+            f"source {rec['source']} · path {' > '.join(rec['path']) or '-'} · {rec['points']} points"
+        )
+        for r in rec["rules"]:
+            print(
+                f"  {r['points']:>+5}  {r['rule']}: {r['why']}" if r["points"] else f"      0  {r['rule']}: {r['why']}"
+            )
+    if others:
+        print(
+            f"awards of {args.member} for visits not listed: "
+            + ", ".join(f"{a.rule} {a.points} ({a.visit_id})" for a in others[:20])
+        )
+    return EXIT_OK if out or others else EXIT_FAILED
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -673,6 +768,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "keys":
             return cmd_keys(args)
+        if args.command == "points":
+            return cmd_points_explain(args)
         return cmd_config_check(args)
     except ConfigError as e:
         for line in e.problems:
