@@ -149,7 +149,7 @@ MEAN_BODY_LOSS_DB = 3.0
 """A carrier's body costs 0-6 dB by heading; on average about 3 (docs/estimation.md)."""
 OFFSET_SIGMA_DB = 2.5
 """Spread of a subject's common offset (phone model, body, pocket), marginalised in the emissions."""
-TELEPORT = 1e-5
+TELEPORT = 1e-9
 """Share of probability spread evenly every second, so a wrong belief can recover from any start."""
 REORDER_S = 1.0
 """A second is decided once data time is this far past its end (late remote sightings still count)."""
@@ -161,7 +161,7 @@ DOOR_RADIUS_M = 2.5
 SENSITIVITY_DBM = -95.0
 PACKET_SIGMA_DB = 5.0
 """Spread of one packet's RSSI around the model (fading and shadowing), for the chance it is heard at all."""
-MAX_MISS_PACKETS = 0.5
+MAX_MISS_PACKETS = 0.25
 """Non-detection evidence is capped at this many packets' worth per second (not overconfident)."""
 RECEIVER_SILENT_S = 10.0
 """A receiver that reported nothing at all (not even a beacon) for this long is down: its silence says nothing."""
