@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -298,6 +298,29 @@ def create_app(gateway: Gateway) -> FastAPI:
             refusal = CheckinRefusal(reason=e.reason, message=e.message, field=e.field)
             return JSONResponse(refusal.model_dump(mode="json"), status_code=e.status)
         return CheckinAccepted.model_validate(result)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def metrics(gw: GatewayDep) -> PlainTextResponse:
+        """Prometheus text format: check-ins accepted and refused by reason, awards, members known."""
+        c = gw.checkins.diagnostics()
+        lines = [
+            "# HELP visita_checkins_accepted_total App check-ins accepted.",
+            "# TYPE visita_checkins_accepted_total counter",
+            f"visita_checkins_accepted_total {c['accepted']}",
+            "# HELP visita_checkins_refused_total App check-ins refused, by reason (docs/checkin.md).",
+            "# TYPE visita_checkins_refused_total counter",
+            *(f'visita_checkins_refused_total{{reason="{r}"}} {n}' for r, n in sorted(c["refused"].items())),
+            "# HELP visita_checkin_nonces Nonces remembered for replay protection.",
+            "# TYPE visita_checkin_nonces gauge",
+            f"visita_checkin_nonces {c['nonces']}",
+            "# HELP visita_awards Awards in the ledger the points engine started from, plus those made since.",
+            "# TYPE visita_awards gauge",
+            f"visita_awards {gw.points.diagnostics()['awards']}",
+            "# HELP visita_members Member keys known.",
+            "# TYPE visita_members gauge",
+            f"visita_members {len(gw.members)}",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.get("/api/v1/status", response_model=Status, tags=["ops"])
     async def status(gw: GatewayDep) -> Status:

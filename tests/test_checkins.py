@@ -156,7 +156,11 @@ def test_replay_and_rate_limit(gw: Gateway) -> None:
         assert (r.status_code, r.json()["reason"]) == (429, "rate_limited")
         assert post(client, body("m-2")).status_code == 201, "the limit is per member"
         counts = client.get("/api/v1/status").json()["checkins"]
+        metrics = client.get("/metrics").text
     assert counts["accepted"] == 7 and counts["refused"]["replayed"] == 1 and counts["refused"]["rate_limited"] == 1
+    assert "visita_checkins_accepted_total 7\n" in metrics
+    assert 'visita_checkins_refused_total{reason="replayed"} 1\n' in metrics
+    assert 'visita_checkins_refused_total{reason="bad_signature"} 0\n' in metrics
 
 
 def test_a_replay_after_a_restart_is_refused_until_it_is_stale(tmp_path: Path) -> None:
