@@ -232,6 +232,9 @@ class PointsEngine:
         self._tier_of = tier_of
         self._granted: dict[str, Award] = {}
         self._rules_by_visit: dict[str, dict[str, int]] = {}  # visit_id -> rule -> points: no hashing every tick
+        # Rules that can fire while a visit is open (a dwell bonus waits for the end): an open visit that has
+        # all of them is skipped at once, since every tick looks at every open visit.
+        self._open_rules = [r.id for r in self._rules if not isinstance(r, DwellBonusRule)]
         self._per_day: dict[tuple[str, str, str], int] = {}
         self._per_week: dict[tuple[str, str, str], int] = {}
         self._rule_day_points: dict[tuple[str, str, str], int] = {}
@@ -285,6 +288,10 @@ class PointsEngine:
         member = visit.member
         if member is None or visit.classification != "visitor":
             return []
+        if kind == "open":
+            done = self._rules_by_visit.get(visit.visit_id)
+            if done is not None and all(r in done for r in self._open_rules):
+                return []
         out: list[Award] = []
         for rule in self._rules:
             points, reason = self._decide(rule, kind, visit, member)
