@@ -235,3 +235,16 @@ def test_no_sequence_of_check_ins_replays_and_restarts_awards_a_rule_twice_for_a
         client.close()
         gw.store.close()
         gw.checkins.close()
+
+
+def test_ble_sightings_after_a_check_in_join_its_visit_as_source_both(gw: Gateway) -> None:
+    with TestClient(create_app(gw)) as client:
+        r = post(client, body())
+    assert r.status_code == 201 and r.json()["source"] == "checkin"
+    subject = "member:m-1"
+    estimates = [ZoneEstimate(NOW + 5 + i * 5, subject, "entrance", True, -60.0) for i in range(6)]
+    assert [c.kind for c in gw.tracker.update(estimates, NOW + 35)] == [], "the same visit, not a second one"
+    (v,) = gw.tracker.open_visits()
+    assert (v.visit_id, v.source) == (r.json()["visit_id"], "both")
+    ended = gw.tracker.update([], NOW + 35 + 3600)
+    assert [(c.kind, c.visit.visit_id, c.visit.source) for c in ended] == [("ended", v.visit_id, "both")]
