@@ -165,9 +165,8 @@ class Gw:
     def __init__(self, url: str, gateway: str = GATEWAY, password: str | None = None, **cfg: object) -> None:
         settings = MqttConfig.model_validate({"url": url, "backoff_min_s": 0.1, "backoff_max_s": 0.5, **cfg})
         self.factory = EventFactory(STORE, gateway, 0)
-        self.uplink = Uplink(
-            settings, parse_mqtt_url(url), f"test-{gateway}", lambda on: self.factory.status(time.time(), on, "t"), password
-        )
+        status = lambda on: self.factory.status(time.time(), on, "t")  # noqa: E731
+        self.uplink = Uplink(settings, parse_mqtt_url(url), f"test-{gateway}", status, password)
         self.events: list[Event] = []
         self.acked: list[str] = []
 
@@ -284,9 +283,10 @@ def test_acl_limits_a_gateway_to_its_own_prefix(
         gw.send(5)
         assert len(gw.wait_acked()) == 5, "its own prefix is allowed"
     # The same credentials publishing as another gateway: refused by the ACL (MQTT 5 PUBACK reason).
-    with caplog.at_level(logging.WARNING, logger="visita.uplink"), Gw(
-        b.url, gateway="gw-2", username="gw-1", password="pw-1"
-    ) as gw:
+    with (
+        caplog.at_level(logging.WARNING, logger="visita.uplink"),
+        Gw(b.url, gateway="gw-2", username="gw-1", password="pw-1") as gw,
+    ):
         assert gw.wait_connected()
         gw.send(3)
         lines = _wait_log(caplog, "refused")
@@ -295,9 +295,7 @@ def test_acl_limits_a_gateway_to_its_own_prefix(
     assert lines and "Not authorized" in lines[0] and "ACL" in lines[0] and "visita/v1/demo-store/gw-2/" in lines[0]
 
 
-def test_run_with_tls_and_password_flags(
-    pki: Pki, tmp_path: Path, start_broker: Callable[..., Broker]
-) -> None:
+def test_run_with_tls_and_password_flags(pki: Pki, tmp_path: Path, start_broker: Callable[..., Broker]) -> None:
     passwd = _password_file(tmp_path, {"gw-1": "flag-pw"})
     b = start_broker([*_tls(pki), "allow_anonymous false", f"password_file {passwd}"])
     pw_file = tmp_path / "pw"

@@ -1,0 +1,107 @@
+"""Disk full, for real: the data directory on a small tmpfs that a filler file fills up.
+
+`visita run --sim` must keep running, say "disk full" once, keep (and not publish) new events in
+memory, say "disk space is back" once the filler is removed, and in the end have delivered
+every event. Mounting needs root (CAP_SYS_ADMIN); the test fails, never skips, without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import VISITA, Broker, Subscriber
+
+from gateway.store import Store
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (run the tests as root): {proc.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(path: Path) -> None:
+    """Write zeros to `path` until the file system is full."""
+    block = b"\0" * 4096
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                break
+    finally:
+        os.close(fd)
+
+
+def _wait(pred: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_disk_full_keeps_running_says_so_once_and_recovers(small_disk: Path, broker: Broker, tmp_path: Path) -> None:
+    data = small_disk / "data"
+    log = tmp_path / "stderr.log"
+    sub = Subscriber(broker, client_id="diskfull-subscriber")
+    args = [
+        *VISITA, "run", "--sim", "--scenario", "small-shop", "--speed", "600", "--until", "2h",
+        "--mqtt", broker.url, "--dashboard", "off", "--data-dir", str(data),
+    ]  # fmt: skip
+    filler = small_disk / "filler"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert _wait(lambda: len(sub.snapshot()) >= 5, 30), "no events before the disk filled"
+        _fill(filler)
+        assert _wait(lambda: "disk full" in log.read_text(), 20), log.read_text()
+        during = len(sub.snapshot())
+        time.sleep(3)  # half an hour of store time with a full disk
+        published_while_full = len(sub.snapshot()) - during
+        filler.unlink()
+        assert _wait(lambda: "disk space is back" in log.read_text(), 20), log.read_text()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert text.count("disk full: cannot write") == 1, text
+    assert text.count("disk space is back") == 1, text
+    assert "Traceback" not in text, text
+    # At most what was already committed and in flight when the disk filled went out meanwhile.
+    assert published_while_full <= 300, published_while_full
+
+    with Store(data) as s:
+        n = s.last_seq()
+        assert s.pending_events() == []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        seqs = {int(str(p["seq"])) for _, p, _ in sub.snapshot() if p.get("seq") is not None}
+        if len(seqs) >= n:
+            break
+        time.sleep(0.1)
+    sub.close()
+    assert seqs == set(range(1, n + 1)), f"missing: {sorted(set(range(1, n + 1)) - seqs)[:20]}"
+    assert ", 0 still queued" in out
