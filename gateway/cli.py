@@ -561,6 +561,11 @@ def _run_ble(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.store import StoreError
     from sensors import ble_source
 
+    if args.speed != 1 and not args.rehearse:
+        raise UsageError(
+            f"--speed {args.speed:g}: a radio is heard in real time; --speed only applies to --sim, "
+            "or to --ble --rehearse against `visita sim --bluez --speed X`"
+        )
     members = MemberDirectory()
     staff: list[str] = []
     defaults = [r.id for r in settings.plan.receivers][:1]
@@ -719,6 +724,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="visita-replay-") as tmp:
         opts = RunOptions(
             data_dir=args.data_dir or Path(tmp),
+            temporary_data=args.data_dir is None,
             mqtt=args.mqtt,
             dashboard=args.dashboard,
             until_s=span,

@@ -86,6 +86,8 @@ class RunOptions:
     """Wall-clock seconds between pipeline ticks."""
     flush_timeout_s: float = 10.0
     """How long a stop waits for the broker to acknowledge what is queued."""
+    temporary_data: bool = False
+    """The data directory is thrown away after the run (a replay without --data-dir)."""
 
 
 class Gateway:
@@ -472,7 +474,11 @@ async def run(
         snap = gw.footfall.snapshot()
         print(
             f"stopped: last event seq {gw.events.last_seq}, {queued} still queued in the outbox"
-            + (" (sent at next start)" if queued else "")
+            + (
+                (" (discarded with the temporary data directory; pass --data-dir to keep them)")
+                if queued and opts.temporary_data
+                else (" (sent at next start)" if queued else "")
+            )
             + f"; today {snap['visitors_today']} visits, {snap['passbys_today']} pass-bys",
             flush=True,
         )

@@ -57,6 +57,7 @@ def visita(*args: str) -> subprocess.CompletedProcess[str]:
         (["run", "--sim", "--dashboard", "localhost"], "--dashboard: 'localhost': must be HOST:PORT"),
         (["run", "--sim", "--until", "soon"], "'soon' is not a duration; use e.g. 90s, 10m, 1h30m or 2h"),
         (["run", "--sim", "--speed", "0"], "--speed: '0': must be more than 0"),
+        (["run", "--ble", "--speed", "5"], "--speed 5: a radio is heard in real time"),
         (["run", "--sim", "--config", "/nonexistent/visita.toml"], "/nonexistent/visita.toml: no such file"),
     ],
 )

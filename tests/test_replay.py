@@ -154,6 +154,9 @@ def test_visita_sim_writes_a_log_that_visita_replay_turns_into_visits(tmp_path: 
     assert m and int(m.group(1)) > 0 and int(m.group(2)) > 0, rep.stdout
     assert f"replayed {summary['adverts']:,} adverts (0h40m00s of data)" in rep.stdout
     assert "as fast as it goes" in rep.stdout
+    assert "(sent at next start)" in rep.stdout, "--mqtt off by default: the kept outbox waits for a broker"
+    temp = subprocess.run([*VISITA, "replay", str(out / LOG_NAME)], capture_output=True, text=True, timeout=180)
+    assert "discarded with the temporary data directory; pass --data-dir to keep them" in temp.stdout
     with Store(data) as store:
         visits = store.recent_visits(500)
     assert visits and all(v.ended is not None and v.classification in ("visitor", "staff") for v in visits)
