@@ -85,6 +85,10 @@ HISTORY_DIR = "history"
 """Folder of the per-day history files inside the data directory."""
 ROLL_EVERY = 256
 """Journal records that trigger an append to the day files."""
+ACK_COMMIT_S = 2.0
+"""A commit whose only changes are acks writes at most this often, seconds: losing an ack in a
+crash costs a QoS 1 duplicate (same id), never an event, and a large backlog drains without
+rewriting the outbox at every tick."""
 DROP_ORDER = ("footfall.minute", "zone.changed")
 """Event types the outbox bound may drop, first to last. Visits and awards are never dropped."""
 
@@ -297,6 +301,8 @@ class Store:
         self._last_error = ""
         self._rolls = 0
         self._history_lines = 0
+        self._must_write = False  # changes that must be on disk before anything is published
+        self._last_write = 0.0
 
         self._dir_fd = self._open_dir()
         try:
@@ -761,6 +767,7 @@ class Store:
                 self._order.append(seq)
             if types[seq] in self._droppable:
                 self._droppable[types[seq]][seq] = None
+        self._must_write = True
         top = max(new)
         if top > self._last_seq:
             self._last_seq = top
@@ -843,6 +850,7 @@ class Store:
         if added:
             self._journal.insert_multiple(added)
             self._award_ids.update(ids)
+            self._must_write = True
         return len(added)
 
     def put_visits(self, visits: Iterable[Visit]) -> None:
@@ -862,19 +870,27 @@ class Store:
         self._journal.insert_multiple(
             {"kind": "visit", "day": _visit_day(ended), "rec": rec} for ended, rec in batch.values()
         )
+        self._must_write = True
         for _, rec in batch.values():
             self._index_history("visit", rec)
 
     # ------------------------------------------------------------------ durability
 
-    def commit(self) -> bool:
+    def commit(self, force: bool = False) -> bool:
         """Write everything changed since the last commit in one atomic write; True when it is on disk.
+
+        Changes that are only acks are written at most every ACK_COMMIT_S (or when `force`).
 
         A full disk is not an error: returns False, keeps the changes in memory (the next
         commit retries them; the bound tightens to `full_disk_outbox_max`), and the file
         keeps the last commit. Other failures (permissions, I/O errors) raise StoreError.
         """
         self._require_open()
+        if (
+            not (force or self._must_write or self._disk_full)
+            and time.monotonic() - self._last_write < ACK_COMMIT_S
+        ):
+            return True  # acks only, written recently: they ride along with the next write
         try:
             self._disk.flush()
         except OSError as e:
@@ -887,6 +903,8 @@ class Store:
                 f"{self._dir} (changes are kept in memory and retried at the next commit)"
             ) from e
         self._committed_seq = self._last_seq
+        self._must_write = False
+        self._last_write = time.monotonic()
         if len(self._journal) >= ROLL_EVERY:
             # Only now: a record may reach a day file only once the commit that put it (and the
             # event announcing it) is on disk. The cleared journal is written at the next commit.
@@ -914,9 +932,9 @@ class Store:
         if self._closed:
             return
         try:
-            if self.commit():
+            if self.commit(force=True):
                 self._roll()
-            if not self.commit():
+            if not self.commit(force=True):
                 _log.error(
                     "disk full at stop: %d event(s) and %d history record(s) not written to %s are lost",
                     max(0, self._last_seq - self._committed_seq),

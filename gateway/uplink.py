@@ -186,13 +186,16 @@ class Uplink:
         now = time.monotonic()
         with self._lock:
             rate = float(self._cfg.max_rate)
-            # A burst of at most a tenth of a second's worth (at least the window) keeps the rate smooth.
-            burst = max(rate / 10.0, float(self._cfg.max_inflight))
+            # A burst of at most a quarter of a second's worth (at least the window): one tick's share.
+            burst = max(rate / 4.0, float(self._cfg.max_inflight))
             self._tokens = min(burst, self._tokens + (now - self._t_tokens) * rate)
             self._t_tokens = now
             if not self.connected or now < self._paused_until:
                 return 0
-            window = 2 * self._cfg.max_inflight - len(self._queue) - len(self._inflight)
+            # The queue holds up to a fifth of a second's worth beyond the in-flight window, so PUBACKs
+            # refill the window between the runtime's ticks (see _on_publish).
+            cap = max(2 * self._cfg.max_inflight, self._cfg.max_rate // 5)
+            window = cap - len(self._queue) - len(self._inflight)
             return max(0, min(int(self._tokens), window))
 
     def offer(self, events: Iterable[Event]) -> int:
@@ -215,23 +218,34 @@ class Uplink:
             self.pump()
         return taken
 
-    def pump(self) -> None:
-        """Hand queued events to paho while connected, keeping the in-flight window."""
-        with self._send_lock:
-            while self.connected and time.monotonic() >= self._paused_until:
-                with self._lock:
-                    if not self._queue or len(self._inflight) >= self._cfg.max_inflight:
-                        return
-                    event = self._queue.popleft()
-                # paho keeps the message (and resends it after a reconnect) even if this
-                # publish races with a disconnect, so it is in flight either way.
-                info = self._client.publish(topic(event.store, event.gateway, event.type), event.payload(), qos=QOS)
-                with self._lock:
-                    early = self._early.pop(info.mid, None)
-                    if early is None or time.monotonic() - early[1] > EARLY_PUBACK_S:
-                        self._inflight[info.mid] = event
-                    else:
-                        self._settle(event, early[0])
+    def pump(self, blocking: bool = True) -> None:
+        """Hand queued events to paho while connected, keeping the in-flight window.
+
+        Not `blocking`: return at once when another thread is pumping (paho's thread must
+        never wait for ours, which may be waiting inside paho for paho's own lock).
+        """
+        if not self._send_lock.acquire(blocking=blocking):
+            return
+        try:
+            self._pump_locked()
+        finally:
+            self._send_lock.release()
+
+    def _pump_locked(self) -> None:
+        while self.connected and time.monotonic() >= self._paused_until:
+            with self._lock:
+                if not self._queue or len(self._inflight) >= self._cfg.max_inflight:
+                    return
+                event = self._queue.popleft()
+            # paho keeps the message (and resends it after a reconnect) even if this
+            # publish races with a disconnect, so it is in flight either way.
+            info = self._client.publish(topic(event.store, event.gateway, event.type), event.payload(), qos=QOS)
+            with self._lock:
+                early = self._early.pop(info.mid, None)
+                if early is None or time.monotonic() - early[1] > EARLY_PUBACK_S:
+                    self._inflight[info.mid] = event
+                else:
+                    self._settle(event, early[0])
 
     def feed(self, fetch: Callable[[int, int], list[Event]]) -> int:
         """Top the queue up from the outbox: `fetch(after_seq, limit)` is `Store.sendable`. Runtime thread only.
@@ -385,6 +399,8 @@ class Uplink:
                 self._early[mid] = (reason, now)
                 return
             self._settle(event, reason)
+        # Refill the window from the queue at once rather than at the runtime's next tick.
+        self.pump(blocking=False)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         name = msg.topic.removeprefix(f"{self._prefix}cmd/")

@@ -653,3 +653,22 @@ def test_disk_full_keeps_running_drops_by_policy_and_recovers(
     assert kinds.count("visit.ended") == 5 and kinds.count("visit.started") == 1
     assert s.diagnostics()["outbox_dropped"] == {"footfall.minute": 5}
     assert len(s.sendable(0, 100)) == 6
+
+
+def test_acks_alone_are_written_at_most_every_ack_commit_s(
+    open_store: Callable[..., Store], data_dir: Path, replace_spy: list[tuple[str, str]]
+) -> None:
+    s = open_store()
+    s.put_events([event(1), event(2)])
+    s.commit()
+    assert len(replace_spy) == 1
+    s.ack_events(["evt-1"])
+    assert s.commit() is True
+    assert len(replace_spy) == 1, "an ack alone waits for the next write (a crash costs a duplicate, not an event)"
+    s.put_events([event(3)])
+    s.commit()
+    assert len(replace_spy) == 2, "new events are written at once, the pending ack with them"
+    s.ack_events(["evt-2"])
+    s.close()  # close writes whatever is left
+    s = open_store()
+    assert s.pending_events() == [event(3)]
