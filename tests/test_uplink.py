@@ -1,0 +1,65 @@
+"""Uplink pieces that need no broker: credentials, settings checks, backoff, the feed's cursor."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.config import MqttConfig, parse_mqtt_url
+from gateway.events import EventFactory
+from gateway.model import Event
+from gateway.uplink import Uplink
+
+
+def _uplink(**cfg: object) -> tuple[Uplink, EventFactory]:
+    settings = MqttConfig.model_validate({"url": "mqtt://127.0.0.1:1", **cfg})
+    factory = EventFactory("s", "g", 0)
+    up = Uplink(settings, parse_mqtt_url(settings.url), "t", lambda on: factory.status(time.time(), on, "t"))
+    return up, factory
+
+
+def test_password_from_file_from_systemd_credentials_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert MqttConfig().password() is None
+    f = tmp_path / "pw"
+    f.write_text("from-file\nignored\n")
+    assert MqttConfig(password_file=str(f)).password() == "from-file"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("from-systemd")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert MqttConfig().password() == "from-systemd"
+    assert MqttConfig(password_file=str(f)).password() == "from-file", "an explicit file wins"
+    with pytest.raises(ValueError, match=r"mqtt.password_file .*missing: cannot be read"):
+        MqttConfig(password_file=str(tmp_path / "missing")).password()
+
+
+def test_cert_without_key_and_backoff_order_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"mqtt\.cert and mqtt\.key go together"):
+        MqttConfig(cert="/x.pem")
+    with pytest.raises(ValueError, match="backoff_min_s must not be above"):
+        MqttConfig(backoff_min_s=10, backoff_max_s=1)
+    with pytest.raises(ValueError):
+        MqttConfig.model_validate({"protocol": "4"})
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    up, _ = _uplink(backoff_min_s=0.5, backoff_max_s=8.0)
+    delays: list[float] = []
+    monkeypatch.setattr(up._client, "reconnect_delay_set", lambda a, b: delays.append(a))
+    for _ in range(300):
+        up._next_delay()
+    steps = [min(8.0, 0.5 * 2**i) for i in range(300)]
+    assert all(step / 2 <= d <= step for d, step in zip(delays, steps, strict=True))
+    assert len({round(d, 6) for d in delays[10:]}) > 200, "jittered, not in step"
+
+
+def test_offer_takes_only_events_after_the_cursor_in_order() -> None:
+    up, factory = _uplink()
+    events: list[Event] = [factory.make("visit.started", 1.0, {}) for _ in range(5)]
+    assert up.offer(events[:3]) == 3 and up.cursor == 3
+    assert up.offer(events[1:4]) == 1 and up.cursor == 4, "already offered ones are skipped"
+    assert up.pending() == 4
+    assert up.room() == 0, "nothing is fed while disconnected"
