@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import secrets
 import shutil
@@ -58,6 +59,30 @@ def wait_port(port: int, proc: subprocess.Popen[Any], what: str, timeout: float 
     raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
 
 
+def subscriber(port: int, ready: Any, stop: Any, results: Any) -> None:
+    """Child process: stamp (CLOCK_MONOTONIC, shared by every process) the first points.awarded per member."""
+    received: dict[str, float] = {}
+    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="checkin-bench")
+
+    def on_connect(c: mqtt.Client, u: object, f: object, rc: object, p: object) -> None:
+        c.subscribe("visita/v1/+/+/points.awarded", qos=1)
+
+    def on_subscribe(c: mqtt.Client, u: object, mid: int, rcs: object, p: object) -> None:
+        ready.set()
+
+    def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        t = time.monotonic()
+        received.setdefault(json.loads(msg.payload)["data"]["member"], t)
+
+    sub.on_connect, sub.on_subscribe, sub.on_message = on_connect, on_subscribe, on_message
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    stop.wait()
+    sub.loop_stop()
+    sub.disconnect()
+    results.put(received)
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -73,6 +98,7 @@ def main() -> int:
     ap.add_argument("--senders", type=int, default=8, help="HTTP connections sending in parallel (default 8)")
     ap.add_argument("--target-ms", type=float, default=50.0)
     ap.add_argument("--profile", type=Path, metavar="FILE", help="run the gateway under cProfile, stats to FILE")
+    ap.add_argument("--gateway-log", type=Path, metavar="FILE", help="keep the gateway's stderr here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     n = int(args.rate * args.seconds)
@@ -99,28 +125,14 @@ def main() -> int:
             visita = [sys.executable, "-m", "gateway.cli"]
             subprocess.run([*visita, "keys", "import", str(keyfile), "--data-dir", str(data)], check=True, cwd=root)
 
-            received: dict[str, float] = {}
-            lock = threading.Lock()
-            subscribed = threading.Event()
-            sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="checkin-bench")
-
-            def on_connect(c: mqtt.Client, u: object, f: object, rc: object, p: object) -> None:
-                c.subscribe("visita/v1/+/+/points.awarded", qos=1)
-
-            def on_subscribe(c: mqtt.Client, u: object, mid: int, rcs: object, p: object) -> None:
-                subscribed.set()
-
-            def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
-                t = time.perf_counter()
-                member = json.loads(msg.payload)["data"]["member"]
-                with lock:
-                    received.setdefault(member, t)
-
-            sub.on_connect, sub.on_subscribe, sub.on_message = on_connect, on_subscribe, on_message
-            sub.connect("127.0.0.1", mport)
-            sub.loop_start()
-            if not subscribed.wait(10):
+            # The subscriber runs in its own process: in this one it would wait for the GIL behind the senders.
+            ctx = multiprocessing.get_context("fork")
+            ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+            sub = ctx.Process(target=subscriber, args=(mport, ready, stop, results))
+            sub.start()
+            if not ready.wait(10):
                 raise RuntimeError("subscriber could not subscribe")
+            lock = threading.Lock()
 
             profile = ["-m", "cProfile", "-o", str(args.profile.resolve())] if args.profile else []
             gateway = subprocess.Popen(
@@ -142,7 +154,7 @@ def main() -> int:
                 ],
                 cwd=root,
                 stdout=subprocess.DEVNULL,
-                stderr=open(work / "gateway.log", "w"),  # noqa: SIM115  # the child keeps it
+                stderr=open(args.gateway_log or work / "gateway.log", "w"),  # noqa: SIM115  # the child keeps it
                 text=True,
             )
             wait_port(dport, gateway, "visita run")
@@ -152,13 +164,13 @@ def main() -> int:
             sent: dict[str, float] = {}
             http_ms: list[float] = []
             codes: dict[int, int] = {}
-            t_start = time.perf_counter()
+            t_start = time.monotonic()
 
             def sender(k: int) -> None:
                 conn = http.client.HTTPConnection("127.0.0.1", dport, timeout=10)
                 for i in range(k, n, args.senders):
                     due = t_start + i / args.rate
-                    delay = due - time.perf_counter()
+                    delay = due - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
                     ref = refs[i]
@@ -170,11 +182,11 @@ def main() -> int:
                     }
                     obj["sig"] = sign(keys[ref], obj)
                     payload = json.dumps(obj).encode()
-                    t0 = time.perf_counter()
+                    t0 = time.monotonic()
                     conn.request("POST", "/api/v1/checkins", payload, {"content-type": "application/json"})
                     resp = conn.getresponse()
                     resp.read()
-                    t1 = time.perf_counter()
+                    t1 = time.monotonic()
                     with lock:
                         sent[ref] = t0
                         http_ms.append((t1 - t0) * 1000)
@@ -186,18 +198,13 @@ def main() -> int:
                 t.start()
             for t in threads:
                 t.join()
-            t_sent = time.perf_counter() - t_start
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                with lock:
-                    if all(r in received for r in sent):
-                        break
-                time.sleep(0.05)
-            sub.loop_stop()
-            sub.disconnect()
-            with lock:
-                lat = [(received[r] - sent[r]) * 1000 for r in sent if r in received]
-                missing = sum(1 for r in sent if r not in received)
+            t_sent = time.monotonic() - t_start
+            time.sleep(3)  # the last awards on their way
+            stop.set()
+            received: dict[str, float] = results.get(timeout=30)
+            sub.join(10)
+            lat = [(received[r] - sent[r]) * 1000 for r in sent if r in received]
+            missing = sum(1 for r in sent if r not in received)
         finally:
             if gateway is not None and gateway.poll() is None:
                 gateway.send_signal(signal.SIGINT)
