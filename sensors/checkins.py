@@ -179,7 +179,7 @@ class NonceJournal:
         return live
 
     def rewrite(self, entries: list[tuple[str, str, int]]) -> None:
-        """Replace the file with `entries` (temp file, fsync, rename)."""
+        """Replace the file with `entries` (temp file, fsync, rename, fsync of the directory)."""
         self.close()
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -189,6 +189,11 @@ class NonceJournal:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)  # the rename itself must survive a power cut, or the old journal comes back
+        finally:
+            os.close(dfd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._lines = len(entries)
 
