@@ -44,7 +44,7 @@ def resolve_us(d: MemberDirectory, keys: list[bytes], ts: float, lookups: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--members", type=int, default=100_000)
-    ap.add_argument("--chunk", type=int, default=2_000)
+    ap.add_argument("--chunk", type=int, default=1_000)
     ap.add_argument("--tick", type=float, default=0.1, help="data time between prepare calls, s")
     ap.add_argument("--lookups", type=int, default=20_000)
     ap.add_argument("--json", action="store_true")

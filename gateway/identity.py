@@ -63,7 +63,7 @@ class MemberDirectory:
     and `__repr__` shows counts only.
     """
 
-    def __init__(self, window_s: int = TOKEN_WINDOW_S, chunk: int = 2_000) -> None:
+    def __init__(self, window_s: int = TOKEN_WINDOW_S, chunk: int = 1_000) -> None:
         self._window_s = window_s
         self._chunk = chunk
         self._keys: dict[str, bytes] = {}
