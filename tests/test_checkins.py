@@ -248,3 +248,18 @@ def test_ble_sightings_after_a_check_in_join_its_visit_as_source_both(gw: Gatewa
     assert (v.visit_id, v.source) == (r.json()["visit_id"], "both")
     ended = gw.tracker.update([], NOW + 35 + 3600)
     assert [(c.kind, c.visit.visit_id, c.visit.source) for c in ended] == [("ended", v.visit_id, "both")]
+
+
+def test_no_key_or_signature_reaches_the_data_directory(tmp_path: Path) -> None:
+    gw = gateway(tmp_path, Clock(NOW))
+    sent = [body(), body("m-2")]
+    with TestClient(create_app(gw)) as client:
+        assert [post(client, b).status_code for b in sent] == [201, 201]
+    gw.store.close()
+    gw.checkins.close()
+    blob = b"".join(f.read_bytes() for f in tmp_path.rglob("*") if f.is_file())
+    assert b"checkin.accepted" in blob and b"m-2" in blob  # what was stored is there
+    for k in KEYS.values():
+        assert k.hex().encode() not in blob
+    for b in sent:
+        assert b["sig"].encode() not in blob
