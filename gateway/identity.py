@@ -283,6 +283,19 @@ class Identifier:
                 out.append(Sighting(adv.ts, adv.receiver, subject, adv.rssi, ref_rssi))
         return out
 
+    def remote_subject(self, key: str, ts: float) -> str:
+        """Subject of a phone a remote receiver heard (sensors/nodes.py), from its address (or `irk:<hex>`).
+
+        The member whose app phone this address was heard from, else the same daily salted hash as
+        the gateway's own radio gives that address, so one phone is one subject whoever heard it.
+        """
+        ref = self._member_by_address.get(key)
+        if ref is not None:
+            self._counts["member_device"] += 1
+            return "member:" + ref
+        self._counts["anonymous"] += 1
+        return self._anon(key, ts)
+
     def diagnostics(self) -> dict[str, Any]:
         """Counts by kind, members known, and the last battery reading per fixed beacon (mV)."""
         return {**self._counts, "members_known": len(self._members), "beacon_battery_mv": dict(self._battery)}

@@ -1,0 +1,332 @@
+"""Tests for sensors.nodes: ESPresense reports and Visita sighting batches, pure and through a real mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import Broker
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.days import LocalDays
+from gateway.decode import Decoder
+from gateway.identity import Identifier, MemberDirectory
+from gateway.model import Advert, Sighting
+from sensors.nodes import (
+    NodesOptions,
+    NodesSource,
+    PeerClock,
+    Reading,
+    encode_batch,
+    espresense_beacon,
+    parse_batch,
+    parse_espresense,
+)
+
+T0 = 1_764_000_000.0
+MAC = "c0ffee123456"
+ADDRESS = "C0:FF:EE:12:34:56"
+UUID = "e2c56db5-dffb-48d2-b060-d0f5a71096e0"
+ROOMS = {"entrance": "rx-entrance", "checkout": "rx-checkout"}
+
+
+def report(device_id: str, rssi: int = -70, mac: str | None = MAC, **extra: object) -> bytes:
+    """An ESPresense report as BleFingerprint::fill writes it (ESPresense 3.x/4.x)."""
+    doc: dict[str, object] = {"id": device_id, "idType": 15, "rssi@1m": -65, "rssi": rssi, "raw": 2.11}
+    if mac is not None:
+        doc["mac"] = mac
+    doc.update({"channel": 38, "distance": 2.1, "mean": 2.0, "var": 0.31, "ci": 0.24, "int": 210, **extra})
+    return json.dumps(doc).encode()
+
+
+def identifier() -> Identifier:
+    return Identifier(MemberDirectory(), LocalDays("UTC"), salt_source=lambda: b"s" * 32)
+
+
+class FakeClock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# --------------------------------------------------------------------------- pure decoders
+
+
+def test_ibeacon_and_altbeacon_ids_become_beacon_subjects() -> None:
+    topic = f"espresense/devices/iBeacon:{UUID}-100-7/entrance"
+    r = parse_espresense(topic, report(f"iBeacon:{UUID}-100-7"), T0, ROOMS)
+    assert r == Reading(T0, "rx-entrance", f"beacon:{UUID}:100:7", "", -70, -65)
+    assert espresense_beacon(f"altBeacon:{UUID.upper()}-1-2") == f"beacon:{UUID}:1:2"
+    assert espresense_beacon(f"iBeacon:{UUID}-70000-1") is None
+
+
+def test_eddystone_uid_id_loses_espresense_duplicated_byte() -> None:
+    namespace, instance = "00112233445566778899", "aabbccddeeff"
+    # ESPresense writes frame bytes 2..6 then 6..11: the namespace's fifth byte appears twice.
+    written = namespace[:10] + namespace[8:10] + namespace[10:]
+    assert espresense_beacon(f"eddy:{written}-{instance}") == f"beacon:{namespace}:{instance}"
+    assert espresense_beacon(f"eddy:{namespace}-{instance}") == f"beacon:{namespace}:{instance}"
+
+
+def test_phone_reports_keep_the_address_in_memory_only_as_key() -> None:
+    r = parse_espresense("espresense/devices/apple:1005:9-26/checkout", report("apple:1005:9-26"), T0, ROOMS)
+    assert isinstance(r, Reading)
+    assert (r.receiver, r.subject, r.key, r.rssi, r.ref_rssi) == ("rx-checkout", None, ADDRESS, -70, -65)
+    # A type fingerprint without the address cannot tell two phones apart: not taken.
+    assert parse_espresense("espresense/devices/apple:1005:9-26/x", report("apple:1005:9-26", mac=None), T0, {}) == (
+        "no-address"
+    )
+    irk = "00" * 16
+    r = parse_espresense(f"espresense/devices/irk:{irk}/x", report(f"irk:{irk}"), T0, {})
+    assert isinstance(r, Reading) and r.key == f"irk:{irk}" and r.receiver == "x"
+
+
+def test_other_kinds_are_ignored_and_junk_is_malformed() -> None:
+    assert parse_espresense("espresense/devices/sonos:c0ffee123456/x", report(f"sonos:{MAC}"), T0, {}) == "ignored"
+    assert parse_espresense(f"espresense/devices/{MAC}/x", report(MAC), T0, {}) == "ignored"
+    bad = [
+        ("espresense/devices/apple:1/x", b"not json"),
+        ("espresense/devices/apple:1/x", b"[1,2]"),
+        ("espresense/devices/apple:1/x", json.dumps({"id": "apple:1", "mac": MAC}).encode()),  # no rssi
+        ("espresense/devices/apple:1/x", json.dumps({"id": "apple:1", "mac": MAC, "rssi": True}).encode()),
+        ("espresense/devices/apple:1/x", json.dumps({"id": "apple:1", "mac": MAC, "rssi": 900}).encode()),
+        ("espresense/devices/apple:1/x", json.dumps({"id": "apple:1", "mac": MAC, "rssi": float("nan")}).encode()),
+        ("espresense/devices/apple:1", report("apple:1")),  # no room level
+        ("espresense/devices/apple:1/bad room", report("apple:1")),
+        ("espresense/devices/apple:1/x", b"[" * 100_000),
+        (f"espresense/devices/iBeacon:{UUID}/x", report(f"iBeacon:{UUID}")),  # no major/minor
+    ]
+    for topic, payload in bad:
+        assert parse_espresense(topic, payload, T0, {}) == "malformed", payload[:60]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.text(max_size=40))
+def test_espresense_decoder_never_raises(payload: bytes, device: str) -> None:
+    result = parse_espresense(f"espresense/devices/{device}/room", payload, T0, {})
+    assert isinstance(result, Reading | str)
+
+
+def test_batch_round_trip_and_rejects() -> None:
+    sightings = [Sighting(T0 + 0.25, "rx-2", "member:m-1", -61, -59), Sighting(T0 + 0.5, "rx-2", "anon:ab12", -80, -59)]
+    payload = encode_batch("gw-2", 7, T0 + 1, sightings)
+    batch = parse_batch("visita/v1/s1/gw-2/sightings", payload, "s1")
+    assert batch is not None and batch.gateway == "gw-2" and batch.seq == 7 and batch.sent == T0 + 1
+    assert list(batch.sightings) == sightings
+    assert parse_batch("visita/v1/other/gw-2/sightings", payload, "s1") is None  # another store
+    assert parse_batch("visita/v1/s1/gw-3/sightings", payload, "s1") is None  # topic and sender disagree
+    doc = json.loads(payload)
+    for key, value in [
+        ("schema", "visita.sightings/2"),
+        ("seq", "7"),
+        ("sent", None),
+        ("sightings", [[T0, "rx-2", "AA:BB:CC:DD:EE:FF", -60, -59]]),  # an address is not a subject
+        ("sightings", [[T0, "RX 2", "anon:ab", -60, -59]]),
+        ("sightings", [[T0, "rx-2", "anon:ab", -60]]),
+    ]:
+        bad = json.dumps({**doc, key: value}).encode()
+        assert parse_batch("visita/v1/s1/gw-2/sightings", bad, "s1") is None, (key, value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_batch_decoder_never_raises(payload: bytes) -> None:
+    assert parse_batch("visita/v1/s1/gw-2/sightings", payload, "s1") is None or True
+
+
+def test_peer_clock_takes_the_fastest_transit_and_is_bounded() -> None:
+    c = PeerClock(samples=4, max_offset_s=60)
+    assert c.offset == 0.0
+    for transit in (0.3, 0.02, 1.5):  # peer 30 s ahead; arrival = sent - 30 + transit
+        c.observe(T0 - 30 + transit, T0)
+    assert c.offset == pytest.approx(-29.98)
+    far = PeerClock(samples=4, max_offset_s=60)
+    far.observe(T0 + 3600, T0)
+    assert far.offset == 60 and far.measured == 3600
+
+
+# --------------------------------------------------------------------------- the source, without a broker
+
+
+def source(clock: FakeClock, **kw: object) -> NodesSource:
+    opts = NodesOptions(store="s1", gateway="gw-1", rooms=ROOMS, **kw)  # type: ignore[arg-type]
+    return NodesSource(opts, clock)
+
+
+def test_duplicates_only_within_one_receiver() -> None:
+    clock = FakeClock()
+    src = source(clock, dedup_s=0.5)
+    topic = "espresense/devices/apple:1005:9-26/{}"
+    assert src.receive(topic.format("entrance"), report("apple:1005:9-26", -70)) == 1
+    assert src.receive(topic.format("checkout"), report("apple:1005:9-26", -80)) == 1  # another receiver: kept
+    clock.t += 0.1
+    assert src.receive(topic.format("entrance"), report("apple:1005:9-26", -70)) == 0  # same node, same device
+    clock.t += 0.6
+    assert src.receive(topic.format("entrance"), report("apple:1005:9-26", -72)) == 1  # a new reading
+    ident = identifier()
+    out = src.poll_sightings(clock.t, ident.remote_subject)
+    assert [(s.receiver, s.rssi) for s in out] == [("rx-entrance", -70), ("rx-checkout", -80), ("rx-entrance", -72)]
+    assert len({s.subject for s in out}) == 1
+    d = src.diagnostics()
+    assert d["duplicates"] == 1 and d["readings"] == 3 and d["messages"] == 4
+
+
+def test_remote_and_local_hearing_of_one_phone_is_one_subject() -> None:
+    """The address is hashed with the identity's daily salt: the gateway's radio and a node agree."""
+    clock = FakeClock()
+    src = source(clock)
+    src.receive("espresense/devices/apple:1005:9-26/entrance", report("apple:1005:9-26"))
+    ident = identifier()
+    remote = src.poll_sightings(clock.t, ident.remote_subject)
+    nearby = bytes([0x10, 0x05, 0x01, 0x18, 0x00, 0x00, 0x00])  # Apple Nearby Info, as docs/frames.md describes
+    local = Advert(T0, "rx-local", ADDRESS, True, -60, manufacturer_data={0x004C: nearby})
+    decoded = Decoder().decode_batch([local])
+    assert decoded, "the Nearby Info frame should decode"
+    mine = ident.identify(decoded)
+    assert remote[0].subject == mine[0].subject and remote[0].subject.startswith("anon:")
+
+
+def test_poll_holds_readings_stamped_after_now_and_buffer_is_bounded() -> None:
+    clock = FakeClock()
+    src = source(clock, buffer_max=3)
+    for i in range(5):
+        clock.t = T0 + i
+        src.receive(f"espresense/devices/iBeacon:{UUID}-1-{i}/entrance", report(f"iBeacon:{UUID}-1-{i}"))
+    assert src.diagnostics()["dropped"] == 2
+    first = src.poll_sightings(T0 + 3, identifier().remote_subject)
+    assert [s.subject[-1] for s in first] == ["2", "3"]
+    assert [s.ts for s in src.poll_sightings(T0 + 10, identifier().remote_subject)] == [T0 + 4]
+
+
+def test_malformed_and_foreign_messages_are_counted_never_raised() -> None:
+    clock = FakeClock()
+    src = source(clock)
+    for topic, payload in [
+        ("espresense/devices/x/entrance", b"\xff\xfe"),
+        ("espresense/devices/x/entrance", b"{}"),
+        ("visita/v1/s1/gw-2/sightings", b"{"),
+        ("visita/v1/s1/gw-2/sightings", json.dumps({"schema": "visita.sightings/1"}).encode()),
+        ("espresense/devices/tile:c0ffee123456/entrance", report(f"tile:{MAC}")),
+    ]:
+        assert src.receive(topic, payload) == 0
+    d = src.diagnostics()
+    assert d["malformed"] == 4 and d["ignored"] == 1 and d["ignored_kinds"] == {"tile": 1}
+    assert src.receive("visita/v1/s1/gw-1/sightings", encode_batch("gw-1", 1, T0, [])) == 0  # our own
+    assert src.diagnostics()["own_batches"] == 1
+
+
+# --------------------------------------------------------------------------- through a real broker
+
+
+class Publisher:
+    """A QoS 1 publisher on the test broker."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="test-node")
+        self._client.connect("127.0.0.1", broker.port)
+        self._client.loop_start()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        info = self._client.publish(topic, payload, qos=1)
+        info.wait_for_publish(5)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+@pytest.fixture
+def publisher(broker: Broker) -> Iterator[Publisher]:
+    p = Publisher(broker)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def wait_for(cond: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def test_espresense_and_gateway_batches_through_mosquitto(
+    broker: Broker, publisher: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    clock = FakeClock()
+    opts = NodesOptions(port=broker.port, store="s1", gateway="gw-1", rooms=ROOMS, max_offset_s=60)
+    src = NodesSource(opts, clock)
+
+    async def main() -> None:
+        await src.start()
+        try:
+            await asyncio.to_thread(wait_for, lambda: src.connected)
+            await asyncio.sleep(0.2)  # the SUBACK follows CONNACK; a retained-free topic needs it in place
+            publisher.publish(f"espresense/devices/iBeacon:{UUID}-100-7/entrance", report(f"iBeacon:{UUID}-100-7"))
+            publisher.publish("espresense/devices/apple:1005:9-26/checkout", report("apple:1005:9-26", -77))
+            publisher.publish("espresense/devices/apple:1005:9-26/checkout", b"{oops")
+            publisher.publish("espresense/devices/samsung:c0ffee123456/entrance", report(f"samsung:{MAC}", mac=None))
+            # gw-2's clock runs 30 s ahead of ours.
+            peer = [Sighting(T0 + 29.5, "rx-aisle", "member:m-1", -62, -59)]
+            publisher.publish("visita/v1/s1/gw-2/sightings", encode_batch("gw-2", 1, T0 + 30, peer))
+            publisher.publish("visita/v1/s1/gw-2/sightings", encode_batch("gw-2", 1, T0 + 30, peer))  # resent
+            publisher.publish("visita/v1/s1/gw-1/sightings", encode_batch("gw-1", 9, T0, peer))  # our own
+            await asyncio.to_thread(wait_for, lambda: src.diagnostics()["messages"] >= 7)
+        finally:
+            await src.stop()
+
+    asyncio.run(main())
+    ident = identifier()
+    out = src.poll_sightings(T0 + 1, ident.remote_subject)
+    by_receiver = {s.receiver: s for s in out}
+    assert by_receiver["rx-entrance"].subject == f"beacon:{UUID}:100:7"
+    assert by_receiver["rx-checkout"].subject.startswith("anon:") and by_receiver["rx-checkout"].rssi == -77
+    peer_sighting = by_receiver["rx-aisle"]
+    assert peer_sighting.subject == "member:m-1"
+    assert peer_sighting.ts == pytest.approx(T0 - 0.5)  # moved onto our clock
+    assert len(out) == 3 and [s.ts for s in out] == sorted(s.ts for s in out)
+
+    d = src.diagnostics()
+    assert d["malformed"] == 1 and d["no_address"] == 1 and d["duplicate_batches"] == 1 and d["own_batches"] == 1
+    assert d["nodes"]["gateway:gw-2"]["clock_offset_s"] == pytest.approx(-30.0)
+    assert d["nodes"]["espresense:checkout"]["receivers"] == ["rx-checkout"]
+    text = json.dumps(d) + caplog.text
+    for form in (MAC, MAC.upper(), ADDRESS, ADDRESS.lower()):
+        assert form not in text
+
+
+def test_receive_from_paho_thread_and_poll_from_another_do_not_race() -> None:
+    clock = FakeClock()
+    src = source(clock)
+    stop = threading.Event()
+
+    def produce() -> None:
+        i = 0
+        while not stop.is_set() and i < 2000:
+            src.receive(f"espresense/devices/iBeacon:{UUID}-1-{i % 50}/entrance", report(f"iBeacon:{UUID}-1-{i % 50}"))
+            i += 1
+
+    t = threading.Thread(target=produce)
+    t.start()
+    got = 0
+    ident = identifier()
+    while t.is_alive():
+        got += len(src.poll_sightings(T0 + 1, ident.remote_subject))
+    t.join()
+    got += len(src.poll_sightings(T0 + 1, ident.remote_subject))
+    d = src.diagnostics()
+    assert got == d["readings"] and got + d["duplicates"] == 2000
