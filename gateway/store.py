@@ -19,7 +19,8 @@ so the store is shaped around that:
 
 Tables in the hot file `<data_dir>/visita.json`:
 
-- ``outbox``: events not yet acknowledged by the broker, document id = seq;
+- ``outbox.<n>``: events not yet acknowledged by the broker, document id = seq, in chunks of
+  CHUNK seqs (n = seq // CHUNK; a single ``outbox`` table of an older file is split at open);
 - ``journal``: awards and visits not yet appended to their day file;
 - ``meta``: one document with ``last_seq``, so the sequence survives an empty outbox.
 
@@ -93,6 +94,10 @@ DROP_ORDER = ("footfall.minute", "zone.changed")
 """Event types the outbox bound may drop, first to last. Visits and awards are never dropped."""
 
 _OUTBOX, _JOURNAL, _META = "outbox", "journal", "meta"
+CHUNK = 1000
+"""Events per outbox table (``outbox.<seq // CHUNK>``): a tick touches the newest chunk and the
+oldest, and the storage reuses the JSON text of every other chunk, so a long backlog is not
+serialised again at every commit."""
 _LEGACY = ("ledger", "visits")  # tables of the single-file layout (before the history files)
 _META_DOC_ID = 1
 _DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -311,7 +316,6 @@ class Store:
             disk = self._db.storage
             assert isinstance(disk, _AtomicJSONStorage)
             self._disk = disk
-            self._outbox: Table = self._db.table(_OUTBOX)
             self._journal: Table = self._db.table(_JOURNAL)
             self._meta: Table = self._db.table(_META)
             self._load()
@@ -383,6 +387,10 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot read {self._path}: {e.strerror}; fix its permissions") from e
         self._load_history()
+        if self._unchunked or _OUTBOX in self._db.tables():
+            self._db.drop_table(_OUTBOX)
+            self._insert_events({d.doc_id: d for d in self._unchunked})
+            self._unchunked.clear()
         if self._legacy or any(name in self._db.tables() for name in _LEGACY):
             fresh = [d for d in self._legacy if not self._in_history(d)]
             if fresh:
@@ -440,18 +448,30 @@ class Store:
             # The exception's type only: its text could quote stored values.
             return _CorruptFileError(f"table {name!r} document {doc_id} is not a valid record ({type(e).__name__})")
 
-        for doc_id, rec in docs(_OUTBOX):
-            try:
-                ev = Event.from_record(rec)
-            except (KeyError, TypeError, ValueError) as e:
-                raise bad(_OUTBOX, doc_id, e) from e
-            if ev.seq != doc_id or ev.id in self._outbox_seq:
-                raise _CorruptFileError(f"table {_OUTBOX!r} document {doc_id} does not match its seq or id")
-            self._outbox_seq[ev.id] = doc_id
-            self._outbox_id[doc_id] = ev.id
-            if ev.type in self._droppable:
-                self._droppable[ev.type][doc_id] = None
-            last_seq = max(last_seq, doc_id)
+        self._chunk_count: dict[int, int] = {}
+        self._unchunked: list[Document] = []  # events in the single "outbox" table of the previous layout
+        for name in [n for n in tables if n == _OUTBOX or n.startswith(_OUTBOX + ".")]:
+            chunk = None if name == _OUTBOX else name.removeprefix(_OUTBOX + ".")
+            if chunk is not None and not chunk.isdigit():
+                raise _CorruptFileError(f"table {name!r} is not an outbox chunk")
+            for doc_id, rec in docs(name):
+                try:
+                    ev = Event.from_record(rec)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise bad(name, doc_id, e) from e
+                if ev.seq != doc_id or ev.id in self._outbox_seq or doc_id in self._outbox_id:
+                    raise _CorruptFileError(f"table {name!r} document {doc_id} does not match its seq or id")
+                if chunk is None:
+                    self._unchunked.append(Document(rec, doc_id=doc_id))
+                elif int(chunk) != doc_id // CHUNK:
+                    raise _CorruptFileError(f"table {name!r} document {doc_id} is in the wrong chunk")
+                else:
+                    self._chunk_count[doc_id // CHUNK] = self._chunk_count.get(doc_id // CHUNK, 0) + 1
+                self._outbox_seq[ev.id] = doc_id
+                self._outbox_id[doc_id] = ev.id
+                if ev.type in self._droppable:
+                    self._droppable[ev.type][doc_id] = None
+                last_seq = max(last_seq, doc_id)
         self._order = sorted(self._outbox_id)
         for t in DROP_ORDER:
             self._droppable[t] = dict.fromkeys(sorted(self._droppable[t]))
@@ -637,7 +657,9 @@ class Store:
     def pending_events(self) -> list[Event]:
         """The outbox: events put and not yet acknowledged, ascending seq."""
         self._require_open()
-        docs = sorted(self._outbox.all(), key=lambda d: d.doc_id)
+        docs = sorted(
+            (d for c in sorted(self._chunk_count) for d in self._chunk(c).all()), key=lambda d: d.doc_id
+        )
         # A deep copy of `data`: a caller changing a returned event must not reach the stored one.
         return [Event.from_record({**d, "data": copy.deepcopy(d["data"])}) for d in docs]
 
@@ -656,7 +678,7 @@ class Store:
                 break
             if seq not in self._outbox_id:
                 continue
-            doc = self._outbox.get(doc_id=seq)
+            doc = self._chunk(seq // CHUNK).get(doc_id=seq)
             assert doc is not None  # the index and the table change together
             out.append(Event.from_record({**doc, "data": copy.deepcopy(doc["data"])}))
         return out
@@ -756,7 +778,7 @@ class Store:
             types[ev.seq] = ev.type
         if not new:
             return
-        self._outbox.insert_multiple(new.values())
+        self._insert_events(new)
         for event_id, seq in new_ids.items():
             self._outbox_seq[event_id] = seq
             self._outbox_id[seq] = event_id
@@ -773,6 +795,32 @@ class Store:
             self._last_seq = top
             self._meta.upsert(Document({"last_seq": top}, doc_id=_META_DOC_ID))
         self._enforce_bound()
+
+    def _chunk(self, chunk: int) -> Table:
+        return self._db.table(f"{_OUTBOX}.{chunk}")
+
+    def _insert_events(self, docs: dict[int, Document]) -> None:
+        """Insert outbox documents (doc id = seq) into their chunk tables, one operation per chunk."""
+        by_chunk: dict[int, list[Document]] = {}
+        for seq, doc in docs.items():
+            by_chunk.setdefault(seq // CHUNK, []).append(doc)
+        for chunk, group in by_chunk.items():
+            self._chunk(chunk).insert_multiple(group)
+            self._chunk_count[chunk] = self._chunk_count.get(chunk, 0) + len(group)
+
+    def _remove_events(self, seqs: list[int]) -> None:
+        """Remove outbox documents from their chunk tables; a chunk left empty is dropped."""
+        by_chunk: dict[int, list[int]] = {}
+        for seq in seqs:
+            by_chunk.setdefault(seq // CHUNK, []).append(seq)
+        for chunk, group in by_chunk.items():
+            left = self._chunk_count[chunk] - len(group)
+            if left:
+                self._chunk(chunk).remove(doc_ids=group)
+                self._chunk_count[chunk] = left
+            else:
+                self._db.drop_table(f"{_OUTBOX}.{chunk}")
+                del self._chunk_count[chunk]
 
     def set_outbox_max(self, outbox_max: int) -> None:
         """Change the outbox bound (a `cmd/config` downlink); a smaller one applies at once."""
@@ -799,7 +847,7 @@ class Store:
             return  # only visits and awards left: never dropped, the bound is exceeded
         for seq in victims:
             del self._outbox_seq[self._outbox_id.pop(seq)]
-        self._outbox.remove(doc_ids=victims)
+        self._remove_events(victims)
         self._compact_order()
         if not self._drop_logged:
             self._drop_logged = True
@@ -832,7 +880,7 @@ class Store:
                     pool.pop(seq, None)
                 seqs.append(seq)
         if seqs:
-            self._outbox.remove(doc_ids=seqs)
+            self._remove_events(seqs)
             self._compact_order()
         return len(seqs)
 

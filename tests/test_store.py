@@ -325,9 +325,9 @@ def test_modes_and_file_shape(tmp_path: Path) -> None:
     assert stat.S_IMODE(s.path.stat().st_mode) == 0o600
     assert sorted(os.listdir(data_dir)) == ["history", "visita.json"]
     doc = json.loads(s.path.read_bytes())
-    assert set(doc) == {"outbox", "journal", "meta"}
+    assert set(doc) == {"outbox.0", "journal", "meta"}
     assert doc["meta"] == {"1": {"last_seq": 1}}
-    assert doc["outbox"]["1"] == event(1).to_record()
+    assert doc["outbox.0"]["1"] == event(1).to_record()
     assert doc["journal"] == {}, "close rolls the journal into the day files"
     assert sorted(os.listdir(data_dir / "history")) == ["1970-01-01.jsonl", "2026-11-24.jsonl"]
     assert stat.S_IMODE((data_dir / "history" / "2026-11-24.jsonl").stat().st_mode) == 0o600
@@ -586,7 +586,7 @@ def test_legacy_single_file_is_moved_to_the_history(open_store: Callable[..., St
     assert s.awards() == [award(1)] and s.recent_visits() == [visit(1, 100.0)]
     assert s.pending_events() == [event(1)]
     s.close()
-    assert set(json.loads((data_dir / "visita.json").read_text())) == {"outbox", "journal", "meta"}
+    assert set(json.loads((data_dir / "visita.json").read_text())) == {"outbox.0", "journal", "meta"}
     s = open_store()
     assert s.awards() == [award(1)] and s.recent_visits() == [visit(1, 100.0)]
 
@@ -672,3 +672,27 @@ def test_acks_alone_are_written_at_most_every_ack_commit_s(
     s.close()  # close writes whatever is left
     s = open_store()
     assert s.pending_events() == [event(3)]
+
+
+def test_outbox_chunks_keep_a_commit_cheap_with_a_long_backlog(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    s.put_events([event(seq) for seq in range(1, 3 * store_mod.CHUNK + 1)])
+    s.commit()
+    doc = json.loads(s.path.read_bytes())
+    assert sorted(k for k in doc if k.startswith("outbox")) == ["outbox.0", "outbox.1", "outbox.2", "outbox.3"]
+    # Acking the whole first chunk drops its table; the others keep their place.
+    s.ack_events([f"evt-{seq}" for seq in range(1, store_mod.CHUNK)])
+    s.put_events([event(3 * store_mod.CHUNK + 1)])
+    s.commit()
+    doc = json.loads(s.path.read_bytes())
+    assert sorted(k for k in doc if k.startswith("outbox")) == ["outbox.1", "outbox.2", "outbox.3"]
+    expected = [e.seq for e in s.pending_events()]
+    assert expected == list(range(store_mod.CHUNK, 3 * store_mod.CHUNK + 2))
+    assert [e.seq for e in s.sendable(2 * store_mod.CHUNK - 2, 3)] == [
+        2 * store_mod.CHUNK - 1,
+        2 * store_mod.CHUNK,
+        2 * store_mod.CHUNK + 1,
+    ]
+    s.close()
+    s = open_store()
+    assert [e.seq for e in s.pending_events()] == expected
