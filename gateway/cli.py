@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from gateway.points import load_rules
 
 if TYPE_CHECKING:
     from firmware_sim.scenario import Scenario
+    from sensors.nodes import NodesSource
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -181,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="--ble against `visita sim SCENARIO --bluez`: scenario, seed, speed and clock come from that "
         "emulator; the plan (without --config) and the app users' keys from its scenario",
+    )
+    run.add_argument(
+        "--nodes",
+        nargs="?",
+        const="uplink",
+        metavar="URL",
+        help="also take remote receivers (ESPresense nodes, other Visita gateways; docs/nodes.md) from this broker "
+        "(default: the uplink's broker); alone, they are the only source",
+    )
+    run.add_argument(
+        "--room",
+        action="append",
+        metavar="ROOM=RECEIVER",
+        help="--nodes: an ESPresense node's room and the plan receiver it is (repeatable; default: the room's name)",
     )
     run.add_argument("--scenario", default="default", metavar="NAME|FILE", help="simulator scenario (default: default)")
     run.add_argument("--seed", type=int, default=1, metavar="N", help="simulator seed (default: 1)")
@@ -477,9 +493,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--sim and --ble are two sources: pass one")
     if args.ble:
         return _run_ble(args, settings)
+    if not args.sim and args.nodes and args.nodes != "off":
+        return _run_nodes_only(args, settings)
     if not args.sim:
         raise UsageError(
-            "no source chosen: pass --sim (the built-in store simulator) or --ble (the local Bluetooth adapters)"
+            "no source chosen: pass --sim (the built-in store simulator) or --ble (the local Bluetooth adapters), "
+            "or --nodes (remote receivers over MQTT)"
         )
     scenario = load_scenario(args.scenario)
     if args.config is None:  # no config: the plan is the scenario's own (for `default`, the built-in plan)
@@ -502,9 +521,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"  source     simulated store {scenario.name!r} (seed {args.seed}) at {args.speed:g}x"
         + (f", for {args.until:g} s of simulated time" if args.until else ""),
     ]
+    nodes = _nodes_source(args, settings, clock.now, banner)
     opts = RunOptions(data_dir=args.data_dir, mqtt=args.mqtt, dashboard=args.dashboard, until_s=args.until)
     try:
-        return asyncio.run(run(settings, opts, SimSource(world), clock, members, world.staff_refs, banner))
+        return asyncio.run(run(settings, opts, SimSource(world), clock, members, world.staff_refs, banner, nodes))
     except (StartupError, StoreError) as e:
         print(f"visita run: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -598,9 +618,78 @@ def _run_ble(args: argparse.Namespace, settings: Settings) -> int:
         f"  bus        {os.environ.get('DBUS_SYSTEM_BUS_ADDRESS') or 'unix:path=/run/dbus/system_bus_socket'}"
         f" · watchdog {watchdog}",
     ]
+    nodes = _nodes_source(args, settings, clock.now, banner)
     opts = RunOptions(data_dir=args.data_dir, mqtt=args.mqtt, dashboard=args.dashboard, until_s=args.until)
     try:
-        return asyncio.run(run(settings, opts, source, clock, members, staff, banner))
+        return asyncio.run(run(settings, opts, source, clock, members, staff, banner, nodes))
+    except (StartupError, StoreError) as e:
+        print(f"visita run: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _nodes_source(
+    args: argparse.Namespace, settings: Settings, clock: Callable[[], float], banner: list[str]
+) -> NodesSource | None:
+    """The remote receivers `--nodes [URL]` and `--room ROOM=RECEIVER` ask for (sensors/nodes.py), or None."""
+    from sensors.nodes import NodesOptions, NodesSource
+
+    if not args.nodes or args.nodes == "off":
+        if args.room:
+            raise UsageError("--room only applies with --nodes")
+        return None
+    uplink = args.nodes == "uplink"
+    text = (args.mqtt or settings.mqtt.url) if uplink else args.nodes
+    if text == "off":
+        raise UsageError("--nodes: the uplink is off; give the store broker, e.g. --nodes mqtt://127.0.0.1:1883")
+    try:
+        url = parse_mqtt_url(text)
+    except ValueError as e:
+        raise UsageError(f"--nodes: {text!r}: {e}") from None
+    if url.tls:
+        raise UsageError(f"--nodes {url}: TLS is not supported for remote receivers yet; use the store's LAN broker")
+    plan_rx = {r.id for r in settings.plan.receivers}
+    rooms: dict[str, str] = {}
+    for item in args.room or []:
+        room, _, rx = item.partition("=")
+        if not room or rx not in plan_rx:
+            raise UsageError(
+                f"--room {item}: give ROOM=RECEIVER with a receiver of the store plan ({', '.join(sorted(plan_rx))})"
+            )
+        rooms[room] = rx
+    password = None
+    if uplink and settings.mqtt.username:
+        try:
+            password = settings.mqtt.password()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    try:
+        options = NodesOptions(
+            host=url.host, port=url.port, store=settings.store, gateway=settings.gateway, rooms=rooms
+        )
+    except ValueError as e:
+        raise UsageError(f"--nodes: {e}") from None
+    banner.append(
+        f"  nodes      {url}  espresense/devices/# and visita/v1/{settings.store}/+/sightings"
+        + (f" · rooms {' '.join(f'{k}={v}' for k, v in rooms.items())}" if rooms else "")
+    )
+    return NodesSource(options, clock, password, settings.mqtt.username if uplink else None)
+
+
+def _run_nodes_only(args: argparse.Namespace, settings: Settings) -> int:
+    """visita run --nodes without a radio: remote receivers are the only source."""
+    from gateway.identity import MemberDirectory
+    from gateway.runtime import Clock, RunOptions, StartupError, run
+    from gateway.store import StoreError
+
+    if args.speed != 1:
+        raise UsageError(f"--speed {args.speed:g}: remote receivers are heard in real time")
+    clock = Clock()
+    banner = [f"Visita {__version__} · store {settings.store} · gateway {settings.gateway}"]
+    nodes = _nodes_source(args, settings, clock.now, banner)
+    assert nodes is not None
+    opts = RunOptions(data_dir=args.data_dir, mqtt=args.mqtt, dashboard=args.dashboard, until_s=args.until)
+    try:
+        return asyncio.run(run(settings, opts, nodes, clock, MemberDirectory(), [], banner, nodes))
     except (StartupError, StoreError) as e:
         print(f"visita run: {e}", file=sys.stderr)
         return EXIT_FAILED

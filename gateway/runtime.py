@@ -38,6 +38,7 @@ from gateway.uplink import Uplink
 from gateway.visits import VisitTracker
 from sensors.base import Source
 from sensors.checkins import CheckinVerifier, NonceJournal
+from sensors.nodes import NodesSource
 
 log = logging.getLogger("visita.runtime")
 
@@ -119,6 +120,8 @@ class Gateway:
         self.uplink: Uplink | None = None
         self.downlink: Downlink | None = None
         """Downlink commands (gateway.downlink), applied on the runtime's thread by `feed_uplink`."""
+        self.nodes: NodesSource | None = None
+        """Remote receivers (sensors/nodes.py): their sightings join the radio's after the identify stage."""
         self._started = self._health_last = time.monotonic()
         self._health_next = self._started + settings.mqtt.health_interval_s
         self._health_adverts = self._health_acked = 0
@@ -148,6 +151,8 @@ class Gateway:
         adverts = self.source.poll(now)
         self.adverts += len(adverts)
         sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
+        if self.nodes is not None:
+            sightings += self.nodes.poll_sightings(now, self.identifier.remote_subject)
         changes = self.tracker.update(self.estimator.update(sightings, now), now)
         return self._conclude(changes, now)
 
@@ -316,6 +321,7 @@ class Gateway:
             "checkins": self.checkins.diagnostics(),
             "store": self.store.diagnostics(),
             "uplink": self.uplink.diagnostics() if self.uplink else {"broker": "off"},
+            **({"nodes": self.nodes.diagnostics()} if self.nodes is not None else {}),
         }
 
 
@@ -364,8 +370,12 @@ async def run(
     members: MemberDirectory,
     staff: list[str],
     banner: list[str],
+    nodes: NodesSource | None = None,
 ) -> int:
-    """Run until stopped (signal or `until_s`); returns the process exit code."""
+    """Run until stopped (signal or `until_s`); returns the process exit code.
+
+    `nodes`: remote receivers (sensors/nodes.py) heard alongside `source`.
+    """
     from dashboard.app import create_app
 
     data_dir = opts.data_dir or Path(settings.storage.data_dir or default_data_dir())
@@ -384,6 +394,7 @@ async def run(
         raise StartupError(str(e)) from None
     gw = Gateway(settings, store, source, members, rules, staff)
     gw.member_keys = MemberKeys(members, KeyVault(data_dir))
+    gw.nodes = nodes
     if clock.step_s is None:  # a replay's clock moves on each reading: check-ins then use the last tick's time
         gw.clock = clock.now
 
@@ -433,6 +444,8 @@ async def run(
             log.info("%d event(s) from an earlier run are waiting in the outbox", len(pending))
         gw.uplink.start(gw.downlink.receive if gw.downlink is not None else None)
     await source.start()
+    if nodes is not None:
+        await nodes.start()
     end = clock.start + opts.until_s if opts.until_s is not None else None
     code = 0
     systemd = Notifier()
@@ -454,6 +467,8 @@ async def run(
     finally:
         systemd.stopping()
         await source.stop()
+        if nodes is not None:
+            await nodes.stop()
         if gw.uplink is not None:
             flush_end = time.monotonic() + opts.flush_timeout_s
             # Send what the outbox still holds (a backlog too), within the flush timeout.

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Broker
+from conftest import VISITA, Broker, free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
@@ -330,3 +335,55 @@ def test_receive_from_paho_thread_and_poll_from_another_do_not_race() -> None:
     got += len(src.poll_sightings(T0 + 1, ident.remote_subject))
     d = src.diagnostics()
     assert got == d["readings"] and got + d["duplicates"] == 2000
+
+
+# --------------------------------------------------------------------------- visita run --nodes
+
+
+def test_visita_run_with_nodes_only_feeds_the_pipeline(broker: Broker, publisher: Publisher, tmp_path: Path) -> None:
+    """The real CLI: `visita run --nodes --room ...` takes ESPresense reports into identify and the estimator."""
+    port = free_port()
+    cmd = [
+        *VISITA,
+        "run",
+        "--nodes",
+        "--room",
+        "front=rx-entrance",
+        "--mqtt",
+        broker.url,
+        "--dashboard",
+        f"127.0.0.1:{port}",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--until",
+        "20s",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    status: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            publisher.publish("espresense/devices/apple:1005:9-26/front", report("apple:1005:9-26", -60))
+            publisher.publish("espresense/devices/apple:1005:9-26/rx-produce", report("apple:1005:9-26", -85))
+            publisher.publish("espresense/devices/samsung:000000000000/front", b"junk")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=2) as r:
+                    status = json.loads(r.read())
+            except OSError:
+                status = {}
+            if status.get("nodes", {}).get("readings", 0) >= 6 and status["identity"]["anonymous"] >= 6:
+                break
+            time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "nodes      mqtt://127.0.0.1" in out and "front=rx-entrance" in out
+    nodes = status["nodes"]
+    assert nodes["connected"] and nodes["malformed"] >= 1
+    assert set(nodes["nodes"]) == {"espresense:front", "espresense:rx-produce"}
+    assert nodes["nodes"]["espresense:front"]["receivers"] == ["rx-entrance"]
+    assert status["estimator"].get("unknown_receiver_sightings", 0) == 0
+    text = json.dumps(status) + out + err
+    for form in (MAC, MAC.upper(), ADDRESS, ADDRESS.lower()):
+        assert form not in text
