@@ -346,7 +346,8 @@ class _Node:
     clock: PeerClock | None = None
     batches: int = 0
     duplicate_batches: int = 0
-    last_seq: int | None = None
+    recent_batches: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=64))
+    """(seq, sent) of the peer's last batches: a resend repeats both; a restarted peer's new seqs differ in sent."""
 
 
 class NodesSource:
@@ -372,6 +373,7 @@ class NodesSource:
         self._buffer: deque[Reading] = deque()
         self._nodes: OrderedDict[str, _Node] = OrderedDict()
         self._recent: dict[tuple[str, str], float] = {}  # (receiver, subject or key) -> last ts, for de-duplication
+        self._pruned_at = 0.0
         self._rate: deque[tuple[float, int]] = deque(maxlen=64)
         self._counts = {
             "messages": 0,
@@ -430,7 +432,7 @@ class NodesSource:
             for r in buf:
                 (taken if r.ts <= now else keep).append(r)
             self._buffer = keep
-            if len(self._recent) > 1_000:
+            if len(self._recent) > 1_000 and now - self._pruned_at >= self.options.dedup_s:
                 self._prune_recent(now)
         taken.sort(key=lambda r: r.ts)
         out = [
@@ -480,7 +482,8 @@ class NodesSource:
             buffered = len(self._buffer)
             counts = dict(self._counts)
             kinds = dict(self._ignored_kinds)
-            rate = _rate(self._rate)
+            quiet = not self._rate or time.monotonic() - self._rate[-1][0] > 10.0
+            rate = 0.0 if quiet else _rate(self._rate)
         return {
             "source": self.name,
             "broker": f"mqtt://{self.options.host}:{self.options.port}",
@@ -528,12 +531,14 @@ class NodesSource:
         arrival = self._clock()
         with self._lock:
             self._counts["messages"] += 1
-            self._rate.append((time.monotonic(), self._counts["messages"]))
+            mono = time.monotonic()
+            if not self._rate or mono - self._rate[-1][0] >= 0.25:  # 64 samples span ~16 s whatever the rate
+                self._rate.append((mono, self._counts["messages"]))
         if topic.startswith("espresense/"):
             return self._take_espresense(topic, payload, arrival)
         return self._take_batch(topic, payload, arrival)
 
-    def _node(self, name: str, kind: str) -> _Node | None:
+    def _node(self, name: str, kind: str) -> _Node:
         node = self._nodes.get(name)
         if node is None:
             if len(self._nodes) >= self.options.max_nodes:
@@ -557,11 +562,10 @@ class NodesSource:
                     self._counts["no_address" if result == "no-address" else "malformed"] += 1
                 return 0
             node = self._node("espresense:" + topic.split("/")[3], "espresense")
-            if node is not None:
-                node.messages += 1
-                node.last_seen = arrival
-                if len(node.receivers) < 32:
-                    node.receivers.add(result.receiver)
+            node.messages += 1
+            node.last_seen = arrival
+            if len(node.receivers) < 32:
+                node.receivers.add(result.receiver)
             ident = (result.receiver, result.subject or result.key)
             last = self._recent.get(ident)
             if last is not None and 0 <= result.ts - last < self.options.dedup_s:
@@ -583,15 +587,14 @@ class NodesSource:
                 self._counts["own_batches"] += 1
                 return 0
             node = self._node("gateway:" + batch.gateway, "gateway")
-            assert node is not None
             node.messages += 1
             node.last_seen = arrival
-            if node.last_seq is not None and batch.seq == node.last_seq:
+            if (batch.seq, batch.sent) in node.recent_batches:
                 # A QoS 1 resend (or a second path through a bridge): the same sightings again.
                 node.duplicate_batches += 1
                 self._counts["duplicate_batches"] += 1
                 return 0
-            node.last_seq = batch.seq
+            node.recent_batches.append((batch.seq, batch.sent))
             node.batches += 1
             if node.clock is None:
                 node.clock = PeerClock(self.options.offset_samples, self.options.max_offset_s)
@@ -627,6 +630,7 @@ class NodesSource:
         self._counts["readings"] += 1
 
     def _prune_recent(self, now: float) -> None:
+        self._pruned_at = now
         horizon = now - self.options.dedup_s
         self._recent = {k: t for k, t in self._recent.items() if t >= horizon}
 

@@ -387,3 +387,21 @@ def test_visita_run_with_nodes_only_feeds_the_pipeline(broker: Broker, publisher
     text = json.dumps(status) + out + err
     for form in (MAC, MAC.upper(), ADDRESS, ADDRESS.lower()):
         assert form not in text
+
+
+def test_peer_batches_resent_are_dropped_and_a_far_clock_is_clamped(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    src = source(clock, max_offset_s=60)
+    rows = [Sighting(T0 + 3599, "rx-aisle", "beacon:x:1:2", -70, -59)]
+    topic = "visita/v1/s1/gw-2/sightings"
+    assert src.receive(topic, encode_batch("gw-2", 1, T0 + 3600, rows)) == 1  # an hour ahead
+    assert src.receive(topic, encode_batch("gw-2", 2, T0 + 3600.1, rows)) == 1
+    assert src.receive(topic, encode_batch("gw-2", 1, T0 + 3600, rows)) == 0  # an older batch, resent
+    assert src.receive(topic, encode_batch("gw-2", 1, T0 + 3700, rows)) == 1  # restarted: seq 1 again, later
+    out = src.poll_sightings(T0 + 10, identifier().remote_subject)
+    # Moved back by the bound (60 s), then never later than their arrival: all at T0.
+    assert [s.ts for s in out] == [T0] * 3
+    peer = src.diagnostics()["nodes"]["gateway:gw-2"]
+    assert peer["clock_offset_s"] == -60 and peer["clock_offset_measured_s"] == pytest.approx(-3700)
+    assert peer["clock_clamped"] == 3 and peer["duplicate_batches"] == 1 and peer["batches"] == 3
+    assert caplog.text.count("more than max_offset_s") == 1
