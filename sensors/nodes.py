@@ -402,6 +402,7 @@ class NodesSource:
             self._client.username_pw_set(username, password)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
 
     # ------------------------------------------------------------------ Source
@@ -448,11 +449,11 @@ class NodesSource:
         if not self._started:
             return
         self._started = False
+        self._connected.clear()  # our own disconnect: not a lost broker
         try:
             self._client.disconnect()
         finally:
             self._client.loop_stop()
-        self._connected.clear()
 
     @property
     def connected(self) -> bool:
@@ -512,6 +513,12 @@ class NodesSource:
         self._connected.set()
         self._last_error = ""
         log.info("remote receivers: subscribed on mqtt://%s:%d", self.options.host, self.options.port)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        error = f"cannot reach the broker at mqtt://{self.options.host}:{self.options.port}"
+        if not self._last_error:  # logged once per outage; paho keeps retrying with backoff
+            log.warning("remote receivers: %s; retrying", error)
+        self._last_error = error
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
         if self._connected.is_set():

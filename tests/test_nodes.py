@@ -405,3 +405,36 @@ def test_peer_batches_resent_are_dropped_and_a_far_clock_is_clamped(caplog: pyte
     assert peer["clock_offset_s"] == -60 and peer["clock_offset_measured_s"] == pytest.approx(-3700)
     assert peer["clock_clamped"] == 3 and peer["duplicate_batches"] == 1 and peer["batches"] == 3
     assert caplog.text.count("more than max_offset_s") == 1
+
+
+def test_no_broker_at_start_then_a_broker_restart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The source keeps retrying in the background: a broker that comes late, or restarts, is picked up."""
+    broker = Broker(tmp_path / "late", free_port())
+    clock = FakeClock()
+    src = NodesSource(NodesOptions(port=broker.port, store="s1", gateway="gw-1", rooms=ROOMS), clock)
+
+    async def main() -> None:
+        await src.start()
+        try:
+            await asyncio.to_thread(wait_for, lambda: src.diagnostics()["last_error"], 5)
+            assert not src.connected and "cannot reach the broker" in caplog.text
+            broker.start()
+            await asyncio.to_thread(wait_for, lambda: src.connected, 10)
+            broker.stop()
+            await asyncio.to_thread(wait_for, lambda: not src.connected, 10)
+            broker.start()
+            await asyncio.to_thread(wait_for, lambda: src.connected, 10)
+            await asyncio.sleep(0.2)
+            pub = Publisher(broker)
+            try:
+                pub.publish(f"espresense/devices/iBeacon:{UUID}-1-1/checkout", report(f"iBeacon:{UUID}-1-1"))
+                await asyncio.to_thread(wait_for, lambda: src.diagnostics()["readings"] == 1)
+            finally:
+                pub.close()
+        finally:
+            await src.stop()
+            broker.stop()
+
+    asyncio.run(main())
+    assert [s.receiver for s in src.poll_sightings(T0, identifier().remote_subject)] == ["rx-checkout"]
+    assert "lost the broker" in caplog.text
