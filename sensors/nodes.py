@@ -40,6 +40,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from gateway.identity import PHONE_REF_RSSI
 from gateway.model import Advert, Sighting
 
 log = logging.getLogger("visita.nodes")
@@ -50,7 +51,6 @@ MAX_PAYLOAD = 512 * 1024
 """Largest message parsed, bytes; an ESPresense report is about 300."""
 MAX_BATCH = 10_000
 """Most sightings one gateway batch may carry."""
-DEFAULT_PHONE_REF_RSSI = -59
 
 _HEX12 = re.compile(r"[0-9a-f]{12}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -219,7 +219,8 @@ def parse_espresense(
         return "ignored"
     beacon = espresense_beacon(device_id)
     if beacon is not None:
-        return Reading(ts, receiver, beacon, "", rssi, ref if ref is not None else DEFAULT_PHONE_REF_RSSI)
+        # A beacon's rssi@1m is the measured power its frame states (plus the node's rxAdjRssi, 0 by default).
+        return Reading(ts, receiver, beacon, "", rssi, ref if ref is not None else PHONE_REF_RSSI)
     if device_id.startswith(("iBeacon:", "altBeacon:", "eddy:")):
         return "malformed"
     if device_id.startswith("irk:"):
@@ -234,7 +235,9 @@ def parse_espresense(
         if address is None:
             return "no-address"
         key = address
-    return Reading(ts, receiver, None, key, rssi, ref if ref is not None else DEFAULT_PHONE_REF_RSSI)
+    # A phone's rssi@1m is the node's guess by device type plus its rxAdjRssi; the gateway's own radio uses
+    # PHONE_REF_RSSI for the same phone, and the estimator compares the two receivers, so the same is used here.
+    return Reading(ts, receiver, None, key, rssi, PHONE_REF_RSSI)
 
 
 @dataclass(frozen=True, slots=True)
