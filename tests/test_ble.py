@@ -447,7 +447,9 @@ def test_flood_of_new_random_addresses_keeps_memory_bounded(monkeypatch: pytest.
         proc.communicate(timeout=10)
     assert rows[-1]["adverts"] >= 20_000, rows  # the flood did arrive (30,000 sent, plus the beacons)
     assert all(r["dropped"] == 0 for r in rows)
-    assert all(r["bleak_seen"] <= 2_000 + 2_000 for r in rows), rows  # trimmed every check
+    # Trimmed past 2,000 at every check; on a loaded machine a check can come seconds late, and the flood
+    # brings 2,000 new addresses a second at 12x: allow 3 s of it. Untrimmed, it would hold all 30,000.
+    assert all(r["bleak_seen"] <= 2_000 + 6_000 for r in rows), rows
     assert all(r["bluez_devices"] <= 8_000 for r in rows), rows  # bluetoothd's TemporaryTimeout
     first_minute, last_minute = rows[0]["heap"], rows[-1]["heap"]
     assert last_minute < first_minute * 1.3 + 2_000_000, [r["heap"] for r in rows]
