@@ -55,6 +55,7 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from gateway.model import Advert
+from sensors.base import rate_per_s
 
 log = logging.getLogger("visita.ble")
 
@@ -231,7 +232,7 @@ class BleSource:
                 "state": r.state,
                 "mode": r.mode,
                 "adverts": r.adverts,
-                "adverts_per_s": round(_rate(r.rate), 1),
+                "adverts_per_s": round(rate_per_s(r.rate), 1),
                 "last_advert_age_s": round(mono - r.last_advert, 1) if r.last_advert else None,
                 "problem": r.problem,
                 "discovery_restarts": r.discovery_restarts,
@@ -251,7 +252,7 @@ class BleSource:
             "bluetoothd": self._owner,
             "problem": self._problem,
             "adverts": sum(r.adverts for r in self._radios),
-            "adverts_per_s": round(sum(_rate(r.rate) for r in self._radios), 1),
+            "adverts_per_s": round(sum(rate_per_s(r.rate) for r in self._radios), 1),
             "buffered": buffered,
             "dropped": self._dropped,
             "no_rssi": self._no_rssi,
@@ -687,14 +688,3 @@ class _DBusFailure(Exception):
 def _say(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _rate(samples: deque[tuple[float, int]]) -> float:
-    """Adverts per second over the last ~10 s of samples."""
-    if len(samples) < 2:
-        return 0.0
-    t1, n1 = samples[-1]
-    for t0, n0 in samples:
-        if t1 - t0 <= 10.0:
-            return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
-    return 0.0

@@ -42,6 +42,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.identity import PHONE_REF_RSSI
 from gateway.model import Advert, Sighting
+from sensors.base import rate_per_s
 
 log = logging.getLogger("visita.nodes")
 
@@ -487,7 +488,7 @@ class NodesSource:
             counts = dict(self._counts)
             kinds = dict(self._ignored_kinds)
             quiet = not self._rate or time.monotonic() - self._rate[-1][0] > 10.0
-            rate = 0.0 if quiet else _rate(self._rate)
+            rate = 0.0 if quiet else rate_per_s(self._rate)
         return {
             "source": self.name,
             "broker": f"mqtt://{self.options.host}:{self.options.port}",
@@ -653,14 +654,3 @@ def _id_kind(topic: str) -> str:
     if not sep or not re.fullmatch(r"[A-Za-z]{1,16}", kind):
         return "address" if _HEX12.fullmatch(device_id.lower()) else "other"
     return kind
-
-
-def _rate(samples: deque[tuple[float, int]]) -> float:
-    """Messages per second over the last ~10 s of samples."""
-    if len(samples) < 2:
-        return 0.0
-    t1, n1 = samples[-1]
-    for t0, n0 in samples:
-        if t1 - t0 <= 10.0:
-            return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
-    return 0.0
