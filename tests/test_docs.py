@@ -1,4 +1,4 @@
-"""The documentation users read says what the code does: every config key, rule kind and event type."""
+"""The documentation users read says what the code does: every config and scenario key, rule kind and event type."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import get_args
 
 from pydantic import BaseModel
 
+from firmware_sim.scenario import Scenario
 from gateway.config import Settings
 from gateway.model import EVENT_TYPES
 from gateway.points import CheckinRule, DwellBonusRule, VisitRule
@@ -44,3 +45,10 @@ def test_every_rule_kind_is_documented() -> None:
 def test_every_event_type_is_documented() -> None:
     doc = (DOCS / "events.md").read_text(encoding="utf-8")
     assert [t for t in EVENT_TYPES if f"`{t}`" not in doc] == []
+
+
+def test_every_scenario_key_is_documented() -> None:
+    doc = (DOCS / "scenarios.md").read_text(encoding="utf-8")
+    keys = _keys(Scenario)
+    assert "population.routes[].weight" in keys and "radio.fading_k_db" in keys
+    assert [k for k in keys if f"`{k}`" not in doc] == []

@@ -220,25 +220,3 @@ def test_the_cli_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> None
     )
     assert proc.returncode == 2
     assert "no such scenario file (shipped scenarios: default, mall-unit, small-shop, supermarket)" in proc.stderr
-
-
-def _keys(model: type[Any], prefix: str = "") -> list[str]:
-    from pydantic import BaseModel
-
-    out = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
-        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (args[0] if args else None)
-        if sub is not None:
-            out += _keys(sub, f"{prefix}{name}{'[]' if args else ''}.")
-        else:
-            out.append(prefix + name)
-    return out
-
-
-def test_every_scenario_key_is_documented() -> None:
-    doc = (Path(__file__).parent.parent / "docs" / "scenarios.md").read_text(encoding="utf-8")
-    keys = _keys(Scenario)
-    assert "population.routes[].weight" in keys and "radio.fading_k_db" in keys
-    assert [k for k in keys if f"`{k}`" not in doc] == []
