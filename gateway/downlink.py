@@ -59,6 +59,7 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     # Built completely (the ledger replayed into it) before it replaces the old engine.
     engine = PointsEngine(rules, LocalDays(gw.settings.timezone), gw.store.awards(), gw.members.tier)
     gw.points = engine
+    gw.tracker.mark_all_changed()  # open visits may earn under the new rules before they end
     return {"rules": [r.id for r in rules.rules]}
 
 

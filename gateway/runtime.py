@@ -4,6 +4,8 @@ Nothing else in Visita starts tasks or threads (paho's network thread is started
 uplink, on our call). Each tick the runtime reads the clock once, pulls the adverts that
 arrived up to that time from the source, pushes them through the pure stages, and hands
 everything the tick produced to the store in one commit before anything is published.
+The disk part of each commit (the fsyncs) runs on one writer thread (`CommitWriter`), so
+the event loop that serves the dashboard and the check-ins never waits on the disk.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
 from gateway.model import Award, Event, Visit, VisitChange
 from gateway.points import PointsEngine, RuleSet, load_rules
 from gateway.sdnotify import Notifier
-from gateway.store import Store
+from gateway.store import PendingCommit, Store
 from gateway.uplink import Uplink
 from gateway.visits import VisitTracker
 from sensors.base import Source
@@ -43,8 +46,6 @@ from sensors.nodes import NodesSource
 log = logging.getLogger("visita.runtime")
 
 RECENT_VISITS = 200
-CHECKIN_FLUSH_GAP_S = 0.01
-"""Check-in group commits start at least this long apart (s)."""
 
 
 class StartupError(Exception):
@@ -131,8 +132,8 @@ class Gateway:
         self.checkins = CheckinVerifier(settings.store, members.key, NonceJournal(store.path.parent))
         self._checkin_events: list[Event] = []
         self._checkin_awards: list[Award] = []
-        self._checkin_flush: asyncio.Future[None] | None = None
-        self._checkin_flushed = 0.0
+        self.writer: CommitWriter | None = None
+        """Set by `run`: commits go through the writer thread. Without one (tests, tools) they are synchronous."""
         self.clock: Callable[[], float] = time.time
         """Data time for check-ins between ticks (the runtime's clock; wall time by default)."""
         self._days = days
@@ -147,6 +148,8 @@ class Gateway:
     def step(self, now: float) -> list[Event]:
         """One tick: source → decode → identify → estimate → visits → points → store (one commit) → uplink."""
         self.now = now
+        if self.writer is not None:
+            self.writer.raise_error()  # a commit that failed on the writer thread stops the pipeline
         self.members.prepare(now)  # the next window's token table, a chunk per tick
         adverts = self.source.poll(now)
         self.adverts += len(adverts)
@@ -165,7 +168,7 @@ class Gateway:
 
     def _conclude(self, changes: list[VisitChange], now: float) -> list[Event]:
         """Visit changes → points → footfall → events → store (one commit) → uplink."""
-        awards = self.points.evaluate(changes) + self.points.evaluate_open(self.tracker.open_visits(), now)
+        awards = self.points.evaluate(changes) + self.points.evaluate_open(self.tracker.changed_visits(), now)
         minutes = self.footfall.update(changes, now)
         events = [e for c in changes if (e := self.events.from_change(c)) is not None]
         events += [self.events.from_award(a) for a in awards]
@@ -177,8 +180,7 @@ class Gateway:
         self.store.put_visits(finished)
         if self.uplink is not None:
             self.store.ack_events(self.uplink.take_acks())
-        self.store.commit()  # stored before anything is offered to the broker
-        self.feed_uplink()
+        self._commit()  # stored before anything is offered to the broker
         self._recent.extendleft(finished)
         self.ticks += 1
         return events
@@ -189,52 +191,60 @@ class Gateway:
         CheckinRefused (nothing changed) when it is not accepted (sensors/checkins.py, docs/checkin.md).
         """
         result = self._apply_checkin(body)
-        self._commit_checkins()
+        self._commit()
         return result
 
     async def checkin_async(self, body: bytes) -> dict[str, Any]:
-        """`checkin` for the HTTP endpoint: check-ins that arrive together share one commit (group commit).
+        """`checkin` for the HTTP endpoint: answered once the check-in is on disk.
 
-        The check-in is applied at once (so a replay right behind it is refused); the answer waits until
-        the nonce journal and the store are on disk, which one callback on the event loop does for every
-        check-in applied since the last one.
+        The check-in is applied at once (so a replay right behind it is refused); with the runtime's writer
+        the answer waits for the next commit, which check-ins that arrive meanwhile share (group commit)
+        while the event loop goes on serving.
         """
         result = self._apply_checkin(body)
-        if self._checkin_flush is None:
-            loop = asyncio.get_running_loop()
-            self._checkin_flush = loop.create_future()
-            # Each flush costs a few fsyncs whatever its size: under load, wait out a short gap after the last
-            # one so that more check-ins share it; when quiet, flush at once.
-            loop.call_later(max(0.0, self._checkin_flushed + CHECKIN_FLUSH_GAP_S - loop.time()), self._flush_checkins)
-        await asyncio.shield(self._checkin_flush)
+        if self.writer is None:
+            self._commit()
+        else:
+            await self.writer.commit()
         return result
 
-    def _flush_checkins(self) -> None:
-        done, self._checkin_flush = self._checkin_flush, None
-        assert done is not None
-        self._checkin_flushed = asyncio.get_running_loop().time()
-        try:
-            self._commit_checkins()
-        except Exception as e:  # the store's error reaches every waiting request (500); state stays for a retry
-            done.set_exception(e)
+    def _commit(self) -> None:
+        """Commit what was put, then offer it to the uplink: on the writer thread when `run` set one up
+        (nobody waits here; a failure comes back at the next tick), else at once on this thread."""
+        if self.writer is not None:
+            self.writer.request()
             return
-        done.set_result(None)
+        sync, pending = self.begin_commit()
+        self.write_commit(sync, pending)
+        self.finish_commit(pending)
 
-    def _commit_checkins(self) -> None:
-        """Journal, then store, then the uplink: accepted check-ins are durable before they are answered."""
+    def begin_commit(self) -> tuple[Callable[[], None] | None, PendingCommit | None]:
+        """On the loop: the check-ins applied since the last commit go to the store, and the commit is
+        snapshot. Returns what `write_commit` needs."""
         self._put_checkins()
-        self.store.commit()
+        return self.checkins.sync_later(), self.store.begin_commit()
+
+    def write_commit(self, sync: Callable[[], None] | None, pending: PendingCommit | None) -> None:
+        """The disk work, on any thread: the nonce journal first, then the store (docs/checkin.md)."""
+        if sync is not None:
+            sync()
+        if pending is not None:
+            self.store.write_commit(pending)
+
+    def finish_commit(self, pending: PendingCommit | None) -> None:
+        """On the loop, after `write_commit`: account for the commit, then feed the uplink what is on disk."""
+        if pending is not None:
+            self.store.finish_commit(pending)
         self.feed_uplink()
 
     def _put_checkins(self) -> list[Event]:
-        """Hand the store the check-ins applied since the last commit, their nonces journalled first.
+        """Hand the store the check-ins applied since the last commit (their nonces are synced first).
 
         One put per group (TinyDB copies a table on every put); also called by `step` before its own
         events, so the outbox receives seqs in order and nothing is sent ahead of a check-in's events.
         """
         events, awards = self._checkin_events, self._checkin_awards
         if events:
-            self.checkins.sync()
             self.store.put_events(events)
             self.store.put_awards(awards)
             self._checkin_events, self._checkin_awards = [], []
@@ -247,7 +257,8 @@ class Gateway:
         zone = next((b.zone for b in self.settings.plan.beacons if b.id == c.beacon), None)
         changes = self.tracker.checkin(subject, now, zone)
         # A new visit comes with its change; only a check-in that joins an open one looks it up.
-        visit = changes[0].visit if changes else next(v for v in self.tracker.open_visits() if v.subject == subject)
+        visit = changes[0].visit if changes else self.tracker.open_visit(subject)
+        assert visit is not None  # a check-in always leaves its subject's visit open
         awards = self.points.evaluate(changes) + self.points.evaluate_open([visit], now)
         events = [e for ch in changes if (e := self.events.from_change(ch)) is not None]
         accepted = {"member": c.member, "visit_id": visit.visit_id, "source": visit.source, "zone": zone}
@@ -325,6 +336,76 @@ class Gateway:
         }
 
 
+class CommitWriter:
+    """Commits with the disk work on one writer thread, so the event loop never waits on an fsync.
+
+    At most one commit is in flight; whatever the loop puts meanwhile goes into the next one, so under load
+    one round of fsyncs serves many check-ins (group commit). A check-in waits for a commit that begins
+    after it was applied; a tick does not wait. A failed commit fails the check-ins waiting for it (500)
+    and is raised to the pipeline at its next tick.
+    """
+
+    def __init__(self, gw: Gateway) -> None:
+        self._gw = gw
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="visita-writer")
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wanted = False
+        self._task: asyncio.Task[None] | None = None
+        self._error: Exception | None = None
+
+    def request(self) -> None:
+        """A commit as soon as the writer is free; nobody waits for it."""
+        self._wanted = True
+        self._start()
+
+    async def commit(self) -> None:
+        """Return once everything put so far is on disk (or raise what kept it from it)."""
+        done = asyncio.get_running_loop().create_future()
+        self._waiters.append(done)
+        self._start()
+        await done
+
+    def _start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._wanted or self._waiters:
+                waiters, self._waiters, self._wanted = self._waiters, [], False
+                try:
+                    sync, pending = self._gw.begin_commit()
+                    await loop.run_in_executor(self._pool, self._gw.write_commit, sync, pending)
+                    self._gw.finish_commit(pending)
+                except Exception as e:  # the store keeps what it could not write, for the next commit
+                    self._error = e
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(e)
+                    continue
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+        finally:
+            self._task = None
+
+    def raise_error(self) -> None:
+        """Raise (once) the error of a commit that failed since the last call."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    async def drain(self) -> None:
+        """Wait until no commit is in flight or wanted."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+    def close(self) -> None:
+        """Stop the writer thread (after `drain`)."""
+        self._pool.shutdown(wait=True)
+
+
 class _QuietServer:
     """uvicorn's server without its own signal handling (the runtime owns SIGINT/SIGTERM)."""
 
@@ -395,6 +476,7 @@ async def run(
     gw = Gateway(settings, store, source, members, rules, staff)
     gw.member_keys = MemberKeys(members, KeyVault(data_dir))
     gw.nodes = nodes
+    gw.writer = writer = CommitWriter(gw)
     if clock.step_s is None:  # a replay's clock moves on each reading: check-ins then use the last tick's time
         gw.clock = clock.now
 
@@ -461,11 +543,17 @@ async def run(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), opts.tick_s)
         gw.end_visits(gw.now)  # stored and queued before the outbox is flushed below
+        await writer.drain()
+        writer.raise_error()
     except Exception:
         log.exception("pipeline failed")
         code = 1
     finally:
         systemd.stopping()
+        with contextlib.suppress(Exception):
+            await writer.drain()  # from here on the store is used from this thread alone
+        writer.close()
+        gw.writer = None
         await source.stop()
         if nodes is not None:
             await nodes.stop()

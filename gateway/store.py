@@ -42,7 +42,8 @@ published before it is on disk.
 
 One process owns the data directory (an exclusive `flock` on it, released by the
 kernel when the process dies); the dashboard reads through the gateway's objects.
-The store is not thread-safe: call it from one thread (the runtime's loop).
+The store is not thread-safe: call it from one thread (the runtime's loop); only `write_commit`, the
+disk part of a commit, may run on another (the runtime's writer thread).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,7 @@ from gateway.model import (
     visit_to_record,
 )
 
-__all__ = ["DROP_ORDER", "ROLL_EVERY", "Store", "StoreError"]
+__all__ = ["DROP_ORDER", "ROLL_EVERY", "PendingCommit", "Store", "StoreError"]
 
 _log = logging.getLogger("visita.store")
 
@@ -156,7 +158,7 @@ class _AtomicJSONStorage(Storage):
         self.writes = 0
         """Completed atomic file writes since open."""
         self.last_write_ms = 0.0
-        """Duration of the last completed write (serialise, write, fsync, rename), ms."""
+        """Duration of the last completed write (write, fsync, rename, fsync of the directory), ms."""
         self.size_bytes = 0
         """Size of the hot file as of the last load or write, bytes."""
 
@@ -208,10 +210,31 @@ class _AtomicJSONStorage(Storage):
         On failure the state stays dirty, so the next flush retries it, and the target
         file still holds the previous successful write.
         """
-        if not self._dirty:
+        payload = self.prepare()
+        if payload is None:
             return False
+        try:
+            ms = self.write_payload(payload)
+        except BaseException:
+            self.failed()
+            raise
+        self.written(len(payload), ms)
+        return True
+
+    def prepare(self) -> bytes | None:
+        """The state to write as bytes (None when nothing changed), counted as written from now on.
+
+        The caller then calls `write_payload` (on any thread) and `written` or, when that raised, `failed`.
+        """
+        if not self._dirty:
+            return None
+        self._dirty = False
+        return self._serialise()
+
+    def write_payload(self, payload: bytes) -> float:
+        """Temp file, fsync, rename, fsync of the directory; the duration in ms. Touches no shared state,
+        so it may run on a writer thread while the loop goes on changing the in-memory tables."""
         t0 = time.perf_counter()
-        payload = self._serialise()
         try:
             fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
@@ -226,11 +249,17 @@ class _AtomicJSONStorage(Storage):
             raise
         # The rename is durable only once the directory entry itself reaches the disk.
         os.fsync(self._dir_fd)
-        self._dirty = False
+        return (time.perf_counter() - t0) * 1000.0
+
+    def written(self, size: int, ms: float) -> None:
+        """A prepared payload of `size` bytes reached the disk."""
         self.writes += 1
-        self.size_bytes = len(payload)
-        self.last_write_ms = (time.perf_counter() - t0) * 1000.0
-        return True
+        self.size_bytes = size
+        self.last_write_ms = ms
+
+    def failed(self) -> None:
+        """A prepared payload did not reach the disk: write the state again at the next flush."""
+        self._dirty = True
 
     def _serialise(self) -> bytes:
         """The state as compact JSON, serialising again only the tables that changed.
@@ -257,6 +286,32 @@ class _AtomicJSONStorage(Storage):
         # Nothing to release: the file is opened only for the duration of a write, and
         # Store.close() commits before it closes TinyDB.
         pass
+
+
+def _history_lines(docs: Iterable[dict[str, Any]]) -> dict[str, list[bytes]]:
+    """Journal records as day-file lines, by day."""
+    by_day: dict[str, list[bytes]] = {}
+    for doc in docs:
+        line = json.dumps({"kind": doc["kind"], "rec": doc["rec"]}, separators=(",", ":"))
+        by_day.setdefault(doc["day"], []).append(line.encode("ascii") + b"\n")
+    return by_day
+
+
+@dataclass(slots=True)
+class PendingCommit:
+    """A commit between `Store.begin_commit` and `Store.finish_commit` (see `Store.commit`)."""
+
+    payload: bytes | None
+    """The hot file to write; None when it did not change."""
+    seq: int
+    """Events up to this seq are on disk once it is written."""
+    history: dict[str, list[bytes]]
+    """Day-file lines to append after the hot file (a roll of the journal), by day."""
+    roll_ids: list[int]
+    """Journal documents those lines are; dropped from the journal once appended."""
+    ms: float = 0.0
+    error: OSError | None = None
+    roll_error: OSError | None = None
 
 
 def _visit_day(ended: float) -> str:
@@ -606,10 +661,12 @@ class Store:
         docs = self._journal.all()
         if not docs or self._disk_full:
             return False
-        by_day: dict[str, list[bytes]] = {}
-        for doc in docs:
-            line = json.dumps({"kind": doc["kind"], "rec": doc["rec"]}, separators=(",", ":"))
-            by_day.setdefault(doc["day"], []).append(line.encode("ascii") + b"\n")
+        history = _history_lines(docs)
+        return self._rolled([d.doc_id for d in docs], self._append_history(history))
+
+    def _append_history(self, history: dict[str, list[bytes]]) -> OSError | None:
+        """Append lines to their day files, fsynced; the error instead of raising it. Touches no shared
+        state (the writer thread calls it during a commit)."""
         try:
             created = not self._hist.exists()
             self._hist.mkdir(mode=0o700, exist_ok=True)
@@ -617,7 +674,7 @@ class Store:
                 os.fsync(self._dir_fd)
             hist_fd = os.open(self._hist, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                for day, lines in sorted(by_day.items()):
+                for day, lines in sorted(history.items()):
                     fd = os.open(
                         self._hist / f"{day}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
                     )
@@ -630,16 +687,22 @@ class Store:
             finally:
                 os.close(hist_fd)
         except OSError as e:
-            if e.errno in _FULL:
-                self._note_full(e)
+            return e
+        return None
+
+    def _rolled(self, doc_ids: list[int], error: OSError | None) -> bool:
+        """After `_append_history`: drop the appended records from the journal, or report why not."""
+        if error is not None:
+            if error.errno in _FULL:
+                self._note_full(error)
                 return False
             raise StoreError(
-                f"cannot append to {self._hist}: {e.strerror}; fix the permissions of {self._dir} "
+                f"cannot append to {self._hist}: {error.strerror}; fix the permissions of {self._dir} "
                 "(the records stay in the hot file's journal and are retried)"
-            ) from e
-        self._journal.truncate()
+            ) from error
+        self._journal.remove(doc_ids=doc_ids)
         self._rolls += 1
-        self._history_lines += len(docs)
+        self._history_lines += len(doc_ids)
         return True
 
     # ------------------------------------------------------------------ reads
@@ -932,16 +995,52 @@ class Store:
         A full disk is not an error: returns False, keeps the changes in memory (the next
         commit retries them; the bound tightens to `full_disk_outbox_max`), and the file
         keeps the last commit. Other failures (permissions, I/O errors) raise StoreError.
+
+        The same commit in three steps, for a caller that keeps the disk off its thread:
+        `begin_commit` and `finish_commit` on the store's thread, `write_commit` on any.
+        """
+        pending = self.begin_commit(force)
+        if pending is None:
+            return True
+        self.write_commit(pending)
+        return self.finish_commit(pending)
+
+    def begin_commit(self, force: bool = False) -> PendingCommit | None:
+        """Snapshot what `commit` would write; None when there is nothing to write now (as good as done).
+
+        Changes made after this call belong to the next commit.
         """
         self._require_open()
         if (
             not (force or self._must_write or self._disk_full)
             and time.monotonic() - self._last_write < ACK_COMMIT_S
         ):
-            return True  # acks only, written recently: they ride along with the next write
+            return None  # acks only, written recently: they ride along with the next write
+        roll = self._journal.all() if len(self._journal) >= ROLL_EVERY and not self._disk_full else []
+        # Only records in this very write may reach a day file, after it: the event announcing each is then
+        # on disk first. The cleared journal is written by the next commit.
+        self._must_write = False
+        return PendingCommit(self._disk.prepare(), self._last_seq, _history_lines(roll), [d.doc_id for d in roll])
+
+    def write_commit(self, pending: PendingCommit) -> None:
+        """The disk part of a commit: the hot file, then the day files of a roll. Thread-safe; keeps an
+        OSError in `pending` for `finish_commit` instead of raising it."""
         try:
-            self._disk.flush()
+            if pending.payload is not None:
+                pending.ms = self._disk.write_payload(pending.payload)
         except OSError as e:
+            pending.error = e
+            return
+        if pending.roll_ids:
+            pending.roll_error = self._append_history(pending.history)
+
+    def finish_commit(self, pending: PendingCommit) -> bool:
+        """Account for a written commit (`write_commit` done); True when it is on disk, as `commit` says."""
+        self._require_open()
+        e = pending.error
+        if e is not None:
+            self._disk.failed()
+            self._must_write = True
             if e.errno in _FULL:
                 self._note_full(e)
                 self._enforce_bound()
@@ -950,13 +1049,12 @@ class Store:
                 f"cannot write {self._path}: {e.strerror or e}; free disk space or fix the permissions of "
                 f"{self._dir} (changes are kept in memory and retried at the next commit)"
             ) from e
-        self._committed_seq = self._last_seq
-        self._must_write = False
+        if pending.payload is not None:
+            self._disk.written(len(pending.payload), pending.ms)
+        self._committed_seq = max(self._committed_seq, pending.seq)
         self._last_write = time.monotonic()
-        if len(self._journal) >= ROLL_EVERY:
-            # Only now: a record may reach a day file only once the commit that put it (and the
-            # event announcing it) is on disk. The cleared journal is written at the next commit.
-            self._roll()
+        if pending.roll_ids:
+            self._rolled(pending.roll_ids, pending.roll_error)
         if self._disk_full:
             self._disk_full = False
             _log.warning("disk space is back: %s written again (%d events pending)", self._path, len(self._outbox_seq))

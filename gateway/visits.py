@@ -53,6 +53,7 @@ class VisitTracker:
         self._cfg = cfg
         self._staff = {"member:" + ref for ref in cfg.staff}
         self._sessions: dict[str, _Session] = {}
+        self._changed: set[str] = set()  # subjects whose session changed since `changed_visits`
         self._staff_not_visits = 0
 
     def _visit_id(self, subject: str, started: float) -> str:
@@ -82,6 +83,7 @@ class VisitTracker:
                 self._sessions[e.subject] = s
             s.last = max(s.last, e.ts)
             s.ble = True
+            self._changed.add(e.subject)
             if s.segments and e.ts < s.segments[-1].left:
                 # Older than the newest inside estimate (a late remote sighting): that time is already
                 # accounted for, and placing it would invent moves (entrance → produce → entrance).
@@ -130,6 +132,7 @@ class VisitTracker:
             self._sessions[subject] = s
         s.last = max(s.last, ts)
         s.checked_in = True
+        self._changed.add(subject)
         if zone is not None and not s.segments:
             s.segments.append(_Seg(zone, ts, ts))
         if s.qualified:
@@ -140,6 +143,25 @@ class VisitTracker:
     def open_visits(self) -> list[Visit]:
         """Qualified visits still open (for occupancy and the dashboard)."""
         return [self._snapshot(s, None) for s in self._sessions.values() if s.qualified]
+
+    def open_visit(self, subject: str) -> Visit | None:
+        """The subject's visit if one is open."""
+        s = self._sessions.get(subject)
+        return self._snapshot(s, None) if s is not None and s.qualified else None
+
+    def changed_visits(self) -> list[Visit]:
+        """Open visits that were heard, moved or checked in since the last call (each once).
+
+        What the rules that fire while a visit is open look at (its dwell, zones, source) changes only
+        then, so a tick evaluates these and not every open visit: with thousands of check-in visits open,
+        a snapshot of each at every tick is what the event loop would wait behind.
+        """
+        changed, self._changed = self._changed, set()
+        return [self._snapshot(s, None) for k in changed if (s := self._sessions.get(k)) is not None and s.qualified]
+
+    def mark_all_changed(self) -> None:
+        """Make every open visit part of the next `changed_visits` (new rules: each is looked at again)."""
+        self._changed.update(self._sessions)
 
     def diagnostics(self) -> dict[str, int]:
         """Open sessions, how many of them are visits, and staff sessions that ended without being one."""

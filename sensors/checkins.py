@@ -207,9 +207,26 @@ class NonceJournal:
 
     def sync(self) -> None:
         """fdatasync what was appended since the last sync (one for a whole group of check-ins)."""
-        if self._dirty and self._fd is not None:
-            os.fdatasync(self._fd)
+        pending = self.sync_later()
+        if pending is not None:
+            pending()
+
+    def sync_later(self) -> Callable[[], None] | None:
+        """`sync` as a function to call on another thread (None when nothing needs it): it syncs a duplicate
+        of the descriptor, so a compaction closing the file meanwhile cannot pull it from under the call."""
+        if not self._dirty or self._fd is None:
+            self._dirty = False
+            return None
+        fd = os.dup(self._fd)
         self._dirty = False
+
+        def run() -> None:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+        return run
 
     def bloated(self, live: int) -> bool:
         """True when the file holds far more lines than the `live` entries (time to `rewrite`)."""
@@ -323,10 +340,10 @@ class CheckinVerifier:
         beacon = obj.get("beacon")
         return CheckIn(now, member, ts, nonce, beacon if isinstance(beacon, str) else None)
 
-    def sync(self) -> None:
-        """Make the nonces of accepted check-ins durable: call before the gateway answers them."""
-        if self._journal is not None:
-            self._journal.sync()
+    def sync_later(self) -> Callable[[], None] | None:
+        """What makes the nonces of accepted check-ins durable, to run (on any thread) before they are
+        answered; None when there is nothing to sync."""
+        return self._journal.sync_later() if self._journal is not None else None
 
     def close(self) -> None:
         """Close the journal."""

@@ -4,8 +4,12 @@ sequence of check-ins, replays and restarts awards a rule twice for a visit."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import secrets
+import threading
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -25,8 +29,8 @@ from gateway.config import Settings
 from gateway.identity import MemberDirectory
 from gateway.model import Advert, ZoneEstimate
 from gateway.points import load_rules
-from gateway.runtime import Gateway
-from gateway.store import Store
+from gateway.runtime import CommitWriter, Gateway
+from gateway.store import Store, StoreError
 from sensors.checkins import MAX_BODY, REASONS, sign
 
 NOW = 1_780_000_000.0
@@ -263,3 +267,85 @@ def test_no_key_or_signature_reaches_the_data_directory(tmp_path: Path) -> None:
         assert k.hex().encode() not in blob
     for b in sent:
         assert b["sig"].encode() not in blob
+
+
+# --------------------------------------------------------------------------- the runtime's writer thread
+
+
+def test_check_ins_through_the_writer_thread_are_on_disk_when_answered_and_share_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = {f"w-{i}": secrets.token_bytes(32) for i in range(20)}
+    members = MemberDirectory()
+    members.set_members(keys)
+    data = tmp_path / "data"
+    gw = Gateway(Settings(), Store(data), NoAdverts(), members, load_rules(None), [])
+    gw.clock = Clock(NOW)
+    real_write = gw.store.write_commit
+    threads: set[str] = set()
+
+    def slow_disk(pending: Any) -> None:  # 50 ms a commit: the loop must not wait for it
+        threads.add(threading.current_thread().name)
+        time.sleep(0.05)
+        real_write(pending)
+
+    monkeypatch.setattr(gw.store, "write_commit", slow_disk)
+    answered_on_disk: list[bool] = []
+    loop_turns = 0
+
+    async def one(ref: str) -> None:
+        got = await gw.checkin_async(json.dumps(body(ref, key=keys[ref])).encode())
+        hot = (data / "visita.json").read_text()
+        answered_on_disk.append(got["visit_id"] in hot and all(a["award_id"] in hot for a in got["awarded"]))
+
+    async def turns() -> None:
+        nonlocal loop_turns
+        while True:
+            loop_turns += 1
+            await asyncio.sleep(0.002)
+
+    async def main() -> None:
+        gw.writer = CommitWriter(gw)
+        ticker = asyncio.create_task(turns())
+        try:
+            await asyncio.gather(*(one(ref) for ref in keys))
+        finally:
+            ticker.cancel()
+            await gw.writer.drain()
+            gw.writer.close()
+
+    try:
+        asyncio.run(main())
+        assert answered_on_disk == [True] * len(keys)
+        assert threads == {"visita-writer_0"}  # the disk work ran on the writer thread only
+        assert gw.store.diagnostics()["commits"] <= 3  # 20 check-ins, one or two group commits
+        assert loop_turns >= 5  # the loop went on turning during the writes (blocked by them, it would turn once)
+    finally:
+        gw.store.close()
+        gw.checkins.close()
+
+
+def test_a_failed_commit_on_the_writer_fails_its_check_ins_and_the_next_tick_but_loses_nothing(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = gw.store.write_commit
+
+    def broken(pending: Any) -> None:
+        pending.error = OSError(errno.EIO, "Input/output error")
+
+    async def main() -> None:
+        gw.writer = CommitWriter(gw)
+        monkeypatch.setattr(gw.store, "write_commit", broken)
+        with pytest.raises(StoreError, match="Input/output error"):
+            await gw.checkin_async(json.dumps(body()).encode())
+        with pytest.raises(StoreError):  # raised to the pipeline at its next tick
+            gw.step(NOW + 1)
+        monkeypatch.setattr(gw.store, "write_commit", real_write)
+        gw.step(NOW + 2)
+        await gw.writer.drain()
+        gw.writer.close()
+        gw.writer = None
+
+    asyncio.run(main())
+    types = [e.type for e in gw.store.sendable(0, 100)]  # on disk now, the accepted check-in included
+    assert types == ["visit.started", "checkin.accepted", "points.awarded", "points.awarded"]

@@ -696,3 +696,63 @@ def test_outbox_chunks_keep_a_commit_cheap_with_a_long_backlog(open_store: Calla
     s.close()
     s = open_store()
     assert [e.seq for e in s.pending_events()] == expected
+
+
+# --------------------------------------------------------------------------- a commit in three steps
+
+
+def test_changes_made_while_a_commit_is_written_belong_to_the_next(
+    open_store: Callable[..., Store], data_dir: Path
+) -> None:
+    s = open_store()
+    s.put_events([event(1), event(2)])
+    pending = s.begin_commit()
+    assert pending is not None and pending.seq == 2
+    s.put_events([event(3)])  # the loop goes on while the writer thread writes
+    s.write_commit(pending)
+    assert s.finish_commit(pending) is True
+    assert [e.seq for e in s.sendable(0, 10)] == [1, 2]  # 3 is not on disk yet: not offered
+    on_disk = json.loads((data_dir / "visita.json").read_text())
+    assert sorted(on_disk["outbox.0"]) == ["1", "2"]
+    assert s.commit() is True
+    assert [e.seq for e in s.sendable(0, 10)] == [1, 2, 3]
+    assert s.begin_commit() is None  # nothing changed: nothing to write (as good as done)
+
+
+def test_a_failed_write_keeps_everything_for_the_next_commit(
+    open_store: Callable[..., Store], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = open_store()
+    s.put_events([event(1)])
+    s.commit()
+    s.put_events([event(2)])
+    pending = s.begin_commit()
+    assert pending is not None
+    real = os.fsync
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    s.write_commit(pending)  # the error is kept for finish_commit, not raised on the writer thread
+    assert isinstance(pending.error, OSError)
+    with pytest.raises(StoreError, match=r"cannot write .*Input/output error"):
+        s.finish_commit(pending)
+    assert [e.seq for e in s.sendable(0, 10)] == [1]
+    monkeypatch.setattr(os, "fsync", real)
+    assert s.commit() is True
+    assert [e.seq for e in s.sendable(0, 10)] == [1, 2]
+    assert sorted(json.loads((data_dir / "visita.json").read_text())["outbox.0"]) == ["1", "2"]
+
+
+def test_a_roll_in_a_split_commit_moves_only_the_records_of_that_write(open_store: Callable[..., Store]) -> None:
+    s = open_store()
+    s.put_awards([award(n) for n in range(store_mod.ROLL_EVERY)])
+    pending = s.begin_commit()
+    assert pending is not None and len(pending.roll_ids) == store_mod.ROLL_EVERY
+    s.put_awards([award(10_000)])  # arrives while the writer appends to the day file
+    s.write_commit(pending)
+    s.finish_commit(pending)
+    d = s.diagnostics()
+    assert (d["journal"], d["history_records"], d["history_rolls"]) == (1, store_mod.ROLL_EVERY, 1)
+    assert len(s.awards()) == store_mod.ROLL_EVERY + 1

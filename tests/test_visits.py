@@ -262,3 +262,23 @@ def test_the_tick_size_does_not_change_the_visit(step: float) -> None:
         reference.segments,
         reference.classification,
     )
+
+
+def test_changed_visits_lists_each_open_visit_once_after_it_was_heard_or_checked_in() -> None:
+    t = tracker()
+    t.update([inside(s, "produce") for s in range(0, 50, 2)] + [inside(0, "entrance", WALKER)], T0 + 50)
+    (v,) = t.changed_visits()  # the walker's session is no visit: not listed
+    assert v.subject == SHOPPER and v.dwell_s == pytest.approx(48)
+    assert t.changed_visits() == []  # nothing new since
+    t.update([], T0 + 51)
+    assert t.changed_visits() == []  # a tick without its estimates changes nothing the rules look at
+    t.update([inside(52, "bakery")], T0 + 52)
+    assert [v.path for v in t.changed_visits()] == [("produce", "bakery")]
+    t.checkin("member:m-1", T0 + 53)
+    assert [v.subject for v in t.changed_visits()] == ["member:m-1"]
+    t.mark_all_changed()
+    assert sorted(v.subject for v in t.changed_visits()) == [SHOPPER, "member:m-1"]
+    assert t.open_visit(SHOPPER) is not None and t.open_visit(WALKER) is None and t.open_visit("member:x") is None
+    t.update([], T0 + 500)  # both ended: an ended visit is never listed as open
+    t.mark_all_changed()
+    assert t.changed_visits() == []
