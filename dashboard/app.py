@@ -251,7 +251,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             passbys_today=snap["passbys_today"],
             staff_today=snap["staff_today"],
             zones=_zones(gw),
-            resolution="zones" if len(gw.settings.plan.receivers) > 1 else "presence",
+            resolution=gw.resolution,
         )
 
     @app.get("/api/v1/zones", response_model=list[ZoneCount], tags=["footfall"])

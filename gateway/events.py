@@ -91,9 +91,14 @@ class EventFactory:
         self._seq += 1
         return Event(event_type, uuid7(ts), ts, self.store, self.gateway, self._seq, data)
 
-    def status(self, ts: float, online: bool, version: str) -> Event:
-        """The retained status message; outside the durable stream, so seq is None."""
+    def status(self, ts: float, online: bool, version: str, resolution: str | None = None) -> Event:
+        """The retained status message; outside the durable stream, so seq is None.
+
+        `resolution`: what the store's receivers can tell, "zones" or "presence" (docs/events.md).
+        """
         data = {"state": "online" if online else "offline", "version": version}
+        if resolution is not None:
+            data["resolution"] = resolution
         with self._lock:
             return Event("status", uuid7(ts), ts, self.store, self.gateway, None, data)
 

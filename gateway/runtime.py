@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gateway import __version__
 from gateway.config import Settings, default_data_dir, parse_listen, parse_mqtt_url
@@ -141,9 +141,14 @@ class Gateway:
         self.ticks = 0
         self.adverts = 0
 
+    @property
+    def resolution(self) -> Literal["zones", "presence"]:
+        """What the store's receivers can tell: "zones", or "presence" (inside or outside only) with one."""
+        return "zones" if len(self.settings.plan.receivers) > 1 else "presence"
+
     def status_event(self, online: bool) -> Event:
         """The retained status message (birth or will)."""
-        return self.events.status(time.time(), online, self.version)
+        return self.events.status(time.time(), online, self.version, self.resolution)
 
     def step(self, now: float) -> list[Event]:
         """One tick: source → decode → identify → estimate → visits → points → store (one commit) → uplink."""

@@ -112,6 +112,8 @@ def test_every_published_payload_validates_and_commands_are_applied_or_refused(b
         errors = sorted(_validator(event_type).iter_errors(payload), key=str)
         assert not errors, f"{topic}: {errors[0].message} at {list(errors[0].absolute_path)}\n{payload}"
         seen[event_type] = seen.get(event_type, 0) + 1
+        if event_type == "status" and payload["data"]["state"] == "online":
+            assert payload["data"]["resolution"] == "zones", payload  # the demo store has six receivers
     for t in ("visit.started", "visit.ended", "zone.changed", "points.awarded", "footfall.minute", "status", "health"):
         assert seen.get(t), f"no {t} was published: {seen}"
 

@@ -275,3 +275,9 @@ def test_no_address_member_key_token_or_salt_in_any_payload() -> None:
         for form in _forms(secret):
             assert form.lower() not in low, "a key, token or salt leaked"
     assert "member:m-1" in text  # the pseudonymous member ref is what identifies a member
+
+
+def test_status_says_what_the_receivers_can_tell_when_given() -> None:
+    f = EventFactory("s", "g", 0)
+    assert "resolution" not in f.status(T0, True, "1").data
+    assert f.status(T0, True, "1", "presence").data == {"state": "online", "version": "1", "resolution": "presence"}
