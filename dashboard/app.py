@@ -38,8 +38,9 @@ PAGE_CSP = (
 )
 
 
-def get_gateway(request: Request) -> Gateway:
-    """The running gateway this app serves."""
+async def get_gateway(request: Request) -> Gateway:
+    """The running gateway this app serves (`async`: a plain `def` dependency would cost every request a hop
+    to FastAPI's thread pool and back)."""
     gw: Gateway = request.app.state.gateway
     return gw
 

@@ -155,6 +155,7 @@ class _AtomicJSONStorage(Storage):
         self._data: dict[str, dict[str, Any]] | None = None
         self._dirty = False
         self._fragments: dict[str, tuple[dict[str, Any], str]] = {}
+        self._docs: dict[str, dict[str, tuple[Any, str]]] = {}  # per table: key -> (document, its text)
         self.writes = 0
         """Completed atomic file writes since open."""
         self.last_write_ms = 0.0
@@ -171,7 +172,7 @@ class _AtomicJSONStorage(Storage):
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
-            self._data, self._dirty, self._fragments, self.size_bytes = None, False, {}, 0
+            self._data, self._dirty, self._fragments, self._docs, self.size_bytes = None, False, {}, {}, 0
             return None
         self.size_bytes = len(raw)
         try:
@@ -184,12 +185,12 @@ class _AtomicJSONStorage(Storage):
         for name, table in data.items():
             if not isinstance(table, dict):
                 raise _CorruptFileError(f"table {name!r} is not a JSON object")
-        self._data, self._dirty, self._fragments = data, False, {}
+        self._data, self._dirty, self._fragments, self._docs = data, False, {}, {}
         return data
 
     def discard(self) -> None:
         """Forget the loaded state (after the file was moved aside)."""
-        self._data, self._dirty, self._fragments, self.size_bytes = None, False, {}, 0
+        self._data, self._dirty, self._fragments, self._docs, self.size_bytes = None, False, {}, {}, 0
 
     def read(self) -> dict[str, dict[str, Any]] | None:
         # TinyDB mutates the returned dict in place and hands it back to write().
@@ -271,16 +272,37 @@ class _AtomicJSONStorage(Storage):
         """
         parts: list[str] = []
         fragments: dict[str, tuple[dict[str, Any], str]] = {}
+        docs: dict[str, dict[str, tuple[Any, str]]] = {}
         for name, table in (self._data or {}).items():
             cached = self._fragments.get(name)
             if cached is None or cached[0] is not table:
-                # ASCII-only output (json's default): encoding can never fail, whatever the strings.
-                cached = (table, json.dumps(table, separators=(",", ":")))
+                cached = (table, self._table_text(name, table, docs))
+            elif name in self._docs:
+                docs[name] = self._docs[name]
             # Holding the dict itself, not its id(), keeps the `is` test sound: no id reuse.
             fragments[name] = cached
             parts.append(f"{json.dumps(name)}:{cached[1]}")
-        self._fragments = fragments
+        self._fragments, self._docs = fragments, docs
         return ("{" + ",".join(parts) + "}").encode("ascii")
+
+    def _table_text(self, name: str, table: dict[str, Any], docs: dict[str, dict[str, tuple[Any, str]]]) -> str:
+        """One table as JSON. Outbox and journal documents are only ever inserted and removed, never changed
+        in place, and TinyDB keeps a document's dict across operations: their text is reused the same way
+        (a check-in's commit encodes its own few events, not the thousand in the newest outbox chunk)."""
+        # ASCII-only output (json's default): encoding can never fail, whatever the strings.
+        if not (name == _JOURNAL or name.startswith(_OUTBOX + ".")):
+            return json.dumps(table, separators=(",", ":"))
+        old = self._docs.get(name, {})
+        new: dict[str, tuple[Any, str]] = {}
+        parts: list[str] = []
+        for key, doc in table.items():
+            hit = old.get(key)
+            if hit is None or hit[0] is not doc:
+                hit = (doc, f"{json.dumps(key)}:{json.dumps(doc, separators=(',', ':'))}")
+            new[key] = hit
+            parts.append(hit[1])
+        docs[name] = new
+        return "{" + ",".join(parts) + "}"
 
     def close(self) -> None:
         # Nothing to release: the file is opened only for the duration of a write, and

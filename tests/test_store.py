@@ -756,3 +756,21 @@ def test_a_roll_in_a_split_commit_moves_only_the_records_of_that_write(open_stor
     d = s.diagnostics()
     assert (d["journal"], d["history_records"], d["history_rolls"]) == (1, store_mod.ROLL_EVERY, 1)
     assert len(s.awards()) == store_mod.ROLL_EVERY + 1
+
+
+def test_the_reused_text_of_tables_and_documents_is_what_a_full_serialisation_writes(
+    open_store: Callable[..., Store], data_dir: Path
+) -> None:
+    s = open_store()
+    rng = random.Random(5)
+    seq = 0
+    for _ in range(60):
+        new = [event(seq + i + 1) for i in range(rng.randrange(0, 40))]
+        seq += len(new)
+        s.put_events(new)
+        pending = [e.id for e in s.pending_events()]
+        s.ack_events(rng.sample(pending, k=min(len(pending), rng.randrange(0, 30))))
+        s.put_awards([award(rng.randrange(10_000)) for _ in range(rng.randrange(0, 8))])
+        s.commit(force=True)
+        data = s._disk.read()
+        assert (data_dir / "visita.json").read_bytes() == json.dumps(data, separators=(",", ":")).encode()
