@@ -48,9 +48,14 @@ SETTLE_S = 3.0
 DOOR_M = 4.0
 """Neither end of a handover may be this close to a door: people come and go there."""
 PLACE_M = 6.0
-"""The old subject's last position and the new one's settled position are at most this far apart."""
-RIVAL_M = 12.0
-"""Another subject starting or falling silent this close in the same window makes a handover ambiguous."""
+"""The old subject's last position and the new one's settled position are at most this far apart, plus
+`SPREAD_K` times the two positions' spreads (the estimator says how sure it is)."""
+SPREAD_K = 1.0
+PLACE_MAX_M = 20.0
+"""... but never more than this."""
+RIVAL_K = 2.0
+"""Another subject starting or falling silent within this many times the place radius in the same window
+makes a handover ambiguous."""
 FORGET_S = 120.0
 """Subjects unheard this long are forgotten."""
 MAX_SUBJECTS = 20_000
@@ -63,8 +68,10 @@ class _Subject:
     last: float
     last_inside: bool
     last_xy: tuple[float, float]
+    last_sd: float
     anonymous: bool
     settled_xy: tuple[float, float] | None = None
+    settled_sd: float = 0.0
     settled_inside: bool = False
     decided: bool = False  # as a new subject: linked or not, never looked at again
     continued: bool = False  # as an old subject: a new one took over
@@ -97,16 +104,16 @@ class HandoverLinker:
         for e in estimates:
             if e.x is None or e.y is None:
                 continue
-            xy = (e.x, e.y)
+            xy, sd = (e.x, e.y), e.spread_m or 0.0
             s = subjects.get(e.subject)
             if s is None:
                 if len(subjects) >= MAX_SUBJECTS:
                     subjects.pop(next(iter(subjects)))
-                s = subjects[e.subject] = _Subject(e.ts, e.ts, e.inside, xy, e.subject.startswith("anon:"))
+                s = subjects[e.subject] = _Subject(e.ts, e.ts, e.inside, xy, sd, e.subject.startswith("anon:"))
             elif e.ts > s.last:
-                s.last, s.last_inside, s.last_xy = e.ts, e.inside, xy
+                s.last, s.last_inside, s.last_xy, s.last_sd = e.ts, e.inside, xy, sd
             if s.settled_xy is None and e.ts >= s.first + SETTLE_S:
-                s.settled_xy, s.settled_inside = xy, e.inside
+                s.settled_xy, s.settled_inside, s.settled_sd = xy, e.inside, sd
             self._watermark = max(self._watermark, e.ts)
         out: list[SubjectLink] = []
         w = self._watermark
@@ -120,27 +127,25 @@ class HandoverLinker:
         return out
 
     def _decide(self, name: str, new: _Subject) -> SubjectLink | None:
-        at = new.settled_xy
-        if at is None or not new.settled_inside or self._door_m(at) < DOOR_M:
+        if not self._starts_inside(new):
             self._counts["not_eligible"] += 1
             return None
+        at = new.settled_xy
+        assert at is not None
+        # Subjects that fell silent inside, away from the doors, in the window: the new one's possible pasts.
         ended = [
             (k, s)
             for k, s in self._subjects.items()
             if s is not new
             and not s.member
+            and not s.continued
             and s.first < new.first
             and new.first - GAP_S <= s.last <= new.first + OVERLAP_S
-            and math.dist(s.last_xy, at) <= RIVAL_M
-        ]
-        match = [
-            (k, s)
-            for k, s in ended
-            if not s.continued
             and s.last_inside
             and self._door_m(s.last_xy) >= DOOR_M
-            and math.dist(s.last_xy, at) <= PLACE_M
+            and math.dist(s.last_xy, at) <= RIVAL_K * _radius(s.last_sd, new.settled_sd)
         ]
+        match = [(k, s) for k, s in ended if math.dist(s.last_xy, at) <= _radius(s.last_sd, new.settled_sd)]
         if not match:
             self._counts["no_candidate"] += 1
             return None
@@ -148,6 +153,7 @@ class HandoverLinker:
             self._counts["ambiguous"] += 1
             return None
         old_name, old = match[0]
+        # ... and the old one's possible futures: other new subjects that started inside, away from the doors.
         rivals = [
             s
             for s in self._subjects.values()
@@ -155,7 +161,9 @@ class HandoverLinker:
             and s is not old
             and s.anonymous
             and old.last - OVERLAP_S <= s.first <= old.last + GAP_S
-            and math.dist(s.settled_xy or s.last_xy, old.last_xy) <= RIVAL_M
+            and self._starts_inside(s)
+            and s.settled_xy is not None
+            and math.dist(s.settled_xy, old.last_xy) <= RIVAL_K * _radius(old.last_sd, s.settled_sd)
         ]
         if rivals:
             self._counts["ambiguous"] += 1
@@ -163,6 +171,10 @@ class HandoverLinker:
         old.continued = True
         self._counts["linked"] += 1
         return SubjectLink(new.first, old_name, name, "handover")
+
+    def _starts_inside(self, s: _Subject) -> bool:
+        """Where the subject settled `SETTLE_S` after it was first heard is inside, away from every door."""
+        return s.settled_xy is not None and s.settled_inside and self._door_m(s.settled_xy) >= DOOR_M
 
     def _prune(self, now: float) -> None:
         if now - self._last_prune < 30.0:
@@ -174,3 +186,8 @@ class HandoverLinker:
     def diagnostics(self) -> dict[str, Any]:
         """Subjects remembered and how the handover decisions went."""
         return {"subjects": len(self._subjects), **self._counts}
+
+
+def _radius(sd_a: float, sd_b: float) -> float:
+    """How far apart two estimates of one place may be, given their spreads."""
+    return min(PLACE_M + SPREAD_K * (sd_a + sd_b), PLACE_MAX_M)
