@@ -50,10 +50,10 @@ DOOR_M = 4.0
 PLACE_M = 6.0
 """The old subject's last position and the new one's settled position are at most this far apart, plus
 `SPREAD_K` times the two positions' spreads (the estimator says how sure it is)."""
-SPREAD_K = 1.0
+SPREAD_K = 1.5
 PLACE_MAX_M = 20.0
 """... but never more than this."""
-RIVAL_K = 2.0
+RIVAL_K = 1.5
 """Another subject starting or falling silent within this many times the place radius in the same window
 makes a handover ambiguous."""
 FORGET_S = 120.0
