@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 from gateway.model import SubjectLink, ZoneEstimate
@@ -99,31 +100,44 @@ class HandoverLinker:
                 s.member = True
 
     def update(self, estimates: Sequence[ZoneEstimate], now: float | None = None) -> list[SubjectLink]:
-        """Fold in estimates; return the handovers decided by the newest estimate time (`now` unused)."""
-        subjects = self._subjects
-        for e in estimates:
-            if e.x is None or e.y is None:
-                continue
-            xy, sd = (e.x, e.y), e.spread_m or 0.0
-            s = subjects.get(e.subject)
-            if s is None:
-                if len(subjects) >= MAX_SUBJECTS:
-                    subjects.pop(next(iter(subjects)))
-                s = subjects[e.subject] = _Subject(e.ts, e.ts, e.inside, xy, sd, e.subject.startswith("anon:"))
-            elif e.ts > s.last:
-                s.last, s.last_inside, s.last_xy, s.last_sd = e.ts, e.inside, xy, sd
-            if s.settled_xy is None and e.ts >= s.first + SETTLE_S:
-                s.settled_xy, s.settled_inside, s.settled_sd = xy, e.inside, sd
-            self._watermark = max(self._watermark, e.ts)
+        """Fold in estimates; return the handovers decided by the newest estimate time (`now` unused).
+
+        Estimates are taken in time order and decisions made as each second passes, so how the runtime
+        batches them does not change a link.
+        """
         out: list[SubjectLink] = []
-        w = self._watermark
-        for name, s in subjects.items():
+        for ts, group in groupby(sorted(estimates, key=lambda e: e.ts), key=lambda e: e.ts):
+            for e in group:
+                self._fold(e)
+            if ts > self._watermark:
+                self._watermark = ts
+                out += self._decide_due(ts)
+        self._prune(self._watermark)
+        return out
+
+    def _fold(self, e: ZoneEstimate) -> None:
+        if e.x is None or e.y is None:
+            return
+        subjects = self._subjects
+        xy, sd = (e.x, e.y), e.spread_m or 0.0
+        s = subjects.get(e.subject)
+        if s is None:
+            if len(subjects) >= MAX_SUBJECTS:
+                subjects.pop(next(iter(subjects)))
+            s = subjects[e.subject] = _Subject(e.ts, e.ts, e.inside, xy, sd, e.subject.startswith("anon:"))
+        elif e.ts > s.last:
+            s.last, s.last_inside, s.last_xy, s.last_sd = e.ts, e.inside, xy, sd
+        if s.settled_xy is None and e.ts >= s.first + SETTLE_S:
+            s.settled_xy, s.settled_inside, s.settled_sd = xy, e.inside, sd
+
+    def _decide_due(self, w: float) -> list[SubjectLink]:
+        out: list[SubjectLink] = []
+        for name, s in self._subjects.items():
             if s.anonymous and not s.decided and w >= s.first + GAP_S + SILENCE_S:
                 s.decided = True
                 link = self._decide(name, s)
                 if link is not None:
                     out.append(link)
-        self._prune(w)
         return out
 
     def _decide(self, name: str, new: _Subject) -> SubjectLink | None:

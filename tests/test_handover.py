@@ -159,3 +159,10 @@ def test_a_link_nobody_saw_is_ignored() -> None:
     t = VisitTracker("gw-1", CFG)
     assert t.link(SubjectLink(T0, OLD, "member:m-1", "member")) == []
     assert t.diagnostics()["links_ignored"] == 1 and t.diagnostics()["sessions"] == 0
+
+
+def test_links_do_not_depend_on_how_estimates_are_batched() -> None:
+    tracks = {OLD: (0, 100, 25.0, 18.0), NEW: (101, 160, 25.5, 18.5), OLD2: (0, 130, 10.0, 25.0)}
+    per_second = play(HandoverLinker(DOORS), tracks, 160)
+    batch = [est(t, s, x, y) for s, (a, b, x, y) in tracks.items() for t in range(a, int(b) + 1)]
+    assert HandoverLinker(DOORS).update(batch[::-1]) == per_second != []
