@@ -16,10 +16,12 @@ only when all of these hold:
   before: estimates are whole seconds), and it has not been heard before;
 - where the new subject is `SETTLE_S` after its first estimate (the estimator starts a subject from no
   knowledge, so its very first seconds say little) is inside, at least `DOOR_M` from every door, and
-  within `PLACE_M` of where the old one was last;
-- the match is unique both ways: no other subject fell silent within `RIVAL_M` of the new one in that
-  window, and no other new subject started within `RIVAL_M` of the old one. Ambiguous means no link:
-  a visit counted twice is a smaller error than two people's visits chained into one.
+  within `PLACE_M` plus `SPREAD_K` times the two positions' spreads (at most `PLACE_MAX_M`) of where
+  the old one was last;
+- the match is unique both ways: no other subject that could be an end (inside, away from the doors)
+  fell silent within `RIVAL_K` times that radius of the new one in that window, and no other subject
+  that could be a start began that close to the old one. Ambiguous means no link: a visit counted
+  twice is a smaller error than two people's visits chained into one.
 
 Decisions are taken `GAP_S + SILENCE_S` after the new subject's first estimate, long before its own
 session could become a visit (`visits.min_dwell_s`). Only the estimates' own times are used. No raw
