@@ -303,6 +303,10 @@ class VisitsConfig(Strict):
         default=45.0, ge=0, le=3600, description="Inside for this long before a session counts as a visit, s."
     )
     staff: list[str] = Field(default_factory=list, description="Member refs of staff; their visits are 'staff'.")
+    handover: bool = Field(
+        default=True,
+        description="Continue a visit across the phone's address change (gateway/handover.py; needs the HMM).",
+    )
 
 
 class PointsConfig(Strict):

@@ -123,6 +123,14 @@ class StrongestReceiver:
         zone = self._zone_of[current]
         return ZoneEstimate(ts, subject, zone, zone not in self._outside_ids, fresh[current].rssi)
 
+    def relabel(self, old: str, new: str) -> bool:
+        """Carry `old`'s smoothed levels on as `new`, if `new` is not tracked yet (see HmmEstimator.relabel)."""
+        subj = self._subjects.get(old)
+        if subj is None or new in self._subjects:
+            return False
+        self._subjects[new] = self._subjects.pop(old)
+        return True
+
     def _prune(self, now: float) -> None:
         if now - self._last_prune < 30.0:
             return
@@ -557,12 +565,14 @@ class HmmEstimator:
         best = np.nanmax(self._level[rows], axis=1)
         out: list[ZoneEstimate] = []
         single = self.receivers == 1
+        post = gamma / np.maximum(gamma.sum(axis=1, keepdims=True), np.float32(1e-30))
+        mx, my = post @ self._cx, post @ self._cy  # posterior mean position and its spread
+        sd = np.sqrt(np.maximum(post @ (self._cx**2 + self._cy**2) - mx * mx - my * my, 0.0))
+        px, py, psd = mx.tolist(), my.tolist(), sd.tolist()
         if single:
             pos = self._rx_pos[0]
             assert pos is not None
-            dist = (gamma / np.maximum(gamma.sum(axis=1, keepdims=True), 1e-30)) @ np.hypot(
-                self._cx - pos[0], self._cy - pos[1]
-            )
+            dist = post @ np.hypot(self._cx - pos[0], self._cy - pos[1])
         for i, row in enumerate(rows.tolist()):
             name = self._names[row]
             zid = self.zone_ids[int(zone[i])]
@@ -570,8 +580,25 @@ class HmmEstimator:
                 zid = self._rx_zone[0]  # one receiver tells inside from outside and distance, not zones
                 band = "near" if dist[i] < 3 else ("mid" if dist[i] < 8 else "far")
                 self._bands[band] += 1
-            out.append(ZoneEstimate(float(sec) + 0.5, name, zid, bool(inside[i]), float(best[i])))
+            x, y = round(px[i], 2), round(py[i], 2)
+            out.append(
+                ZoneEstimate(float(sec) + 0.5, name, zid, bool(inside[i]), float(best[i]), x, y, round(psd[i], 2))
+            )
         return out
+
+    def relabel(self, old: str, new: str) -> bool:
+        """Carry `old`'s state on as `new` (a member recognised on an address that was anonymous until now).
+
+        Only when `new` is not tracked yet; its sightings still waiting for their second go with it. True
+        when relabelled.
+        """
+        row = self._rows.get(old)
+        if row is None or new in self._rows:
+            return False
+        del self._rows[old]
+        self._rows[new] = row
+        self._names[row] = new
+        return True
 
     def diagnostics(self) -> dict[str, Any]:
         """Estimator, resolution, grid, subjects tracked, counts, last beacon heard per receiver."""

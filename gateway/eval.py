@@ -30,9 +30,10 @@ from gateway.config import EstimateConfig, PlanConfig, VisitsConfig
 from gateway.days import LocalDays
 from gateway.decode import Decoder
 from gateway.estimate import REORDER_S, Estimator, StrongestReceiver, make_estimator
+from gateway.handover import HandoverLinker
 from gateway.identity import Identifier, MemberDirectory
-from gateway.model import Sighting, Visit, ZoneEstimate
-from gateway.visits import VisitTracker
+from gateway.model import Sighting, SubjectLink, Visit, ZoneEstimate
+from gateway.visits import VisitTracker, link_subjects
 
 SALT = b"visita-eval-salt-not-secret-0001"
 """The identifier's salt in evaluation, so anonymous subjects can be linked to the truth's addresses."""
@@ -81,14 +82,19 @@ class _Pipeline:
     name: str
     estimator: Estimator
     tracker: VisitTracker
+    linker: HandoverLinker | None = None
     tracks: dict[str, _Track] = field(default_factory=dict)
     visits: list[Visit] = field(default_factory=list)
     wall_s: float = 0.0
 
-    def step(self, sightings: list[Sighting], now: float) -> None:
+    def step(self, sightings: list[Sighting], now: float, links: list[SubjectLink] | None = None) -> None:
         t0 = time.perf_counter()
+        changes = link_subjects(self.estimator, self.tracker, self.linker, links or [])
         estimates = self.estimator.update(sightings, now)
-        changes = self.tracker.update(estimates, now)
+        changes += self.tracker.update(estimates, now)
+        if self.linker is not None:
+            for link in self.linker.update(estimates, now):
+                changes += self.tracker.link(link)
         self.wall_s += time.perf_counter() - t0
         self._record(estimates, now)
         self.visits += [c.visit for c in changes if c.kind == "ended"]
@@ -155,7 +161,8 @@ def evaluate(
     members.set_members(world.member_keys)
     decoder = Decoder()
     identifier = Identifier(members, LocalDays(scenario.timezone), salt_source=lambda: SALT)
-    ours = _Pipeline("ours", make_estimator(plan, est_cfg), VisitTracker("eval", visits_cfg))
+    linker = HandoverLinker(plan.doors) if visits_cfg.handover else None
+    ours = _Pipeline("ours", make_estimator(plan, est_cfg), VisitTracker("eval", visits_cfg), linker)
     base = _Pipeline("baseline", StrongestReceiver(plan, est_cfg), VisitTracker("eval", visits_cfg))
     end = world.start_ts + duration_s
     people: list[Any] = []
@@ -170,8 +177,9 @@ def evaluate(
         sim_wall += time.perf_counter() - w0
         adverts += len(batch)
         sightings = identifier.identify(decoder.decode_batch(batch))
-        ours.step(sightings, t)
-        base.step(sightings, t)
+        links = identifier.take_links()
+        ours.step(sightings, t, links)
+        base.step(sightings, t, links)
         people += world.pop_finished()
         if progress is not None and i % 600 == 0:
             progress(i / ticks)

@@ -28,6 +28,7 @@ from gateway.model import (
     IBeacon,
     MemberFrame,
     Sighting,
+    SubjectLink,
 )
 
 TOKEN_WINDOW_S = 900
@@ -209,6 +210,7 @@ class Identifier:
         # An app phone also sends the OS's own adverts (Apple Nearby Info, Samsung) from the same address:
         # they are that member, not a second, anonymous shopper. Memory only, bounded, gone when it rotates.
         self._member_by_address: dict[str, str] = {}
+        self._links: list[SubjectLink] = []
         self._battery: dict[str, int | None] = {}
         self._counts = {
             "member": 0,
@@ -236,11 +238,27 @@ class Identifier:
             self._beacon_by_address.pop(next(iter(self._beacon_by_address)))
         self._beacon_by_address[address] = subject
 
-    def _remember_member(self, address: str, ref: str) -> None:
+    def _remember_member(self, address: str, ref: str, ts: float) -> None:
         known = self._member_by_address
+        if known.get(address) == ref:
+            return
         if address not in known and len(known) >= MAX_MEMBER_ADDRESSES:
             known.pop(next(iter(known)))
         known[address] = ref
+        # Until now this address's OS adverts were an anonymous subject: that subject is this member
+        # (an iPhone whose app was in the background when it came in, or after its address changed).
+        if len(self._links) >= MAX_MEMBER_ADDRESSES:  # nobody takes them (a tool that only identifies)
+            del self._links[: len(self._links) // 2]
+        self._links.append(SubjectLink(ts, self._anon(address, ts), "member:" + ref, "member"))
+
+    def take_links(self) -> list[SubjectLink]:
+        """Links found since the last call: an anonymous subject that turned out to be a member's app phone.
+
+        Made for every address a member frame is first heard from; the later stages ignore the link when
+        they never saw that anonymous subject.
+        """
+        links, self._links = self._links, []
+        return links
 
     def identify(self, decoded: Sequence[tuple[Advert, Frame]]) -> list[Sighting]:
         """One Sighting per advert that belongs to a subject (TLM frames only update diagnostics)."""
@@ -251,7 +269,7 @@ class Identifier:
             if isinstance(frame, MemberFrame):
                 ref = members[i] = self._members.resolve(frame, adv.ts)
                 if ref is not None:
-                    self._remember_member(adv.address, ref)
+                    self._remember_member(adv.address, ref, adv.ts)
         for i, (adv, frame) in enumerate(decoded):
             if isinstance(frame, MemberFrame):
                 ref = members[i]

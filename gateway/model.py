@@ -188,6 +188,31 @@ class ZoneEstimate:
     """False when the zone is an outside zone (sidewalk, car park)."""
     rssi: float
     """Smoothed RSSI at the receiver that decided the zone, dBm (diagnostic)."""
+    x: float | None = None
+    """Estimated position on the store plan (the posterior mean, metres), or None when the estimator has no
+    geometry (the baseline). Used to link a phone across its own address change (gateway/handover.py)."""
+    y: float | None = None
+    """See `x`."""
+    spread_m: float | None = None
+    """How uncertain that position is: the root of the posterior's mean squared distance from it, metres."""
+
+
+LinkReason = Literal["member", "handover"]
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectLink:
+    """Two subjects found to be one phone: `new` continues `old` (gateway/handover.py, docs/estimation.md)."""
+
+    ts: float
+    """When the link was found (data time, UNIX seconds)."""
+    old: str
+    """The subject seen first (an anonymous subject for "member", the silent one for "handover")."""
+    new: str
+    """The subject that continues it: the member for "member", the phone's new address for "handover"."""
+    reason: LinkReason
+    """member: a member frame came from an address that was anonymous until then; handover: a new anonymous
+    address took over, where and when another fell silent, with no other candidate either way."""
 
 
 Classification = Literal["visitor", "pass-by", "staff"]

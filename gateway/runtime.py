@@ -31,6 +31,7 @@ from gateway.downlink import Downlink
 from gateway.estimate import make_estimator
 from gateway.events import EventFactory, topic_prefix, uuid7
 from gateway.footfall import Footfall
+from gateway.handover import HandoverLinker
 from gateway.identity import Identifier, MemberDirectory
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
 from gateway.model import Award, Event, Visit, VisitChange
@@ -38,7 +39,7 @@ from gateway.points import PointsEngine, RuleSet, load_rules
 from gateway.sdnotify import Notifier
 from gateway.store import PendingCommit, Store
 from gateway.uplink import Uplink
-from gateway.visits import VisitTracker
+from gateway.visits import VisitTracker, link_subjects
 from sensors.base import Source
 from sensors.checkins import CheckinVerifier, NonceJournal
 from sensors.nodes import NodesSource
@@ -115,6 +116,7 @@ class Gateway:
         self.estimator = make_estimator(settings.plan, settings.estimate)
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
         self.tracker = VisitTracker(settings.gateway, visits_cfg)
+        self.linker = HandoverLinker(settings.plan.doors) if settings.visits.handover else None
         self.points = PointsEngine(rules, days, store.awards(), members.tier)
         self.footfall = Footfall(days)
         self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
@@ -161,7 +163,12 @@ class Gateway:
         sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
         if self.nodes is not None:
             sightings += self.nodes.poll_sightings(now, self.identifier.remote_subject)
-        changes = self.tracker.update(self.estimator.update(sightings, now), now)
+        changes = link_subjects(self.estimator, self.tracker, self.linker, self.identifier.take_links())
+        estimates = self.estimator.update(sightings, now)
+        changes += self.tracker.update(estimates, now)
+        if self.linker is not None:
+            for link in self.linker.update(estimates, now):
+                changes += self.tracker.link(link)
         return self._conclude(changes, now)
 
     def end_visits(self, now: float) -> list[Event]:
@@ -333,6 +340,7 @@ class Gateway:
             "members": self.members.diagnostics(),
             "estimator": self.estimator.diagnostics(),
             "visits": self.tracker.diagnostics(),
+            **({"handover": self.linker.diagnostics()} if self.linker is not None else {}),
             "points": self.points.diagnostics(),
             "checkins": self.checkins.diagnostics(),
             "store": self.store.diagnostics(),

@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway.config import VisitsConfig
-from gateway.model import Classification, Visit, VisitChange, VisitSource, ZoneEstimate, ZoneSegment
+from gateway.model import Classification, SubjectLink, Visit, VisitChange, VisitSource, ZoneEstimate, ZoneSegment
 
 
 @dataclass(slots=True)
@@ -40,6 +41,7 @@ class _Session:
     qualified: bool = False
     ble: bool = True  # heard over BLE (False for a session a check-in opened, until a sighting joins it)
     checked_in: bool = False  # a verified app check-in proved presence
+    aliases: list[str] = field(default_factory=list)  # other subjects linked into this session
 
     def inside_s(self) -> float:
         return sum(g.left - g.entered for g in self.segments)
@@ -53,8 +55,10 @@ class VisitTracker:
         self._cfg = cfg
         self._staff = {"member:" + ref for ref in cfg.staff}
         self._sessions: dict[str, _Session] = {}
-        self._changed: set[str] = set()  # subjects whose session changed since `changed_visits`
+        self._changed: set[str] = set()  # session keys whose session changed since `changed_visits`
+        self._alias: dict[str, str] = {}  # a subject linked into another's session -> that session's key
         self._staff_not_visits = 0
+        self._links = {"merged": 0, "joined": 0, "unmerged": 0, "ignored": 0}
 
     def _visit_id(self, subject: str, started: float) -> str:
         # Derived, not random: a replay of the same data yields the same ids.
@@ -77,13 +81,14 @@ class VisitTracker:
         """Fold in estimates, then end sessions silent for the absence timeout as of `now`."""
         changes: list[VisitChange] = []
         for e in sorted(estimates, key=lambda e: e.ts):
-            s = self._sessions.get(e.subject)
+            key = self._alias.get(e.subject, e.subject)
+            s = self._sessions.get(key)
             if s is None:
                 s = _Session(e.subject, e.ts, e.ts, self._visit_id(e.subject, e.ts))
-                self._sessions[e.subject] = s
+                self._sessions[key] = s
             s.last = max(s.last, e.ts)
             s.ble = True
-            self._changed.add(e.subject)
+            self._changed.add(key)
             if s.segments and e.ts < s.segments[-1].left:
                 # Older than the newest inside estimate (a late remote sighting): that time is already
                 # accounted for, and placing it would invent moves (entrance → produce → entrance).
@@ -108,8 +113,10 @@ class VisitTracker:
                 s.qualified = True
                 changes.append(VisitChange("started", e.ts, self._snapshot(s, None)))
         deadline = now - self._cfg.absence_timeout_s
-        for subject in [k for k, s in self._sessions.items() if s.last < deadline]:
-            s = self._sessions.pop(subject)
+        for key in [k for k, s in self._sessions.items() if s.last < deadline]:
+            s = self._sessions.pop(key)
+            for alias in s.aliases:
+                self._alias.pop(alias, None)
             if not s.qualified and s.subject in self._staff:
                 # Staff are not footfall, and a staff session that never qualified had no visit.started:
                 # reporting it would publish a visit.ended for a visit that never began. Counted instead.
@@ -126,13 +133,14 @@ class VisitTracker:
         (source `checkin`) that ends after the absence timeout like any other. `zone`, when the phone
         heard a store beacon, starts the segments of a session that has none.
         """
-        s = self._sessions.get(subject)
+        key = self._alias.get(subject, subject)
+        s = self._sessions.get(key)
         if s is None:
             s = _Session(subject, ts, ts, self._visit_id(subject, ts), ble=False)
-            self._sessions[subject] = s
+            self._sessions[key] = s
         s.last = max(s.last, ts)
         s.checked_in = True
-        self._changed.add(subject)
+        self._changed.add(key)
         if zone is not None and not s.segments:
             s.segments.append(_Seg(zone, ts, ts))
         if s.qualified:
@@ -140,13 +148,72 @@ class VisitTracker:
         s.qualified = True
         return [VisitChange("started", ts, self._snapshot(s, None))]
 
+    def link(self, link: SubjectLink) -> list[VisitChange]:
+        """`link.new` is the same phone as `link.old`: from now on their estimates make one session.
+
+        When both have a session, the two become one: the one that is already a visit (or else the older
+        one) keeps its visit id, takes the other's zone segments, and reports what that changes (a zone
+        change, or `started` when together they reach the minimum dwell); the other ends without a trace,
+        as it never was a visit. Two sessions that are both visits already are left apart (counted as
+        `unmerged`): their starts have been reported. The session's subject becomes the member when
+        either side is one, else stays the old subject.
+        """
+        ko = self._alias.get(link.old, link.old)
+        kn = self._alias.get(link.new, link.new)
+        so, sn = self._sessions.get(ko), self._sessions.get(kn)
+        if ko == kn or (so is None and sn is None):
+            self._links["ignored"] += 1
+            return []
+        if so is None or sn is None:  # one side has a session: the other's estimates join it from now on
+            key, s = (ko, so) if so is not None else (kn, sn)
+            assert s is not None
+            other = link.new if so is not None else link.old
+            self._alias_into(other, key, s)
+            if other.startswith("member:"):
+                s.subject = other
+                self._changed.add(key)  # now a member's visit: the rules look at it again
+            self._links["joined"] += 1
+            return []
+        if so.qualified and sn.qualified:
+            self._links["unmerged"] += 1
+            return []
+        keep_key, keep, gone_key, gone = (kn, sn, ko, so) if sn.qualified else (ko, so, kn, sn)
+        was_zone = keep.segments[-1].zone if keep.segments else None
+        del self._sessions[gone_key]
+        for alias in gone.aliases:
+            self._alias_into(alias, keep_key, keep)
+        self._alias_into(gone_key, keep_key, keep)
+        if gone.subject.startswith("member:") and not keep.subject.startswith("member:"):
+            keep.subject = gone.subject
+        keep.segments = _merge_segments(keep.segments, gone.segments)
+        keep.first, keep.last = min(keep.first, gone.first), max(keep.last, gone.last)
+        keep.ble |= gone.ble
+        keep.checked_in |= gone.checked_in
+        self._changed.add(keep_key)
+        self._links["merged"] += 1
+        ts = max(link.ts, keep.last)
+        if keep.qualified:
+            now_zone = keep.segments[-1].zone if keep.segments else None
+            if now_zone is not None and was_zone is not None and now_zone != was_zone:
+                return [VisitChange("zone", ts, self._snapshot(keep, None), was_zone)]
+            return []
+        if keep.inside_s() >= self._cfg.min_dwell_s or keep.checked_in:
+            keep.qualified = True
+            return [VisitChange("started", ts, self._snapshot(keep, None))]
+        return []
+
+    def _alias_into(self, subject: str, key: str, s: _Session) -> None:
+        if subject != key:
+            self._alias[subject] = key
+            s.aliases.append(subject)
+
     def open_visits(self) -> list[Visit]:
         """Qualified visits still open (for occupancy and the dashboard)."""
         return [self._snapshot(s, None) for s in self._sessions.values() if s.qualified]
 
     def open_visit(self, subject: str) -> Visit | None:
-        """The subject's visit if one is open."""
-        s = self._sessions.get(subject)
+        """The subject's visit if one is open (a subject linked into another's session: that one)."""
+        s = self._sessions.get(self._alias.get(subject, subject))
         return self._snapshot(s, None) if s is not None and s.qualified else None
 
     def changed_visits(self) -> list[Visit]:
@@ -164,9 +231,62 @@ class VisitTracker:
         self._changed.update(self._sessions)
 
     def diagnostics(self) -> dict[str, int]:
-        """Open sessions, how many of them are visits, and staff sessions that ended without being one."""
+        """Open sessions, how many are visits, staff sessions that ended without being one, links applied."""
         return {
             "sessions": len(self._sessions),
             "open_visits": sum(1 for s in self._sessions.values() if s.qualified),
             "staff_not_visits": self._staff_not_visits,
+            **{f"links_{k}": v for k, v in self._links.items()},
         }
+
+
+class Relabels(Protocol):
+    """An estimator that can carry one subject's state on under another name."""
+
+    def relabel(self, old: str, new: str) -> bool: ...
+
+
+class Notes(Protocol):
+    """A handover linker, told which anonymous subjects turned out to be members."""
+
+    def note(self, links: Sequence[SubjectLink]) -> None: ...
+
+
+def link_subjects(
+    estimator: Relabels, tracker: VisitTracker, linker: Notes | None, links: Sequence[SubjectLink]
+) -> list[VisitChange]:
+    """Apply the identifier's member links before the tick's sightings are estimated: the estimator carries the
+    anonymous subject's state on as the member, the tracker makes its session the member's, and the handover
+    linker knows that subject fell silent because it became a member, not because its address changed."""
+    changes: list[VisitChange] = []
+    for link in links:
+        estimator.relabel(link.old, link.new)
+        changes += tracker.link(link)
+    if linker is not None:
+        linker.note(links)
+    return changes
+
+
+def _merge_segments(a: list[_Seg], b: list[_Seg]) -> list[_Seg]:
+    """Two sessions' zone segments as one, in time order, as if one subject had been heard throughout.
+
+    Time covered by an earlier segment is not counted twice; a segment that was still open runs on to
+    where the next one starts (the few seconds between an address's last sighting and the next one's
+    first), and joins it when it is in the same zone.
+    """
+    out: list[_Seg] = []
+    for g in sorted((_Seg(g.zone, g.entered, g.left, g.closed) for g in (*a, *b)), key=lambda g: g.entered):
+        prev = out[-1] if out else None
+        if prev is None:
+            out.append(g)
+            continue
+        if g.left <= prev.left:
+            continue  # within time already accounted for
+        g.entered = max(g.entered, prev.left)
+        if not prev.closed and prev.zone == g.zone:
+            prev.left, prev.closed = max(prev.left, g.left), g.closed
+            continue
+        if not prev.closed:
+            prev.left = max(prev.left, g.entered)
+        out.append(g)
+    return out

@@ -388,3 +388,18 @@ def test_salts_older_than_yesterday_are_forgotten() -> None:
     # A straggler from two days ago cannot be linked to that day's device any more: its salt is gone.
     assert subject_of(ident, day0 + 60) != first
     assert len(salts) == 4
+
+
+def test_an_anonymous_subject_that_sends_a_member_frame_is_linked_to_the_member_once() -> None:
+    # An iPhone whose app was in the background when it came in: Nearby Info first (anonymous), then the
+    # app's frame from the same address. The stages after identify are told that subject was the member.
+    ident, _ = identifier(members=directory(**{"m-1": DOC_KEY}))
+    before = subject_of(ident, DOC_TS)
+    assert before.startswith("anon:") and ident.take_links() == []
+    ident.identify([(advert(DOC_TS + 30), member_frame(DOC_KEY, DOC_WINDOW))])
+    (link,) = ident.take_links()
+    assert (link.ts, link.old, link.new, link.reason) == (DOC_TS + 30, before, "member:m-1", "member")
+    assert subject_of(ident, DOC_TS + 31) == "member:m-1"
+    ident.identify([(advert(DOC_TS + 32), member_frame(DOC_KEY, DOC_WINDOW))])
+    assert ident.take_links() == [], "known address: no second link"
+    assert ADDRESS not in repr(link)

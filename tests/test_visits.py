@@ -85,7 +85,8 @@ def test_the_visit_ends_exactly_after_the_absence_timeout_as_of_now() -> None:
     assert len(t.open_visits()) == 1
     (ended,) = t.update([], T0 + 155.5)
     assert (ended.kind, ended.ts, ended.visit.dwell_s) == ("ended", T0 + 95, 95)
-    assert t.open_visits() == [] and t.diagnostics() == {"sessions": 0, "open_visits": 0, "staff_not_visits": 0}
+    d = t.diagnostics()
+    assert t.open_visits() == [] and (d["sessions"], d["open_visits"], d["staff_not_visits"]) == (0, 0, 0)
 
 
 def test_open_visits_show_only_qualified_sessions() -> None:
@@ -94,7 +95,7 @@ def test_open_visits_show_only_qualified_sessions() -> None:
     t.update([inside(50, "produce")], T0 + 50)
     (v,) = t.open_visits()
     assert (v.subject, v.ended, v.path) == (SHOPPER, None, ("entrance", "produce"))
-    assert t.diagnostics() == {"sessions": 2, "open_visits": 1, "staff_not_visits": 0}
+    assert t.diagnostics() | {"sessions": 2, "open_visits": 1, "staff_not_visits": 0} == t.diagnostics()
 
 
 # --------------------------------------------------------------------------- pass-by
@@ -150,7 +151,7 @@ def test_a_staff_member_passing_by_ends_no_visit() -> None:
     script = {float(s): [outside(s, staff)] for s in range(0, 20, 2)}
     changes = run(t, script, until=200)
     assert changes == []
-    assert t.diagnostics() == {"sessions": 0, "open_visits": 0, "staff_not_visits": 1}
+    assert t.diagnostics() | {"sessions": 0, "open_visits": 0, "staff_not_visits": 1} == t.diagnostics()
 
 
 # --------------------------------------------------------------------------- ids

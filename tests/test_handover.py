@@ -1,0 +1,168 @@
+"""Tests for gateway.handover (one phone across its address change) and how the visit tracker applies links."""
+
+from __future__ import annotations
+
+from gateway.config import VisitsConfig
+from gateway.handover import GAP_S, SILENCE_S, HandoverLinker
+from gateway.model import SubjectLink, VisitChange, ZoneEstimate
+from gateway.visits import VisitTracker
+
+T0 = 1_764_000_000.5
+DOORS = [(5.0, 0.25), (45.0, 0.25)]  # the supermarket's, on its glass front (y = 0)
+OLD, NEW = "anon:00000000000000a1", "anon:00000000000000b2"
+OLD2, NEW2 = "anon:00000000000000c3", "anon:00000000000000d4"
+
+
+def est(t: float, subject: str, x: float, y: float, inside: bool = True, zone: str = "grocery") -> ZoneEstimate:
+    return ZoneEstimate(T0 + t, subject, zone if inside else "sidewalk", inside, -70.0, x, y, 2.0)
+
+
+def play(
+    linker: HandoverLinker, tracks: dict[str, tuple[float, float, float, float]], until: float
+) -> list[SubjectLink]:
+    """tracks: subject -> (first s, last s, x, y), one estimate a second; the linker sees each second's."""
+    out: list[SubjectLink] = []
+    for t in range(int(until) + 1):
+        batch = [
+            est(t, s, x, y, zone="entrance" if y < 6 and x < 10 else "grocery")
+            for s, (a, b, x, y) in tracks.items()
+            if a <= t <= b
+        ]
+        out += linker.update(batch, T0 + t)
+    return out
+
+
+def test_a_phone_that_changes_address_mid_store_is_linked_to_itself() -> None:
+    links = play(HandoverLinker(DOORS), {OLD: (0, 100, 25.0, 18.0), NEW: (101, 160, 25.5, 18.5)}, 160)
+    assert [(link.old, link.new, link.reason, link.ts) for link in links] == [(OLD, NEW, "handover", T0 + 101)]
+
+
+def test_the_decision_waits_for_the_old_address_to_stay_silent() -> None:
+    linker = HandoverLinker(DOORS)
+    assert play(linker, {OLD: (0, 100, 25.0, 18.0), NEW: (101, 101 + GAP_S + SILENCE_S - 1, 25.5, 18.5)}, 113) == []
+    assert len(linker.update([est(101 + GAP_S + SILENCE_S, NEW, 25.5, 18.5)])) == 1
+
+
+def test_two_rotations_at_once_in_one_place_are_not_linked() -> None:
+    # Two shoppers side by side whose phones change address in the same second: which is which cannot be
+    # told, and a wrong guess would chain two people into one visit.
+    tracks = {
+        OLD: (0, 100, 25.0, 18.0),
+        OLD2: (0, 101, 27.0, 19.0),
+        NEW: (101, 160, 25.5, 18.5),
+        NEW2: (102, 160, 26.5, 19.0),
+    }
+    linker = HandoverLinker(DOORS)
+    assert play(linker, tracks, 160) == []
+    assert linker.diagnostics()["ambiguous"] == 2
+
+
+def test_two_rotations_at_once_far_apart_are_each_linked() -> None:
+    tracks = {
+        OLD: (0, 100, 10.0, 25.0),
+        OLD2: (0, 101, 42.0, 25.0),
+        NEW: (101, 160, 10.5, 24.0),
+        NEW2: (102, 160, 41.0, 25.5),
+    }
+    links = play(HandoverLinker(DOORS), tracks, 160)
+    assert sorted((link.old, link.new) for link in links) == [(OLD, NEW), (OLD2, NEW2)]
+
+
+def test_a_new_subject_at_the_door_is_someone_coming_in_not_linked() -> None:
+    # Someone leaves through the door as someone else comes in: the new one is at the door, not mid-store.
+    links = play(HandoverLinker(DOORS), {OLD: (0, 100, 8.0, 5.0), NEW: (101, 160, 5.5, 1.5)}, 160)
+    assert links == []
+    links = play(HandoverLinker(DOORS), {OLD: (0, 100, 25.0, 18.0), NEW: (101, 160, 5.5, 1.5)}, 160)
+    assert links == []
+
+
+def test_an_old_subject_last_heard_at_the_door_or_outside_is_not_linked() -> None:
+    linker = HandoverLinker(DOORS)
+    batch: list[ZoneEstimate] = []
+    for t in range(0, 101):
+        batch.append(est(t, OLD, 5.0, -2.0, inside=False))  # last heard on the sidewalk: they left
+    linker.update(batch)
+    assert play(linker, {NEW: (101, 160, 8.0, 8.0)}, 160) == []
+
+
+def test_a_pause_is_not_a_new_address_and_a_far_new_subject_is_not_linked() -> None:
+    assert play(HandoverLinker(DOORS), {OLD: (0, 160, 25.0, 18.0), NEW: (101, 160, 25.5, 18.5)}, 160) == []
+    assert play(HandoverLinker(DOORS), {OLD: (0, 100, 10.0, 25.0), NEW: (101, 160, 42.0, 25.0)}, 160) == []
+    assert play(HandoverLinker(DOORS), {OLD: (0, 90, 25.0, 18.0), NEW: (101, 160, 25.5, 18.5)}, 160) == []
+
+
+def test_without_positions_nothing_is_linked() -> None:
+    linker = HandoverLinker(DOORS)
+    for t in range(0, 160):
+        subject = OLD if t <= 100 else NEW
+        assert linker.update([ZoneEstimate(T0 + t, subject, "grocery", True, -70.0)]) == []
+
+
+# --------------------------------------------------------------------------- the visit tracker applies links
+
+CFG = VisitsConfig(absence_timeout_s=60, min_dwell_s=45)
+
+
+def feed(t: VisitTracker, subject: str, a: int, b: int, zone: str = "grocery") -> list[VisitChange]:
+    out: list[VisitChange] = []
+    for s in range(a, b + 1):
+        out += t.update([ZoneEstimate(T0 + s, subject, zone, True, -70.0)], T0 + s)
+    return out
+
+
+def test_a_linked_subject_continues_the_visit_one_start_one_end() -> None:
+    t = VisitTracker("gw-1", CFG)
+    changes = feed(t, OLD, 0, 100)
+    (started,) = [c for c in changes if c.kind == "started"]
+    changes = feed(t, NEW, 101, 113, zone="bakery")
+    assert not [c for c in changes if c.kind == "started"], "the new address has not been inside long enough yet"
+    (moved,) = t.link(SubjectLink(T0 + 101, OLD, NEW, "handover"))
+    assert (moved.kind, moved.from_zone, moved.visit.visit_id) == ("zone", "grocery", started.visit.visit_id)
+    changes = feed(t, NEW, 114, 200, zone="bakery") + t.update([], T0 + 400)
+    assert [c.kind for c in changes] == ["ended"]
+    (ended,) = changes
+    v = ended.visit
+    assert (v.visit_id, v.subject, v.started, v.ended) == (started.visit.visit_id, OLD, T0, T0 + 200)
+    assert v.path == ("grocery", "bakery") and v.dwell_s == 200
+    assert t.diagnostics()["sessions"] == 0 and t.diagnostics()["links_merged"] == 1
+
+
+def test_two_halves_too_short_alone_make_one_visit_once_linked() -> None:
+    t = VisitTracker("gw-1", CFG)
+    assert not feed(t, OLD, 0, 30) and not feed(t, NEW, 31, 50)
+    (started,) = t.link(SubjectLink(T0 + 31, OLD, NEW, "handover"))
+    assert started.kind == "started" and started.visit.dwell_s == 50
+    (ended,) = t.update([], T0 + 200)
+    assert ended.visit.visit_id == started.visit.visit_id and ended.visit.classification == "visitor"
+
+
+def test_a_member_recognised_mid_visit_takes_over_the_anonymous_visit() -> None:
+    t = VisitTracker("gw-1", CFG)
+    (started,) = [c for c in feed(t, OLD, 0, 100) if c.kind == "started"]
+    assert t.link(SubjectLink(T0 + 101, OLD, "member:m-1", "member")) == []
+    assert not feed(t, "member:m-1", 101, 150)
+    (v,) = t.open_visits()
+    assert (v.visit_id, v.subject, v.member, v.dwell_s) == (started.visit.visit_id, "member:m-1", "m-1", 150)
+    (ended,) = t.update([], T0 + 300)
+    assert ended.visit.visit_id == started.visit.visit_id and ended.visit.subject == "member:m-1"
+
+
+def test_a_link_between_two_visits_already_reported_leaves_both() -> None:
+    t = VisitTracker("gw-1", CFG)
+    feed(t, OLD, 0, 50)
+    feed(t, NEW, 51, 110)
+    assert t.link(SubjectLink(T0 + 51, OLD, NEW, "handover")) == []
+    assert t.diagnostics()["links_unmerged"] == 1 and len(t.open_visits()) == 2
+
+
+def test_a_link_nobody_saw_is_ignored() -> None:
+    t = VisitTracker("gw-1", CFG)
+    assert t.link(SubjectLink(T0, OLD, "member:m-1", "member")) == []
+    assert t.diagnostics()["links_ignored"] == 1 and t.diagnostics()["sessions"] == 0
+
+
+def test_links_do_not_depend_on_how_estimates_are_batched() -> None:
+    tracks = {OLD: (0, 100, 25.0, 18.0), NEW: (101, 160, 25.5, 18.5), OLD2: (0, 130, 10.0, 25.0)}
+    per_second = play(HandoverLinker(DOORS), tracks, 160)
+    batch = [est(t, s, x, y) for s, (a, b, x, y) in tracks.items() for t in range(a, int(b) + 1)]
+    assert HandoverLinker(DOORS).update(batch[::-1]) == per_second != []
