@@ -71,8 +71,12 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=20, help="measured simulated seconds (default: 20)")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured seconds first (default: 5)")
     args = p.parse_args()
-    cells = HmmEstimator(scenario_plan(load_scenario("supermarket")), EstimateConfig()).cells
-    print(f"supermarket plan, {cells} cells of 1.5 m, 6 receivers, lag 3 s; 3 receivers x 2 packets per subject-second")
+    cfg = EstimateConfig()
+    cells = HmmEstimator(scenario_plan(load_scenario("supermarket")), cfg).cells
+    print(
+        f"supermarket plan, {cells} cells of {cfg.cell_m:g} m, 6 receivers, lag {cfg.lag_s} s; "
+        "3 receivers x 2 packets per subject-second"
+    )
     print(f"{'subjects':>9} {'hmm ms/s':>10} {'(cpu)':>8} {'subj×rx/s':>12} {'baseline ms/s':>14} {'subj×rx/s':>12}")
     for n in args.subjects:
         r = bench(n, args.seconds, args.warmup)

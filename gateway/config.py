@@ -259,7 +259,7 @@ class EstimateConfig(Strict):
         "hmm: require the geometry; baseline: strongest receiver with hysteresis.",
     )
     lag_s: int = Field(
-        default=3, ge=0, le=30, description="HMM: fixed-lag smoothing; a zone is reported this many seconds late, s."
+        default=2, ge=0, le=30, description="HMM: fixed-lag smoothing; a zone is reported this many seconds late, s."
     )
     cell_m: float = Field(default=1.5, ge=0.5, le=10, description="HMM: grid cell size over the plan, m.")
     path_loss_exponent: float = Field(

@@ -155,10 +155,15 @@ F32 = npt.NDArray[np.float32]
 
 MEAN_BODY_LOSS_DB = 3.0
 """A carrier's body costs 0-6 dB by heading; on average about 3 (docs/estimation.md)."""
-OFFSET_SIGMA_DB = 2.5
-"""Spread of a subject's common offset (phone model, body, pocket), marginalised in the emissions."""
-TELEPORT = 1e-9
-"""Share of probability spread evenly every second, so a wrong belief can recover from any start."""
+OFFSET_SIGMA_DB = 1.5
+"""Spread of a subject's common offset (phone model, body, pocket), marginalised in the emissions each second.
+
+Narrower than the ±3 dB between phone models: the offset is integrated out anew every second, so a wider
+prior lets a uniform drop of every reading (a glass front) pass as a weak phone second after second; 1.5 dB
+was measured best on the supermarket (inside/outside 91.5 -> 93 %, zone accuracy +1 point; 4 dB: 83 %)."""
+TELEPORT = 1e-6
+"""Share of probability spread evenly every second, so a wrong belief can recover from any start
+(1e-6 rather than 1e-9: zone changes are reported about 0.15 s sooner for 0.2 points of zone accuracy)."""
 REORDER_S = 1.0
 """A second is decided once data time is this far past its end (late remote sightings still count)."""
 FORGET_S = 90.0
@@ -167,15 +172,17 @@ PRUNE_EVERY_S = 30.0
 DOOR_RADIUS_M = 2.5
 """Cells this close to one of the plan's doors may pass between inside and outside zones."""
 SENSITIVITY_DBM = -95.0
+"""Typical receiver sensitivity: weaker packets are never reported (censoring, docs/estimation.md)."""
 PACKET_SIGMA_DB = 5.0
 """Spread of one packet's RSSI around the model (fading and shadowing), for the chance it is heard at all."""
 MAX_MISS_PACKETS = 2.0
 """Non-detection evidence is capped at this many packets' worth per second (not overconfident)."""
 RECEIVER_SILENT_S = 10.0
 """A receiver that reported nothing at all (not even a beacon) for this long is down: its silence says nothing."""
-"""Typical receiver sensitivity: weaker packets are never reported (censoring, docs/estimation.md)."""
-SWITCH_MARGIN = 0.3
-"""The reported zone changes when another zone's probability exceeds the current one's by this much."""
+SWITCH_MARGIN = 0.1
+"""The reported zone changes when another zone's probability exceeds the current one's by this much.
+Measured on the supermarket (seeds 1-3, median zone-change delay / path edit distance): 0: 4.8 s / 17.0;
+0.1: 4.8 s / 13.3; 0.2: 5.0 s / 11.4; 0.3: 5.2 s / 9.9, zone accuracy within 0.2 points of each other."""
 
 
 def points_in_polygon(x: F32, y: F32, polygon: Sequence[tuple[float, float]]) -> npt.NDArray[np.bool_]:

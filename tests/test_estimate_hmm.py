@@ -97,6 +97,9 @@ def test_a_walk_from_zone_a_to_zone_b_is_followed_with_a_short_bounded_delay(see
     assert 60 <= first_b[0] <= 70
     lag = EstimateConfig().lag_s
     assert first_b[1] - 65 <= lag + REORDER_S + 5, "reported within the lag plus a few seconds of the crossing"
+    # Issue 4 asks for zone changes reported within 5 s (median, in a noisy store); a clean walk at the
+    # defaults leaves a second to spare (lag 3 s took exactly 5 s here).
+    assert first_b[1] - 65 <= 4.0, "a clean zone change is reported within 4 s at the defaults"
     assert all(e.inside for _, e in out if e.ts - T0 >= 3)
     assert all(e.ts <= now - lag for now, e in out), "estimates are for a second at least lag_s ago"
 
