@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -298,7 +298,10 @@ def create_app(gateway: Gateway) -> FastAPI:
         except CheckinRefused as e:
             refusal = CheckinRefusal(reason=e.reason, message=e.message, field=e.field)
             return JSONResponse(refusal.model_dump(mode="json"), status_code=e.status)
-        return CheckinAccepted.model_validate(result)
+        # Serialised here, once, by pydantic-core: FastAPI would validate the model a second time and encode it
+        # in Python (a check-in is answered 200 times a second; docs/checkin.md).
+        accepted = CheckinAccepted.model_validate(result)
+        return Response(accepted.model_dump_json(), status_code=201, media_type="application/json")
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics(gw: GatewayDep) -> PlainTextResponse:
