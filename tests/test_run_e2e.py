@@ -106,8 +106,12 @@ def test_run_sim_publishes_valid_gapless_events(broker: Broker, tmp_path: Path) 
 
     # The retained status: online at start, offline after the clean stop.
     statuses = [p["data"] for t, p, _ in sub.snapshot() if t == PREFIX + "status"]
-    assert statuses[-1] == {"state": "offline", "version": statuses[-1]["version"]}  # type: ignore[index]
-    assert {"state": "online", "version": statuses[0]["version"]} in statuses  # type: ignore[index]
+    assert statuses[-1] == {  # the demo store has six receivers: zones
+        "state": "offline",
+        "version": statuses[-1]["version"],  # type: ignore[index]
+        "resolution": "zones",
+    }
+    assert {"state": "online", "version": statuses[0]["version"], "resolution": "zones"} in statuses  # type: ignore[index]
 
     everything = json.dumps([p for _, p, _ in sub.snapshot()]) + proc.stdout + proc.stderr
     everything += (tmp_path / "data" / "visita.json").read_text()
