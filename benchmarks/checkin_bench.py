@@ -59,6 +59,26 @@ def wait_port(port: int, proc: subprocess.Popen[Any], what: str, timeout: float 
     raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
 
 
+def wait_ready(port: int, proc: subprocess.Popen[Any], timeout: float = 60.0) -> None:
+    """Until the gateway's token tables (current window and both neighbours) are built and its uplink is up: the
+    first tick builds them at once (about 1 s for 100,000 members), which is start-up, not check-in latency."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"visita run exited with {proc.returncode}")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/api/v1/status")
+            status = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        if status["members"]["tables"] >= 3 and status["uplink"].get("connected"):
+            time.sleep(0.5)
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the gateway was not ready (token tables, uplink) within {timeout} s")
+
+
 def subscriber(port: int, ready: Any, stop: Any, results: Any) -> None:
     """Child process: stamp (CLOCK_MONOTONIC, shared by every process) the first points.awarded per member."""
     received: dict[str, float] = {}
@@ -170,7 +190,7 @@ def main() -> int:
                 text=True,
             )
             wait_port(dport, gateway, "visita run")
-            time.sleep(1.0)  # the first ticks: token tables, the uplink's connection
+            wait_ready(dport, gateway)  # steady state: token tables built, uplink connected
 
             refs = list(keys)[:n]
             cpu0 = cpu_s(gateway.pid)
