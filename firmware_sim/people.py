@@ -25,7 +25,7 @@ from firmware_sim.scenario import Scenario
 
 F64 = npt.NDArray[np.float64]
 
-Kind = Literal["shopper", "pedestrian", "staff"]
+Kind = Literal["shopper", "pedestrian", "staff", "left-phone"]
 Platform = Literal["ios", "android"]
 
 TRUTH_DT_S = 0.5
@@ -335,6 +335,13 @@ class Mover:
             self._browse(tr, zone, float(self.rng.uniform(120, 900)), self.pop.browse_speed_mps * 2)
             zone = str(self.rng.choice(self.staff_zones))
         return tr
+
+
+def still_track(t0: float, until: float, here: tuple[float, float]) -> _Track:
+    """A phone lying at `here` from t0 to `until` (a left phone: nobody walks it anywhere)."""
+    tr = _Track(t0, here)
+    tr.stay(until - t0, 0.0)
+    return tr
 
 
 def extend(person: Person, tr: _Track) -> None:

@@ -75,7 +75,7 @@ def record(
         out.mkdir(parents=True, exist_ok=True)
         writer = LogWriter(out / LOG_NAME, log_header(world, end))
         truth = TruthWriter(out / TRUTH_NAME, world, end)
-    labels = {"visit": 0, "pass-by": 0, "staff": 0}
+    labels = {"visit": 0, "pass-by": 0, "staff": 0, "left-phone": 0}
 
     def leave(people: list[Person]) -> None:
         people = [p for p in people if p.t0 < end]

@@ -241,6 +241,12 @@ class Population(Strict):
     route_share: float = Field(default=0.7, ge=0, le=1, description="Share of shoppers on a typical route.")
     window_share: float = Field(default=0.0, ge=0, le=1, description="Share of pedestrians stopping at the window.")
     window_stop_s: Seconds = (5.0, 40.0)
+    left_phones: list[Point] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Spots where an app phone lies still all run long, carried by nobody: a phone left by the "
+        "door or on a shelf to collect visits (what docs/rules.md's presence guard must not pay).",
+    )
 
 
 class Scenario(Strict):
@@ -350,6 +356,7 @@ def check_scenario(s: Scenario) -> list[str]:
     points += [("sidewalk.points", s.sidewalk.points)]
     points += [(f"receivers[{i}].position", [r.position]) for i, r in enumerate(s.receivers)]
     points += [(f"beacons[{i}].position", [b.position]) for i, b in enumerate(s.beacons)]
+    points += [(f"population.left_phones[{i}]", [q]) for i, q in enumerate(s.population.left_phones)]
     bad_points = [
         f"{key} = {_fmt(pts)}: coordinates must be finite metres within ±{MAX_EXTENT_M:g}"
         for key, pts in points

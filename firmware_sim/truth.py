@@ -38,8 +38,11 @@ def _t(v: float) -> float | None:
 
 
 def label(kind: str, entered: bool) -> str:
-    """The truth's label: staff, visit (was inside an inside zone) or pass-by (never was, so far)."""
-    return "staff" if kind == "staff" else ("visit" if entered else "pass-by")
+    """The truth's label: staff, left-phone (nobody's visit, wherever it lies), visit (was inside an inside
+    zone) or pass-by (never was, so far)."""
+    if kind in ("staff", "left-phone"):
+        return kind
+    return "visit" if entered else "pass-by"
 
 
 def quick_label(world: World, p: Person, end: float) -> str:
@@ -97,7 +100,7 @@ class TruthWriter:
         self.world = world
         self.end = end
         self._f: IO[str] = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self.labels = {"visit": 0, "pass-by": 0, "staff": 0}
+        self.labels = {"visit": 0, "pass-by": 0, "staff": 0, "left-phone": 0}
         sc = world.scenario
         self._line(
             {

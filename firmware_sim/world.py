@@ -41,7 +41,7 @@ import numpy.typing as npt
 from firmware_sim import frames
 from firmware_sim.channel import Channel
 from firmware_sim.geometry import as_polygon
-from firmware_sim.people import STAFF_HORIZON_S, Kind, Mover, Person, Stream, extend, zone_intervals
+from firmware_sim.people import STAFF_HORIZON_S, Kind, Mover, Person, Stream, extend, still_track, zone_intervals
 from firmware_sim.scenario import Beacon, Scenario
 from gateway.model import Advert
 
@@ -168,7 +168,15 @@ class World:
         self._next_pedestrian = self.start_ts + self._first_gap(pop.pedestrians_per_hour)
         self._buffer: deque[Batch] = deque()
         self._now = self.start_ts
-        self.counts = {"shopper": 0, "pedestrian": 0, "staff": 0, "window_stops": 0, "with_app": 0, "phones": 0}
+        self.counts = {
+            "shopper": 0,
+            "pedestrian": 0,
+            "staff": 0,
+            "left-phone": 0,
+            "window_stops": 0,
+            "with_app": 0,
+            "phones": 0,
+        }
         self.sent = 0
         self.delivered = 0
         self.per_receiver = np.zeros(len(self.receiver_ids), dtype=np.int64)
@@ -181,6 +189,9 @@ class World:
         ]
         for i in range(pop.staff):
             self._spawn_staff(i)
+        for spot in pop.left_phones:
+            still = still_track(self.start_ts, self.start_ts + STAFF_HORIZON_S, spot)
+            self._add("left-phone", still, 1.0).open_ended = True
 
     # ------------------------------------------------------------------ tables
 
@@ -317,7 +328,9 @@ class World:
         keep: list[Person] = []
         for p in self.people:
             if p.open_ended and p.t1 < b0 + BLOCK_S + 60:
-                extend(p, self._mover.staff_track(p.t1, p.t1 + STAFF_HORIZON_S, (float(p.kx[-1]), float(p.ky[-1]))))
+                here = (float(p.kx[-1]), float(p.ky[-1]))
+                more = still_track if p.kind == "left-phone" else self._mover.staff_track
+                extend(p, more(p.t1, p.t1 + STAFF_HORIZON_S, here))
             if p.t1 <= b0:
                 if p.addresses:
                     p.addresses[-1][2] = p.t1
@@ -596,10 +609,11 @@ class World:
         c = self.counts
         return {
             "simulated_s": self._now - self.start_ts,
-            "subjects": c["shopper"] + c["pedestrian"] + c["staff"] + len(self._beacons),
+            "subjects": c["shopper"] + c["pedestrian"] + c["staff"] + c["left-phone"] + len(self._beacons),
             "shoppers": c["shopper"],
             "pedestrians": c["pedestrian"],
             "staff": c["staff"],
+            "left_phones": c["left-phone"],
             "beacons": len(self._beacons),
             "visits": c["shopper"],
             "pass_bys": c["pedestrian"],

@@ -255,6 +255,10 @@ class Visit:
     """visitor, pass-by (never qualified as a visit) or staff (a member on the staff list)."""
     source: VisitSource
     """What proved the presence: BLE sightings, an app check-in, or both."""
+    moved_m: float | None = None
+    """How far the phone moved inside the store, metres: the largest distance of its position, smoothed over
+    30 s, from where it settled in its first 30 s inside. None when no estimate had a position (the baseline
+    estimator, or a visit known from a check-in alone). A phone lying still stays within a few metres."""
 
     @property
     def dwell_s(self) -> float:
@@ -415,6 +419,7 @@ def visit_to_record(v: Visit) -> dict[str, Any]:
         "segments": [[s.zone, s.entered, s.left] for s in v.segments],
         "classification": v.classification,
         "source": v.source,
+        "moved_m": v.moved_m,
     }
 
 
@@ -428,6 +433,7 @@ def visit_from_record(rec: dict[str, Any]) -> Visit:
         segments=tuple(ZoneSegment(str(z), float(a), float(b)) for z, a, b in rec["segments"]),
         classification=rec["classification"],
         source=rec["source"],
+        moved_m=None if rec.get("moved_m") is None else float(rec["moved_m"]),  # absent in older records
     )
 
 

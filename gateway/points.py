@@ -150,6 +150,26 @@ RULE_KINDS = (VisitRule, CheckinRule, DwellBonusRule, ZoneBonusRule, FirstVisitR
 """Every rule kind (docs/rules.md documents each)."""
 
 
+class Presence(Strict):
+    """What BLE sightings must also show before they prove a member's presence: the guard against a phone left
+    in the store (by the door, on a shelf) to collect visits. An app check-in proves presence on its own."""
+
+    min_movement_m: float = Field(
+        default=10.0,
+        ge=0,
+        le=200,
+        description="While a visit is open, its sightings prove presence only once the phone has moved this far "
+        "inside (Visit.moved_m); a visit that never did is judged when it ends. 0: no such wait.",
+    )
+    max_visit_s: float = Field(
+        default=7200.0,
+        ge=600,
+        le=86_400,
+        description="A visit heard for longer than this proves nothing by its sightings: shoppers do not stay "
+        "that long, a phone left in the store or staff not on the staff list do.",
+    )
+
+
 class RuleSet(Strict):
     """A rules file."""
 
@@ -159,6 +179,9 @@ class RuleSet(Strict):
     )
     max_points_per_day: int | None = Field(
         default=None, ge=1, le=1_000_000, description="Points per member per local day over all rules, at most."
+    )
+    presence: Presence = Field(
+        default_factory=Presence, description="What BLE sightings must show to prove presence (docs/rules.md)."
     )
 
     @model_validator(mode="after")
@@ -294,7 +317,7 @@ class PointsEngine:
                 return []
         out: list[Award] = []
         for rule in self._rules:
-            points, reason = self._decide(rule, kind, visit, member)
+            points, reason = self._decide(rule, kind, ts, visit, member)
             if points <= 0:
                 continue
             aid = award_id(member, visit.visit_id, rule.id)
@@ -303,8 +326,9 @@ class PointsEngine:
             out.append(award)
         return out
 
-    def _decide(self, rule: AnyRule, kind: str, visit: Visit, member: str) -> tuple[int, str]:
-        """(points, reason) this rule grants now, or (0, why not). Limits and caps included."""
+    def _decide(self, rule: AnyRule, kind: str, ts: float, visit: Visit, member: str) -> tuple[int, str]:
+        """(points, reason) this rule grants at `ts` (`kind`: open, started, zone, ended), or (0, why not).
+        Limits and caps included."""
         if member is None or visit.classification != "visitor":
             return 0, f"not a member's visit (classified {visit.classification})"
         done = self._rules_by_visit.get(visit.visit_id)
@@ -313,6 +337,10 @@ class PointsEngine:
         day = self._days.day(visit.started)
         if rule.when is not None and not rule.when.contains(visit.started, self._days.tz):
             return 0, f"the visit started outside {rule.when.describe()}"
+        if not isinstance(rule, CheckinRule) and not (rule.checkin_is_proof and visit.source in ("checkin", "both")):
+            unproven = self._ble_unproven(kind, ts, visit)
+            if unproven is not None:
+                return 0, unproven
         points, reason = self._fires(rule, kind, visit, member, day)
         if points <= 0:
             return 0, reason
@@ -334,6 +362,28 @@ class PointsEngine:
         if points <= 0:
             return 0, reason.replace(", capped at", "; nothing left: capped at", 1)
         return points, reason
+
+    def _ble_unproven(self, kind: str, ts: float, visit: Visit) -> str | None:
+        """Why the visit's sightings do not prove presence (yet), or None when they can (docs/rules.md).
+
+        A phone left in the store is heard inside for as long as anyone likes, so sightings must also show a
+        shopper: a phone that moves, or a visit that ends within `max_visit_s`.
+        """
+        guard = self._set.presence
+        lasted = (visit.ended if visit.ended is not None else ts) - visit.started
+        if lasted > guard.max_visit_s:
+            return (
+                f"the phone was heard inside for {lasted / 60:.0f} min, longer than presence.max_visit_s "
+                f"({guard.max_visit_s / 60:.0f} min): a phone left in the store, or staff; a check-in still counts"
+            )
+        moved = visit.moved_m
+        if kind != "ended" and guard.min_movement_m > 0 and (moved is None or moved < guard.min_movement_m):
+            so_far = "no position yet" if moved is None else f"moved {moved:.0f} m inside so far"
+            return (
+                f"{so_far}: points come once the phone has moved {guard.min_movement_m:.0f} m "
+                "(presence.min_movement_m) or when the visit ends (a phone lying still is no shopper)"
+            )
+        return None
 
     def _present(self, rule: AnyRule, visit: Visit, min_dwell_s: float) -> tuple[bool, str]:
         """Proof of presence: a verified check-in (if the rule takes one) or `min_dwell_s` inside the store."""
@@ -397,7 +447,8 @@ class PointsEngine:
             if granted is not None:
                 out.append(Explanation(rule.id, granted.points, granted.reason))
                 continue
-            _, why = self._decide(rule, kind, visit, member) if visit.member else (0, "not a member's visit")
+            ts = visit.ended if visit.ended is not None else visit.started
+            _, why = self._decide(rule, kind, ts, visit, member) if visit.member else (0, "not a member's visit")
             out.append(Explanation(rule.id, 0, why))
         return out
 

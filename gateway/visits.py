@@ -15,6 +15,7 @@ runtime's tick size does not change a visit.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,6 +32,43 @@ class _Seg:
     closed: bool = False  # the subject stepped outside after it: the next inside estimate opens a new one
 
 
+MOVE_SMOOTHING_S = 30.0
+"""Time constant of the smoothed position that `moved_m` is measured on: a phone lying still wanders a few
+metres in the estimate from second to second (drifting shadowing), but its 30-s average stays within about 8 m
+of where it settled over hours (measured on the demo store, docs/rules.md "Presence")."""
+
+
+@dataclass(slots=True)
+class _Movement:
+    """How far a subject moved inside the store: its smoothed position's largest distance from where it settled
+    in its first MOVE_SMOOTHING_S inside. Only estimates with a position (the HMM's) count."""
+
+    x: float = 0.0
+    y: float = 0.0
+    first: float | None = None  # time of the first inside position
+    last: float = 0.0
+    anchor: tuple[float, float] | None = None
+    moved: float = 0.0
+
+    def add(self, ts: float, x: float, y: float) -> None:
+        if self.first is None:
+            self.first, self.last, self.x, self.y = ts, ts, x, y
+            return
+        a = 1.0 - math.exp(-max(0.0, ts - self.last) / MOVE_SMOOTHING_S)
+        self.last = max(self.last, ts)
+        self.x += a * (x - self.x)
+        self.y += a * (y - self.y)
+        if self.anchor is None:
+            if ts - self.first >= MOVE_SMOOTHING_S:
+                self.anchor = (self.x, self.y)
+            return
+        self.moved = max(self.moved, math.hypot(self.x - self.anchor[0], self.y - self.anchor[1]))
+
+    @property
+    def moved_m(self) -> float | None:
+        return None if self.first is None else round(self.moved, 1)
+
+
 @dataclass(slots=True)
 class _Session:
     subject: str
@@ -42,6 +80,7 @@ class _Session:
     ble: bool = True  # heard over BLE (False for a session a check-in opened, until a sighting joins it)
     checked_in: bool = False  # a verified app check-in proved presence
     aliases: list[str] = field(default_factory=list)  # other subjects linked into this session
+    movement: _Movement = field(default_factory=_Movement)
 
     def inside_s(self) -> float:
         return sum(g.left - g.entered for g in self.segments)
@@ -75,7 +114,7 @@ class VisitTracker:
             cls = "pass-by"
         started = segments[0].entered if segments else s.first
         source: VisitSource = ("both" if s.ble else "checkin") if s.checked_in else "ble"
-        return Visit(s.visit_id, s.subject, started, ended, segments, cls, source)
+        return Visit(s.visit_id, s.subject, started, ended, segments, cls, source, s.movement.moved_m)
 
     def update(self, estimates: Sequence[ZoneEstimate], now: float) -> list[VisitChange]:
         """Fold in estimates, then end sessions silent for the absence timeout as of `now`."""
@@ -97,6 +136,8 @@ class VisitTracker:
                 if s.segments:
                     s.segments[-1].closed = True  # stepped out: time outside is no zone's dwell
                 continue
+            if e.x is not None and e.y is not None:
+                s.movement.add(e.ts, e.x, e.y)
             last = s.segments[-1] if s.segments else None
             if last is None or last.closed:
                 s.segments.append(_Seg(e.zone, e.ts, e.ts))
@@ -189,6 +230,8 @@ class VisitTracker:
         keep.first, keep.last = min(keep.first, gone.first), max(keep.last, gone.last)
         keep.ble |= gone.ble
         keep.checked_in |= gone.checked_in
+        if gone.movement.moved > keep.movement.moved:  # each address's own track; the larger says the phone moved
+            keep.movement.moved = gone.movement.moved
         self._changed.add(keep_key)
         self._links["merged"] += 1
         ts = max(link.ts, keep.last)

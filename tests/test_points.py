@@ -39,9 +39,12 @@ def visit(
     classification: Classification = "visitor",
     source: VisitSource = "ble",
     ended: bool = False,
+    moved_m: float | None = 25.0,
 ) -> Visit:
+    """A visit in produce; by default the phone walked 25 m in the store (a shopper, not a phone left behind)."""
     seg = (ZoneSegment("produce", started, started + dwell_s),)
-    return Visit(visit_id, subject, started, started + dwell_s if ended else None, seg, classification, source)
+    end = started + dwell_s if ended else None
+    return Visit(visit_id, subject, started, end, seg, classification, source, moved_m)
 
 
 def change(kind: VisitChangeKind, v: Visit) -> VisitChange:

@@ -2,8 +2,8 @@
 
 Every member visitor who clearly meets the visit rule gets exactly its points, nobody gets a dwell bonus tier the
 truth does not support, and no member who only walked past (a pedestrian, heard from the sidewalk), stayed under a
-minute, or is staff gets any. Then `visita points explain` tells the
-same story from the data directory.
+minute, is staff, or is a phone left lying in the store (by the door, on a shelf) gets any. Then `visita points
+explain` tells the same story from the data directory.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from sensors.sim import SimSource
 START = 1_780_000_000.0
 MINUTES = 30
 MARGIN_S = 90.0  # the estimator's view of a dwell may differ from the truth by this much near a threshold
+LEFT_PHONES = [(15.0, 1.5), (12.0, 3.0), (25.0, 12.0), (5.0, 15.0)]  # by the door, and on shelves further in
 
 
 def inside_dwell(world: World, p: Person, inside: set[str]) -> float:
@@ -40,6 +41,9 @@ def test_member_visitors_get_exactly_their_points_and_pass_by_members_none(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     scenario = load_scenario("default")
+    scenario = scenario.model_copy(
+        update={"population": scenario.population.model_copy(update={"left_phones": LEFT_PHONES})}
+    )
     world = World(scenario, 3, START)
     settings = Settings().model_copy(update={"plan": scenario_plan(scenario)})
     inside = {z.id for z in settings.plan.zones if not z.outside}
@@ -67,7 +71,7 @@ def test_member_visitors_get_exactly_their_points_and_pass_by_members_none(
         awards[a.member].append(a)
 
     assert not set(awards) - set(by_member), "points for a member the simulator never had in the store"
-    checked = {"visitor": 0, "pass-by": 0, "staff": 0, "short": 0}
+    checked = {"visitor": 0, "pass-by": 0, "staff": 0, "short": 0, "left-phone": 0}
     for member, people in by_member.items():
         got = {a.rule: a.points for a in awards.get(member, [])}
         assert len(got) == len(awards.get(member, [])), f"{member}: a rule awarded twice in one day"
@@ -79,6 +83,10 @@ def test_member_visitors_get_exactly_their_points_and_pass_by_members_none(
         if kinds == {"staff"}:
             assert got == {}
             checked["staff"] += 1
+            continue
+        if kinds == {"left-phone"}:
+            assert got == {}, f"a phone left lying in the store earned {got} for member {member}"
+            checked["left-phone"] += 1
             continue
         if len(people) != 1 or people[0] not in finished or people[0].t1 > settled:
             continue
@@ -95,7 +103,7 @@ def test_member_visitors_get_exactly_their_points_and_pass_by_members_none(
         if dwell < 60:
             assert got == {}, (member, dwell, got)
             checked["short"] += 1
-    assert checked["visitor"] >= 5 and checked["pass-by"] >= 1, checked
+    assert checked["visitor"] >= 5 and checked["pass-by"] >= 1 and checked["left-phone"] == len(LEFT_PHONES), checked
 
     member = next(m for m, a in awards.items() if any(x.rule == "visit" for x in a))
     assert main(["points", "explain", member, "--data-dir", str(tmp_path), "--json"]) == 0
