@@ -62,6 +62,7 @@ BONUS_RULE: dict[str, object] = {
     "kind": "dwell_bonus",
     "tiers": [{"min_dwell_s": 600, "points": 5}, {"min_dwell_s": 1200, "points": 15}],
 }
+ZONE_RULE: dict[str, object] = {"id": "promo", "kind": "zone_bonus", "zone": "produce", "points": 5, "min_dwell_s": 60}
 NOON = local(2026, 6, 15, 12)
 
 
@@ -87,6 +88,50 @@ def test_open_visits_earn_while_the_shopper_stays_in_one_zone() -> None:
     assert (a.rule, a.points, a.visit_id, a.ts) == ("visit", 10, "v1", NOON + 130)
     assert e.evaluate_open([visit("v1", NOON, 1300)], NOON + 1300) == [], "a dwell bonus waits for the end"
     assert e.evaluate([change("ended", visit("v1", NOON, 1300, ended=True))])[0].rule == "dwell-bonus"
+
+
+# --------------------------------------------------------------------------- presence guard: a phone left lying
+
+
+def test_a_phone_that_has_not_moved_earns_nothing_while_its_visit_is_open_and_is_judged_when_it_ends() -> None:
+    e = engine(rules(VISIT_RULE, ZONE_RULE))
+    still = visit("v1", NOON, 600, moved_m=4.0)  # ten minutes inside, within 4 m of where it settled
+    assert e.evaluate_open([still], NOON + 600) == []
+    (why,) = [x.why for x in e.explain(still, "open") if x.rule == "visit"]
+    assert "moved 4 m inside so far" in why and "presence.min_movement_m" in why
+    assert e.evaluate_open([visit("v1", NOON, 600, moved_m=None)], NOON + 600) == [], "no position: no proof yet"
+    # It went away within the visit limit, as a shopper who barely moved would: judged like any visit.
+    got = e.evaluate([change("ended", visit("v1", NOON, 700, moved_m=4.0, ended=True))])
+    assert sorted(a.rule for a in got) == ["promo", "visit"]
+
+
+def test_a_phone_that_moved_earns_while_it_is_still_inside() -> None:
+    e = engine(rules(VISIT_RULE))
+    assert e.evaluate_open([visit("v1", NOON, 200, moved_m=9.9)], NOON + 200) == []
+    (a,) = e.evaluate_open([visit("v1", NOON, 210, moved_m=10.0)], NOON + 210)
+    assert (a.rule, a.ts) == ("visit", NOON + 210)
+
+
+def test_a_visit_heard_longer_than_max_visit_s_proves_nothing_by_its_sightings_but_a_checkin_still_does() -> None:
+    e = engine(rules(VISIT_RULE, BONUS_RULE, CHECKIN_RULE))
+    left = visit("v1", NOON, 3 * 3600, ended=True)  # three hours in the store, moving or not
+    assert e.evaluate([change("ended", left)]) == []
+    assert all("presence.max_visit_s" in x.why for x in e.explain(left) if x.rule != "checkin")
+    # Still open at 2 h 1 min: nothing either.
+    assert e.evaluate_open([visit("v2", NOON, 7260)], NOON + 7260) == []
+    checked_in = visit("v3", NOON, 3 * 3600, ended=True, source="both")
+    assert {a.rule for a in e.evaluate([change("ended", checked_in)])} == {"visit", "dwell-bonus", "checkin"}
+
+
+def test_the_presence_guard_is_configurable_and_checked() -> None:
+    relaxed = RuleSet.model_validate({"rules": [VISIT_RULE], "presence": {"min_movement_m": 0, "max_visit_s": 86400}})
+    e = engine(relaxed)
+    (a,) = e.evaluate_open([visit("v1", NOON, 4 * 3600, moved_m=None)], NOON + 4 * 3600)
+    assert a.rule == "visit"
+    with pytest.raises(ValueError, match="max_visit_s"):
+        RuleSet.model_validate({"rules": [VISIT_RULE], "presence": {"max_visit_s": 60}})
+    with pytest.raises(ValueError, match="unknown_key"):
+        RuleSet.model_validate({"rules": [VISIT_RULE], "presence": {"unknown_key": 1}})
 
 
 def test_visit_rule_without_min_dwell_fires_at_start() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import VisitsConfig
-from gateway.model import VisitChange, ZoneEstimate
+from gateway.model import SubjectLink, VisitChange, ZoneEstimate
 from gateway.visits import VisitTracker
 
 T0 = 1_764_000_000.0
@@ -283,3 +283,50 @@ def test_changed_visits_lists_each_open_visit_once_after_it_was_heard_or_checked
     t.update([], T0 + 500)  # both ended: an ended visit is never listed as open
     t.mark_all_changed()
     assert t.changed_visits() == []
+
+
+def at(
+    t: float, x: float, y: float, zone: str = "produce", subject: str = SHOPPER, inside_: bool = True
+) -> ZoneEstimate:
+    return ZoneEstimate(T0 + t, subject, zone, inside_, -65.0, x, y, 1.0)
+
+
+def test_moved_m_is_how_far_the_smoothed_position_got_from_where_the_phone_settled() -> None:
+    t = tracker(VisitsConfig(absence_timeout_s=60, min_dwell_s=0))
+    # Still for a minute at (5, 5), with the estimate wandering ±2 m each second, then a walk of 20 m east.
+    jitter = [(2.0, 0.0), (-2.0, 1.5), (0.5, -2.0), (-1.0, 2.0), (1.5, -1.5)]
+    script = {float(s): [at(s, 5 + jitter[s % 5][0], 5 + jitter[s % 5][1])] for s in range(60)}
+    run(t, script, 59)
+    (still,) = t.open_visits()
+    assert still.moved_m is not None and still.moved_m < 2.0, still.moved_m
+    walk = {float(s): [at(s, 5 + (s - 60) * 1.0, 5)] for s in range(60, 80)}  # 1 m/s for 20 s
+    walk.update({float(s): [at(s, 25, 5)] for s in range(80, 200)})
+    out = t.update([e for s in sorted(walk) for e in walk[s]], T0 + 199)
+    assert out == []
+    (moved,) = t.open_visits()
+    assert moved.moved_m is not None and 18.0 < moved.moved_m <= 20.5, moved.moved_m
+
+
+def test_moved_m_counts_inside_positions_only_and_is_none_without_any() -> None:
+    t = tracker(VisitsConfig(absence_timeout_s=60, min_dwell_s=0))
+    run(t, {0.0: [inside(0, "produce")], 1.0: [inside(1, "produce")]}, 1)
+    (v,) = t.open_visits()
+    assert v.moved_m is None, "the baseline's estimates carry no position"
+    t2 = tracker(VisitsConfig(absence_timeout_s=60, min_dwell_s=0))
+    script = {float(s): [at(s, 5, 5)] for s in range(40)}
+    script.update({float(s): [at(s, 5 + s, -3, "sidewalk", inside_=False)] for s in range(40, 80)})  # walks off outside
+    run(t2, script, 79)
+    (v2,) = t2.open_visits()
+    assert v2.moved_m == 0.0
+
+
+def test_a_merged_session_keeps_the_larger_movement_of_its_two_addresses() -> None:
+    t = tracker(VisitsConfig(absence_timeout_s=60, min_dwell_s=300))
+    old, new = "anon:1111111111111111", "anon:2222222222222222"
+    script = {float(s): [at(s, 5 + s * 0.5, 5, subject=old)] for s in range(100)}  # walks 50 m over 100 s
+    script.update({float(s): [at(s, 55, 5, subject=new)] for s in range(101, 160)})  # the next address, still
+    run(t, script, 159)
+    assert t.link(SubjectLink(T0 + 160, old, new, "handover")) == []  # together 159 s inside: no visit yet
+    out = t.update([at(200, 55, 5, subject=new)] + [at(s, 55, 5, subject=new) for s in range(201, 420)], T0 + 420)
+    started = [c.visit for c in out if c.kind == "started"]
+    assert started and started[0].moved_m is not None and started[0].moved_m > 30, started
