@@ -163,6 +163,11 @@ class CheckinAccepted(BaseModel):
 
     visit_id: str = Field(description="The visit the check-in proved (the same as in visit.* events).")
     source: Literal["checkin", "both"] = Field(description="both when the member's phone was also heard over BLE.")
+    beacon: Literal["none", "verified", "fixed", "unknown"] = Field(
+        description="What the check-in's beacon claim proved: verified (a current id of one of the store's "
+        "Eddystone-EID beacons: the visit is placed in its zone), fixed (a fixed beacon id: public, so it proves "
+        "nothing), unknown (not this store's, or not current), none (no claim). docs/checkin.md."
+    )
     awarded: list[CheckinAward] = Field(description="Awards this check-in brought (often none: already awarded).")
     points_visit: int = Field(description="Points for this visit so far.")
     points_today: int = Field(description="Points for the member today (store-local day) so far.")
@@ -314,6 +319,9 @@ def create_app(gateway: Gateway) -> FastAPI:
             "# HELP visita_checkins_refused_total App check-ins refused, by reason (docs/checkin.md).",
             "# TYPE visita_checkins_refused_total counter",
             *(f'visita_checkins_refused_total{{reason="{r}"}} {n}' for r, n in sorted(c["refused"].items())),
+            "# HELP visita_checkin_beacon_claims_total Accepted check-ins by what their beacon claim proved.",
+            "# TYPE visita_checkin_beacon_claims_total counter",
+            *(f'visita_checkin_beacon_claims_total{{proof="{k}"}} {n}' for k, n in sorted(c["beacon_claims"].items())),
             "# HELP visita_checkin_nonces Nonces remembered for replay protection.",
             "# TYPE visita_checkin_nonces gauge",
             f"visita_checkin_nonces {c['nonces']}",

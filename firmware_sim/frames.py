@@ -32,6 +32,7 @@ __all__ = [
     "eddystone_tlm",
     "eddystone_uid",
     "eddystone_url",
+    "eid_value",
     "ibeacon",
     "member_frame",
     "member_token",
@@ -244,6 +245,35 @@ def eddystone_tlm(
         + sec_count.to_bytes(4, "big")
     )
     return {EDDYSTONE: value}
+
+
+def eid_value(identity_key: bytes, exponent: int, counter: int) -> str:
+    """The ephemeral id (16 hex digits) an Eddystone-EID beacon sends when its seconds counter reads `counter`.
+
+    From the Eddystone "EID computation" specification: the beacon encrypts, with AES-128 under its identity
+    key, the block 00×11 ‖ FF ‖ 00 00 ‖ counter[31:16] to get a temporary key; under that key it encrypts
+    00×11 ‖ K ‖ (counter with bits K-1..0 cleared) and sends the first 8 bytes.
+    """
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    if len(identity_key) != 16:
+        raise ValueError(f"eid_value: identity_key must be 16 bytes, got {len(identity_key)}")
+    if not 0 <= exponent <= 15:
+        raise ValueError(f"eid_value: exponent = {exponent}: must be 0..15")
+    if not 0 <= counter < 1 << 32:
+        raise ValueError(f"eid_value: counter = {counter}: must be a 32-bit count of seconds")
+
+    def block(key: bytes, data: bytes) -> bytes:
+        e = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+        return e.update(data) + e.finalize()
+
+    key_block = bytearray(16)
+    key_block[11] = 0xFF
+    key_block[14:16] = (counter >> 16).to_bytes(2, "big")
+    id_block = bytearray(16)
+    id_block[11] = exponent
+    id_block[12:16] = ((counter >> exponent) << exponent).to_bytes(4, "big")
+    return block(block(identity_key, bytes(key_block)), bytes(id_block))[:8].hex()
 
 
 def eddystone_eid(eid_hex: str, tx_power: int) -> dict[str, bytes]:

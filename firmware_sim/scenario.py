@@ -14,6 +14,7 @@ hand-written plan; for the shipped `default` it equals gateway/defaults/plan.tom
 from __future__ import annotations
 
 import math
+import re
 import uuid as uuidlib
 from datetime import datetime
 from importlib import resources
@@ -30,6 +31,7 @@ from gateway.config import (
     ID_PATTERN,
     BeaconConfig,
     ConfigError,
+    EidConfig,
     PlanConfig,
     ReceiverConfig,
     Strict,
@@ -162,7 +164,7 @@ class Beacon(Strict):
     """A fixed beacon."""
 
     name: str = Field(default="", max_length=80)
-    frame: Literal["ibeacon", "altbeacon", "eddystone-uid", "eddystone-url"]
+    frame: Literal["ibeacon", "altbeacon", "eddystone-uid", "eddystone-url", "eddystone-eid"]
     position: Point
     interval_ms: float = Field(default=1000.0, ge=20, le=10_240, description="Advertising interval, ms.")
     tx_power_dbm: float = Field(default=0.0, ge=-40, le=10, description="Radiated power, dBm.")
@@ -176,6 +178,8 @@ class Beacon(Strict):
     namespace: str = Field(default="", description="Eddystone-UID namespace, 20 hex digits.")
     instance: str = Field(default="", description="Eddystone-UID instance, 12 hex digits.")
     url: str = Field(default="", description="Eddystone-URL URL.")
+    eid_key: str = Field(default="", description="Eddystone-EID identity key, 32 hex digits.")
+    rotation_exponent: int = Field(default=10, ge=0, le=15, description="Eddystone-EID: a new id every 2^K s.")
     tlm_every: int = Field(default=0, ge=0, le=100, description="Eddystone: every n-th frame is a TLM (0: none).")
     battery_mv: int = Field(default=3000, ge=1, le=5000, description="Battery at the start of the run, mV.")
     battery_drain_mv_per_day: float = Field(default=2.0, ge=0, le=1000)
@@ -329,6 +333,15 @@ def _beacon_problems(i: int, b: Beacon) -> list[str]:
                 ok = False
             if not ok:
                 out.append(f"{key}.{name} = {value!r}: eddystone-uid beacons need {2 * size} hex digits")
+    if b.frame == "eddystone-eid":
+        try:
+            ok = len(bytes.fromhex(b.eid_key)) == 16
+        except ValueError:
+            ok = False
+        if not ok:
+            out.append(f"{key}.eid_key = {b.eid_key!r}: eddystone-eid beacons need an identity key of 32 hex digits")
+        if not eid_slug(b.name):
+            out.append(f"{key}.name = {b.name!r}: eddystone-eid beacons need a name (their plan id is made from it)")
     if b.frame == "eddystone-url":
         try:
             frames.eddystone_url(b.url, 0)
@@ -452,8 +465,16 @@ def load_scenario(name_or_path: str) -> Scenario:
 # --------------------------------------------------------------------------- the gateway's plan
 
 
+def eid_slug(name: str) -> str:
+    """`name` as it goes into an EID beacon's plan id: lowercase letters and digits, '-' between words."""
+    return re.sub(r"[^0-9a-z]+", "-", name.lower()).strip("-")[:60]
+
+
 def beacon_subject_id(b: Beacon) -> str:
-    """The subject id the gateway derives from this beacon's frames."""
+    """The subject id the gateway derives from this beacon's frames (for an EID beacon: the plan id it is
+    registered under, since its frames' ids rotate)."""
+    if b.frame == "eddystone-eid":
+        return "beacon:eid:" + eid_slug(b.name)
     if b.frame == "ibeacon":
         frame: IBeacon | AltBeacon | EddystoneUID | EddystoneURL = IBeacon(
             str(uuidlib.UUID(b.uuid)), b.major, b.minor, b.frame_power
@@ -473,7 +494,15 @@ def scenario_plan(s: Scenario) -> PlanConfig:
     receivers = [
         ReceiverConfig(id=r.id, zone=r.zone or s.zone_of(r.position) or "", position=r.position) for r in s.receivers
     ]
-    beacons = [BeaconConfig(id=beacon_subject_id(b), name=b.name, zone=s.zone_of(b.position) or "") for b in s.beacons]
+    beacons = [
+        BeaconConfig(
+            id=beacon_subject_id(b),
+            name=b.name,
+            zone=s.zone_of(b.position) or "",
+            eid=EidConfig(key=b.eid_key.lower(), exponent=b.rotation_exponent) if b.frame == "eddystone-eid" else None,
+        )
+        for b in s.beacons
+    ]
     # The geometry (zone polygons, receiver positions, walls) lets the gateway's HMM estimator place people.
     walls = [WallConfig(name=w.name, points=list(w.points), loss_db=w.loss_db) for w in s.walls]
     doors = [((e.outside[0] + e.inside[0]) / 2, (e.outside[1] + e.inside[1]) / 2) for e in s.entrances]

@@ -223,6 +223,8 @@ class World:
             main = (frames.altbeacon(b.company_id, b.uuid, b.major, b.minor, b.frame_power), {})
         elif b.frame == "eddystone-uid":
             main = ({}, frames.eddystone_uid(b.namespace, b.instance, b.frame_power + 41))
+        elif b.frame == "eddystone-eid":  # its id rotates: `_maker` builds one frame per period (never this one)
+            main = ({}, frames.eddystone_eid(frames.eid_value(bytes.fromhex(b.eid_key), 0, 0), b.frame_power + 41))
         else:
             main = ({}, frames.eddystone_url(b.url, b.frame_power + 41))
         x, y = np.array([b.position[0]]), np.array([b.position[1]])
@@ -473,6 +475,7 @@ class World:
         k1 = np.zeros(m, dtype=np.int64)
         seq0 = np.zeros(m, dtype=np.int64)
         tlm_every = np.zeros(m, dtype=np.int64)
+        eid_k = np.full(m, -1, dtype=np.int64)  # an Eddystone-EID beacon's rotation exponent, -1 for the rest
         owners = {id(s.owner): s.owner for s in streams if s.owner is not None}
         for p in owners.values():
             if p.rotate_at < min(b1, p.t1) and p.addr_next < 0:
@@ -490,6 +493,8 @@ class World:
                 k1[i] = s.beacon
                 seq0[i] = bs.seq
                 tlm_every[i] = bs.cfg.tlm_every
+                if bs.cfg.frame == "eddystone-eid":
+                    eid_k[i] = bs.cfg.rotation_exponent
         address = np.where(t < rot[idx], cur[idx], nxt[idx])
         # Payload keys: kind, then member index / address / beacon, then window / TLM sequence number.
         ek = kind[idx]
@@ -498,7 +503,9 @@ class World:
         ek = np.where(is_tlm, KIND_TLM, ek)
         a = np.where((ek == KIND_NEARBY) | (ek == KIND_SAMSUNG), address, k1[idx])
         window = np.floor(t / frames.MEMBER_WINDOW_S).astype(np.int64)
-        b = np.select([ek == KIND_MEMBER, ek == KIND_TLM], [window, seq & 0xFFFFFFFF], 0)
+        period = np.floor(t).astype(np.int64) >> np.maximum(eid_k[idx], 0)  # EID beacons count UNIX seconds
+        is_eid = (ek == KIND_BEACON) & (eid_k[idx] >= 0)
+        b = np.select([ek == KIND_MEMBER, ek == KIND_TLM, is_eid], [window, seq & 0xFFFFFFFF, period + 1], 0)
         codes = ek * _K2 + a * _K1 + b
         uniq, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
         lut = np.array(
@@ -531,6 +538,14 @@ class World:
             return lambda: (frames.samsung(bytes.fromhex("4209810214") + h[:5]), {})
         beacon = self._beacons[a]
         cfg = beacon.cfg
+        if kind == KIND_BEACON:  # an Eddystone-EID beacon's frame of period b - 1 (b = 0: the fixed main frame)
+            counter = (b - 1) << cfg.rotation_exponent
+            return lambda: (
+                {},
+                frames.eddystone_eid(
+                    frames.eid_value(bytes.fromhex(cfg.eid_key), cfg.rotation_exponent, counter), cfg.frame_power + 41
+                ),
+            )
         uptime = t - beacon.boot_ts
         battery = max(1, round(cfg.battery_mv - cfg.battery_drain_mv_per_day * uptime / 86_400))
         temp = cfg.temperature_c + 1.5 * math.sin(2 * math.pi * (t % 86_400) / 86_400)

@@ -26,6 +26,7 @@ from gateway.config import (
     parse_listen,
     parse_mqtt_url,
 )
+from gateway.identity import BeaconRegistry
 from gateway.points import load_rules
 
 if TYPE_CHECKING:
@@ -467,8 +468,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     """visita config check FILE."""
     settings = load_settings(args.file)
     rules = _check_rules(settings)
+    BeaconRegistry(settings.plan.beacons)  # the EID beacons' key files can be read
     if args.json:
-        print(json.dumps(settings.model_dump(mode="json"), indent=2))
+        data = settings.model_dump(mode="json")
+        for b in data["plan"]["beacons"]:
+            if b["eid"] is not None and b["eid"]["key"]:
+                b["eid"]["key"] = "(hidden)"  # a secret: whoever has it can forge the beacon's ids
+        print(json.dumps(data, indent=2))
     else:
         plan = settings.plan
         print(
@@ -489,6 +495,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = apply_mqtt_flags(args, load_settings(args.config))
     load_rules(Path(settings.points.rules) if settings.points.rules else None)  # fail before anything starts
+    BeaconRegistry(settings.plan.beacons)  # and on an EID beacon key that cannot be read
     if args.sim and args.ble:
         raise UsageError("--sim and --ble are two sources: pass one")
     if args.ble:

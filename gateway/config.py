@@ -82,6 +82,57 @@ class ReceiverConfig(Strict):
     )
 
 
+class EidConfig(Strict):
+    """An Eddystone-EID beacon's registration: what the gateway needs to compute the ephemeral ids it sends
+    (docs/checkin.md "Beacons the phone heard"). The identity key is a secret: whoever has it can forge them."""
+
+    key: str = Field(
+        default="",
+        repr=False,
+        pattern=r"^(?:[0-9a-f]{32})?$",
+        description="The beacon's identity key, 32 lowercase hex digits (16 bytes); prefer key_file.",
+    )
+    key_file: str = Field(
+        default="",
+        max_length=4096,
+        description="A file holding the identity key (32 hex digits); relative: next to the config file. "
+        "Refused when others may read it.",
+    )
+    exponent: int = Field(default=10, ge=0, le=15, description="Rotation exponent K: a new id every 2^K s.")
+    epoch: int = Field(
+        default=0,
+        ge=0,
+        le=2**32 - 1,
+        description="UNIX time at which the beacon's own seconds counter read 0 (0: the counter is UNIX time).",
+    )
+
+    @model_validator(mode="after")
+    def _one_key(self) -> EidConfig:
+        if bool(self.key) == bool(self.key_file):
+            raise ValueError("give the identity key as key_file (or, for a test, key), exactly one of them")
+        return self
+
+    def identity_key(self, where: str) -> bytes:
+        """The 16-byte identity key; ConfigError (naming `where` and the file) when it cannot be used."""
+        if self.key:
+            return bytes.fromhex(self.key)
+        path = Path(self.key_file)
+        try:
+            mode = path.stat().st_mode & 0o777
+            text = path.read_text(encoding="ascii").strip().lower()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not text"
+            problem = f"{where}.key_file = {self.key_file}: cannot be read ({reason}); fix the path"
+            raise ConfigError([problem]) from None
+        if mode & 0o007:
+            raise ConfigError(
+                [f"{where}.key_file = {self.key_file}: mode {mode:04o} lets anyone read the key; chmod 640 it"]
+            )
+        if not re.fullmatch(r"[0-9a-f]{32}", text):
+            raise ConfigError([f"{where}.key_file = {self.key_file}: must hold 32 hex digits (a 16-byte key)"])
+        return bytes.fromhex(text)
+
+
 class BeaconConfig(Strict):
     """A fixed beacon of the store, known by its subject id."""
 
@@ -91,6 +142,11 @@ class BeaconConfig(Strict):
     )
     name: str = Field(default="", max_length=80, description="Human name.")
     zone: Id = Field(description="Zone the beacon is mounted in.")
+    eid: EidConfig | None = Field(
+        default=None,
+        description="For an Eddystone-EID beacon: its registration, so the gateway recognises its rotating ids "
+        "(over the radio, and in check-ins as proof the phone heard it). None: a beacon with a fixed id.",
+    )
 
 
 class PlanConfig(Strict):
@@ -524,6 +580,14 @@ def load_settings(path: Path | None) -> Settings:
         # A relative rules path means "next to the config file", wherever visita was started.
         points = settings.points.model_copy(update={"rules": str(path.parent / rules)})
         settings = settings.model_copy(update={"points": points})
+    beacons = [
+        b.model_copy(update={"eid": b.eid.model_copy(update={"key_file": str(path.parent / b.eid.key_file)})})
+        if b.eid is not None and b.eid.key_file and not Path(b.eid.key_file).is_absolute()
+        else b
+        for b in settings.plan.beacons
+    ]
+    if beacons != settings.plan.beacons:  # key files, like the rules, are found next to the config file
+        settings = settings.model_copy(update={"plan": settings.plan.model_copy(update={"beacons": beacons})})
     return settings
 
 

@@ -13,8 +13,11 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from gateway.config import BeaconConfig
 from gateway.days import LocalDays
 from gateway.model import (
     Advert,
@@ -45,6 +48,80 @@ MAX_TLM_ADDRESSES = 4096
 
 MAX_MEMBER_ADDRESSES = 20_000
 """App phones' current addresses remembered to attach their OS adverts to the member (memory bound)."""
+
+
+EID_MAX_RESOLVE = 4096
+"""Ephemeral ids kept per beacon (a few rotation periods' worth; memory bound)."""
+
+BeaconProof = Literal["none", "verified", "fixed", "unknown"]
+"""What a check-in's `beacon` claim proved (docs/checkin.md): nothing claimed; a current ephemeral id of one of the
+store's Eddystone-EID beacons; a fixed beacon id of the store (public, anyone can send it: it proves nothing);
+or neither (another store's beacon, an id that is not current, a forgery)."""
+
+
+def _aes128(key: bytes, block: bytes) -> bytes:
+    # One block, no chaining: what the Eddystone-EID computation specifies.
+    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    return enc.update(block) + enc.finalize()
+
+
+def eddystone_eid(identity_key: bytes, exponent: int, beacon_time: int) -> bytes:
+    """The 8-byte ephemeral id an Eddystone-EID beacon sends when its seconds counter reads `beacon_time`.
+
+    Eddystone's EID computation: a temporary key = AES-128(identity key, 11 zero bytes, 0xFF, 2 zero bytes, the
+    counter's bits 31-16), then the id = AES-128(temporary key, 11 zero bytes, the rotation exponent K, the 32-bit
+    counter with its low K bits cleared)[:8], so it changes every 2^K seconds.
+    """
+    counter = beacon_time & 0xFFFFFFFF
+    temporary = _aes128(identity_key, bytes(11) + b"\xff" + bytes(2) + (counter >> 16).to_bytes(2, "big"))
+    quantum = counter & ~((1 << exponent) - 1) & 0xFFFFFFFF
+    return _aes128(temporary, bytes(11) + bytes([exponent]) + quantum.to_bytes(4, "big"))[:8]
+
+
+class BeaconRegistry:
+    """The store's fixed beacons: which one is where, and the ephemeral ids its Eddystone-EID beacons send now.
+
+    An EID beacon's id changes every 2^K s, so nobody who has not been near it lately knows the current one; the
+    gateway computes them from the identity key (plan.beacons[].eid). `resolve` accepts the id of the current
+    period and of both neighbours (a beacon's clock drifts; a phone reports what it heard a little while ago).
+    """
+
+    def __init__(self, beacons: Sequence[BeaconConfig]) -> None:
+        self._beacons = {b.id: b for b in beacons}
+        self._eid = [
+            (b, b.eid.identity_key(f"plan.beacons[{i}].eid")) for i, b in enumerate(beacons) if b.eid is not None
+        ]
+        self._sent: dict[tuple[str, int], bytes] = {}  # (beacon id, period number) -> the id it sends then
+
+    def _sends(self, b: BeaconConfig, key: bytes, period: int) -> bytes:
+        assert b.eid is not None
+        eid = self._sent.get((b.id, period))
+        if eid is None:
+            if len(self._sent) >= EID_MAX_RESOLVE:
+                del self._sent[next(iter(self._sent))]
+            eid = self._sent[(b.id, period)] = eddystone_eid(key, b.eid.exponent, period << b.eid.exponent)
+        return eid
+
+    def resolve(self, eid: bytes, ts: float) -> BeaconConfig | None:
+        """The store's EID beacon that sends `eid` around `ts` (this period or a neighbour), or None."""
+        for b, key in self._eid:
+            assert b.eid is not None
+            period = (int(ts) - b.eid.epoch) >> b.eid.exponent
+            if any(self._sends(b, key, p) == eid for p in (period, period - 1, period + 1) if p >= 0):
+                return b
+        return None
+
+    def claim(self, beacon: str | None, ts: float) -> tuple[BeaconConfig | None, BeaconProof]:
+        """What a check-in's `beacon` field proves at `ts`: the beacon (only when verified) and the proof."""
+        if beacon is None:
+            return None, "none"
+        if beacon.startswith("eid:"):
+            found = self.resolve(bytes.fromhex(beacon[4:]), ts)
+            return (found, "verified") if found is not None else (None, "unknown")
+        return None, ("fixed" if beacon in self._beacons else "unknown")
+
+    def __len__(self) -> int:
+        return len(self._beacons)
 
 
 def member_token(key: bytes, window: int) -> bytes:
@@ -201,9 +278,11 @@ class Identifier:
         members: MemberDirectory,
         days: LocalDays,
         salt_source: Callable[[], bytes] = lambda: secrets.token_bytes(32),
+        beacons: BeaconRegistry | None = None,
     ) -> None:
         self._members = members
         self._days = days
+        self._registry = beacons
         self._salt_source = salt_source
         self._salts: dict[str, bytes] = {}  # local day -> salt, for at most the two newest days
         self._beacon_by_address: dict[str, str] = {}
@@ -296,6 +375,10 @@ class Identifier:
                     self._battery[beacon] = frame.battery_mv
             else:
                 subject, ref_rssi = beacon_subject(frame)
+                if isinstance(frame, EddystoneEID) and self._registry is not None:
+                    # The store's own EID beacon, under its plan id whichever ephemeral id it sends now.
+                    known = self._registry.resolve(bytes.fromhex(frame.eid), adv.ts)
+                    subject = known.id if known is not None else subject
                 counts["beacon"] += 1
                 self._remember_beacon(adv.address, subject)
                 out.append(Sighting(adv.ts, adv.receiver, subject, adv.rssi, ref_rssi))

@@ -33,7 +33,7 @@ from gateway.estimate import make_estimator
 from gateway.events import EventFactory, topic_prefix, uuid7
 from gateway.footfall import Footfall
 from gateway.handover import HandoverLinker
-from gateway.identity import Identifier, MemberDirectory
+from gateway.identity import BeaconRegistry, Identifier, MemberDirectory
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
 from gateway.model import Award, Event, Visit, VisitChange
 from gateway.points import PointsEngine, RuleSet, load_rules
@@ -115,7 +115,8 @@ class Gateway:
         days = LocalDays(settings.timezone)
         self.decoder = Decoder()
         self.members = members
-        self.identifier = Identifier(members, days)
+        self.beacons = BeaconRegistry(settings.plan.beacons)
+        self.identifier = Identifier(members, days, beacons=self.beacons)
         self.estimator = make_estimator(settings.plan, settings.estimate)
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
         self.tracker = VisitTracker(settings.gateway, visits_cfg)
@@ -269,14 +270,22 @@ class Gateway:
         now = max(self.clock(), self.now)
         c = self.checkins.verify(body, now)
         subject = "member:" + c.member
-        zone = next((b.zone for b in self.settings.plan.beacons if b.id == c.beacon), None)
+        beacon, proof = self.beacons.claim(c.beacon, now)  # only a current EID proves the phone heard it
+        self.checkins.count_beacon(proof)
+        zone = beacon.zone if beacon is not None else None
         changes = self.tracker.checkin(subject, now, zone)
         # A new visit comes with its change; only a check-in that joins an open one looks it up.
         visit = changes[0].visit if changes else self.tracker.open_visit(subject)
         assert visit is not None  # a check-in always leaves its subject's visit open
         awards = self.points.evaluate(changes) + self.points.evaluate_open([visit], now)
         events = [e for ch in changes if (e := self.events.from_change(ch)) is not None]
-        accepted = {"member": c.member, "visit_id": visit.visit_id, "source": visit.source, "zone": zone}
+        accepted = {
+            "member": c.member,
+            "visit_id": visit.visit_id,
+            "source": visit.source,
+            "zone": zone,
+            "beacon": proof,
+        }
         events.append(self.events.make("checkin.accepted", now, accepted))
         events += [self.events.from_award(a) for a in awards]
         self._checkin_events += events
@@ -285,6 +294,7 @@ class Gateway:
         return {
             "visit_id": visit.visit_id,
             "source": visit.source,
+            "beacon": proof,
             "awarded": [{"award_id": a.award_id, "rule": a.rule, "points": a.points} for a in awards],
             "points_visit": self.points.visit_points(visit.visit_id),
             "points_today": self.points.day_points(c.member, day),

@@ -61,7 +61,7 @@ _MEMBER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _STORE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
 _SIG = re.compile(r"^[0-9a-f]{64}$")
-_BEACON = re.compile(r"^beacon:[0-9a-z:.-]{1,120}$")
+_BEACON = re.compile(r"^(?:beacon:[0-9a-z:.-]{1,120}|eid:[0-9a-f]{16})$")
 
 REASONS = {
     "too_large": 413,
@@ -90,7 +90,9 @@ class CheckIn:
     nonce: str
     """The phone's nonce, lowercase hex."""
     beacon: str | None
-    """The store beacon the phone says it heard (a subject id, e.g. beacon:<uuid>:<major>:<minor>), if any."""
+    """The store beacon the phone says it heard, if any: ``eid:<hex>``, the ephemeral id of an Eddystone-EID
+    beacon (which proves it, while current), or a fixed beacon's subject id ``beacon:...`` (which proves nothing:
+    anyone can copy it from the air)."""
 
 
 class CheckinRefused(Exception):
@@ -145,7 +147,7 @@ def parse(body: bytes) -> dict[str, Any]:
         ("sig", _SIG, "64 lowercase hex digits (HMAC-SHA256)"),
     ]
     if "beacon" in obj:
-        checks.append(("beacon", _BEACON, "a store beacon id, beacon:..."))
+        checks.append(("beacon", _BEACON, "eid:<16 hex digits> (an Eddystone-EID heard) or a beacon id, beacon:..."))
     for name, pattern, what in checks:
         value = obj[name]
         if not isinstance(value, str) or not pattern.fullmatch(value):
@@ -265,6 +267,7 @@ class CheckinVerifier:
         self._recent: dict[str, deque[float]] = {}
         self.accepted = 0
         self.refused = dict.fromkeys(REASONS, 0)
+        self.beacon_claims = dict.fromkeys(("none", "verified", "fixed", "unknown"), 0)
         self._loaded = journal is None  # the journal is read at the first check-in, with that check-in's time
 
     def _load(self, now: float) -> None:
@@ -351,6 +354,15 @@ class CheckinVerifier:
             self._journal.sync()
             self._journal.close()
 
+    def count_beacon(self, proof: str) -> None:
+        """Count what an accepted check-in's beacon claim proved (gateway.identity.BeaconRegistry.claim)."""
+        self.beacon_claims[proof] += 1
+
     def diagnostics(self) -> dict[str, Any]:
-        """Accepted, refused by reason, and nonces remembered."""
-        return {"accepted": self.accepted, "refused": dict(self.refused), "nonces": len(self._nonces)}
+        """Accepted, refused by reason, accepted ones by what their beacon claim proved, and nonces remembered."""
+        return {
+            "accepted": self.accepted,
+            "refused": dict(self.refused),
+            "beacon_claims": dict(self.beacon_claims),
+            "nonces": len(self._nonces),
+        }
