@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
+from typing import get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -22,7 +22,7 @@ def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
         args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
         sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (args[0] if args else None)
         if sub is not None:
-            out += _keys(sub, f"{prefix}{name}{'[]' if args else ''}.")
+            out += _keys(sub, f"{prefix}{name}{'[]' if get_origin(ann) is list else ''}.")  # a list, or optional
         else:
             out.append(prefix + name)
     return out
