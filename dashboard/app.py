@@ -104,7 +104,7 @@ class VisitOut(BaseModel):
     open: bool = Field(description="True while the visitor is still inside.")
     dwell_s: float = Field(ge=0, description="Seconds from entering to the last sighting inside.")
     zone: str | None = Field(description="Current zone while open, last zone when finished.")
-    path: list[str] = Field(description="Zone ids in the order visited.")
+    path: list[str] = Field(description="Zone ids the visitor stayed in (10 s or more), in order.")
     zones: list[ZoneDwell] = Field(description="Seconds per zone.")
     classification: Literal["visitor", "pass-by", "staff"]
     source: Literal["ble", "checkin", "both"]
@@ -119,7 +119,7 @@ class VisitOut(BaseModel):
             ended=v.ended,
             open=v.ended is None,
             dwell_s=round(v.dwell_s, 1),
-            zone=v.path[-1] if v.path else None,
+            zone=v.zone,
             path=list(v.path),
             zones=[ZoneDwell(zone=z, dwell_s=round(d, 1)) for z, d in v.zone_dwell().items()],
             classification=v.classification,

@@ -108,7 +108,7 @@ class EventFactory:
         if change.kind == "started":
             return self.make("visit.started", change.ts, visit_data(v))
         if change.kind == "zone":
-            data = {"visit_id": v.visit_id, "subject": v.subject, "from": change.from_zone, "to": v.path[-1]}
+            data = {"visit_id": v.visit_id, "subject": v.subject, "from": change.from_zone, "to": v.zone}
             return self.make("zone.changed", change.ts, data)
         if v.classification == "pass-by":
             return None

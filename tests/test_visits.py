@@ -62,7 +62,7 @@ def test_a_five_minute_shopper_starts_moves_and_ends_with_dwell_path_and_zone_dw
     assert started.visit.started == T0 + 10 and started.visit.ended is None
     assert started.visit.classification == "visitor" and started.visit.source == "ble"
     assert started.visit.path == ("entrance", "produce")
-    assert [(c.from_zone, c.visit.path[-1]) for c in zone_changes] == [
+    assert [(c.from_zone, c.visit.zone) for c in zone_changes] == [
         ("produce", "bakery"),
         ("bakery", "produce"),
         ("produce", "checkout"),
@@ -89,12 +89,27 @@ def test_the_visit_ends_exactly_after_the_absence_timeout_as_of_now() -> None:
     assert t.open_visits() == [] and (d["sessions"], d["open_visits"], d["staff_not_visits"]) == (0, 0, 0)
 
 
+def test_the_path_lists_stays_not_seconds_flickering_across_a_zone_edge() -> None:
+    script = {float(s): [inside(s, "produce")] for s in range(0, 60, 2)}
+    script.update({float(s): [inside(s, "bakery")] for s in (30, 32, 34)})  # 6 s across the edge and back
+    script.update({float(s): [inside(s, "checkout")] for s in range(60, 90, 2)})
+    script[90.0] = [inside(90, "grocery")]  # heard there once on the way out
+    (ended,) = [c for c in run(tracker(), script, until=300) if c.kind == "ended"]
+    v = ended.visit
+    assert v.path == ("produce", "checkout")  # the two produce stays are one: bakery was no stop
+    assert v.zone_dwell() == pytest.approx({"produce": 54, "bakery": 6, "checkout": 30, "grocery": 0})
+    assert v.zone == "grocery"
+    short = {float(s): [inside(s, "entrance" if s < 4 else "produce")] for s in range(0, 14, 2)}
+    (ended,) = run(tracker(), short, until=100)  # 12 s inside: a pass-by, whose path is its longest zone
+    assert (ended.visit.classification, ended.visit.path) == ("pass-by", ("produce",))
+
+
 def test_open_visits_show_only_qualified_sessions() -> None:
     t = tracker()
     t.update([inside(0, "entrance"), inside(0, "entrance", WALKER)], T0)
     t.update([inside(50, "produce")], T0 + 50)
     (v,) = t.open_visits()
-    assert (v.subject, v.ended, v.path) == (SHOPPER, None, ("entrance", "produce"))
+    assert (v.subject, v.ended, v.path, v.zone) == (SHOPPER, None, ("entrance",), "produce")
     assert t.diagnostics() | {"sessions": 2, "open_visits": 1, "staff_not_visits": 0} == t.diagnostics()
 
 
@@ -274,7 +289,7 @@ def test_changed_visits_lists_each_open_visit_once_after_it_was_heard_or_checked
     t.update([], T0 + 51)
     assert t.changed_visits() == []  # a tick without its estimates changes nothing the rules look at
     t.update([inside(52, "bakery")], T0 + 52)
-    assert [v.path for v in t.changed_visits()] == [("produce", "bakery")]
+    assert [(v.path, v.zone) for v in t.changed_visits()] == [(("produce",), "bakery")]
     t.checkin("member:m-1", T0 + 53)
     assert [v.subject for v in t.changed_visits()] == ["member:m-1"]
     t.mark_all_changed()
