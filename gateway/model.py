@@ -239,8 +239,9 @@ class ZoneSegment:
 PATH_MIN_STAY_S = 10.0
 """Seconds in a zone that make a stay on a visit's path. The estimate reports a zone change within about 5 s
 (docs/estimation.md), and near a zone edge it can cross and come back within seconds; a shopper who stops
-at a shelf stays far longer. Measured on the supermarket (seeds 1-3, `visita eval`): the edit distance between the true path (stays of
-10 s or more) and the reported one went from 13.2-13.6 with every segment on the path to 3.8-4.3."""
+at a shelf stays far longer. Measured on the supermarket (seeds 1-3, `visita eval`): the edit distance
+between the true path (stays of 10 s or more) and the reported one went from 13.2-13.6 with every segment
+on the path to 3.8-4.3."""
 
 
 @dataclass(frozen=True, slots=True)
