@@ -148,7 +148,7 @@ def test_a_visit_starts_once_min_dwell_inside_and_min_sure_of_it_sure() -> None:
     assert changes[0].visit.started == T0, "dated at the first inside estimate, sure or not"
     # min_sure_s 0: inside time alone decides, as with the baseline, whose estimates say nothing (None)
     loose = tracker(VisitsConfig(absence_timeout_s=60, min_dwell_s=45, min_sure_s=0))
-    assert [(c.kind, c.ts - T0) for c in run(loose, script, until=119)] == [("started", 45)]
+    assert [(c.kind, c.ts - T0) for c in run(loose, script, until=119)] == [("started", 45), ("zone", 60)]
     unknown = {float(s): [inside(s, "entrance")] for s in range(0, 60)}
     assert [(c.kind, c.ts - T0) for c in run(tracker(), unknown, until=59)] == [("started", 45)]
 
