@@ -189,7 +189,7 @@ SURE_MARGIN = 5.0
 """An inside estimate is *sure* when the best inside place explains the smoothed levels better than the best
 outside place by this much (natural log of the likelihood ratio, about 150:1). Measured (mall unit seeds 1-3,
 supermarket seed 1; seconds per reported visit above the margin): with 5, pedestrians at the window that the HMM
-put inside had at most 6 such seconds, shoppers at least 14 (4: 17 and 25; 6: 5 and 1)."""
+put inside had at most 6 such seconds, shoppers at least 14 (4: 17 and 25; 6: 5 and 1; docs/estimation.md)."""
 SURE_FRESH_S = 10.0
 """Only receivers that heard the subject in the last this many seconds count toward the sure margin: an old
 level says where the subject was, not where it is."""

@@ -2,11 +2,13 @@
 
 A session opens at a subject's first estimate, inside or out. It becomes a *visit* (and
 `started` is reported, dated at the first inside estimate) once the subject has spent
-`min_dwell_s` inside in total; someone seen only on the sidewalk, or stepping into the entrance
-for a few seconds (or flickering inside now and then from the sidewalk), never does and ends as
-a pass-by. An outside estimate closes the current zone segment, so time outside never counts
-toward a zone's dwell; the next inside estimate opens a new segment. A session ends when the
-subject has not been heard for `absence_timeout_s`. Staff are members on the staff list.
+`min_dwell_s` inside in total, `min_sure_s` of it sure (ZoneEstimate.sure: no place outside
+explains the signals nearly as well); someone seen only on the sidewalk, stepping into the
+entrance for a few seconds, flickering inside now and then from the sidewalk, or standing at the
+window where the estimator put them just inside, never does and ends as a pass-by. An outside
+estimate closes the current zone segment, so time outside never counts toward a zone's dwell;
+the next inside estimate opens a new segment. A session ends when the subject has not been
+heard for `absence_timeout_s`. Staff are members on the staff list.
 
 Everything follows from the estimates' own times, never from when they were handed over, so the
 runtime's tick size does not change a visit.
