@@ -358,6 +358,12 @@ class VisitsConfig(Strict):
     min_dwell_s: float = Field(
         default=45.0, ge=0, le=3600, description="Inside for this long before a session counts as a visit, s."
     )
+    min_sure_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="Of the inside time, this much must be sure (no place outside explains the signals), s.",
+    )
     staff: list[str] = Field(default_factory=list, description="Member refs of staff; their visits are 'staff'.")
     handover: bool = Field(
         default=True,

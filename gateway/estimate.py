@@ -179,6 +179,20 @@ MAX_MISS_PACKETS = 2.0
 """Non-detection evidence is capped at this many packets' worth per second (not overconfident)."""
 RECEIVER_SILENT_S = 10.0
 """A receiver that reported nothing at all (not even a beacon) for this long is down: its silence says nothing."""
+SURE_OFFSET_SIGMA_DB = 3.0
+"""Spread of a subject's common offset when asking whether a place outside could explain its signals: the
+±3 dB between phone models, wider than OFFSET_SIGMA_DB (the HMM's, whose per-second choice is documented there)."""
+SURE_SIGMA_DB = 4.0
+"""Spread of a receiver's smoothed level (`smoothing_s`) around the path-loss model: fading is mostly averaged
+out over a few seconds, the shadowing of the place (5-6 dB, static for a still subject) is not."""
+SURE_MARGIN = 5.0
+"""An inside estimate is *sure* when the best inside place explains the smoothed levels better than the best
+outside place by this much (natural log of the likelihood ratio, about 150:1). Measured (mall unit seeds 1-3,
+supermarket seed 1; seconds per reported visit above the margin): with 5, pedestrians at the window that the HMM
+put inside had at most 6 such seconds, shoppers at least 14 (4: 17 and 25; 6: 5 and 1; docs/estimation.md)."""
+SURE_FRESH_S = 10.0
+"""Only receivers that heard the subject in the last this many seconds count toward the sure margin: an old
+level says where the subject was, not where it is."""
 SWITCH_MARGIN = 0.1
 """The reported zone changes when another zone's probability exceeds the current one's by this much.
 Measured on the supermarket (seeds 1-3, median zone-change delay / path edit distance): 0: 4.8 s / 17.0;
@@ -303,6 +317,8 @@ class HmmEstimator:
         self._level = np.full((cap, self.receivers), np.nan, dtype=np.float32)
         self._last = np.zeros(cap, dtype=np.float64)
         self._zone_now = np.full(cap, -1, dtype=np.int64)
+        self._heard_at = np.full((cap, self.receivers), -np.inf, dtype=np.float64)  # second each level was last fed
+        self._cell_inside = self._zone_inside[self._cell_zone]
         self._rx_last = np.full(self.receivers, -np.inf)
         # Sightings waiting for their second to be decided: second, row, receiver, normalised RSSI, ts.
         self._pending: list[tuple[int, int, int, float, float]] = []
@@ -409,6 +425,7 @@ class HmmEstimator:
         self._level = _resize(self._level, cap, np.nan)
         self._last = _resize(self._last, cap, 0.0)
         self._zone_now = _resize(self._zone_now, cap, -1)
+        self._heard_at = _resize(self._heard_at, cap, -np.inf)
 
     def _row(self, subject: str) -> int:
         row = self._rows.get(subject)
@@ -422,6 +439,7 @@ class HmmEstimator:
             self._level[row] = np.nan
             self._last[row] = -math.inf
             self._zone_now[row] = -1
+            self._heard_at[row] = -np.inf
         return row
 
     def _prune(self, now: float) -> None:
@@ -435,7 +453,7 @@ class HmmEstimator:
             return
         new_of = np.full(n, -1, dtype=np.int64)
         new_of[keep] = np.arange(len(keep))
-        for arr in (self._alpha, self._level, self._last, self._zone_now):
+        for arr in (self._alpha, self._level, self._last, self._zone_now, self._heard_at):
             arr[: len(keep)] = arr[keep]
         for ring in (self._ring_alpha, self._ring_emit):
             ring[:, : len(keep)] = ring[:, keep]
@@ -530,6 +548,7 @@ class HmmEstimator:
             heard[rinv, krx] = True
             a = np.float32(1 - math.exp(-1.0 / self._cfg.smoothing_s))
             self._level[krow, krx] = np.where(known, level + a * (clipped - level), clipped)
+            self._heard_at[krow, krx] = k
             counts = np.bincount(inv).astype(np.float32)
             packets = np.zeros(len(rows), dtype=np.float32)
             np.maximum.at(packets, rinv, counts)
@@ -570,6 +589,7 @@ class HmmEstimator:
         zone = np.where(keep, cur, zone)
         self._zone_now[rows] = zone
         best = np.nanmax(self._level[rows], axis=1)
+        sure = (inside & self._outside_explains_less(rows, sec + self._lag)).tolist()
         out: list[ZoneEstimate] = []
         single = self.receivers == 1
         post = gamma / np.maximum(gamma.sum(axis=1, keepdims=True), np.float32(1e-30))
@@ -589,9 +609,45 @@ class HmmEstimator:
                 self._bands[band] += 1
             x, y = round(px[i], 2), round(py[i], 2)
             out.append(
-                ZoneEstimate(float(sec) + 0.5, name, zid, bool(inside[i]), float(best[i]), x, y, round(psd[i], 2))
+                ZoneEstimate(
+                    float(sec) + 0.5, name, zid, bool(inside[i]), float(best[i]), x, y, round(psd[i], 2), sure[i]
+                )
             )
         return out
+
+    def _outside_explains_less(self, rows: npt.NDArray[np.int64], now: int) -> npt.NDArray[np.bool_]:
+        """Per row: no outside place explains the smoothed levels nearly as well as the best inside place.
+
+        The forward filter adds each second's evidence as if it were new, but a subject standing still keeps
+        the same shadowing and the same body loss second after second: a pedestrian facing the shop window
+        (no body between phone and receivers, +3 dB on every one) in a spot a few dB up looks like someone
+        just inside, and the filter grows certain of it (mall unit: about half of the window stoppers were put
+        inside, 1.2 % of all pedestrians became visits, a third of all visits). This test looks at one
+        moment only, the levels smoothed over `smoothing_s` from receivers that heard the subject in the last
+        SURE_FRESH_S, with a phone-model-wide offset prior, and asks whether the best inside cell beats the
+        best outside cell by SURE_MARGIN. Without outside zones in the plan every inside estimate is sure.
+        """
+        out = np.ones(len(rows), dtype=np.bool_)
+        outside = ~self._cell_inside
+        if not len(rows) or not outside.any() or outside.all():
+            return out
+        level = self._level[rows]
+        fresh = (self._heard_at[rows] >= now - SURE_FRESH_S) & ~np.isnan(level)
+        sigma2 = np.float32(SURE_SIGMA_DB**2)
+        tau2 = np.float32(SURE_OFFSET_SIGMA_DB**2)
+        s1 = np.zeros((len(rows), self.cells), dtype=np.float32)
+        s2 = np.zeros_like(s1)
+        for r in range(self.receivers):
+            sel = np.nonzero(fresh[:, r])[0]
+            if len(sel):
+                e = level[sel, r, None] - self._mu[r][None, :]
+                s1[sel] += e
+                s2[sel] += e * e
+        k = fresh.sum(axis=1).astype(np.float32)[:, None]
+        ll = -(s2 - s1 * s1 * (tau2 / (sigma2 + k * tau2))) / (2 * sigma2)
+        margin = ll[:, ~outside].max(axis=1) - ll[:, outside].max(axis=1)
+        sure: npt.NDArray[np.bool_] = (margin >= np.float32(SURE_MARGIN)) & (k[:, 0] > 0)
+        return sure
 
     def relabel(self, old: str, new: str) -> bool:
         """Carry `old`'s state on as `new` (a member recognised on an address that was anonymous until now).

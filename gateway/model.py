@@ -195,6 +195,10 @@ class ZoneEstimate:
     """See `x`."""
     spread_m: float | None = None
     """How uncertain that position is: the root of the posterior's mean squared distance from it, metres."""
+    sure: bool | None = None
+    """Inside, and no place outside the store explains the signals nearly as well whatever the phone's power
+    (HmmEstimator; docs/estimation.md "Sure inside"); False when it is inside only by the filter's word or
+    outside; None when the estimator cannot tell (the baseline): the visit rule then takes inside as sure."""
 
 
 LinkReason = Literal["member", "handover"]

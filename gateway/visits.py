@@ -2,11 +2,13 @@
 
 A session opens at a subject's first estimate, inside or out. It becomes a *visit* (and
 `started` is reported, dated at the first inside estimate) once the subject has spent
-`min_dwell_s` inside in total; someone seen only on the sidewalk, or stepping into the entrance
-for a few seconds (or flickering inside now and then from the sidewalk), never does and ends as
-a pass-by. An outside estimate closes the current zone segment, so time outside never counts
-toward a zone's dwell; the next inside estimate opens a new segment. A session ends when the
-subject has not been heard for `absence_timeout_s`. Staff are members on the staff list.
+`min_dwell_s` inside in total, `min_sure_s` of it sure (ZoneEstimate.sure: no place outside
+explains the signals nearly as well); someone seen only on the sidewalk, stepping into the
+entrance for a few seconds, flickering inside now and then from the sidewalk, or standing at the
+window where the estimator put them just inside, never does and ends as a pass-by. An outside
+estimate closes the current zone segment, so time outside never counts toward a zone's dwell;
+the next inside estimate opens a new segment. A session ends when the subject has not been
+heard for `absence_timeout_s`. Staff are members on the staff list.
 
 Everything follows from the estimates' own times, never from when they were handed over, so the
 runtime's tick size does not change a visit.
@@ -81,9 +83,14 @@ class _Session:
     checked_in: bool = False  # a verified app check-in proved presence
     aliases: list[str] = field(default_factory=list)  # other subjects linked into this session
     movement: _Movement = field(default_factory=_Movement)
+    sure_s: float = 0.0  # the part of inside_s() ended by a sure estimate (ZoneEstimate.sure; None counts as sure)
 
     def inside_s(self) -> float:
         return sum(g.left - g.entered for g in self.segments)
+
+    def qualifies(self, cfg: VisitsConfig) -> bool:
+        """Inside long enough, and long enough where no place outside explains the signals (the window)."""
+        return self.inside_s() >= cfg.min_dwell_s and self.sure_s >= min(cfg.min_sure_s, cfg.min_dwell_s)
 
 
 class VisitTracker:
@@ -139,6 +146,8 @@ class VisitTracker:
             if e.x is not None and e.y is not None:
                 s.movement.add(e.ts, e.x, e.y)
             last = s.segments[-1] if s.segments else None
+            if last is not None and not last.closed and e.sure is not False:
+                s.sure_s += max(0.0, e.ts - last.left)  # the inside time this estimate adds, when it is sure
             if last is None or last.closed:
                 s.segments.append(_Seg(e.zone, e.ts, e.ts))
                 if last is not None and s.qualified:
@@ -150,7 +159,7 @@ class VisitTracker:
                     changes.append(VisitChange("zone", e.ts, self._snapshot(s, None), last.zone))
             else:
                 last.left = max(last.left, e.ts)
-            if not s.qualified and s.inside_s() >= self._cfg.min_dwell_s:
+            if not s.qualified and s.qualifies(self._cfg):
                 s.qualified = True
                 changes.append(VisitChange("started", e.ts, self._snapshot(s, None)))
         deadline = now - self._cfg.absence_timeout_s
@@ -228,6 +237,7 @@ class VisitTracker:
             keep.subject = gone.subject
         keep.segments = _merge_segments(keep.segments, gone.segments)
         keep.first, keep.last = min(keep.first, gone.first), max(keep.last, gone.last)
+        keep.sure_s += gone.sure_s
         keep.ble |= gone.ble
         keep.checked_in |= gone.checked_in
         if gone.movement.moved > keep.movement.moved:  # each address's own track; the larger says the phone moved
@@ -240,7 +250,7 @@ class VisitTracker:
             if now_zone is not None and was_zone is not None and now_zone != was_zone:
                 return [VisitChange("zone", ts, self._snapshot(keep, None), was_zone)]
             return []
-        if keep.inside_s() >= self._cfg.min_dwell_s or keep.checked_in:
+        if keep.qualifies(self._cfg) or keep.checked_in:
             keep.qualified = True
             return [VisitChange("started", ts, self._snapshot(keep, None))]
         return []

@@ -48,15 +48,17 @@ def walk(
     sigma: float = 2.0,
     rate_hz: float = 4.0,
     subject: str = PHONE,
+    offset_db: float = 0.0,
 ) -> list[Sighting]:
-    """Sightings of a phone moving linearly between waypoints (t, x, y), every receiver hearing each packet."""
+    """Sightings of a phone moving linearly between waypoints (t, x, y), every receiver hearing each packet;
+    `offset_db` is added to every reading (a stronger phone, or no body between it and the receivers)."""
     out: list[Sighting] = []
     for (t0, x0, y0), (t1, x1, y1) in pairwise(path):
         for t in np.arange(t0, t1, 1 / rate_hz):
             f = (t - t0) / (t1 - t0)
             x, y = x0 + f * (x1 - x0), y0 + f * (y1 - y0)
             for rx, pos in receivers.items():
-                rssi = expected_rssi(x, y, pos) + rng.normal(0, sigma)
+                rssi = expected_rssi(x, y, pos) + offset_db + rng.normal(0, sigma)
                 if rssi >= -95:
                     out.append(Sighting(T0 + float(t), rx, subject, round(rssi), -59))
     return out
@@ -120,6 +122,23 @@ def test_a_subject_on_the_sidewalk_is_outside_and_one_inside_is_inside() -> None
     shopper = [e for e in got if e.subject == PHONE and e.ts - T0 > 5]
     assert walker and all((e.zone, e.inside) == ("sidewalk", False) for e in walker)
     assert shopper and all(e.inside for e in shopper)
+
+
+def test_someone_standing_at_the_window_is_never_sure_inside_and_a_shopper_deep_inside_is() -> None:
+    # A pedestrian walks the sidewalk to the glass beside the door and looks in for 60 s, facing the store:
+    # no body between the phone and the receivers, so every reading is as strong as the glass is lossy, just
+    # what someone standing a little way inside would give. Whatever the filter makes of that, none of it is sure.
+    rng = np.random.default_rng(11)
+    window = [(0, -8, -1), (12, 7, -1), (72, 7, -1), (90, 28, -1)]
+    shopper = [(0, -8, -2), (11, 5, -1), (14, 5, 2), (22, 15, 4), (82, 15, 4), (92, 5, 1), (95, 5, -1)]
+    sightings = walk(window, rng, subject="anon:window", offset_db=GLASS_DB) + walk(shopper, rng)
+    got = [e for _, e in feed(hmm(), sightings, 1.0, 100)]
+    at_window = [e for e in got if e.subject == "anon:window"]
+    assert at_window and not any(e.sure for e in at_window)
+    assert all(e.sure is False for e in at_window if not e.inside), "outside is never sure inside"
+    deep = [e for e in got if e.subject == PHONE and 30 <= e.ts - T0 < 80]
+    assert len(deep) >= 45 and all(e.inside and e.zone == "b" for e in deep)
+    assert sum(1 for e in deep if e.sure) >= 0.9 * len(deep), "inside, 3 m from the glass but far from the door"
 
 
 # --------------------------------------------------------------------------- silence and receivers

@@ -14,8 +14,8 @@ WALKER = "anon:0b0b0b0b0b0b0b0b"
 CFG = VisitsConfig(absence_timeout_s=60, min_dwell_s=45, staff=["s-7"])
 
 
-def inside(t: float, zone: str, subject: str = SHOPPER) -> ZoneEstimate:
-    return ZoneEstimate(T0 + t, subject, zone, True, -65.0)
+def inside(t: float, zone: str, subject: str = SHOPPER, sure: bool | None = None) -> ZoneEstimate:
+    return ZoneEstimate(T0 + t, subject, zone, True, -65.0, sure=sure)
 
 
 def outside(t: float, subject: str = SHOPPER) -> ZoneEstimate:
@@ -140,6 +140,42 @@ def test_min_dwell_zero_starts_at_the_first_inside_estimate() -> None:
     assert t.update([outside(0)], T0) == []
     (c,) = t.update([inside(1, "entrance")], T0 + 1)
     assert (c.kind, c.ts, c.visit.started) == ("started", T0 + 1, T0 + 1)
+
+
+def test_standing_at_the_window_put_inside_but_never_sure_is_no_visit_however_long() -> None:
+    # The HMM put a pedestrian at the shop window just inside for two minutes, but no second of it was sure:
+    # a place outside explained the signals about as well. A pass-by, not a visit.
+    script = {float(s): [outside(s, WALKER)] for s in range(0, 200)}
+    for s in range(30, 150):
+        script[float(s)] = [inside(s, "entrance", WALKER, sure=False)]
+    changes = run(tracker(), script, until=300)
+    assert [(c.kind, c.visit.classification) for c in changes] == [("ended", "pass-by")]
+    assert changes[0].visit.dwell_s == 119.0, "the inside time is still kept, for footfall"
+
+
+def test_a_visit_starts_once_min_dwell_inside_and_min_sure_of_it_sure() -> None:
+    # In the entrance 0-59 s, unsure (the glass front could explain it); then in produce, sure. Inside for
+    # 45 s at 45, but only at 69 has it been sure for 10 s (each second counts as what ends it: 59-60 is sure).
+    script = {float(s): [inside(s, "entrance", sure=False)] for s in range(0, 60)}
+    script.update({float(s): [inside(s, "produce", sure=True)] for s in range(60, 120)})
+    changes = run(tracker(), script, until=119)
+    assert [(c.kind, c.ts - T0) for c in changes] == [("started", 69)]
+    assert changes[0].visit.started == T0, "dated at the first inside estimate, sure or not"
+    # min_sure_s 0: inside time alone decides, as with the baseline, whose estimates say nothing (None)
+    loose = tracker(VisitsConfig(absence_timeout_s=60, min_dwell_s=45, min_sure_s=0))
+    assert [(c.kind, c.ts - T0) for c in run(loose, script, until=119)] == [("started", 45), ("zone", 60)]
+    unknown = {float(s): [inside(s, "entrance")] for s in range(0, 60)}
+    assert [(c.kind, c.ts - T0) for c in run(tracker(), unknown, until=59)] == [("started", 45)]
+
+
+def test_sure_time_of_two_linked_addresses_adds_up() -> None:
+    old, new = "anon:1111111111111111", "anon:2222222222222222"
+    t = tracker()
+    script = {float(s): [inside(s, "produce", old, sure=s >= 24)] for s in range(0, 30)}  # 6 s sure
+    script.update({float(s): [inside(s, "produce", new, sure=s >= 56)] for s in range(35, 60)})  # 4 s sure
+    assert [c for c in run(t, script, until=59) if c.kind == "started"] == []
+    (c,) = t.link(SubjectLink(T0 + 60, old, new, "handover"))
+    assert c.kind == "started", "together 53 s inside, 10 s of it sure"
 
 
 # --------------------------------------------------------------------------- staff
