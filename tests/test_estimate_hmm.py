@@ -182,6 +182,7 @@ def test_one_receiver_gives_inside_outside_and_distance_bands_and_says_so() -> N
     out = [e for _, e in feed(est, sightings, 1.0, 70) if e.ts - T0 > 10]
     inside = [e for e in out if e.subject == PHONE]
     assert inside and {(e.zone, e.inside) for e in inside} == {("a", True)}, "inside: the receiver's zone"
+    assert all(e.sure for e in inside), "one level cannot tell the glass's sides apart: the sure test stands aside"
     walker = [e for e in out if e.subject == "anon:walker"]
     assert sum(not e.inside for e in walker) >= 0.8 * len(walker)
     bands = est.diagnostics()["distance_bands"]
