@@ -130,7 +130,14 @@ class HandoverLinker:
         self._inside_s: dict[str, float] = {}
         self._watermark = -math.inf
         self._last_prune = -math.inf
-        self._counts = {"linked": 0, "linked_pattern": 0, "no_candidate": 0, "ambiguous": 0, "not_eligible": 0}
+        self._counts = {
+            "linked": 0,
+            "linked_pattern": 0,
+            "no_candidate": 0,
+            "ambiguous": 0,
+            "not_eligible": 0,
+            "pattern_ambiguous": 0,
+        }
 
     def _door_m(self, xy: tuple[float, float]) -> float:
         return min((math.hypot(xy[0] - dx, xy[1] - dy) for dx, dy in self._doors), default=math.inf)
@@ -206,15 +213,23 @@ class HandoverLinker:
         return out
 
     def _decide(self, name: str, new: _Subject) -> SubjectLink | None:
-        link = self._decide_place(name, new)
-        if link is None:
-            link = self._decide_pattern(name, new)
-        return link
+        link, why = self._decide_place(name, new)
+        if link is not None:
+            self._counts["linked"] += 1
+            return link
+        link, why_pattern = self._decide_pattern(name, new)
+        if link is not None:
+            self._counts["linked_pattern"] += 1
+            return link
+        self._counts[why] += 1
+        if why_pattern:
+            self._counts[why_pattern] += 1
+        return None
 
-    def _decide_place(self, name: str, new: _Subject) -> SubjectLink | None:
+    def _decide_place(self, name: str, new: _Subject) -> tuple[SubjectLink | None, str]:
+        """The place test; without a link, why not ("not_eligible", "no_candidate" or "ambiguous")."""
         if not self._starts_inside(new):
-            self._counts["not_eligible"] += 1
-            return None
+            return None, "not_eligible"
         at = new.settled_xy
         assert at is not None
         # Subjects that fell silent inside, away from the doors, in the window: the new one's possible pasts.
@@ -232,11 +247,9 @@ class HandoverLinker:
         ]
         match = [(k, s) for k, s in ended if math.dist(s.last_xy, at) <= _radius(s.last_sd, new.settled_sd)]
         if not match:
-            self._counts["no_candidate"] += 1
-            return None
+            return None, "no_candidate"
         if len(ended) > 1:
-            self._counts["ambiguous"] += 1
-            return None
+            return None, "ambiguous"
         old_name, old = match[0]
         # ... and the old one's possible futures: other new subjects that started inside, away from the doors.
         rivals = [
@@ -251,18 +264,16 @@ class HandoverLinker:
             and math.dist(s.settled_xy, old.last_xy) <= RIVAL_K * _radius(old.last_sd, s.settled_sd)
         ]
         if rivals:
-            self._counts["ambiguous"] += 1
-            return None
+            return None, "ambiguous"
         old.continued = True
-        self._counts["linked"] += 1
-        return SubjectLink(new.first, old_name, name, "handover")
+        return SubjectLink(new.first, old_name, name, "handover"), "linked"
 
-    def _decide_pattern(self, name: str, new: _Subject) -> SubjectLink | None:
-        """The new address started within `PATTERN_GAP_S` of one old address falling silent, with its RSSI pattern."""
+    def _decide_pattern(self, name: str, new: _Subject) -> tuple[SubjectLink | None, str]:
+        """The pattern test; without a link, "pattern_ambiguous" when rivals were too close, else ""."""
         done = math.floor(self._watermark)  # sightings of seconds up to here are all in, however ticks batched them
         sig_new = self._signals.get(name)
         if sig_new is None or sig_new.first >= done:
-            return None
+            return None, ""
         f = sig_new.first
         head = _window(sig_new, math.floor(f), math.floor(f) + PATTERN_S - 1, done)
 
@@ -275,22 +286,18 @@ class HandoverLinker:
             if s is new or not s.anonymous or s.member or s.continued or sig is None or sig.first >= f:
                 continue
             last = last_before(sig)
-            if not -PATTERN_OVERLAP_S <= f - last <= PATTERN_GAP_S:
+            if not -PATTERN_OVERLAP_S <= f - last <= PATTERN_GAP_S or self._inside_s.get(k, 0.0) < PATTERN_INSIDE_S:
                 continue
             tail = _window(sig, math.floor(last) - PATTERN_S + 1, math.floor(last), done)
             olds.append((_pattern_llr(tail, head), k, s))
         if not olds:
-            return None
+            return None, ""
         olds.sort(key=lambda o: -o[0])
         llr, old_name, old = olds[0]
-        if llr < PATTERN_LLR or self._inside_s.get(old_name, 0.0) < PATTERN_INSIDE_S:
-            return None
-        if not (self._starts_inside(new) or self._ends_inside(old)):
-            self._counts["not_eligible"] += 1
-            return None
+        if llr < PATTERN_LLR or not (self._starts_inside(new) or self._ends_inside(old)):
+            return None, ""
         if len(olds) > 1 and olds[1][0] > llr - PATTERN_MARGIN:
-            self._counts["ambiguous"] += 1
-            return None
+            return None, "pattern_ambiguous"
         # ... and no other new address that started as the old one fell silent looks as much like it.
         sig_old = self._signals[old_name]
         last = last_before(sig_old)
@@ -302,11 +309,9 @@ class HandoverLinker:
                 continue
             rival = _window(sig, math.floor(sig.first), math.floor(sig.first) + PATTERN_S - 1, done)
             if _pattern_llr(tail, rival) > llr - PATTERN_MARGIN:
-                self._counts["ambiguous"] += 1
-                return None
+                return None, "pattern_ambiguous"
         old.continued = True
-        self._counts["linked_pattern"] += 1
-        return SubjectLink(new.first, old_name, name, "handover")
+        return SubjectLink(new.first, old_name, name, "handover"), "linked_pattern"
 
     def _ends_inside(self, s: _Subject) -> bool:
         """The subject was last estimated inside, away from every door."""
