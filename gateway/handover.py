@@ -42,7 +42,7 @@ old one when:
   no other new anonymous subject that started in that window against the old one's.
 
 Measured against the simulator's truth (supermarket at 09:00 seeds 1-3, at 17:00 seeds 1-2, mall unit
-seeds 1-3): it adds 2-15 links a run, none wrong, and takes the supermarket's split visits from 5/7/6 to
+seeds 1-3): it adds 0-11 links a run, none wrong, and takes the supermarket's split visits from 5/7/6 to
 4/2/1 (17:00: 15 -> 8, 16 -> 7). A one-phone pattern is weaker evidence than it sounds: the patterns of
 true address changes that the place test already linked had LLRs from -17 to +5 (a phone heard at one
 or two receivers near their sensitivity, a turn of the body), so a poor match never vetoes the place
