@@ -93,6 +93,7 @@ class _Pipeline:
         estimates = self.estimator.update(sightings, now)
         changes += self.tracker.update(estimates, now)
         if self.linker is not None:
+            self.linker.observe(sightings)
             for link in self.linker.update(estimates, now):
                 changes += self.tracker.link(link)
         self.wall_s += time.perf_counter() - t0

@@ -171,6 +171,7 @@ class Gateway:
         estimates = self.estimator.update(sightings, now)
         changes += self.tracker.update(estimates, now)
         if self.linker is not None:
+            self.linker.observe(sightings)
             for link in self.linker.update(estimates, now):
                 changes += self.tracker.link(link)
         return self._conclude(changes, now)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.config import VisitsConfig
 from gateway.handover import GAP_S, SILENCE_S, HandoverLinker
-from gateway.model import SubjectLink, VisitChange, ZoneEstimate
+from gateway.model import Sighting, SubjectLink, VisitChange, ZoneEstimate
 from gateway.visits import VisitTracker
 
 T0 = 1_764_000_000.5
@@ -166,3 +166,121 @@ def test_links_do_not_depend_on_how_estimates_are_batched() -> None:
     per_second = play(HandoverLinker(DOORS), tracks, 160)
     batch = [est(t, s, x, y) for s, (a, b, x, y) in tracks.items() for t in range(a, int(b) + 1)]
     assert HandoverLinker(DOORS).update(batch[::-1]) == per_second != []
+
+
+# --------------------------------------------------------------------------- the pattern link (sightings)
+
+RX = ("rx-a", "rx-b", "rx-c", "rx-d", "rx-e")
+SHOPPER = {"rx-a": -62, "rx-b": -71, "rx-c": -80, "rx-d": -85}  # one phone's levels across the receivers
+SOMEONE_ELSE = {"rx-a": -84, "rx-b": -66, "rx-c": -90, "rx-e": -70}
+
+
+def heard(t: float, subject: str, levels: dict[str, int]) -> list[Sighting]:
+    """Three packets a second, 0.3 s apart from `t`, at every receiver in `levels` (1-m reference -59 dBm)."""
+    return [
+        Sighting(T0 + t + 0.3 * i, rx, subject, rssi + (1 if i == 1 else 0), -59)
+        for i in range(3)
+        for rx, rssi in levels.items()
+    ]
+
+
+def play_heard(
+    linker: HandoverLinker,
+    tracks: dict[str, tuple[float, float, float, float, bool, dict[str, int]]],
+    until: int,
+) -> list[SubjectLink]:
+    """tracks: subject -> (first s, last s, x, y, inside, levels); sightings and an estimate (the estimator's place,
+    which may be wrong) each second, handed over second by second."""
+    out: list[SubjectLink] = []
+    for t in range(until + 1):
+        sightings: list[Sighting] = []
+        batch: list[ZoneEstimate] = []
+        for s, (a, b, x, y, inside, levels) in tracks.items():
+            if a <= t <= b:
+                sightings += heard(t, s, levels)
+                batch.append(est(t, s, x, y, inside=inside))
+        linker.observe(sightings)
+        out += linker.update(batch, T0 + t)
+    return out
+
+
+def test_a_new_address_the_estimator_puts_on_the_sidewalk_is_linked_by_its_pattern_and_timing() -> None:
+    # The old rule refuses this one: the new subject's first seconds are placed on the sidewalk (a new subject
+    # starts from no knowledge). Its first packet comes 0.4 s after the old address's last, with the same levels.
+    tracks = {
+        OLD: (0, 100, 25.0, 18.0, True, SHOPPER),
+        NEW: (101, 160, 25.0, -3.0, False, SHOPPER),
+    }
+    linker = HandoverLinker(DOORS)
+    links = play_heard(linker, tracks, 160)
+    assert [(link.old, link.new, link.reason) for link in links] == [(OLD, NEW, "handover")]
+    assert linker.diagnostics()["linked_pattern"] == 1
+    # The same without sightings: the place test alone says no.
+    assert play(HandoverLinker(DOORS), {OLD: (0, 100, 25.0, 18.0), NEW: (101, 160, 25.0, -3.0)}, 160) == []
+
+
+def test_someone_else_appearing_as_an_address_falls_silent_is_not_linked() -> None:
+    # Same second, same (wrong) place story, but another phone: other receivers, other levels.
+    tracks = {
+        OLD: (0, 100, 25.0, 18.0, True, SHOPPER),
+        NEW: (101, 160, 25.0, -3.0, False, SOMEONE_ELSE),
+    }
+    linker = HandoverLinker(DOORS)
+    assert play_heard(linker, tracks, 160) == []
+    assert linker.diagnostics()["linked_pattern"] == 0
+
+
+def test_a_late_new_address_is_not_linked_by_its_pattern() -> None:
+    # The same levels, but 4 s after the old address fell silent: a phone does not go quiet that long to rotate.
+    tracks = {
+        OLD: (0, 100, 25.0, 18.0, True, SHOPPER),
+        NEW: (105, 160, 25.0, -3.0, False, SHOPPER),
+    }
+    assert play_heard(HandoverLinker(DOORS), tracks, 160) == []
+
+
+def test_two_addresses_falling_silent_that_both_fit_make_no_pattern_link() -> None:
+    # Two shoppers side by side (their levels within a dB) whose phones both fall silent as one new address starts:
+    # which one it continues cannot be told.
+    beside = {rx: v + 1 for rx, v in SHOPPER.items()}
+    tracks = {
+        OLD: (0, 100, 25.0, 18.0, True, SHOPPER),
+        OLD2: (0, 100, 26.0, 18.0, True, beside),
+        NEW: (101, 160, 25.0, -3.0, False, SHOPPER),
+    }
+    linker = HandoverLinker(DOORS)
+    assert play_heard(linker, tracks, 160) == []
+    assert linker.diagnostics()["pattern_ambiguous"] == 1
+
+
+def test_two_new_addresses_that_both_fit_make_no_pattern_link() -> None:
+    beside = {rx: v + 1 for rx, v in SHOPPER.items()}
+    tracks = {
+        OLD: (0, 100, 25.0, 18.0, True, SHOPPER),
+        NEW: (101, 160, 25.0, -3.0, False, SHOPPER),
+        NEW2: (101, 160, 26.0, -3.0, False, beside),
+    }
+    assert play_heard(HandoverLinker(DOORS), tracks, 160) == []
+
+
+def test_a_pedestrian_is_no_old_end_of_a_pattern_link() -> None:
+    # The old subject was never inside long (a pedestrian flickering in): it is nobody's visit to continue.
+    tracks = {
+        OLD: (0, 100, 25.0, -3.0, False, SHOPPER),
+        NEW: (101, 160, 25.0, 18.0, True, SHOPPER),
+    }
+    assert play_heard(HandoverLinker(DOORS), tracks, 160) == []
+
+
+def test_pattern_links_do_not_depend_on_how_sightings_are_batched() -> None:
+    tracks = {
+        OLD: (0, 100, 25.0, 18.0, True, SHOPPER),
+        NEW: (101, 160, 25.0, -3.0, False, SHOPPER),
+        OLD2: (0, 130, 10.0, 25.0, True, SOMEONE_ELSE),
+    }
+    per_second = play_heard(HandoverLinker(DOORS), tracks, 160)
+    linker = HandoverLinker(DOORS)
+    sightings = [x for s, (a, b, _x, _y, _i, lv) in tracks.items() for t in range(a, b + 1) for x in heard(t, s, lv)]
+    linker.observe(sightings[::-1])
+    batch = [est(t, s, x, y, inside=i) for s, (a, b, x, y, i, _lv) in tracks.items() for t in range(a, b + 1)]
+    assert linker.update(batch[::-1]) == per_second != []
