@@ -379,7 +379,7 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
     with store:
         ledger = store.awards()
         visits = [v for v in store.recent_visits(100_000) if v.member == args.member]
-    engine = PointsEngine(rules, LocalDays(settings.timezone), ledger, members.tier)
+    engine = PointsEngine(rules, LocalDays(settings.timezone), ledger, members.tier, members.known)
     if args.visit:
         visits = [v for v in visits if v.visit_id == args.visit]
     visits = visits[: max(1, args.limit)] if not args.visit else visits

@@ -57,7 +57,7 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     except ConfigError as e:
         raise CommandRefused("; ".join(e.problems)) from None
     # Built completely (the ledger replayed into it) before it replaces the old engine.
-    engine = PointsEngine(rules, LocalDays(gw.settings.timezone), gw.store.awards(), gw.members.tier)
+    engine = PointsEngine(rules, LocalDays(gw.settings.timezone), gw.store.awards(), gw.members.tier, gw.members.known)
     gw.points = engine
     gw.tracker.mark_all_changed()  # open visits may earn under the new rules before they end
     return {"rules": [r.id for r in rules.rules]}

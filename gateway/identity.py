@@ -192,6 +192,10 @@ class MemberDirectory:
         self._building = None
         return True
 
+    def known(self, ref: str) -> bool:
+        """Whether the backend provisions this member now."""
+        return ref in self._keys
+
     def key(self, ref: str) -> bytes | None:
         """The member's key (for verifying its check-ins), or None for an unknown member."""
         return self._keys.get(ref)
@@ -317,6 +321,14 @@ class Identifier:
             self._beacon_by_address.pop(next(iter(self._beacon_by_address)))
         self._beacon_by_address[address] = subject
 
+    def _member_of(self, address: str) -> str | None:
+        """The member whose app phone sent from this address, while the backend still provisions the member."""
+        ref = self._member_by_address.get(address)
+        if ref is not None and not self._members.known(ref):
+            del self._member_by_address[address]  # removed: from now on its OS adverts are an anonymous phone's
+            return None
+        return ref
+
     def _remember_member(self, address: str, ref: str, ts: float) -> None:
         known = self._member_by_address
         if known.get(address) == ref:
@@ -360,7 +372,7 @@ class Identifier:
                     subject = "member:" + ref
                 out.append(Sighting(adv.ts, adv.receiver, subject, adv.rssi, frame.measured_power))
             elif isinstance(frame, DeviceFrame):
-                ref = self._member_by_address.get(adv.address)
+                ref = self._member_of(adv.address)
                 if ref is None:
                     counts["anonymous"] += 1
                     subject = self._anon(adv.address, adv.ts)
@@ -390,7 +402,7 @@ class Identifier:
         The member whose app phone this address was heard from, else the same daily salted hash as
         the gateway's own radio gives that address, so one phone is one subject whoever heard it.
         """
-        ref = self._member_by_address.get(key)
+        ref = self._member_of(key)
         if ref is not None:
             self._counts["member_device"] += 1
             return "member:" + ref

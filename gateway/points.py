@@ -248,11 +248,15 @@ class PointsEngine:
         days: LocalDays,
         ledger: Iterable[Award] = (),
         tier_of: Callable[[str], str | None] = lambda member: None,
+        known: Callable[[str], bool] = lambda member: True,
     ) -> None:
+        """`tier_of` and `known` come from the member directory: a member's tier, and whether the backend still
+        provisions the member (one it removed earns nothing more, even on a visit that is still open)."""
         self._set = rules
         self._rules = rules.rules
         self._days = days
         self._tier_of = tier_of
+        self._known = known
         self._granted: dict[str, Award] = {}
         self._rules_by_visit: dict[str, dict[str, int]] = {}  # visit_id -> rule -> points: no hashing every tick
         # Rules that can fire while a visit is open (a dwell bonus waits for the end): an open visit that has
@@ -334,10 +338,17 @@ class PointsEngine:
         done = self._rules_by_visit.get(visit.visit_id)
         if done is not None and rule.id in done:
             return 0, f"already awarded {done[rule.id]} for this visit"
+        if not self._known(member):
+            return 0, "the member is not provisioned on this gateway (removed by the backend, or never imported)"
         day = self._days.day(visit.started)
         if rule.when is not None and not rule.when.contains(visit.started, self._days.tz):
             return 0, f"the visit started outside {rule.when.describe()}"
-        if not isinstance(rule, CheckinRule) and not (rule.checkin_is_proof and visit.source in ("checkin", "both")):
+        # A check-in proves the shopper was there, not how long: rules whose amount is measured from the
+        # sightings (dwell, time in a zone) keep the presence guard, or a phone left by the door that checks
+        # in every morning would collect the top dwell tier.
+        measured = isinstance(rule, (DwellBonusRule, ZoneBonusRule))
+        checked_in = rule.checkin_is_proof and visit.source in ("checkin", "both")
+        if not isinstance(rule, CheckinRule) and (measured or not checked_in):
             unproven = self._ble_unproven(kind, ts, visit)
             if unproven is not None:
                 return 0, unproven
@@ -374,7 +385,8 @@ class PointsEngine:
         if lasted > guard.max_visit_s:
             return (
                 f"the phone was heard inside for {lasted / 60:.0f} min, longer than presence.max_visit_s "
-                f"({guard.max_visit_s / 60:.0f} min): a phone left in the store, or staff; a check-in still counts"
+                f"({guard.max_visit_s / 60:.0f} min): a phone left in the store, or staff; a check-in still proves "
+                "presence for the rules that do not measure dwell"
             )
         moved = visit.moved_m
         if kind != "ended" and guard.min_movement_m > 0 and (moved is None or moved < guard.min_movement_m):

@@ -121,7 +121,7 @@ class Gateway:
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
         self.tracker = VisitTracker(settings.gateway, visits_cfg)
         self.linker = HandoverLinker(settings.plan.doors) if settings.visits.handover else None
-        self.points = PointsEngine(rules, days, store.awards(), members.tier)
+        self.points = PointsEngine(rules, days, store.awards(), members.tier, members.known)
         self.footfall = Footfall(days)
         self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
         self.uplink: Uplink | None = None

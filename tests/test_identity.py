@@ -276,6 +276,16 @@ def test_an_app_phones_own_os_adverts_are_the_member_not_a_second_shopper() -> N
     assert (d["member"], d["member_device"], d["anonymous"]) == (1, 2, 1)
 
 
+def test_a_removed_members_phone_is_anonymous_from_then_on_os_adverts_included() -> None:
+    members = directory(**{"m-1": DOC_KEY})
+    ident, _ = identifier(members=members)
+    assert subject_of(ident, DOC_TS, frame=member_frame(DOC_KEY, DOC_WINDOW)) == "member:m-1"
+    assert subject_of(ident, DOC_TS + 1) == "member:m-1"  # its Nearby Info, from the same address
+    assert members.remove("m-1")
+    assert subject_of(ident, DOC_TS + 2).startswith("anon:")
+    assert ident.remote_subject(ADDRESS, DOC_TS + 3).startswith("anon:")
+
+
 def test_replacing_members_forgets_old_keys_and_learns_new_ones() -> None:
     members = directory(**{"m-1": DOC_KEY})
     frame_1 = member_frame(DOC_KEY, DOC_WINDOW)

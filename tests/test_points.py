@@ -112,15 +112,32 @@ def test_a_phone_that_moved_earns_while_it_is_still_inside() -> None:
     assert (a.rule, a.ts) == ("visit", NOON + 210)
 
 
-def test_a_visit_heard_longer_than_max_visit_s_proves_nothing_by_its_sightings_but_a_checkin_still_does() -> None:
+def test_a_visit_heard_longer_than_max_visit_s_proves_nothing_by_its_sightings_a_checkin_only_presence() -> None:
     e = engine(rules(VISIT_RULE, BONUS_RULE, CHECKIN_RULE))
     left = visit("v1", NOON, 3 * 3600, ended=True)  # three hours in the store, moving or not
     assert e.evaluate([change("ended", left)]) == []
     assert all("presence.max_visit_s" in x.why for x in e.explain(left) if x.rule != "checkin")
     # Still open at 2 h 1 min: nothing either.
     assert e.evaluate_open([visit("v2", NOON, 7260)], NOON + 7260) == []
+    # A check-in proves the member was there, not that the phone by the door was a shopper for three hours:
+    # the rules that measure dwell keep the guard (a left phone checking in every morning earns no top tier).
     checked_in = visit("v3", NOON, 3 * 3600, ended=True, source="both")
-    assert {a.rule for a in e.evaluate([change("ended", checked_in)])} == {"visit", "dwell-bonus", "checkin"}
+    assert {a.rule for a in e.evaluate([change("ended", checked_in)])} == {"visit", "checkin"}
+    (why,) = [x.why for x in e.explain(checked_in) if x.rule == "dwell-bonus"]
+    assert "presence.max_visit_s" in why
+    z = engine(rules(ZONE_RULE))
+    still = visit("v4", NOON, 600, moved_m=1.0, source="both")
+    assert z.evaluate_open([still], NOON + 600) == [], "zone time of a phone that never moved waits for the end"
+
+
+def test_a_member_the_backend_removed_earns_nothing_more_even_on_an_open_visit() -> None:
+    provisioned = {"m-1"}
+    e = PointsEngine(rules(VISIT_RULE, CHECKIN_RULE), LocalDays(TZ), [], known=lambda m: m in provisioned)
+    assert [a.rule for a in e.evaluate_open([visit("v1", NOON, 200)], NOON + 200)] == ["visit"]
+    provisioned.clear()
+    assert e.evaluate([change("ended", visit("v1", NOON, 300, ended=True, source="both"))]) == []
+    assert e.evaluate_open([visit("v2", NOON + 3600, 200, source="both")], NOON + 3800) == []
+    assert all("not provisioned" in x.why for x in e.explain(visit("v2", NOON + 3600, 200)))
 
 
 def test_the_presence_guard_is_configurable_and_checked() -> None:
