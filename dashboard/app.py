@@ -177,8 +177,8 @@ class CheckinRefusal(BaseModel):
     """A check-in that was not accepted; nothing changed."""
 
     reason: str = Field(
-        description="too_large, malformed, wrong_store, unknown_member, bad_signature, stale, "
-        "replayed, rate_limited or busy (docs/checkin.md)."
+        description="too_large, malformed, wrong_store, unauthorized (unknown member or bad signature: one answer, "
+        "so refs cannot be probed), stale, replayed, rate_limited or busy (docs/checkin.md)."
     )
     message: str = Field(description="What is wrong, in one line.")
     field: str | None = Field(default=None, description="The field at fault, when there is one.")
@@ -286,7 +286,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             (409, "Replayed nonce or stale timestamp (more than 2 min from the gateway's clock)."),
             (413, "Body too large."),
             (422, "Malformed: the field and the reason."),
-            (429, "Over the member's rate limit."),
+            (429, "Over the member's rate limit (or the gateway is busy); Retry-After says when to try again."),
         )
     }
 
@@ -301,8 +301,9 @@ def create_app(gateway: Gateway) -> FastAPI:
         try:
             result = await gw.checkin_async(bytes(body))
         except CheckinRefused as e:
-            refusal = CheckinRefusal(reason=e.reason, message=e.message, field=e.field)
-            return JSONResponse(refusal.model_dump(mode="json"), status_code=e.status)
+            refusal = CheckinRefusal(reason=e.public_reason, message=e.message, field=e.field)
+            headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s is not None else None
+            return JSONResponse(refusal.model_dump(mode="json"), status_code=e.status, headers=headers)
         # Serialised here, once, by pydantic-core: FastAPI would validate the model a second time and encode it
         # in Python (a check-in is answered 200 times a second; docs/checkin.md).
         accepted = CheckinAccepted.model_validate(result)

@@ -20,8 +20,8 @@ Refusals, by reason (HTTP status):
 too_large           413    body over MAX_BODY bytes
 malformed           422    not JSON, a field missing, extra, or of the wrong type or shape
 wrong_store         422    signed for another store
-unknown_member      401    no key for this member
-bad_signature       401    the signature does not match
+unknown_member      401    no key for this member       } answered as `unauthorized`, in the same words and
+bad_signature       401    the signature does not match } time, so refs cannot be probed; counted apart
 stale               409    timestamp more than `skew_s` from the gateway's clock
 replayed            409    this member's nonce was accepted before
 rate_limited        429    more than `rate_n` check-ins by this member in `rate_window_s`
@@ -36,6 +36,7 @@ import hashlib
 import heapq
 import hmac
 import json
+import math
 import os
 import re
 from collections import deque
@@ -62,6 +63,9 @@ _STORE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
 _SIG = re.compile(r"^[0-9a-f]{64}$")
 _BEACON = re.compile(r"^(?:beacon:[0-9a-z:.-]{1,120}|eid:[0-9a-f]{16})$")
+
+_NO_KEY = bytes(32)
+"""What an unknown member's check-in is verified with, only so that it costs the same time; it is refused anyway."""
 
 REASONS = {
     "too_large": 413,
@@ -98,12 +102,19 @@ class CheckIn:
 class CheckinRefused(Exception):
     """A check-in that is not accepted; `reason` is one of REASONS, `status` its HTTP status."""
 
-    def __init__(self, reason: str, message: str, field: str | None = None) -> None:
+    def __init__(self, reason: str, message: str, field: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.status = REASONS[reason]
         self.message = message
         self.field = field
+        self.retry_after_s = retry_after_s
+        """When the same member may try again (rate_limited, busy), seconds; the answer's Retry-After."""
+
+    @property
+    def public_reason(self) -> str:
+        """The reason the answer gives: an unknown member and a bad signature are one `unauthorized`."""
+        return "unauthorized" if self.status == 401 else self.reason
 
 
 def canonical(obj: dict[str, Any]) -> bytes:
@@ -127,7 +138,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def parse(body: bytes) -> dict[str, Any]:
     """The body's object, shape-checked; CheckinRefused('malformed' | 'too_large') names the field and why."""
     if len(body) > MAX_BODY:
-        raise CheckinRefused("too_large", f"body is {len(body)} bytes; at most {MAX_BODY}")
+        raise CheckinRefused("too_large", f"body is over {MAX_BODY} bytes, the limit; send only the documented fields")
     try:
         obj = json.loads(body, object_pairs_hook=_no_duplicates)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -305,11 +316,15 @@ class CheckinVerifier:
         if obj["store"] != self._store:
             raise CheckinRefused("wrong_store", f"store is {obj['store']}, this is store {self._store}", "store")
         key = self._key_of(member)
-        if key is None:
-            raise CheckinRefused("unknown_member", "unknown member or bad signature")
-        if not hmac.compare_digest(sign(key, obj), obj["sig"]):
-            # The same words as for an unknown member: the answer must not tell which refs exist.
-            raise CheckinRefused("bad_signature", "unknown member or bad signature")
+        # An unknown member costs the same HMAC and gets the same answer as a bad signature: neither the words
+        # nor the time of the answer may tell which member refs exist.
+        good = hmac.compare_digest(sign(key or _NO_KEY, obj), obj["sig"])
+        if key is None or not good:
+            raise CheckinRefused(
+                "unknown_member" if key is None else "bad_signature",
+                "unknown member or bad signature: the app must hold the member key the backend provisioned and sign "
+                "the body without sig, as JSON with sorted keys and no spaces (docs/checkin.md)",
+            )
         ts: int = obj["ts"]
         if abs(ts - now) > self._skew:
             raise CheckinRefused(
@@ -324,11 +339,14 @@ class CheckinVerifier:
             while recent and recent[0] <= now - self._rate_window:
                 recent.popleft()
             if len(recent) >= self._rate_n:
+                wait = math.ceil(recent[0] + self._rate_window - now)
                 raise CheckinRefused(
-                    "rate_limited", f"more than {self._rate_n} check-ins in {self._rate_window:.0f} s; try later"
+                    "rate_limited",
+                    f"more than {self._rate_n} check-ins in {self._rate_window:.0f} s; try again in {wait} s",
+                    retry_after_s=wait,
                 )
         if len(self._nonces) >= self._max:
-            raise CheckinRefused("busy", "too many check-ins right now; try again in a minute")
+            raise CheckinRefused("busy", "too many check-ins right now; try again in a minute", retry_after_s=60)
         if self._journal is not None:
             self._journal.append(member, nonce, ts)  # synced before the check-in is answered
         self._remember(member, nonce, ts)

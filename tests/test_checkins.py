@@ -138,12 +138,20 @@ def test_each_refusal_has_its_code_reason_and_field_is_counted_and_changes_nothi
     with TestClient(create_app(gw)) as client:
         before = state(gw)
         r = post(client, make())
-        assert (r.status_code, r.json()["reason"], r.json().get("field")) == (status, reason, field), r.text
+        answered = "unauthorized" if status == 401 else reason  # which refs exist is not told (counted apart)
+        assert (r.status_code, r.json()["reason"], r.json().get("field")) == (status, answered, field), r.text
         assert REASONS[reason] == status
         assert state(gw) == before
         counts = client.get("/api/v1/status").json()["checkins"]
     assert counts["refused"][reason] == 1 and sum(counts["refused"].values()) == 1
     assert counts["accepted"] == 0 and counts["nonces"] == 0
+
+
+def test_an_unknown_member_and_a_bad_signature_get_the_same_answer(gw: Gateway) -> None:
+    with TestClient(create_app(gw)) as client:
+        unknown, forged = post(client, body("m-9")), post(client, body(key=b"\x09" * 32))
+    assert unknown.status_code == forged.status_code == 401
+    assert unknown.json() == forged.json() and "sorted keys" in unknown.json()["message"]
 
 
 def test_replay_and_rate_limit(gw: Gateway) -> None:
@@ -158,6 +166,7 @@ def test_replay_and_rate_limit(gw: Gateway) -> None:
             assert post(client, body()).status_code == 201  # 6 in all: the limit
         r = post(client, body())
         assert (r.status_code, r.json()["reason"]) == (429, "rate_limited")
+        assert 0 < int(r.headers["Retry-After"]) <= 600 and f"try again in {r.headers['Retry-After']} s" in r.text
         assert post(client, body("m-2")).status_code == 201, "the limit is per member"
         counts = client.get("/api/v1/status").json()["checkins"]
         metrics = client.get("/metrics").text
