@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("visita.downlink")
 
-MAX_PAYLOAD = 1 << 20
-"""Largest command accepted, bytes (a full member set of a large store fits)."""
+MAX_PAYLOAD = 32 << 20
+"""Largest command accepted, bytes: a full member set of 100,000 members is about 11.7 MB (117 bytes a member);
+a larger programme sends a full set and then `add` commands (docs/checkin.md). The broker's own limit
+(mosquitto `message_size_limit`, 0 = none by default) must allow as much."""
 MAX_QUEUED = 100
 """Commands waiting for the runtime's next tick, at most; more are refused at once."""
 

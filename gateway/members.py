@@ -19,6 +19,7 @@ Threat model (docs/checkin.md, "Member keys at rest"):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.identity import MemberDirectory
+
+log = logging.getLogger("visita.members")
 
 VAULT_FILE = "members.vault"
 KEY_FILE = "vault.key"
@@ -287,6 +290,14 @@ def apply_members_command(keys: MemberKeys, payload: bytes | Mapping[str, Any]) 
     except KeyImportError as e:
         keys.commands["refused"] += 1
         return {"ok": False, "version": keys.directory.version, "error": "; ".join(e.problems)}
+    except (KeyStoreError, OSError) as e:  # the vault is written before anything changes: refused, the gateway runs
+        keys.commands["refused"] += 1
+        error = (
+            f"cmd/members: the member keys could not be stored in {keys.vault.path} ({e}); nothing changed: "
+            "check the free space and that the gateway may write its data directory, then send the set again"
+        )
+        log.error("%s", error)
+        return {"ok": False, "version": keys.directory.version, "error": error}
     keys.commands["applied"] += 1
     return result
 

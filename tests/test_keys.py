@@ -157,6 +157,30 @@ def test_members_command_full_add_remove_versions_and_refusals_change_nothing(tm
     assert d.resolve(frame(KEYS["m-3"], ts), ts) == "m-3"
 
 
+def test_a_vault_that_cannot_be_written_refuses_the_command_names_the_file_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = MemberDirectory()
+    keys = MemberKeys(d, KeyVault(tmp_path))
+    full = {"op": "full", "version": 1, "members": [{"member": "m-1", "key": KEYS["m-1"].hex()}]}
+    assert apply_members_command(keys, full)["ok"]
+
+    def disk_full(self: KeyVault, members: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(KeyVault, "save", disk_full)
+    r = apply_members_command(keys, {"op": "remove", "version": 2, "members": ["m-1"]})
+    assert not r["ok"] and "members.vault" in r["error"] and "No space left" in r["error"]
+    assert r["version"] == 1 and d.known("m-1") and keys.commands["refused"] == 1
+
+
+def test_a_full_set_of_100_000_members_fits_in_one_command() -> None:
+    from gateway.downlink import MAX_PAYLOAD
+
+    members = [{"member": f"member-{i:06d}", "key": "ab" * 32, "tier": "silver"} for i in range(100_000)]
+    assert len(json.dumps({"op": "full", "version": 1, "members": members})) < MAX_PAYLOAD
+
+
 def test_prepare_builds_the_window_after_next_in_chunks_before_it_is_needed() -> None:
     d = MemberDirectory(chunk=2)
     d.set_members(KEYS)
