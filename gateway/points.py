@@ -444,11 +444,12 @@ class PointsEngine:
         last = self._streak_day.get((member, rule.id))
         if last is not None:  # the count starts again the day after the last streak award
             since = max(since, (date.fromisoformat(last) + timedelta(days=1)).isoformat())
+        # Days with a rewarded visit, not visits: three check-ins in one afternoon are no three-visit streak.
         visits = self._member_visits.get(member, {})
-        count = 1 + sum(1 for v, d in visits.items() if v != visit.visit_id and since <= d <= day)
+        count = len({day} | {d for v, d in visits.items() if v != visit.visit_id and since <= d <= day})
         if count < rule.visits:
-            return 0, f"{count} of {rule.visits} visits within {rule.days} days"
-        return rule.points, f"{count} visits within {rule.days} days ({why})"
+            return 0, f"visits on {count} of {rule.visits} different days within {rule.days} days"
+        return rule.points, f"visits on {count} different days within {rule.days} days ({why})"
 
     def explain(self, visit: Visit, kind: str = "ended") -> list[Explanation]:
         """For each rule: the points it awarded this visit, or why it did not (support staff's question)."""

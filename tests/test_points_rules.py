@@ -70,6 +70,18 @@ def test_streak_counts_rewarded_visits_in_the_ledger_and_starts_again_after_an_a
     assert [a.rule for a in e2.evaluate([change("started", visit("w2", NOON + 2 * day, 10))])] == ["visit", "streak"]
 
 
+def test_a_streak_counts_days_so_visits_on_one_day_make_none() -> None:
+    rs = rules(
+        {"id": "visit", "kind": "visit", "points": 1, "per_day": 5},
+        {"id": "streak", "kind": "streak", "visits": 3, "days": 7, "points": 50},
+    )
+    e = engine(rs)
+    got = [a.rule for h in (0, 1, 2, 3) for a in e.evaluate([change("started", visit(f"v{h}", NOON + h * 3600, 10))])]
+    assert got == ["visit"] * 4, "four visits in one day are one day of the streak"
+    (why,) = [x.why for x in e.explain(visit("v3", NOON + 3 * 3600, 10)) if x.rule == "streak"]
+    assert "visits on 1 of 3 different days" in why
+
+
 def test_time_windows_are_store_local_and_judged_at_the_visit_start() -> None:
     rs = rules(
         {"id": "happy", "kind": "visit", "points": 5, "when": {"start": "16:00", "end": "18:00"}},
