@@ -107,7 +107,8 @@ class BeaconRegistry:
         for b, key in self._eid:
             assert b.eid is not None
             period = (int(ts) - b.eid.epoch) >> b.eid.exponent
-            if any(self._sends(b, key, p) == eid for p in (period, period - 1, period + 1) if p >= 0):
+            periods = [p for p in (period, period - 1, period + 1) if p >= 0]
+            if any(hmac.compare_digest(self._sends(b, key, p), eid) for p in periods):
                 return b
         return None
 

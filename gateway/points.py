@@ -362,6 +362,8 @@ class PointsEngine:
         if factor != 1.0:
             points = round(points * factor)
             reason += f", ×{factor:g} for tier {tier}"
+            if points <= 0:
+                return 0, reason + ", which rounds to 0 points: nothing awarded"
         if rule.max_points_per_day is not None:
             left = rule.max_points_per_day - self._rule_day_points.get((member, rule.id, day), 0)
             if left < points:

@@ -97,6 +97,16 @@ def test_time_windows_are_store_local_and_judged_at_the_visit_start() -> None:
     assert x.awarded == 0 and "outside every day 16:00-18:00" in x.why
 
 
+def test_a_tier_factor_that_rounds_an_award_to_nothing_says_so() -> None:
+    from gateway.days import LocalDays
+
+    rs = rules({"id": "visit", "kind": "visit", "points": 1}).model_copy(update={"tiers": {"trial": 0.4}})
+    e = PointsEngine(rs, LocalDays("Europe/Berlin"), [], lambda m: "trial")
+    assert e.evaluate([change("started", visit("v1", NOON, 10))]) == []
+    (x,) = e.explain(visit("v1", NOON, 10), "started")
+    assert x.awarded == 0 and "×0.4 for tier trial, which rounds to 0 points" in x.why
+
+
 def test_tier_multiplier_and_caps() -> None:
     rs = rules(
         {"id": "visit", "kind": "visit", "points": 10, "per_day": 10, "max_points_per_day": 35},
