@@ -59,9 +59,10 @@ per-second RSSI sums per receiver for `SIGNAL_KEEP_S`), in memory only, bounded 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
 
@@ -115,6 +116,25 @@ ONE_SIDED_LLR = 2.0
 """A receiver that heard one side at least twice well above its sensitivity (`ONE_SIDED_DB`) but never the other."""
 ONE_SIDED_DB = -26.0
 """RSSI relative to the phone's 1-m reference (-59 dBm): -85 dBm, 10 dB above a -95 dBm receiver sensitivity."""
+EVENT_MERGE_S = 0.02
+"""Packets received within this of each other are one advertising event (its up to three channels, several
+receivers): the shortest advertising interval Bluetooth LE allows is 20 ms."""
+TIMING_MIN_DIFFS = 4
+"""The old address's advertising interval is estimated only from at least this many gaps between its events."""
+TIMING_MAX_K = 10
+"""Gaps longer than this many intervals (packets missed in a row) are not used: the advDelay jitter adds up."""
+TIMING_SIGMA_MIN_S = 0.002
+"""Floor of the per-event timing jitter, measured on the old address itself (advDelay, 0-10 ms per event by the
+Core specification, is 2.9 ms standard deviation; receive-time jitter of the source adds to it)."""
+SAME_INTERVAL_SHARE = 0.3
+"""Share of other phones assumed to advertise at the same interval: operating systems use a few fixed settings, so a
+matching interval alone is worth at most ln(1/0.3) = 1.2."""
+INTERVAL_KEPT_SHARE = 0.95
+"""Chance a phone keeps its advertising interval across an address change (a change of app or screen state may
+coincide with it): a clear mismatch counts at most ln(0.05 / 0.7) = -2.6 against."""
+PHASE_KEPT_SHARE = 0.5
+"""Chance the advertising events run on across the change at the same schedule (a controller resolving its own
+private address keeps the advertising set running; a host that stops advertising to set a new address does not)."""
 SIGNAL_KEEP_S = 60
 """Seconds of sightings kept per subject: a decision looks back at most `GAP_S + SILENCE_S + PATTERN_S` plus the
 estimator's lag."""
@@ -147,6 +167,7 @@ class _Signal:
     first: float  # the very first sighting's time
     bins: dict[int, dict[str, list[float]]]
     last_in: dict[int, float]  # second -> the last sighting's time in it
+    events: list[float] = field(default_factory=list)  # advertising events' times, sorted (EVENT_MERGE_S apart)
 
 
 class HandoverLinker:
@@ -197,6 +218,10 @@ class HandoverLinker:
                 sig.last_in[sec] = x.ts
             if x.ts < sig.first:
                 sig.first = x.ts
+            ev = sig.events
+            i = bisect.bisect_left(ev, x.ts)
+            if (i == 0 or x.ts - ev[i - 1] > EVENT_MERGE_S) and (i == len(ev) or ev[i] - x.ts > EVENT_MERGE_S):
+                ev.insert(i, x.ts)
 
     def update(self, estimates: Sequence[ZoneEstimate], now: float | None = None) -> list[SubjectLink]:
         """Fold in estimates; return the handovers decided by the newest estimate time (`now` unused).
@@ -305,6 +330,7 @@ class HandoverLinker:
             return None, ""
         f = sig_new.first
         head = _window(sig_new, math.floor(f), math.floor(f) + PATTERN_S - 1, done)
+        head_ev = _head_events(sig_new, done)
 
         def last_before(sig: _Signal) -> float:
             return max((t for sec, t in sig.last_in.items() if sec <= done), default=-math.inf)
@@ -318,7 +344,7 @@ class HandoverLinker:
             if not -PATTERN_OVERLAP_S <= f - last <= PATTERN_GAP_S or self._inside_s.get(k, 0.0) < PATTERN_INSIDE_S:
                 continue
             tail = _window(sig, math.floor(last) - PATTERN_S + 1, math.floor(last), done)
-            olds.append((_pattern_llr(tail, head), k, s))
+            olds.append((_pattern_llr(tail, head) + _timing_llr(_tail_events(sig, done), head_ev), k, s))
         if not olds:
             return None, ""
         olds.sort(key=lambda o: -o[0])
@@ -331,13 +357,14 @@ class HandoverLinker:
         sig_old = self._signals[old_name]
         last = last_before(sig_old)
         tail = _window(sig_old, math.floor(last) - PATTERN_S + 1, math.floor(last), done)
+        tail_ev = _tail_events(sig_old, done)
         for k, sig in self._signals.items():
             if k in (name, old_name) or not k.startswith("anon:"):
                 continue
             if not -PATTERN_OVERLAP_S <= sig.first - last <= PATTERN_GAP_S:
                 continue
             rival = _window(sig, math.floor(sig.first), math.floor(sig.first) + PATTERN_S - 1, done)
-            if _pattern_llr(tail, rival) > llr - PATTERN_MARGIN:
+            if _pattern_llr(tail, rival) + _timing_llr(tail_ev, _head_events(sig, done)) > llr - PATTERN_MARGIN:
                 return None, "pattern_ambiguous"
         old.continued = True
         return SubjectLink(new.first, old_name, name, "handover"), "linked_pattern"
@@ -366,6 +393,7 @@ class HandoverLinker:
             for sec in [sec for sec in sig.bins if sec < keep]:
                 del sig.bins[sec]
                 sig.last_in.pop(sec, None)
+            del sig.events[: bisect.bisect_left(sig.events, keep)]
 
     def diagnostics(self) -> dict[str, Any]:
         """Subjects remembered and how the handover decisions went."""
@@ -408,3 +436,75 @@ def _pattern_llr(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, fl
             if m >= ONE_SIDED_DB and n >= 2:
                 llr -= ONE_SIDED_LLR
     return llr
+
+
+def _tail_events(sig: _Signal, done: int) -> list[float]:
+    """An old address's advertising events of the seconds up to `done` (the last `SIGNAL_KEEP_S` seconds)."""
+    return sig.events[: bisect.bisect_left(sig.events, done + 1)]
+
+
+def _head_events(sig: _Signal, done: int) -> list[float]:
+    """A new address's advertising events of its first `PATTERN_S` whole seconds (none after `done`)."""
+    f = math.floor(sig.first)
+    return sig.events[: bisect.bisect_left(sig.events, min(f + PATTERN_S, done + 1))]
+
+
+def _interval(events: Sequence[float]) -> tuple[float, float] | None:
+    """An address's advertising interval and per-event timing jitter (s) from its events, or None if too few.
+
+    Gaps between heard events are whole multiples of the interval (plus advDelay): the shortest gap gives a first
+    guess, then the interval is the least-squares fit over gaps of up to `TIMING_MAX_K` intervals, and the jitter
+    the spread of what is left, per event.
+    """
+    gaps = [b - a for a, b in zip(events, events[1:], strict=False)]
+    if len(gaps) < TIMING_MIN_DIFFS:
+        return None
+    period = min(gaps)
+    for _ in range(2):
+        used = [(g, k) for g in gaps if 1 <= (k := round(g / period)) <= TIMING_MAX_K]
+        if len(used) < TIMING_MIN_DIFFS:
+            return None
+        period = sum(g for g, _ in used) / sum(k for _, k in used)
+    var = sum((g - k * period) ** 2 / k for g, k in used) / len(used)
+    return period, max(math.sqrt(var), TIMING_SIGMA_MIN_S)
+
+
+def _timing_llr(old: Sequence[float], new: Sequence[float]) -> float:
+    """Log likelihood ratio, one phone against two, of the new address's advertising events given the old one's.
+
+    A phone keeps its advertising interval across an address change (`INTERVAL_KEPT_SHARE`), so the gaps between
+    the new address's events are whole multiples of the old one's interval, each within the jitter that builds up
+    over its intervals; another phone's gaps fall anywhere in the interval, unless it advertises at the same
+    interval (`SAME_INTERVAL_SHARE`). And if the advertising events run on at their schedule (`PHASE_KEPT_SHARE`),
+    the gap from the old address's last event to the new one's first is such a multiple too; for another phone,
+    or a restarted schedule, it falls anywhere. 0 when the old address's interval cannot be estimated.
+    """
+    fit = _interval(old)
+    if fit is None or not new:
+        return 0.0
+    period, sigma = fit
+
+    def fits(gap: float) -> float | None:
+        """Log density of `gap` as whole intervals plus jitter, against uniform over one interval (None: no info)."""
+        k = max(1, round(gap / period))
+        var = k * sigma * sigma
+        if k > TIMING_MAX_K or math.sqrt(var) > period / 4:
+            return None
+        r = gap - k * period
+        return -0.5 * r * r / var - 0.5 * math.log(2 * math.pi * var) + math.log(period)
+
+    same = [v for a, b in zip(new, new[1:], strict=False) if (v := fits(b - a)) is not None]
+    llr = 0.0
+    if same:
+        one = sum(same)  # the new gaps' log density under the old interval, against uniform (two unrelated phones)
+        llr += _logaddexp(math.log(INTERVAL_KEPT_SHARE) + one, math.log(1 - INTERVAL_KEPT_SHARE))
+        llr -= _logaddexp(math.log(SAME_INTERVAL_SHARE) + one, math.log(1 - SAME_INTERVAL_SHARE))
+    phase = fits(new[0] - old[-1])
+    if phase is not None:
+        llr += _logaddexp(math.log(PHASE_KEPT_SHARE) + phase, math.log(1 - PHASE_KEPT_SHARE))
+    return llr
+
+
+def _logaddexp(a: float, b: float) -> float:
+    m = max(a, b)
+    return m + math.log(math.exp(a - m) + math.exp(b - m))
