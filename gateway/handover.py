@@ -63,7 +63,7 @@ import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import groupby
+from itertools import groupby, pairwise
 from typing import Any
 
 from gateway.model import Sighting, SubjectLink, ZoneEstimate
@@ -456,7 +456,7 @@ def _interval(events: Sequence[float]) -> tuple[float, float] | None:
     guess, then the interval is the least-squares fit over gaps of up to `TIMING_MAX_K` intervals, and the jitter
     the spread of what is left, per event.
     """
-    gaps = [b - a for a, b in zip(events, events[1:], strict=False)]
+    gaps = [b - a for a, b in pairwise(events)]
     if len(gaps) < TIMING_MIN_DIFFS:
         return None
     period = min(gaps)
@@ -493,7 +493,7 @@ def _timing_llr(old: Sequence[float], new: Sequence[float]) -> float:
         r = gap - k * period
         return -0.5 * r * r / var - 0.5 * math.log(2 * math.pi * var) + math.log(period)
 
-    same = [v for a, b in zip(new, new[1:], strict=False) if (v := fits(b - a)) is not None]
+    same = [v for a, b in pairwise(new) if (v := fits(b - a)) is not None]
     llr = 0.0
     if same:
         one = sum(same)  # the new gaps' log density under the old interval, against uniform (two unrelated phones)
