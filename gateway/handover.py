@@ -102,6 +102,7 @@ wrong links in the simulator, module docstring)"""
 PATTERN_MARGIN = 2.0
 """... and every rival (another address that fell silent, or another one that started, in the same window) at least
 e^2 times less likely than the match."""
+STAYED_S = 5.0
 PATTERN_INSIDE_S = 30.0
 """The old subject was estimated inside at least this long (in total): it was somebody in the store, not a
 pedestrian whose phone happened to change address as someone else's first appeared."""
@@ -158,6 +159,7 @@ class _Subject:
     decided: bool = False  # as a new subject: linked or not, never looked at again
     continued: bool = False  # as an old subject: a new one took over
     member: bool = False  # an anonymous subject that turned out to be a member's phone: it did not rotate
+    inside_since: float = math.inf  # first estimate of the run of inside estimates that ends with the last one
 
 
 @dataclass(slots=True)
@@ -251,6 +253,8 @@ class HandoverLinker:
             s = subjects[e.subject] = _Subject(e.ts, e.ts, e.inside, xy, sd, e.subject.startswith("anon:"))
         elif e.ts > s.last:
             s.last, s.last_inside, s.last_xy, s.last_sd = e.ts, e.inside, xy, sd
+        if e.ts == s.last:
+            s.inside_since = min(s.inside_since, e.ts) if e.inside else math.inf
         if e.inside:
             self._inside_s[e.subject] = self._inside_s.get(e.subject, 0.0) + 1.0
         if s.settled_xy is None and e.ts >= s.first + SETTLE_S:
@@ -349,7 +353,7 @@ class HandoverLinker:
             return None, ""
         olds.sort(key=lambda o: -o[0])
         llr, old_name, old = olds[0]
-        if llr < PATTERN_LLR or not (self._starts_inside(new) or self._ends_inside(old)):
+        if llr < PATTERN_LLR or not (self._starts_inside(new) or self._stayed_inside(old)):
             return None, ""
         if len(olds) > 1 and olds[1][0] > llr - PATTERN_MARGIN:
             return None, "pattern_ambiguous"
@@ -372,6 +376,10 @@ class HandoverLinker:
     def _ends_inside(self, s: _Subject) -> bool:
         """The subject was last estimated inside, away from every door."""
         return s.last_inside and self._door_m(s.last_xy) >= DOOR_M
+
+    def _stayed_inside(self, s: _Subject) -> bool:
+        """The subject was estimated inside for all of its last `STAYED_S` seconds (or is `_ends_inside`)."""
+        return self._ends_inside(s) or s.last - s.inside_since >= STAYED_S
 
     def _starts_inside(self, s: _Subject) -> bool:
         """Where the subject settled `SETTLE_S` after it was first heard is inside, away from every door."""
