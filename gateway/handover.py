@@ -49,8 +49,8 @@ seeds 1-3): it adds 1-16 links a run, none wrong, and takes the supermarket's sp
 pattern is weaker evidence than it sounds: the patterns of true address changes that the place test
 already linked had LLRs from -17 to +5 (a phone heard at one or two receivers near their sensitivity, a
 turn of the body), so a poor match never vetoes the place test, and a threshold of 0 instead of 1 made
-one wrong link in four of those eight runs (two shoppers
-chained into one visit three times, two pedestrians once).
+one wrong link in four of those eight runs (two shoppers chained into one visit three times, two
+pedestrians once).
 
 Decisions are taken `GAP_S + SILENCE_S` after the new subject's first estimate, long before its own
 session could become a visit (`visits.min_dwell_s`). Only the data's own times are used: estimates', and
