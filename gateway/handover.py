@@ -27,27 +27,30 @@ Where that place test says no, a **pattern test** (`observe` gives the linker th
 still link: the estimator starts a new subject from no knowledge and often places its first seconds on
 the sidewalk or across the store, and sometimes places an old one's last second there, but the phone's
 signal does not move. A phone changes address between two advertising events, so the new address's first
-packet comes within `PATTERN_GAP_S` of the old one's last; and at the same spot a second later it has
-nearly the same RSSI on every receiver (same shadowing, phone offset, body). The new subject continues an
-old one when:
+packet comes within `PATTERN_GAP_S` of the old one's last; at the same spot a second later it has nearly
+the same RSSI on every receiver (same shadowing, phone offset, body); and it keeps its advertising interval,
+often its very schedule. The new subject continues an old one when:
 
 - the old one (anonymous, estimated inside for at least `PATTERN_INSIDE_S` in total) was last heard at
   most `PATTERN_GAP_S` before the new one's first sighting (and not after it);
-- the log likelihood ratio, one phone against two, of the old one's last `PATTERN_S` seconds of RSSI per
-  receiver against the new one's first (`_pattern_llr`) is at least `PATTERN_LLR`;
-- at least one end is in the place test's sense inside (the old one's last estimate or the new one's
-  settled place inside, away from the doors): a shopper leaving as a pedestrian appears at the door is
-  not a handover;
+- the log likelihood ratio, one phone against two, of the old one's last `PATTERN_S` seconds against the
+  new one's first is at least `PATTERN_LLR`: that of the RSSI per receiver (`_pattern_llr`) plus that of
+  the advertising events' timing (`_timing_llr`: the old address's interval, fitted per receiver, and its
+  schedule, against another phone's);
+- at least one end is inside: the new one's settled place inside, away from the doors, or the old one
+  estimated inside for all of its last `STAYED_S` (or last estimated inside, away from the doors): a
+  shopper leaving as a pedestrian appears at the door is not a handover;
 - no rival comes within `PATTERN_MARGIN` of it: no other such old subject against the new one's pattern,
   no other new anonymous subject that started in that window against the old one's.
 
 Measured against the simulator's truth (supermarket at 09:00 seeds 1-3, at 17:00 seeds 1-2, mall unit
-seeds 1-3): it adds 0-11 links a run, none wrong, and takes the supermarket's split visits from 5/7/6 to
-4/2/1 (17:00: 15 -> 8, 16 -> 7). A one-phone pattern is weaker evidence than it sounds: the patterns of
-true address changes that the place test already linked had LLRs from -17 to +5 (a phone heard at one
-or two receivers near their sensitivity, a turn of the body), so a poor match never vetoes the place
-test, and a threshold of 0 instead of 1 made one wrong link in four of those eight runs (two shoppers
-chained into one visit three times, two pedestrians once).
+seeds 1-3): it adds 1-16 links a run, none wrong, and takes the supermarket's split visits from 5/7/6 to
+0/1/1 (17:00: 15 -> 3, 16 -> 2); the RSSI alone took them to 4/2/1 (8 and 7). A one-phone RSSI
+pattern is weaker evidence than it sounds: the patterns of true address changes that the place test
+already linked had LLRs from -17 to +5 (a phone heard at one or two receivers near their sensitivity, a
+turn of the body), so a poor match never vetoes the place test, and a threshold of 0 instead of 1 made
+one wrong link in four of those eight runs (two shoppers chained into one visit three times, two
+pedestrians once).
 
 Decisions are taken `GAP_S + SILENCE_S` after the new subject's first estimate, long before its own
 session could become a visit (`visits.min_dwell_s`). Only the data's own times are used: estimates', and
@@ -59,10 +62,11 @@ per-second RSSI sums per receiver for `SIGNAL_KEEP_S`), in memory only, bounded 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from itertools import groupby
+from dataclasses import dataclass, field
+from itertools import groupby, pairwise
 from typing import Any
 
 from gateway.model import Sighting, SubjectLink, ZoneEstimate
@@ -101,6 +105,10 @@ wrong links in the simulator, module docstring)"""
 PATTERN_MARGIN = 2.0
 """... and every rival (another address that fell silent, or another one that started, in the same window) at least
 e^2 times less likely than the match."""
+STAYED_S = 5.0
+"""Pattern test: an old address estimated inside for all of its last this many seconds is an inside end, near a
+door too; someone leaving is estimated at the door and outside before their address falls silent (supermarket
+seed 2: a shopper 3.7 m from the door, split, now linked; no wrong link in the eight replayed runs)."""
 PATTERN_INSIDE_S = 30.0
 """The old subject was estimated inside at least this long (in total): it was somebody in the store, not a
 pedestrian whose phone happened to change address as someone else's first appeared."""
@@ -115,6 +123,31 @@ ONE_SIDED_LLR = 2.0
 """A receiver that heard one side at least twice well above its sensitivity (`ONE_SIDED_DB`) but never the other."""
 ONE_SIDED_DB = -26.0
 """RSSI relative to the phone's 1-m reference (-59 dBm): -85 dBm, 10 dB above a -95 dBm receiver sensitivity."""
+EVENT_MERGE_S = 0.02
+"""Packets one receiver reports within this of each other are one advertising event (a scanner listens on one
+channel at a time, but a source may repeat a report): the shortest advertising interval Bluetooth LE allows is 20 ms.
+Events are kept per receiver, so each series is on one clock and receivers' clock offsets or delays do not mix."""
+TIMING_MIN_DIFFS = 4
+"""The old address's advertising interval is estimated only from at least this many gaps between its events."""
+TIMING_MAX_K = 10
+"""Gaps longer than this many intervals (packets missed in a row) are not used: the advDelay jitter adds up."""
+TIMING_SIGMA_MIN_S = 0.002
+"""Floor of the per-event timing jitter, measured on the old address itself (advDelay, 0-10 ms per event by the
+Core specification, is 2.9 ms standard deviation; receive-time jitter of the source adds to it)."""
+TIMING_SIGMA_MAX_S = 0.008
+"""... and the timing test says nothing when that jitter is above this: receive times stamped late and unevenly (a
+busy event loop, a remote node batching its reports) would read as a different phone. Replayed with Gaussian jitter
+added to every receive time (supermarket 09:00 seeds 1-3 / 17:00 seeds 1-2, split visits): none 0/1/1 / 3/2; 5 ms
+2/1/1 / 5/2; 20 ms 4/2/1 / 8/6, as without the timing test; 20 ms without this limit 3/1/4 / 9/5 and a wrong link."""
+SAME_INTERVAL_SHARE = 0.3
+"""Share of other phones assumed to advertise at the same interval: operating systems use a few fixed settings, so a
+matching interval alone is worth at most ln(1/0.3) = 1.2."""
+INTERVAL_KEPT_SHARE = 0.95
+"""Chance a phone keeps its advertising interval across an address change (a change of app or screen state may
+coincide with it): a clear mismatch counts at most ln(0.05 / 0.7) = -2.6 against."""
+PHASE_KEPT_SHARE = 0.5
+"""Chance the advertising events run on across the change at the same schedule (a controller resolving its own
+private address keeps the advertising set running; a host that stops advertising to set a new address does not)."""
 SIGNAL_KEEP_S = 60
 """Seconds of sightings kept per subject: a decision looks back at most `GAP_S + SILENCE_S + PATTERN_S` plus the
 estimator's lag."""
@@ -138,6 +171,7 @@ class _Subject:
     decided: bool = False  # as a new subject: linked or not, never looked at again
     continued: bool = False  # as an old subject: a new one took over
     member: bool = False  # an anonymous subject that turned out to be a member's phone: it did not rotate
+    inside_since: float = math.inf  # first estimate of the run of inside estimates that ends with the last one
 
 
 @dataclass(slots=True)
@@ -147,6 +181,7 @@ class _Signal:
     first: float  # the very first sighting's time
     bins: dict[int, dict[str, list[float]]]
     last_in: dict[int, float]  # second -> the last sighting's time in it
+    events: dict[str, list[float]] = field(default_factory=dict)  # per receiver: events' times, sorted
 
 
 class HandoverLinker:
@@ -197,6 +232,10 @@ class HandoverLinker:
                 sig.last_in[sec] = x.ts
             if x.ts < sig.first:
                 sig.first = x.ts
+            ev = sig.events.setdefault(x.receiver, [])
+            i = bisect.bisect_left(ev, x.ts)
+            if (i == 0 or x.ts - ev[i - 1] > EVENT_MERGE_S) and (i == len(ev) or ev[i] - x.ts > EVENT_MERGE_S):
+                ev.insert(i, x.ts)
 
     def update(self, estimates: Sequence[ZoneEstimate], now: float | None = None) -> list[SubjectLink]:
         """Fold in estimates; return the handovers decided by the newest estimate time (`now` unused).
@@ -226,6 +265,8 @@ class HandoverLinker:
             s = subjects[e.subject] = _Subject(e.ts, e.ts, e.inside, xy, sd, e.subject.startswith("anon:"))
         elif e.ts > s.last:
             s.last, s.last_inside, s.last_xy, s.last_sd = e.ts, e.inside, xy, sd
+        if e.ts == s.last:
+            s.inside_since = min(s.inside_since, e.ts) if e.inside else math.inf
         if e.inside:
             self._inside_s[e.subject] = self._inside_s.get(e.subject, 0.0) + 1.0
         if s.settled_xy is None and e.ts >= s.first + SETTLE_S:
@@ -305,6 +346,7 @@ class HandoverLinker:
             return None, ""
         f = sig_new.first
         head = _window(sig_new, math.floor(f), math.floor(f) + PATTERN_S - 1, done)
+        head_ev = _head_events(sig_new, done)
 
         def last_before(sig: _Signal) -> float:
             return max((t for sec, t in sig.last_in.items() if sec <= done), default=-math.inf)
@@ -318,12 +360,12 @@ class HandoverLinker:
             if not -PATTERN_OVERLAP_S <= f - last <= PATTERN_GAP_S or self._inside_s.get(k, 0.0) < PATTERN_INSIDE_S:
                 continue
             tail = _window(sig, math.floor(last) - PATTERN_S + 1, math.floor(last), done)
-            olds.append((_pattern_llr(tail, head), k, s))
+            olds.append((_pattern_llr(tail, head) + _timing_llr(_tail_events(sig, done), head_ev), k, s))
         if not olds:
             return None, ""
         olds.sort(key=lambda o: -o[0])
         llr, old_name, old = olds[0]
-        if llr < PATTERN_LLR or not (self._starts_inside(new) or self._ends_inside(old)):
+        if llr < PATTERN_LLR or not (self._starts_inside(new) or self._stayed_inside(old)):
             return None, ""
         if len(olds) > 1 and olds[1][0] > llr - PATTERN_MARGIN:
             return None, "pattern_ambiguous"
@@ -331,13 +373,14 @@ class HandoverLinker:
         sig_old = self._signals[old_name]
         last = last_before(sig_old)
         tail = _window(sig_old, math.floor(last) - PATTERN_S + 1, math.floor(last), done)
+        tail_ev = _tail_events(sig_old, done)
         for k, sig in self._signals.items():
             if k in (name, old_name) or not k.startswith("anon:"):
                 continue
             if not -PATTERN_OVERLAP_S <= sig.first - last <= PATTERN_GAP_S:
                 continue
             rival = _window(sig, math.floor(sig.first), math.floor(sig.first) + PATTERN_S - 1, done)
-            if _pattern_llr(tail, rival) > llr - PATTERN_MARGIN:
+            if _pattern_llr(tail, rival) + _timing_llr(tail_ev, _head_events(sig, done)) > llr - PATTERN_MARGIN:
                 return None, "pattern_ambiguous"
         old.continued = True
         return SubjectLink(new.first, old_name, name, "handover"), "linked_pattern"
@@ -345,6 +388,10 @@ class HandoverLinker:
     def _ends_inside(self, s: _Subject) -> bool:
         """The subject was last estimated inside, away from every door."""
         return s.last_inside and self._door_m(s.last_xy) >= DOOR_M
+
+    def _stayed_inside(self, s: _Subject) -> bool:
+        """The subject was estimated inside for all of its last `STAYED_S` seconds (or is `_ends_inside`)."""
+        return self._ends_inside(s) or s.last - s.inside_since >= STAYED_S
 
     def _starts_inside(self, s: _Subject) -> bool:
         """Where the subject settled `SETTLE_S` after it was first heard is inside, away from every door."""
@@ -366,6 +413,8 @@ class HandoverLinker:
             for sec in [sec for sec in sig.bins if sec < keep]:
                 del sig.bins[sec]
                 sig.last_in.pop(sec, None)
+            for ev in sig.events.values():
+                del ev[: bisect.bisect_left(ev, keep)]
 
     def diagnostics(self) -> dict[str, Any]:
         """Subjects remembered and how the handover decisions went."""
@@ -408,3 +457,81 @@ def _pattern_llr(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, fl
             if m >= ONE_SIDED_DB and n >= 2:
                 llr -= ONE_SIDED_LLR
     return llr
+
+
+Events = dict[str, list[float]]
+
+
+def _tail_events(sig: _Signal, done: int) -> Events:
+    """An old address's advertising events per receiver of the seconds up to `done` (the last `SIGNAL_KEEP_S`)."""
+    return {rx: ev[: bisect.bisect_left(ev, done + 1)] for rx, ev in sig.events.items()}
+
+
+def _head_events(sig: _Signal, done: int) -> Events:
+    """A new address's advertising events per receiver of its first `PATTERN_S` whole seconds (none after `done`)."""
+    end = min(math.floor(sig.first) + PATTERN_S, done + 1)
+    return {rx: ev[: bisect.bisect_left(ev, end)] for rx, ev in sig.events.items()}
+
+
+def _interval(events: Events) -> tuple[float, float] | None:
+    """An address's advertising interval and per-event timing jitter (s) from its events, or None if too few.
+
+    Gaps between the events one receiver heard are whole multiples of the interval (plus advDelay): the shortest
+    gap gives a first guess, then the interval is the least-squares fit over gaps of up to `TIMING_MAX_K` intervals,
+    and the jitter the spread of what is left, per event.
+    """
+    gaps = [b - a for ev in events.values() for a, b in pairwise(ev)]
+    if len(gaps) < TIMING_MIN_DIFFS:
+        return None
+    period = min(gaps)
+    for _ in range(2):
+        used = [(g, k) for g in gaps if 1 <= (k := round(g / period)) <= TIMING_MAX_K]
+        if len(used) < TIMING_MIN_DIFFS:
+            return None
+        period = sum(g for g, _ in used) / sum(k for _, k in used)
+    var = sum((g - k * period) ** 2 / k for g, k in used) / len(used)
+    return period, max(math.sqrt(var), TIMING_SIGMA_MIN_S)
+
+
+def _timing_llr(old: Events, new: Events) -> float:
+    """Log likelihood ratio, one phone against two, of the new address's advertising events given the old one's.
+
+    A phone keeps its advertising interval across an address change (`INTERVAL_KEPT_SHARE`), so the gaps between
+    the new address's events are whole multiples of the old one's interval, each within the jitter that builds up
+    over its intervals; another phone's gaps fall anywhere in the interval, unless it advertises at the same
+    interval (`SAME_INTERVAL_SHARE`). And if the advertising events run on at their schedule (`PHASE_KEPT_SHARE`),
+    the gap from the old address's last event to the new one's first is such a multiple too; for another phone,
+    or a restarted schedule, it falls anywhere. 0 when the old address's interval cannot be estimated.
+    """
+    fit = _interval(old)
+    if fit is None or fit[1] > TIMING_SIGMA_MAX_S:
+        return 0.0
+    period, sigma = fit
+
+    def fits(gap: float) -> float | None:
+        """Log density of `gap` as whole intervals plus jitter, against uniform over one interval (None: no info)."""
+        k = max(1, round(gap / period))
+        var = k * sigma * sigma
+        if k > TIMING_MAX_K or math.sqrt(var) > period / 4:
+            return None
+        r = gap - k * period
+        return -0.5 * r * r / var - 0.5 * math.log(2 * math.pi * var) + math.log(period)
+
+    same = [v for ev in new.values() for a, b in pairwise(ev) if (v := fits(b - a)) is not None]
+    llr = 0.0
+    if same:
+        one = sum(same)  # the new gaps' log density under the old interval, against uniform (two unrelated phones)
+        llr += _logaddexp(math.log(INTERVAL_KEPT_SHARE) + one, math.log(1 - INTERVAL_KEPT_SHARE))
+        llr -= _logaddexp(math.log(SAME_INTERVAL_SHARE) + one, math.log(1 - SAME_INTERVAL_SHARE))
+    # The schedule across the change, on the receiver that heard both sides closest together (one schedule: the
+    # other receivers add no independent evidence).
+    spans = [new[rx][0] - ev[-1] for rx, ev in old.items() if ev and new.get(rx)]
+    phase = fits(min(spans)) if spans else None
+    if phase is not None:
+        llr += _logaddexp(math.log(PHASE_KEPT_SHARE) + phase, math.log(1 - PHASE_KEPT_SHARE))
+    return llr
+
+
+def _logaddexp(a: float, b: float) -> float:
+    m = max(a, b)
+    return m + math.log(math.exp(a - m) + math.exp(b - m))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from gateway.config import VisitsConfig
-from gateway.handover import GAP_S, SILENCE_S, HandoverLinker
+from gateway.handover import GAP_S, PATTERN_S, SILENCE_S, HandoverLinker, _timing_llr
 from gateway.model import Sighting, SubjectLink, VisitChange, ZoneEstimate
 from gateway.visits import VisitTracker
 
@@ -284,3 +288,124 @@ def test_pattern_links_do_not_depend_on_how_sightings_are_batched() -> None:
     linker.observe(sightings[::-1])
     batch = [est(t, s, x, y, inside=i) for s, (a, b, x, y, i, _lv) in tracks.items() for t in range(a, b + 1)]
     assert linker.update(batch[::-1]) == per_second != []
+
+
+# --------------------------------------------------------------------------- advertising timing in the pattern test
+
+SHIFTED = {rx: v + 4 for rx, v in SHOPPER.items()}  # the same phone turned a little: 4 dB up on every receiver
+
+
+def advertising(
+    subject: str, start: float, end: float, period: float, levels: dict[str, int], step: int = 0
+) -> list[Sighting]:
+    """A phone's advertising events from `start` (s after T0) every `period` plus a 0-10 ms advDelay, until `end`,
+    heard by every receiver in `levels`; `step` numbers the events on from an earlier address's."""
+    out: list[Sighting] = []
+    t, i = start, step
+    while t < end:
+        out += [Sighting(T0 + t, rx, subject, rssi, -59) for rx, rssi in levels.items()]
+        i += 1
+        t += period + 0.001 * ((i * 7) % 11)  # advDelay: 0-10 ms, pseudo-random
+    return out
+
+
+def play_timed(
+    linker: HandoverLinker, sightings: list[Sighting], places: dict[str, tuple[float, float, bool]]
+) -> list[SubjectLink]:
+    """Sightings handed over second by second with one estimate per subject and second it was heard."""
+    out: list[SubjectLink] = []
+    for t in range(170):
+        now = [x for x in sightings if T0 + t <= x.ts < T0 + t + 1]
+        linker.observe(now)
+        subjects = sorted({x.subject for x in now})
+        out += linker.update([est(t, s, *places[s]) for s in subjects], T0 + t)
+    return out
+
+
+def old_and_new(new_period: float, offset: float = 0.255) -> list[Sighting]:
+    """The old address's events every 0.25 s, then the new one's from `offset` after its last (0.255: the next event
+    on the old schedule)."""
+    old = advertising(OLD, 0.0, 100.0, 0.25, SHOPPER)
+    last = max(x.ts for x in old) - T0
+    return old + advertising(NEW, last + offset, 160.0, new_period, SHIFTED)
+
+
+PLACES = {OLD: (25.0, 18.0, True), NEW: (25.0, -3.0, False)}  # the new address put on the sidewalk at first
+
+
+def test_a_weak_pattern_on_the_same_advertising_schedule_is_linked() -> None:
+    sightings = old_and_new(0.25)
+    linker = HandoverLinker(DOORS)
+    assert [(link.old, link.new) for link in play_timed(linker, sightings, PLACES)] == [(OLD, NEW)]
+    assert linker.diagnostics()["linked_pattern"] == 1
+
+
+def test_a_weak_pattern_on_another_phones_interval_is_not_linked() -> None:
+    sightings = old_and_new(0.4, offset=0.1)
+    assert play_timed(HandoverLinker(DOORS), sightings, PLACES) == []
+
+
+def test_without_timing_the_weak_pattern_alone_links_nothing() -> None:
+    # The same levels with the phone's events a third of an interval off its schedule and at the same interval: the
+    # interval still fits (worth at most ln(0.95/0.3)), the schedule does not, and the 4 dB say too little.
+    sightings = old_and_new(0.25)
+    shifted = [
+        x if x.subject == OLD else Sighting(x.ts + 0.083, x.receiver, x.subject, x.rssi, x.ref_rssi) for x in sightings
+    ]
+    assert _timing_llr_of(shifted) < 1.5
+    assert play_timed(HandoverLinker(DOORS), shifted, PLACES) == []
+
+
+def _timing_llr_of(sightings: list[Sighting]) -> float:
+    old: dict[str, list[float]] = {}
+    new: dict[str, list[float]] = {}
+    first = min(x.ts for x in sightings if x.subject == NEW)
+    for x in sightings:
+        if x.subject == OLD:
+            old.setdefault(x.receiver, []).append(x.ts)
+        elif x.ts < math.floor(first) + PATTERN_S:
+            new.setdefault(x.receiver, []).append(x.ts)
+    return _timing_llr(old, new)
+
+
+def test_timing_evidence_for_one_phone_against_two() -> None:
+    same = old_and_new(0.25)
+    other = old_and_new(0.4, offset=0.1)
+    assert _timing_llr_of(same) > math.log(0.95 / 0.3) + 1.0  # interval and schedule both run on
+    assert _timing_llr_of(other) == pytest.approx(math.log(0.05 / 0.7), abs=0.8)  # another interval: against
+
+
+def test_timing_says_nothing_when_receive_times_are_uneven_or_too_few() -> None:
+    sightings = old_and_new(0.25)
+    wobbly = [
+        Sighting(x.ts + (0.03 if i % 3 == 0 else 0.0), x.receiver, x.subject, x.rssi, x.ref_rssi)
+        for i, x in enumerate(sightings)
+    ]  # a busy source stamping every third report 30 ms late
+    assert _timing_llr_of(wobbly) == 0.0
+    assert _timing_llr({"rx-a": [1.0, 1.25, 1.5]}, {"rx-a": [1.75, 2.0]}) == 0.0  # two gaps tell no interval
+
+
+def test_the_old_end_may_be_near_a_door_if_it_stayed_inside() -> None:
+    # The shopper stands 3 m inside a door (the place test's 4 m say no) for the last 20 s, then rotates; the new
+    # address is put on the sidewalk. It stayed inside, not walking out: linked by its pattern.
+    tracks = {OLD: (0, 100, 5.0, 3.2, True, SHOPPER), NEW: (101, 160, 5.0, -3.0, False, SHOPPER)}
+    assert [(link.old, link.new) for link in play_heard(HandoverLinker(DOORS), tracks, 160)] == [(OLD, NEW)]
+
+
+def test_an_old_end_that_just_came_in_from_outside_is_not_an_inside_end() -> None:
+    # Inside long enough in total, but its last seconds were a walk in from the sidewalk near the door.
+    linker = HandoverLinker(DOORS)
+    out: list[SubjectLink] = []
+    for t in range(161):
+        sightings: list[Sighting] = []
+        batch: list[ZoneEstimate] = []
+        if t <= 100:
+            inside = t < 60 or t >= 98  # in for a minute, out at the window, back in 2 s before the change
+            sightings += heard(t, OLD, SHOPPER)
+            batch.append(est(t, OLD, 5.0, 3.2 if inside else -2.0, inside=inside))
+        if t >= 101:
+            sightings += heard(t, NEW, SHOPPER)
+            batch.append(est(t, NEW, 5.0, -3.0, inside=False))
+        linker.observe(sightings)
+        out += linker.update(batch, T0 + t)
+    assert out == []
