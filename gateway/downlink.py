@@ -51,7 +51,7 @@ Handler = Callable[["Gateway", dict[str, Any]], dict[str, Any]]
 def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     """``{"rules": [...]}``: the rules file's content as JSON; replaces the rules of the running gateway."""
     from gateway.days import LocalDays
-    from gateway.points import PointsEngine, RuleSet
+    from gateway.points import PointsEngine, RuleSet, ledger_since
 
     body = {k: v for k, v in payload.items() if k != "id"}
     try:
@@ -59,7 +59,10 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     except ConfigError as e:
         raise CommandRefused("; ".join(e.problems)) from None
     # Built completely (the ledger replayed into it) before it replaces the old engine.
-    engine = PointsEngine(rules, LocalDays(gw.settings.timezone), gw.store.awards(), gw.members.tier, gw.members.known)
+    since = ledger_since(rules, gw.store.history_days())
+    engine = PointsEngine(
+        rules, LocalDays(gw.settings.timezone), gw.store.awards(since), gw.members.tier, gw.members.known, since
+    )
     gw.points = engine
     gw.tracker.mark_all_changed()  # open visits may earn under the new rules before they end
     return {"rules": [r.id for r in rules.rules]}

@@ -196,6 +196,24 @@ class RuleSet(Strict):
         return self
 
 
+LEDGER_MIN_DAYS = 9
+"""Days of ledger a points engine holds at least: a week rule looks back to Monday (6 days), a visit may cross
+midnight, and a day file may be a day behind the journal."""
+
+
+def ledger_since(rules: RuleSet, history_days: Sequence[str]) -> str | None:
+    """The first day of ledger the engine needs, counted back from the newest day with history, or None (all).
+
+    Caps, first visits and streaks look back at most the longest streak's `days` (a week rule 7): loading
+    only that keeps a gateway's memory and start-up flat after a year of awards. Visits older than that are
+    not judged again (`PointsEngine`), so exactly-once holds without the older ledger.
+    """
+    if not history_days:
+        return None
+    back = max([LEDGER_MIN_DAYS, *(r.days + 2 for r in rules.rules if isinstance(r, StreakRule))])
+    return (date.fromisoformat(max(history_days)) - timedelta(days=back)).isoformat()
+
+
 def load_rules(path: Path | None) -> RuleSet:
     """Rules from a TOML file, or the built-in rules; ConfigError names the rule and field."""
     if path is None:
@@ -249,9 +267,12 @@ class PointsEngine:
         ledger: Iterable[Award] = (),
         tier_of: Callable[[str], str | None] = lambda member: None,
         known: Callable[[str], bool] = lambda member: True,
+        since_day: str | None = None,
     ) -> None:
         """`tier_of` and `known` come from the member directory: a member's tier, and whether the backend still
-        provisions the member (one it removed earns nothing more, even on a visit that is still open)."""
+        provisions the member (one it removed earns nothing more, even on a visit that is still open).
+        `since_day`: the ledger holds the awards of that day on (`ledger_since`); older visits are not judged."""
+        self._since = since_day
         self._set = rules
         self._rules = rules.rules
         self._days = days
@@ -341,6 +362,8 @@ class PointsEngine:
         if not self._known(member):
             return 0, "the member is not provisioned on this gateway (removed by the backend, or never imported)"
         day = self._days.day(visit.started)
+        if self._since is not None and day < self._since:
+            return 0, f"the visit is of {day}, older than the ledger held (from {self._since}): not judged again"
         if rule.when is not None and not rule.when.contains(visit.started, self._days.tz):
             return 0, f"the visit started outside {rule.when.describe()}"
         # A check-in proves the shopper was there, not how long: rules whose amount is measured from the

@@ -36,7 +36,7 @@ from gateway.handover import HandoverLinker
 from gateway.identity import BeaconRegistry, Identifier, MemberDirectory
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
 from gateway.model import Award, Event, Visit, VisitChange
-from gateway.points import PointsEngine, RuleSet, load_rules
+from gateway.points import PointsEngine, RuleSet, ledger_since, load_rules
 from gateway.sdnotify import Notifier
 from gateway.store import PendingCommit, Store
 from gateway.uplink import Uplink
@@ -121,7 +121,8 @@ class Gateway:
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
         self.tracker = VisitTracker(settings.gateway, visits_cfg)
         self.linker = HandoverLinker(settings.plan.doors) if settings.visits.handover else None
-        self.points = PointsEngine(rules, days, store.awards(), members.tier, members.known)
+        since = ledger_since(rules, store.history_days())
+        self.points = PointsEngine(rules, days, store.awards(since), members.tier, members.known, since)
         self.footfall = Footfall(days)
         self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
         self.uplink: Uplink | None = None

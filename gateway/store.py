@@ -594,6 +594,11 @@ class Store:
 
     # ------------------------------------------------------------------ history files
 
+    def history_days(self) -> list[str]:
+        """Days ("YYYY-MM-DD") with a history file, oldest first."""
+        self._require_open()
+        return [day for day, _ in self._day_files()]
+
     def _day_files(self) -> list[tuple[str, Path]]:
         """(day, path) of every history file, oldest day first."""
         try:

@@ -70,6 +70,21 @@ def test_streak_counts_rewarded_visits_in_the_ledger_and_starts_again_after_an_a
     assert [a.rule for a in e2.evaluate([change("started", visit("w2", NOON + 2 * day, 10))])] == ["visit", "streak"]
 
 
+def test_the_engine_holds_only_the_ledger_its_rules_look_back_on_and_judges_no_older_visit() -> None:
+    from gateway.points import LEDGER_MIN_DAYS, ledger_since
+
+    short = rules({"id": "visit", "kind": "visit", "points": 1})
+    month = rules({"id": "s", "kind": "streak", "visits": 3, "days": 30, "points": 5})
+    assert ledger_since(short, []) is None, "no history: nothing to leave out"
+    assert ledger_since(short, ["2026-06-01", "2026-06-15"]) == f"2026-06-{15 - LEDGER_MIN_DAYS:02d}"
+    assert ledger_since(month, ["2026-06-15"]) == "2026-05-14"  # 30 days and a margin of 2
+    e = PointsEngine(short, LocalDays("Europe/Berlin"), [], since_day="2026-06-10")
+    old = visit("v-old", local(2026, 6, 9, 12), 10)  # of a day the ledger no longer holds: never awarded again
+    assert e.evaluate([change("started", old)]) == []
+    assert "older than the ledger held (from 2026-06-10)" in e.explain(old, "started")[0].why
+    assert [a.rule for a in e.evaluate([change("started", visit("v-new", NOON, 10))])] == ["visit"]
+
+
 def test_a_streak_counts_days_so_visits_on_one_day_make_none() -> None:
     rs = rules(
         {"id": "visit", "kind": "visit", "points": 1, "per_day": 5},
@@ -98,8 +113,6 @@ def test_time_windows_are_store_local_and_judged_at_the_visit_start() -> None:
 
 
 def test_a_tier_factor_that_rounds_an_award_to_nothing_says_so() -> None:
-    from gateway.days import LocalDays
-
     rs = rules({"id": "visit", "kind": "visit", "points": 1}).model_copy(update={"tiers": {"trial": 0.4}})
     e = PointsEngine(rs, LocalDays("Europe/Berlin"), [], lambda m: "trial")
     assert e.evaluate([change("started", visit("v1", NOON, 10))]) == []
