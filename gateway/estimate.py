@@ -384,24 +384,35 @@ class HmmEstimator:
     def _emission(self, obs: F32, heard: npt.NDArray[np.bool_], packets: F32, alive: npt.NDArray[np.bool_]) -> F32:
         """Likelihood of each cell given one second's RSSI per receiver (rows, receivers), scaled to max 1.
 
-        Residuals are clipped at 3 sigma (robust to a deep fade or a reflection) and a common offset per
-        subject (its phone's power, its body) is integrated out, so the pattern across receivers counts
-        more than the absolute level; receivers that did not hear the subject that second add nothing.
+        A residual costs its Gaussian square up to 3 sigma and grows linearly beyond (Huber): robust to a deep
+        fade or a reflection, yet a place from which a receiver could not hear the subject at all is not
+        excused for a strong reading there. (A flat cost beyond 3 sigma, as before, did excuse it, and the
+        common offset then absorbed the clipped residuals: on the supermarket with every channel impairment off,
+        a sidewalk cell 15 m from the door, where every receiver expects -102 to -139 dBm, explained readings
+        of -80/-89/-82 dBm within 2 nats of the shopper's true cell, and shoppers who came in at the side door
+        stayed "outside" for minutes: zone accuracy 82.8 % with sigma_db 1.5, 95.0 % with the linear tail.)
+        A common offset per subject (its phone's power, its body) is integrated out over the clipped residuals,
+        so the pattern across receivers counts more than the absolute level; receivers that did not hear the
+        subject that second add nothing to this part.
         """
         sigma2 = np.float32(self._cfg.sigma_db**2)
         tau2 = np.float32(OFFSET_SIGMA_DB**2)
         clip = np.float32(3 * self._cfg.sigma_db)
         s1 = np.zeros((obs.shape[0], self._mu.shape[1]), dtype=np.float32)
         s2 = np.zeros_like(s1)
+        tail = np.zeros_like(s1)
         for r in range(self.receivers):
             rows = np.nonzero(heard[:, r])[0]
             if not len(rows):
                 continue
-            e = np.clip(obs[rows, r, None] - self._mu[r][None, :], -clip, clip)
+            raw = obs[rows, r, None] - self._mu[r][None, :]
+            e = np.clip(raw, -clip, clip)
             s1[rows] += e
             s2[rows] += e * e
+            tail[rows] += np.abs(raw - e)
         k = heard.sum(axis=1).astype(np.float32)[:, None]
         ll = -(s2 - s1 * s1 * (tau2 / (sigma2 + k * tau2))) / (2 * sigma2)
+        ll -= tail * (clip / sigma2)
         # A working receiver that heard none of the packets others heard this second: unlikely near it.
         # (Poisson: P(0 of m packets) = exp(-m p), p the chance one packet from the cell reaches it.)
         m = np.minimum(packets, np.float32(MAX_MISS_PACKETS))

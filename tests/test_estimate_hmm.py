@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gateway.config import EstimateConfig, PlanConfig
-from gateway.estimate import REORDER_S, HmmEstimator, StrongestReceiver, make_estimator
+from gateway.estimate import REORDER_S, HmmEstimator, StrongestReceiver, make_estimator, wall_loss
 from gateway.model import Sighting, ZoneEstimate
 
 T0 = 1_764_000_000.0
@@ -122,6 +122,36 @@ def test_a_subject_on_the_sidewalk_is_outside_and_one_inside_is_inside() -> None
     shopper = [e for e in got if e.subject == PHONE and e.ts - T0 > 5]
     assert walker and all((e.zone, e.inside) == ("sidewalk", False) for e in walker)
     assert shopper and all(e.inside for e in shopper)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_a_strong_reading_rules_out_places_that_could_not_be_heard_so_a_shopper_is_found_inside(seed: int) -> None:
+    """The supermarket's plan, a quiet channel (readings within 0.5 dB of the model, `sigma_db` 1.5): a shopper
+    standing in the grocery aisles at (20, 10) is heard by the entrance receiver alone for 4 s (which the sidewalk
+    explains as well), then by every receiver in range. Places on the sidewalk where most of those receivers could
+    not hear the phone at all must be ruled out at once: from second 4 on every estimate is grocery. (With a flat
+    cost beyond 3 sigma they were not: the sidewalk kept the shopper for 3-5 s more.)"""
+    from firmware_sim.scenario import load_scenario, scenario_plan
+
+    supermarket = scenario_plan(load_scenario("supermarket"))
+    walls = [(a[0], a[1], b[0], b[1], w.loss_db) for w in supermarket.walls for a, b in pairwise(w.points)]
+    x, y = np.array([20.0], np.float32), np.array([10.0], np.float32)
+    rng = np.random.default_rng(seed)
+    out: list[Sighting] = []
+    for t in np.arange(0, 40, 0.5):
+        for r in supermarket.receivers:
+            assert r.position is not None
+            if t < 4 and r.id != "rx-entrance":
+                continue
+            d = max(math.hypot(20 - r.position[0], 10 - r.position[1]), 1.0)
+            loss = 22 * math.log10(d) + float(wall_loss(x, y, r.position[0], r.position[1], walls)[0])
+            rssi = -59 - 3 - loss + rng.normal(0, 0.5)  # the model's 3 dB of average body loss
+            if rssi >= -95:
+                out.append(Sighting(T0 + float(t), r.id, PHONE, round(rssi), -59))
+    est = HmmEstimator(supermarket, EstimateConfig(sigma_db=1.5))
+    got = [e for _, e in feed(est, out, 1.0, 45)]
+    assert len(got) >= 35
+    assert [e.zone for e in got if e.ts - T0 > 4] == ["grocery"] * sum(1 for e in got if e.ts - T0 > 4)
 
 
 def test_someone_standing_at_the_window_is_never_sure_inside_and_a_shopper_deep_inside_is() -> None:
