@@ -15,6 +15,11 @@ from typing import Any
 from gateway.days import LocalDays
 from gateway.model import VisitChange
 
+QUIET_GAP_S = 3600.0
+"""A run of quiet minutes (nothing entered, left or passed) longer than this is not filled minute by minute: the
+clock stepped forward (NTP after a boot without a real-time clock) or the data jumped. Only its last hour is
+published, so a step of days is not thousands of empty events in the outbox (docs/events.md)."""
+
 
 @dataclass(slots=True)
 class _Minute:
@@ -78,6 +83,9 @@ class Footfall:
             self._minute = _Minute(start)
         while self._minute.start < start:
             m = self._minute
+            if start - m.start > QUIET_GAP_S and not (m.entries or m.exits or m.passbys):
+                self._minute = _Minute(start - QUIET_GAP_S)
+                continue
             out.append(
                 {
                     "minute": m.start,

@@ -52,6 +52,11 @@ CATCH_UP_S = 5.0
 """A tick that finds data time this far ahead of the pipeline steps there in slices of this much data time."""
 
 
+CLOCK_STEP_S = 2.0
+"""A live run's data time follows the system clock once the two are this far apart (an NTP step); smaller
+differences are the slow slewing NTP does anyway and monotonic time carries on through them."""
+
+
 class StartupError(Exception):
     """Something outside Visita keeps it from starting; the message says what and the fix."""
 
@@ -67,13 +72,39 @@ class Clock:
         self.step_s = step_s
         self._t0 = time.monotonic()
         self._ticks = 0
+        self._follows_wall = start is None and step_s is None and speed == 1.0
+        self._behind = False
+        self.steps = 0
+        """Times the system clock was stepped forward and data time followed it (live runs)."""
 
     def now(self) -> float:
-        """Current data time, UNIX seconds."""
+        """Current data time, UNIX seconds; it never goes back.
+
+        Live (speed 1, no start given), data time is the wall clock kept monotonic: a Pi without a real-time
+        clock starts on the time it saved at shutdown and is stepped forward once NTP syncs, and data time
+        follows that step (check-ins are judged against it, days are dated by it). A step back is not followed:
+        data time holds its course until the wall clock catches up, and says so once.
+        """
         if self.step_s is not None:
             self._ticks += 1
             return self.start + self._ticks * self.step_s
-        return self.start + (time.monotonic() - self._t0) * self.speed
+        elapsed = time.monotonic() - self._t0
+        t = self.start + elapsed * self.speed
+        if self._follows_wall:
+            wall = time.time()
+            if wall - t > CLOCK_STEP_S:
+                log.warning("the system clock was stepped forward by %.0f s (NTP?): data time follows it", wall - t)
+                self.start = wall - elapsed  # set, not added: a second thread seeing the same step changes nothing
+                self.steps += 1
+                t = wall
+            elif t - wall > CLOCK_STEP_S and not self._behind:
+                log.warning(
+                    "the system clock was set back by %.0f s: data time keeps going forward and meets it again "
+                    "(check-ins from phones on the right time may be refused as stale until then)",
+                    t - wall,
+                )
+            self._behind = t - wall > CLOCK_STEP_S
+        return t
 
 
 @dataclass(frozen=True, slots=True)

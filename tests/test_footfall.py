@@ -119,6 +119,19 @@ def test_only_minutes_closed_before_now_are_returned() -> None:
     assert [m["minute"] for m in f.update([], t0 + 60 + 3 * 60 + 1)] == [t0 + 60, t0 + 120, t0 + 180]
 
 
+def test_a_clock_step_of_days_publishes_only_the_last_hour_of_quiet_minutes() -> None:
+    f = Footfall(LocalDays("UTC"))
+    t0 = 1_764_000_000.0
+    v = visit("v1", t0 + 5, t0 + 50, "visitor")
+    f.update([chg("started", t0 + 10, v)], t0 + 30)
+    # an exit in the first minute after the step keeps that minute: only the quiet run before it is cut
+    got = f.update([], t0 + 3 * 86400 + 1)
+    assert len(got) == 61 and got[0]["minute"] == t0 and got[0]["entries"] == 1, "the minute with news is kept"
+    assert [m["minute"] for m in got[1:]] == [t0 + 3 * 86400 - 3600 + 60 * i for i in range(60)]
+    assert all(m["occupancy"] == 1 for m in got), "the visit is still open: occupancy carries on"
+    assert len(f.update([], t0 + 3 * 86400 + 120)) == 2
+
+
 def test_todays_counts_reset_at_local_midnight_but_occupancy_does_not() -> None:
     f = Footfall(LocalDays("Europe/Berlin"))
     evening = visit("late", at(23, 40), at(23, 50), "visitor")

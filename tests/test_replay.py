@@ -7,6 +7,7 @@ import gzip
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,30 @@ def test_the_data_driven_clock_moves_by_its_step_per_reading() -> None:
     assert [clock.now(), clock.now(), clock.now()] == [102.5, 105.0, 107.5]
     paced = Clock(speed=60, start=100.0)
     assert 100.0 <= paced.now() < 101.0
+
+
+def test_a_live_clock_follows_a_step_forward_of_the_system_clock_and_never_goes_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    wall = [1_000_000.0]
+    mono = [50.0]
+    monkeypatch.setattr(time, "time", lambda: wall[0])
+    monkeypatch.setattr(time, "monotonic", lambda: mono[0])
+    clock = Clock()
+    mono[0] += 10
+    wall[0] += 10.5  # NTP slewing: no step
+    assert clock.now() == 1_000_010.0
+    wall[0] += 86_400  # the Pi booted on its saved time; NTP steps it forward by a day
+    assert clock.now() == wall[0] and clock.steps == 1
+    assert "stepped forward by 86400 s" in caplog.text
+    mono[0] += 5
+    wall[0] -= 3600  # and back by an hour: data time does not follow
+    got = [clock.now(), clock.now()]
+    assert got[0] == got[1] == 1_000_010.0 + 86_400.5 + 5 and clock.steps == 1
+    assert caplog.text.count("set back by") == 1, "said once"
+    sim = Clock(speed=60)
+    wall[0] += 1000
+    assert sim.now() == sim.start, "a simulation at speed 60 keeps its own time"
 
 
 def test_visita_sim_writes_a_log_that_visita_replay_turns_into_visits(tmp_path: Path) -> None:
