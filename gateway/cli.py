@@ -368,9 +368,10 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
     members = MemberDirectory()
     tiers = "tiers from the member vault"
     try:
-        load_into(members, data_dir)
+        vault_read = load_into(members, data_dir) > 0  # no vault (members from elsewhere): provisioning unknown
     except KeyStoreError as e:
         tiers = f"tiers unknown ({e})"
+        vault_read = False  # then who is provisioned is not known either: nobody is taken for removed
     try:
         store = Store(data_dir)
     except StoreError as e:
@@ -379,7 +380,8 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
     with store:
         ledger = store.awards()
         visits = [v for v in store.recent_visits(100_000) if v.member == args.member]
-    engine = PointsEngine(rules, LocalDays(settings.timezone), ledger, members.tier, members.known)
+    known: Callable[[str], bool] = members.known if vault_read else (lambda member: True)
+    engine = PointsEngine(rules, LocalDays(settings.timezone), ledger, members.tier, known)
     if args.visit:
         visits = [v for v in visits if v.visit_id == args.visit]
     visits = visits[: max(1, args.limit)] if not args.visit else visits
