@@ -395,24 +395,7 @@ class HmmEstimator:
         so the pattern across receivers counts more than the absolute level; receivers that did not hear the
         subject that second add nothing to this part.
         """
-        sigma2 = np.float32(self._cfg.sigma_db**2)
-        tau2 = np.float32(OFFSET_SIGMA_DB**2)
-        clip = np.float32(3 * self._cfg.sigma_db)
-        s1 = np.zeros((obs.shape[0], self._mu.shape[1]), dtype=np.float32)
-        s2 = np.zeros_like(s1)
-        tail = np.zeros_like(s1)
-        for r in range(self.receivers):
-            rows = np.nonzero(heard[:, r])[0]
-            if not len(rows):
-                continue
-            raw = obs[rows, r, None] - self._mu[r][None, :]
-            e = np.clip(raw, -clip, clip)
-            s1[rows] += e
-            s2[rows] += e * e
-            tail[rows] += np.abs(raw - e)
-        k = heard.sum(axis=1).astype(np.float32)[:, None]
-        ll = -(s2 - s1 * s1 * (tau2 / (sigma2 + k * tau2))) / (2 * sigma2)
-        ll -= tail * (clip / sigma2)
+        ll = self._offset_ll(obs, heard, self._cfg.sigma_db, OFFSET_SIGMA_DB, huber=True)
         # A working receiver that heard none of the packets others heard this second: unlikely near it.
         # (Poisson: P(0 of m packets) = exp(-m p), p the chance one packet from the cell reaches it.)
         m = np.minimum(packets, np.float32(MAX_MISS_PACKETS))
@@ -646,21 +629,39 @@ class HmmEstimator:
             return out
         level = self._level[rows]
         fresh = (self._heard_at[rows] >= now - SURE_FRESH_S) & ~np.isnan(level)
-        sigma2 = np.float32(SURE_SIGMA_DB**2)
-        tau2 = np.float32(SURE_OFFSET_SIGMA_DB**2)
-        s1 = np.zeros((len(rows), self.cells), dtype=np.float32)
-        s2 = np.zeros_like(s1)
-        for r in range(self.receivers):
-            sel = np.nonzero(fresh[:, r])[0]
-            if len(sel):
-                e = level[sel, r, None] - self._mu[r][None, :]
-                s1[sel] += e
-                s2[sel] += e * e
-        k = fresh.sum(axis=1).astype(np.float32)[:, None]
-        ll = -(s2 - s1 * s1 * (tau2 / (sigma2 + k * tau2))) / (2 * sigma2)
+        ll = self._offset_ll(level, fresh, SURE_SIGMA_DB, SURE_OFFSET_SIGMA_DB, huber=False)
         margin = ll[:, ~outside].max(axis=1) - ll[:, outside].max(axis=1)
-        sure: npt.NDArray[np.bool_] = (margin >= np.float32(SURE_MARGIN)) & (k[:, 0] > 0)
+        sure: npt.NDArray[np.bool_] = (margin >= np.float32(SURE_MARGIN)) & fresh.any(axis=1)
         return sure
+
+    def _offset_ll(
+        self, values: F32, used: npt.NDArray[np.bool_], sigma_db: float, offset_db: float, huber: bool
+    ) -> F32:
+        """Log-likelihood of every cell for levels per (row, receiver), the `used` ones, against the path-loss
+        model, with the row's common offset (prior `offset_db`) integrated out; residuals Gaussian with
+        `sigma_db`, and with `huber` linear beyond 3 sigma (see `_emission`)."""
+        sigma2 = np.float32(sigma_db**2)
+        tau2 = np.float32(offset_db**2)
+        clip = np.float32(3 * sigma_db)
+        s1 = np.zeros((values.shape[0], self.cells), dtype=np.float32)
+        s2 = np.zeros_like(s1)
+        tail = np.zeros_like(s1)
+        for r in range(self.receivers):
+            rows = np.nonzero(used[:, r])[0]
+            if not len(rows):
+                continue
+            e = values[rows, r, None] - self._mu[r][None, :]
+            if huber:
+                clipped = np.clip(e, -clip, clip)
+                tail[rows] += np.abs(e - clipped)
+                e = clipped
+            s1[rows] += e
+            s2[rows] += e * e
+        k = used.sum(axis=1).astype(np.float32)[:, None]
+        ll: F32 = -(s2 - s1 * s1 * (tau2 / (sigma2 + k * tau2))) / (2 * sigma2)
+        if huber:
+            ll -= tail * (clip / sigma2)
+        return ll
 
     def relabel(self, old: str, new: str) -> bool:
         """Carry `old`'s state on as `new` (a member recognised on an address that was anonymous until now).
