@@ -22,6 +22,7 @@ from itertools import pairwise
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from firmware_sim.scenario import Scenario, scenario_plan
 from firmware_sim.truth import person_record
@@ -64,16 +65,21 @@ METRIC_KEYS = (
     "zone_changes_detected",
     "path_edit_distance_mean",
     "path_edit_distance_all_mean",
+    "position_error_median_m",
+    "position_error_p90_m",
 )
 
 
 @dataclass(slots=True)
 class _Track:
-    """What one estimator said about one subject: estimate times, zones, inside flags, report times."""
+    """What one estimator said about one subject: estimate times, zones, inside flags, positions (NaN: none),
+    report times."""
 
     ts: list[float] = field(default_factory=list)
     zone: list[str] = field(default_factory=list)
     inside: list[bool] = field(default_factory=list)
+    x: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
     reported: list[float] = field(default_factory=list)
 
 
@@ -108,6 +114,8 @@ class _Pipeline:
             tr.ts.append(e.ts)
             tr.zone.append(e.zone)
             tr.inside.append(e.inside)
+            tr.x.append(math.nan if e.x is None else e.x)
+            tr.y.append(math.nan if e.y is None else e.y)
             tr.reported.append(now)
 
 
@@ -235,12 +243,16 @@ def _score(
             for subject, _a, _b in _subjects_of(p):
                 by_subject.setdefault(subject, []).append(i)
     tracks = {s: (np.array(tr.ts), tr) for s, tr in pipe.tracks.items()}
+    positions = {s: (np.array(tr.x), np.array(tr.y)) for s, tr in pipe.tracks.items()}
 
     # ---- zone accuracy: subject-seconds in the right zone (inside truth, or while the gateway has an estimate)
     right = total = io_right = 0
+    pos_err: list[npt.NDArray[np.float64]] = []  # inside seconds: estimated position's distance from the truth, m
     for p in truth:
         if not p["phone"]:
             continue
+        track = p["track"]
+        track_x, track_y = np.array(track["x"]), np.array(track["y"])
         subject_ranges = (
             [("member:" + p["member"], p["arrived"], math.inf)]
             if p["member"] is not None
@@ -269,6 +281,13 @@ def _score(
                 idx = np.nonzero(sel)[0]
                 got[idx[ok]] = zs[ok]
                 got_inside[idx[ok]] = ins[ok]
+                if zone in inside_zones:
+                    k = np.rint((secs[sel] - track["t0"]) / track["step"]).astype(np.int64)
+                    k = np.clip(k, 0, len(track_x) - 1)
+                    jj = np.maximum(j, 0)
+                    ex, ey = (a[jj] for a in positions[subject])
+                    d = np.hypot(ex - track_x[k], ey - track_y[k])[ok]
+                    pos_err.append(d[~np.isnan(d)])
             counted = np.array([g is not None for g in got]) | (zone in inside_zones)
             total += int(counted.sum())
             right += int(sum(1 for g in got[counted] if g == zone))
@@ -370,6 +389,8 @@ def _score(
             if math.isfinite(first):
                 delays.append(first - t_change)
 
+    errs = np.concatenate(pos_err).tolist() if pos_err else []
+
     def r(x: float | None, nd: int = 3) -> float | None:
         return None if x is None else round(x, nd)
 
@@ -394,6 +415,8 @@ def _score(
         "zone_changes_detected": r(len(delays) / changes_total if changes_total else 0.0, 3),
         "path_edit_distance_mean": r(float(np.mean(paths)) if paths else None, 3),
         "path_edit_distance_all_mean": r(float(np.mean(paths_all)) if paths_all else None, 3),
+        "position_error_median_m": r(_pct(errs, 50), 2),
+        "position_error_p90_m": r(_pct(errs, 90), 2),
     }
 
 
@@ -414,6 +437,8 @@ LABELS = (
     ("zone_changes_detected", "zone changes detected", "pct"),
     ("path_edit_distance_mean", "path edit distance, mean (stays >= 10 s)", "f"),
     ("path_edit_distance_all_mean", "path edit distance, mean (every zone)", "f"),
+    ("position_error_median_m", "position error inside, median", "m"),
+    ("position_error_p90_m", "position error inside, p90", "m"),
 )
 
 
@@ -431,6 +456,8 @@ def _cell(result: dict[str, Any], key: str, kind: str) -> str:
         return f"{v:.1f} % ({result[key.replace('_pct', '_s')]:.0f} s)"
     if kind == "s":
         return f"{v:.1f} s"
+    if kind == "m":
+        return f"{v:.1f} m"
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 

@@ -43,6 +43,9 @@ def test_evaluate_scores_both_estimators_on_the_same_run() -> None:
     assert r["run"]["estimator"]["estimator"] == "hmm" and r["run"]["estimator"]["resolution"] == "zones"
     assert r["run"]["pedestrians"] > r["run"]["shoppers"] > 0
     assert r["visits_true"] == r["baseline"]["visits_true"] > 0
+    # Positions: the HMM places subjects (a mall unit is 12 m deep), the baseline only names a receiver's zone.
+    assert 0.0 < r["position_error_median_m"] <= r["position_error_p90_m"] < 15.0
+    assert r["baseline"]["position_error_median_m"] is None
 
 
 def test_visita_eval_json_takes_a_file_path_as_well_as_a_name(
