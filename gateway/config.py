@@ -260,24 +260,48 @@ class MqttConfig(Strict):
 
         Raises ValueError naming the file when it cannot be read.
         """
-        path = self.password_file
-        if not path:
-            creds = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not creds or not os.path.exists(os.path.join(creds, "mqtt-password")):
-                return None
-            path = os.path.join(creds, "mqtt-password")
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"mqtt.password_file {path}: cannot be read: {e}; fix the path or its mode") from None
-        lines = text.splitlines()
-        return lines[0] if lines else ""
+        return read_secret(self.password_file, "mqtt-password", "mqtt.password_file")
+
+
+def read_secret(path: str, credential: str, setting: str) -> str | None:
+    """The first line of the file `path`, or of systemd's credential `credential` when `path` is empty;
+    None when neither is there. Raises ValueError naming the file and the setting when it cannot be read."""
+    if not path:
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not creds or not os.path.exists(os.path.join(creds, credential)):
+            return None
+        path = os.path.join(creds, credential)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{setting} {path}: cannot be read: {e}; fix the path or its mode") from None
+    lines = text.splitlines()
+    return lines[0] if lines else ""
+
+
+INSTALLER_TOKEN_MIN = 16
 
 
 class DashboardConfig(Strict):
     """The footfall dashboard and API."""
 
     listen: str = Field(default="127.0.0.1:8080", description='HOST:PORT to serve on, or "off".')
+    installer_token_file: str = Field(
+        default="",
+        description="File holding the installer token (first line, at least 16 characters), which the installer "
+        "endpoints (/api/v1/survey…) and `visita survey` need; empty means $CREDENTIALS_DIRECTORY/"
+        "visita-installer-token when systemd provides it, else the installer endpoints are off.",
+    )
+
+    def installer_token(self) -> str | None:
+        """The installer token, or None when none is configured. ValueError when it is unreadable or too short."""
+        token = read_secret(self.installer_token_file, "visita-installer-token", "dashboard.installer_token_file")
+        if token is not None and len(token.strip()) < INSTALLER_TOKEN_MIN:
+            raise ValueError(
+                f"dashboard.installer_token_file: the installer token must be at least {INSTALLER_TOKEN_MIN} "
+                "characters; make one with: openssl rand -hex 24"
+            )
+        return None if token is None else token.strip()
 
     @field_validator("listen")
     @classmethod

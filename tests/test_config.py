@@ -9,7 +9,14 @@ import pytest
 from conftest import VISITA
 
 from gateway.cli import main
-from gateway.config import ConfigError, load_settings, parse_duration, parse_listen, parse_mqtt_url
+from gateway.config import (
+    ConfigError,
+    DashboardConfig,
+    load_settings,
+    parse_duration,
+    parse_listen,
+    parse_mqtt_url,
+)
 
 GOOD = """
 store = "berlin-mitte"
@@ -171,3 +178,21 @@ def test_parsers() -> None:
     assert parse_listen("[::1]:8080") == ("::1", 8080)
     assert str(parse_mqtt_url("mqtts://h")) == "mqtts://h:8883"
     assert str(parse_mqtt_url("mqtt://h")) == "mqtt://h:1883"
+
+
+def test_installer_token_from_file_or_credential_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert DashboardConfig().installer_token() is None  # none configured: the installer endpoints are off
+    token = tmp_path / "token"
+    token.write_text("  0123456789abcdef0123  \nsecond line ignored\n")
+    assert DashboardConfig(installer_token_file=str(token)).installer_token() == "0123456789abcdef0123"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "visita-installer-token").write_text("from-systemd-credential-0001\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert DashboardConfig().installer_token() == "from-systemd-credential-0001"
+    token.write_text("short\n")
+    with pytest.raises(ValueError, match="at least 16 characters; make one with: openssl rand -hex 24"):
+        DashboardConfig(installer_token_file=str(token)).installer_token()
+    with pytest.raises(ValueError, match=r"dashboard.installer_token_file .*missing.*: cannot be read"):
+        DashboardConfig(installer_token_file=str(tmp_path / "missing")).installer_token()
