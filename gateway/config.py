@@ -325,11 +325,11 @@ class EstimateConfig(Strict):
         default=5.0, ge=1, le=20, description="HMM: spread of one second's RSSI around the path-loss model, dB."
     )
     surveyed_sigma_db: float | None = Field(
-        default=None,
+        default=4.5,
         ge=1,
         le=20,
-        description="HMM: sigma_db to use instead when a site survey map is loaded (docs/survey.md); "
-        "None: sigma_db either way.",
+        description="HMM: sigma_db to use instead when a site survey map is loaded: the survey explains part of "
+        "the static shadowing, so less spread is left (docs/survey.md); None: sigma_db either way.",
     )
     walk_mps: float = Field(default=1.5, gt=0, le=5, description="HMM: fastest walking speed assumed, m/s.")
     outlier_db: float = Field(

@@ -203,6 +203,8 @@ def test_the_estimator_adds_the_maps_correction_to_its_model_mean() -> None:
     d = est.diagnostics()
     assert d["sigma_db"] == 3.5 and d["survey"]["spots"] == 0
     assert base.diagnostics()["sigma_db"] == 5.0 and base.diagnostics()["survey"] is None
+    assert HmmEstimator(p, EstimateConfig(), ConstantMap(p, [0.0, 0.0])).diagnostics()["sigma_db"] == 4.5
+    assert HmmEstimator(p, EstimateConfig(surveyed_sigma_db=None), ConstantMap(p, [0.0, 0.0]))._cfg.sigma_db == 5.0
     # A phone at (8, 10) whose rx-a readings are 6 dB above the plain model there: with the map it is placed
     # there; without it, nearer to rx-a.
     j = int(np.argmin(np.hypot(base._cx - 8.0, base._cy - 10.0)))
