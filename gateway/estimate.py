@@ -313,6 +313,9 @@ class HmmEstimator:
         # Expected RSSI per receiver and cell, for a -59 dBm-at-1-m transmitter (path loss, walls, body), plus
         # what a site survey learned of the store's static shadowing and the receivers' offsets (gateway/survey.py).
         mu = expected_rssi(plan, cfg.path_loss_exponent, cx, cy)
+        # The sure-inside test keeps the plain model: a survey maps the inside only, so with its correction inside
+        # cells would fit any pattern better than outside cells, which it does not reach (docs/survey.md).
+        self._mu_plain = mu
         self._survey = survey
         if survey is not None:
             survey.check_compatible(plan, cfg)
@@ -645,6 +648,9 @@ class HmmEstimator:
         best outside cell by SURE_MARGIN. Without outside zones in the plan every inside estimate is sure, and
         so is every one with a single receiver: one level against a phone-model-wide offset fits a place on
         either side of the glass almost equally (small-shop, seed 2: visit recall 1.0 -> 0.53 with the test).
+        The plain path-loss model is used, without a site survey's correction: the survey maps the inside only, so
+        corrected inside cells would fit any pattern better than outside cells (pedestrians at the supermarket's
+        window became visits: seed 1, 3-m survey, 0.9 % of pass-bys, 0 with the plain model; docs/survey.md).
         """
         out = np.ones(len(rows), dtype=np.bool_)
         outside = ~self._cell_inside
@@ -652,13 +658,19 @@ class HmmEstimator:
             return out
         level = self._level[rows]
         fresh = (self._heard_at[rows] >= now - SURE_FRESH_S) & ~np.isnan(level)
-        ll = self._offset_ll(level, fresh, SURE_SIGMA_DB, SURE_OFFSET_SIGMA_DB, huber=False)
+        ll = self._offset_ll(level, fresh, SURE_SIGMA_DB, SURE_OFFSET_SIGMA_DB, huber=False, mu=self._mu_plain)
         margin = ll[:, ~outside].max(axis=1) - ll[:, outside].max(axis=1)
         sure: npt.NDArray[np.bool_] = (margin >= np.float32(SURE_MARGIN)) & fresh.any(axis=1)
         return sure
 
     def _offset_ll(
-        self, values: F32, used: npt.NDArray[np.bool_], sigma_db: float, offset_db: float, huber: bool
+        self,
+        values: F32,
+        used: npt.NDArray[np.bool_],
+        sigma_db: float,
+        offset_db: float,
+        huber: bool,
+        mu: F32 | None = None,
     ) -> F32:
         """Log-likelihood of every cell for levels per (row, receiver), the `used` ones, against the path-loss
         model, with the row's common offset (prior `offset_db`) integrated out; residuals Gaussian with
@@ -673,7 +685,7 @@ class HmmEstimator:
             rows = np.nonzero(used[:, r])[0]
             if not len(rows):
                 continue
-            e = values[rows, r, None] - self._mu[r][None, :]
+            e = values[rows, r, None] - (self._mu if mu is None else mu)[r][None, :]
             if huber:
                 clipped = np.clip(e, -clip, clip)
                 tail[rows] += np.abs(e - clipped)
