@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from gateway.config import EstimateConfig, PlanConfig, SurveyConfig
 from gateway.estimate import REFERENCE_RSSI_1M, expected_rssi, points_in_polygon
+from gateway.model import Sighting
 
 F64 = npt.NDArray[np.float64]
 F32 = npt.NDArray[np.float32]
@@ -130,8 +131,8 @@ class SurveyRecorder:
             )
         self._running = _Running(x, y, now, seconds)
 
-    def observe(self, sightings: Sequence[Any]) -> None:
-        """Fold in sightings (gateway.model.Sighting); only the tag's, inside the running spot's window, count."""
+    def observe(self, sightings: Sequence[Sighting]) -> None:
+        """Fold in sightings; only the tag's, inside the running spot's window, count."""
         newest = -math.inf
         for s in sightings:
             if s.subject != self.transmitter:
