@@ -123,6 +123,8 @@ class _BeaconState:
     boot_ts: float
     slow: F64
     drift: F64
+    carrier: Person | None = None
+    """Someone carrying the beacon (a survey tag): its slow channel then follows their track and body."""
 
 
 class World:
@@ -238,6 +240,23 @@ class World:
             slow=self.channel.slow(x, y, None)[0],
             drift=self.channel.initial_drift(1)[0],
         )
+
+    def carry_beacon(self, beacon: Beacon, t: F64, x: F64, y: F64, heading: F64) -> int:
+        """Add a beacon carried along a track (knot times, positions, headings): a survey tag in an
+        installer's hand, heard through the same channel as everything else (body loss included). Call before
+        the first `advance`. Returns its address id."""
+        if self._gen_until > self.start_ts:
+            raise RuntimeError("carry_beacon must be called before the world is advanced")
+        i = len(self._beacons)
+        state = self._make_beacon(i, beacon)
+        self._pid += 1
+        state.carrier = Person(self._pid, "staff", t, x, y, heading)
+        self._beacons.append(state)
+        iv = beacon.interval_ms / 1000
+        self._beacon_streams.append(
+            Stream(self._new_sid(), KIND_BEACON, iv, self.start_ts + float(self._dev.uniform(0, iv)), beacon=i)
+        )
+        return state.address
 
     # ------------------------------------------------------------------ people
 
@@ -427,7 +446,12 @@ class World:
             drift = self.channel.drift(np.stack([b.drift for b in self._beacons]), n)
             for b, d in zip(self._beacons, drift[:, -1], strict=True):
                 b.drift = d
-            slow_parts.append(np.stack([b.slow for b in self._beacons])[:, None, :] + drift)
+            static = np.stack([b.slow for b in self._beacons])[:, None, :] + np.zeros((1, n + 1, 1))
+            for i, b in enumerate(self._beacons):
+                if b.carrier is not None:
+                    bx, by, bh = self._samples([b.carrier], b0, n + 1)
+                    static[i] = self.channel.slow(bx, by, bh)[0]
+            slow_parts.append(static + drift)
         streams = [s for p in people for s in p.streams] + self._beacon_streams
         if not streams:
             return EMPTY

@@ -67,6 +67,19 @@ def _step(text: str) -> float:
     return value
 
 
+def _bounded(lo: float, hi: float, unit: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {lo:g}..{hi:g} {unit}")
+        return value
+
+    return parse
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -298,6 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--config", type=Path, metavar="FILE", help="take [estimate] and [visits] from this config file")
     ev.add_argument("--tick", type=_step, default=1.0, metavar="SECONDS", help="pipeline tick, data time (default: 1)")
+    ev.add_argument(
+        "--survey",
+        type=_bounded(0.5, 50, "metres"),
+        metavar="SPACING_M",
+        help="run a simulated site survey first (spots on a grid this many metres apart) and give its map to the "
+        "estimator (docs/survey.md)",
+    )
+    ev.add_argument(
+        "--survey-seconds",
+        type=_bounded(3, 600, "seconds"),
+        default=20.0,
+        metavar="S",
+        help="with --survey: seconds the installer stands, turning, at each spot (default: 20)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="log detail")
 

@@ -348,6 +348,13 @@ class EstimateConfig(Strict):
     sigma_db: float = Field(
         default=5.0, ge=1, le=20, description="HMM: spread of one second's RSSI around the path-loss model, dB."
     )
+    surveyed_sigma_db: float | None = Field(
+        default=4.5,
+        ge=1,
+        le=20,
+        description="HMM: sigma_db to use instead when a site survey map is loaded: the survey explains part of "
+        "the static shadowing, so less spread is left (docs/survey.md); None: sigma_db either way.",
+    )
     walk_mps: float = Field(default=1.5, gt=0, le=5, description="HMM: fastest walking speed assumed, m/s.")
     outlier_db: float = Field(
         default=12.0,
@@ -370,6 +377,55 @@ class EstimateConfig(Strict):
         ge=-120,
         le=0,
         description="Best smoothed RSSI below this puts the subject outside (in the plan's first outside zone), dBm.",
+    )
+
+
+class SurveyConfig(Strict):
+    """The site survey (docs/survey.md): an installer carries a known transmitter to spots of the plan; the
+    estimator's model mean is corrected by what was measured there (static shadowing, receiver offsets)."""
+
+    transmitter: str = Field(
+        default="",
+        pattern=r"^(?:beacon:[0-9a-z:.-]{1,120})?$",
+        description="Subject id of the survey tag, e.g. beacon:<uuid>:<major>:<minor>; empty: none chosen yet.",
+    )
+    file: str = Field(
+        default="survey.json",
+        max_length=4096,
+        description="The survey map file; relative: in the data directory (storage.data_dir).",
+    )
+    correlation_m: float = Field(
+        default=4.0,
+        ge=0.5,
+        le=50,
+        description="Distance over which the store's static shadowing decorrelates (to 1/e), m: how far a spot's "
+        "correction reaches. Shelving and fittings: 3-5 m.",
+    )
+    sigma_db: float = Field(
+        default=5.0,
+        ge=0.5,
+        le=20,
+        description="Prior spread of the static shadowing, dB; far from every spot the correction falls back to 0.",
+    )
+    offset_sigma_db: float = Field(
+        default=3.0,
+        ge=0,
+        le=20,
+        description="Prior spread of a receiver's RSSI offset (calibration) fitted first, dB; 0: none fitted.",
+    )
+    spot_sigma_db: float = Field(
+        default=2.5,
+        ge=0,
+        le=20,
+        description="What a spot's level varies by that averaging its packets does not remove (people, doors, "
+        "drifting shadow), dB; added to each spot's packet noise.",
+    )
+    min_packets: int = Field(
+        default=5,
+        ge=1,
+        le=10_000,
+        description="A receiver that heard fewer of the tag's packets at a spot is left out for that spot "
+        "(censored: near its sensitivity only the strong packets arrive).",
     )
 
 
@@ -413,6 +469,7 @@ class Settings(Strict):
     plan: PlanConfig = Field(default_factory=lambda: default_plan())
     estimate: EstimateConfig = Field(default_factory=EstimateConfig)
     visits: VisitsConfig = Field(default_factory=VisitsConfig)
+    survey: SurveyConfig = Field(default_factory=SurveyConfig)
     points: PointsConfig = Field(default_factory=PointsConfig)
 
     @field_validator("timezone")

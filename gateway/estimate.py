@@ -27,13 +27,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from gateway.config import EstimateConfig, PlanConfig
 from gateway.model import Sighting, ZoneEstimate
+
+if TYPE_CHECKING:
+    from gateway.survey import SurveyMap
 
 REFERENCE_RSSI_1M = -59.0
 """The transmitter strength `inside_min_rssi` is expressed for (dBm at 1 m)."""
@@ -228,6 +231,28 @@ def wall_loss(ax: F32, ay: F32, bx: float, by: float, walls: Sequence[tuple[floa
     return total
 
 
+def plan_walls(plan: PlanConfig) -> list[tuple[float, float, float, float, float]]:
+    """The plan's walls as segments (x1, y1, x2, y2, loss dB)."""
+    pairs = [(a, b, w.loss_db) for w in plan.walls for a, b in zip(w.points, w.points[1:], strict=False)]
+    return [(a[0], a[1], b[0], b[1], loss) for a, b, loss in pairs]
+
+
+def expected_rssi(plan: PlanConfig, path_loss_exponent: float, x: F32, y: F32) -> F32:
+    """The HMM's model mean: expected RSSI (dBm) at every receiver of a -59 dBm-at-1-m transmitter carried at
+    (x, y), shape (receivers, points): log-distance path loss (distance at least 1 m), minus the walls the
+    straight path crosses, minus the average body loss. gateway/survey.py measures residuals against this."""
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y, dtype=np.float32)
+    walls = plan_walls(plan)
+    mu = np.empty((len(plan.receivers), len(x)), dtype=np.float32)
+    for i, r in enumerate(plan.receivers):
+        assert r.position is not None
+        d = np.maximum(np.hypot(x - r.position[0], y - r.position[1]), 1.0)
+        loss = 10 * path_loss_exponent * np.log10(d) + wall_loss(x, y, r.position[0], r.position[1], walls)
+        mu[i] = REFERENCE_RSSI_1M - MEAN_BODY_LOSS_DB - loss
+    return mu
+
+
 class HmmEstimator:
     """Zones from a hidden Markov model over a grid on the store plan, for all subjects at once.
 
@@ -235,9 +260,12 @@ class HmmEstimator:
     module docstring of the baseline above for the estimator it replaces.
     """
 
-    def __init__(self, plan: PlanConfig, cfg: EstimateConfig) -> None:
+    def __init__(self, plan: PlanConfig, cfg: EstimateConfig, survey: SurveyMap | None = None) -> None:
         if not plan.has_geometry():
             raise ValueError("the HMM estimator needs a polygon for every zone and a position for every receiver")
+        if survey is not None and cfg.surveyed_sigma_db is not None:
+            # With the static shadowing learned, less of a second's spread is left unexplained (docs/survey.md).
+            cfg = cfg.model_copy(update={"sigma_db": cfg.surveyed_sigma_db})
         self._cfg = cfg
         self._lag = cfg.lag_s
         self._rx_index = {r.id: i for i, r in enumerate(plan.receivers)}
@@ -282,18 +310,16 @@ class HmmEstimator:
         self._cx, self._cy = cx, cy
         self._nb, self._kernel = self._motion(plan, cfg, grid, valid, h, w)
         self._norm = self._kernel.sum(axis=1).astype(np.float32)
-        # Expected RSSI per receiver and cell, for a -59 dBm-at-1-m transmitter (path loss, walls, body).
-        walls = [
-            (a[0], a[1], b[0], b[1], wl.loss_db)
-            for wl in plan.walls
-            for a, b in zip(wl.points, wl.points[1:], strict=False)
-        ]
-        mu = np.empty((self.receivers, self.cells), dtype=np.float32)
-        for i, r in enumerate(plan.receivers):
-            assert r.position is not None
-            d = np.maximum(np.hypot(cx - r.position[0], cy - r.position[1]), 1.0)
-            loss = 10 * cfg.path_loss_exponent * np.log10(d) + wall_loss(cx, cy, r.position[0], r.position[1], walls)
-            mu[i] = REFERENCE_RSSI_1M - MEAN_BODY_LOSS_DB - loss
+        # Expected RSSI per receiver and cell, for a -59 dBm-at-1-m transmitter (path loss, walls, body), plus
+        # what a site survey learned of the store's static shadowing and the receivers' offsets (gateway/survey.py).
+        mu = expected_rssi(plan, cfg.path_loss_exponent, cx, cy)
+        # The sure-inside test keeps the plain model: a survey maps the inside only, so with its correction inside
+        # cells would fit any pattern better than outside cells, which it does not reach (docs/survey.md).
+        self._mu_plain = mu
+        self._survey = survey
+        if survey is not None:
+            survey.check_compatible(plan, cfg)
+            mu = (mu + survey.correction(cx, cy)).astype(np.float32)
         # Chance that one packet from a cell reaches each receiver above its sensitivity (for non-detection).
         margin = (mu - SENSITIVITY_DBM) / np.float32(PACKET_SIGMA_DB)
         self._pdet = (1.0 - 0.5 * _erfc(margin / math.sqrt(2.0))).astype(np.float32)
@@ -622,6 +648,9 @@ class HmmEstimator:
         best outside cell by SURE_MARGIN. Without outside zones in the plan every inside estimate is sure, and
         so is every one with a single receiver: one level against a phone-model-wide offset fits a place on
         either side of the glass almost equally (small-shop, seed 2: visit recall 1.0 -> 0.53 with the test).
+        The plain path-loss model is used, without a site survey's correction: the survey maps the inside only, so
+        corrected inside cells would fit any pattern better than outside cells (pedestrians at the supermarket's
+        window became visits: seed 1, 3-m survey, 0.9 % of pass-bys, 0 with the plain model; docs/survey.md).
         """
         out = np.ones(len(rows), dtype=np.bool_)
         outside = ~self._cell_inside
@@ -629,13 +658,19 @@ class HmmEstimator:
             return out
         level = self._level[rows]
         fresh = (self._heard_at[rows] >= now - SURE_FRESH_S) & ~np.isnan(level)
-        ll = self._offset_ll(level, fresh, SURE_SIGMA_DB, SURE_OFFSET_SIGMA_DB, huber=False)
+        ll = self._offset_ll(level, fresh, SURE_SIGMA_DB, SURE_OFFSET_SIGMA_DB, huber=False, mu=self._mu_plain)
         margin = ll[:, ~outside].max(axis=1) - ll[:, outside].max(axis=1)
         sure: npt.NDArray[np.bool_] = (margin >= np.float32(SURE_MARGIN)) & fresh.any(axis=1)
         return sure
 
     def _offset_ll(
-        self, values: F32, used: npt.NDArray[np.bool_], sigma_db: float, offset_db: float, huber: bool
+        self,
+        values: F32,
+        used: npt.NDArray[np.bool_],
+        sigma_db: float,
+        offset_db: float,
+        huber: bool,
+        mu: F32 | None = None,
     ) -> F32:
         """Log-likelihood of every cell for levels per (row, receiver), the `used` ones, against the path-loss
         model, with the row's common offset (prior `offset_db`) integrated out; residuals Gaussian with
@@ -650,7 +685,7 @@ class HmmEstimator:
             rows = np.nonzero(used[:, r])[0]
             if not len(rows):
                 continue
-            e = values[rows, r, None] - self._mu[r][None, :]
+            e = values[rows, r, None] - (self._mu if mu is None else mu)[r][None, :]
             if huber:
                 clipped = np.clip(e, -clip, clip)
                 tail[rows] += np.abs(e - clipped)
@@ -691,6 +726,8 @@ class HmmEstimator:
             "outliers_clipped": self._counts["outliers_clipped"],
             "seconds_decided": self._counts["seconds"],
             "beacon_last_heard": dict(self._beacon_heard),
+            "sigma_db": self._cfg.sigma_db,
+            "survey": None if self._survey is None else self._survey.summary(),
         }
         if self.resolution == "inside-outside":
             d["distance_bands"] = dict(self._bands)
@@ -706,11 +743,13 @@ def _resize(a: Any, cap: int, fill: float) -> Any:
 Estimator = StrongestReceiver | HmmEstimator
 
 
-def make_estimator(plan: PlanConfig, cfg: EstimateConfig) -> Estimator:
-    """The estimator the config asks for: the HMM where the plan has geometry (method auto), else the baseline."""
+def make_estimator(plan: PlanConfig, cfg: EstimateConfig, survey: SurveyMap | None = None) -> Estimator:
+    """The estimator the config asks for: the HMM where the plan has geometry (method auto), else the baseline.
+
+    A site survey map (gateway/survey.py) corrects the HMM's model mean; the baseline has no use for it."""
     if cfg.method == "baseline" or (cfg.method == "auto" and not plan.has_geometry()):
         return StrongestReceiver(plan, cfg)
-    return HmmEstimator(plan, cfg)
+    return HmmEstimator(plan, cfg, survey)
 
 
 def _erfc(x: Any) -> Any:

@@ -27,13 +27,14 @@ import numpy.typing as npt
 from firmware_sim.scenario import Scenario, scenario_plan
 from firmware_sim.truth import person_record
 from firmware_sim.world import World
-from gateway.config import EstimateConfig, PlanConfig, VisitsConfig
+from gateway.config import EstimateConfig, PlanConfig, SurveyConfig, VisitsConfig
 from gateway.days import LocalDays
 from gateway.decode import Decoder
 from gateway.estimate import REORDER_S, Estimator, StrongestReceiver, make_estimator
 from gateway.handover import HandoverLinker
 from gateway.identity import Identifier, MemberDirectory
 from gateway.model import Sighting, SubjectLink, Visit, ZoneEstimate
+from gateway.survey import SurveyMap, SurveyRecorder
 from gateway.visits import VisitTracker, link_subjects
 
 SALT = b"visita-eval-salt-not-secret-0001"
@@ -143,6 +144,54 @@ def _dedup(zones: list[str]) -> list[str]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class SurveyRun:
+    """A simulated site survey to run before the evaluation (`visita eval --survey`)."""
+
+    spacing_m: float
+    """Grid spacing of the spots, m."""
+    seconds: float = 20.0
+    """Time the installer stands (turning) at each spot, s."""
+    config: SurveyConfig | None = None
+    """How the map is fitted ([survey]); None: the defaults. Its transmitter is the simulated tag's."""
+
+
+def run_survey(
+    scenario: Scenario, seed: int, before: float, plan: PlanConfig, estimate: EstimateConfig, run: SurveyRun
+) -> tuple[SurveyMap, dict[str, Any]]:
+    """The installer's survey of the scenario's store (same seed: same static shadowing), finished by `before`,
+    through the gateway's decode and identify stages into a SurveyRecorder; the fitted map and run facts."""
+    from firmware_sim.survey import survey_world
+
+    wall0 = time.monotonic()
+    world, planned, tag = survey_world(scenario, seed, run.spacing_m, run.seconds, before)
+    decoder = Decoder()
+    identifier = Identifier(MemberDirectory(), LocalDays(scenario.timezone), salt_source=lambda: SALT)
+    recorder = SurveyRecorder(plan, tag)
+    t = world.start_ts
+    end = planned[-1].start + planned[-1].seconds + 1.0
+    for spot in planned:
+        while t < spot.start:  # walking to the spot: the tag's packets then go nowhere
+            t = min(t + 1.0, spot.start)
+            recorder.observe(identifier.identify(decoder.decode_batch(world.advance(t))))
+        recorder.start_spot(spot.x, spot.y, spot.seconds, t)
+    while t < end:
+        t = min(t + 1.0, end)
+        recorder.observe(identifier.identify(decoder.decode_batch(world.advance(t))))
+    recorder.status(end)
+    cfg = (run.config or SurveyConfig()).model_copy(update={"transmitter": tag})
+    survey = SurveyMap(plan, recorder.spots(), cfg, estimate, tag)
+    facts = {
+        "spacing_m": run.spacing_m,
+        "spot_seconds": run.seconds,
+        "spots": len(recorder.spots()),
+        "installer_s": round(end - 1.0 - world.start_ts, 1),
+        "wall_s": round(time.monotonic() - wall0, 2),
+        "offsets_db": survey.offsets(),
+    }
+    return survey, facts
+
+
 def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -158,20 +207,28 @@ def evaluate(
     plan: PlanConfig | None = None,
     tick_s: float = 1.0,
     progress: Callable[[float], None] | None = None,
+    survey: SurveyRun | None = None,
 ) -> dict[str, Any]:
-    """Simulate, run both pipelines, score them; one dict with METRIC_KEYS, `baseline` and run facts."""
+    """Simulate, run both pipelines, score them; one dict with METRIC_KEYS, `baseline` and run facts.
+
+    With `survey`, a simulated site survey of the same store is run first (it ends when the scored run
+    starts) and the configured estimator uses its map; the baseline does not (run.survey has its facts)."""
     wall0 = time.monotonic()
     est_cfg = estimate or EstimateConfig()
     visits_cfg = visits or VisitsConfig()
     plan = plan or scenario_plan(scenario)
     world = World(scenario, seed, scenario.start_ts() if start is None else start)
+    survey_map: SurveyMap | None = None
+    survey_facts: dict[str, Any] | None = None
+    if survey is not None:
+        survey_map, survey_facts = run_survey(scenario, seed, world.start_ts, plan, est_cfg, survey)
     visits_cfg = visits_cfg.model_copy(update={"staff": sorted({*visits_cfg.staff, *world.staff_refs})})
     members = MemberDirectory()
     members.set_members(world.member_keys)
     decoder = Decoder()
     identifier = Identifier(members, LocalDays(scenario.timezone), salt_source=lambda: SALT)
     linker = HandoverLinker(plan.doors) if visits_cfg.handover else None
-    ours = _Pipeline("ours", make_estimator(plan, est_cfg), VisitTracker("eval", visits_cfg), linker)
+    ours = _Pipeline("ours", make_estimator(plan, est_cfg, survey_map), VisitTracker("eval", visits_cfg), linker)
     base = _Pipeline("baseline", StrongestReceiver(plan, est_cfg), VisitTracker("eval", visits_cfg))
     end = world.start_ts + duration_s
     people: list[Any] = []
@@ -215,6 +272,7 @@ def evaluate(
         "shoppers": sum(1 for p in truth if p["kind"] == "shopper"),
         "pedestrians": sum(1 for p in truth if p["kind"] == "pedestrian"),
         "estimator": ours.estimator.diagnostics(),
+        "survey": survey_facts,
         "estimator_wall_s": round(ours.wall_s, 2),
         "baseline_wall_s": round(base.wall_s, 2),
         "simulator_wall_s": round(sim_wall, 2),
@@ -470,6 +528,14 @@ def format_table(result: dict[str, Any]) -> str:
         f"{run['adverts']:,} adverts, {run['shoppers']} shoppers, {run['pedestrians']} pedestrians; "
         f"estimator {est['estimator']} (resolution {est['resolution']}) in {run['estimator_wall_s']:.1f} s, "
         f"baseline in {run['baseline_wall_s']:.1f} s, total {run['wall_s']:.1f} s",
+    ]
+    sv = run.get("survey")
+    if sv is not None:
+        lines.append(
+            f"site survey first (ours only): {sv['spots']} spots {sv['spacing_m']:g} m apart, "
+            f"{sv['spot_seconds']:g} s each, {sv['installer_s'] / 60:.0f} min of installer time"
+        )
+    lines += [
         f"{'':44s} {'ours':>18s} {'baseline':>18s}",
     ]
     for key, label, kind in LABELS:
@@ -502,6 +568,9 @@ def cmd_eval(args: Any) -> int:
         visits=settings.visits if settings else None,
         tick_s=args.tick,
         progress=progress,
+        survey=None
+        if args.survey is None
+        else SurveyRun(args.survey, args.survey_seconds, settings.survey if settings else None),
     )
     if args.json:
         print(json.dumps(result))

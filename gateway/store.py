@@ -747,9 +747,7 @@ class Store:
     def pending_events(self) -> list[Event]:
         """The outbox: events put and not yet acknowledged, ascending seq."""
         self._require_open()
-        docs = sorted(
-            (d for c in sorted(self._chunk_count) for d in self._chunk(c).all()), key=lambda d: d.doc_id
-        )
+        docs = sorted((d for c in sorted(self._chunk_count) for d in self._chunk(c).all()), key=lambda d: d.doc_id)
         # A deep copy of `data`: a caller changing a returned event must not reach the stored one.
         return [Event.from_record({**d, "data": copy.deepcopy(d["data"])}) for d in docs]
 
@@ -1038,10 +1036,7 @@ class Store:
         Changes made after this call belong to the next commit.
         """
         self._require_open()
-        if (
-            not (force or self._must_write or self._disk_full)
-            and time.monotonic() - self._last_write < ACK_COMMIT_S
-        ):
+        if not (force or self._must_write or self._disk_full) and time.monotonic() - self._last_write < ACK_COMMIT_S:
             return None  # acks only, written recently: they ride along with the next write
         roll = self._journal.all() if len(self._journal) >= ROLL_EVERY and not self._disk_full else []
         # Only records in this very write may reach a day file, after it: the event announcing each is then

@@ -1,0 +1,429 @@
+"""Site survey: what a known transmitter measured at spots of the store, as a correction of the HMM's model.
+
+The installer carries a survey tag (a beacon with a fixed id, `survey.transmitter`) to spots of the plan and
+stands at each for some seconds, turning slowly. `SurveyRecorder` keeps, per spot and receiver, the RSSI of
+the tag's packets heard during the spot's window. `SurveyMap` fits, per receiver, the residual of every spot
+(its median level minus the estimator's own model mean there, `gateway.estimate.expected_rssi`) and
+interpolates the residuals onto any point by Gaussian-process regression (simple kriging) with a
+squared-exponential kernel: near spots the correction is what was measured, far from every spot it falls back
+to 0. A constant per receiver (its calibration offset) is part of the same regression. docs/survey.md has the
+procedure, the file format and what a survey can and cannot fix.
+
+No clocks: time comes in as arguments and with the sightings. The only I/O is `SurveyMap.save` / `load`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.config import EstimateConfig, PlanConfig, SurveyConfig
+from gateway.estimate import REFERENCE_RSSI_1M, expected_rssi, points_in_polygon
+from gateway.model import Sighting
+
+F64 = npt.NDArray[np.float64]
+F32 = npt.NDArray[np.float32]
+
+FORMAT = "visita-survey"
+"""The `format` field of a survey file."""
+VERSION = 1
+"""The `version` field of a survey file; files of another version are refused."""
+MIN_SPOT_S = 3.0
+MAX_SPOT_S = 600.0
+"""A spot lasts this long at least / at most, s."""
+LATE_S = 2.0
+"""A spot's window is closed once a sighting this much past its end arrives (late remote sightings still count)."""
+PACKET_SIGMA_DB = 4.0
+"""Spread of one packet's RSSI around a spot's level while the installer turns (fast fading, body), dB."""
+
+
+class SurveyError(ValueError):
+    """A survey file or a spot that cannot be used; the message says what and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class SurveySpot:
+    """One spot the installer stood at, and what every receiver heard of the tag meanwhile."""
+
+    x: float
+    """Where, metres on the plan."""
+    y: float
+    start: float
+    """Start of the window, UNIX s."""
+    seconds: float
+    """Length of the window, s."""
+    ref_rssi: float
+    """The tag's RSSI at 1 m, dBm (from its frames, or the recorder's override)."""
+    rssi: Mapping[str, tuple[int, ...]]
+    """Per receiver id: the RSSI of every packet of the tag heard in the window, dBm, as reported."""
+
+    def packets(self) -> dict[str, int]:
+        """Packets heard per receiver."""
+        return {rx: len(v) for rx, v in self.rssi.items()}
+
+
+@dataclass(slots=True)
+class _Running:
+    x: float
+    y: float
+    start: float
+    seconds: float
+    rssi: dict[str, list[int]] = field(default_factory=dict)
+    refs: list[int] = field(default_factory=list)
+
+    @property
+    def end(self) -> float:
+        return self.start + self.seconds
+
+
+def _inside_zone(plan: PlanConfig, x: float, y: float) -> str | None:
+    """The first inside zone of the plan that holds (x, y), or None."""
+    px, py = np.array([x], dtype=np.float32), np.array([y], dtype=np.float32)
+    for z in plan.zones:
+        if not z.outside and z.polygon and bool(points_in_polygon(px, py, z.polygon)[0]):
+            return z.id
+    return None
+
+
+class SurveyRecorder:
+    """Collects the survey tag's sightings spot by spot; no I/O, time comes from `now` and the sightings."""
+
+    def __init__(self, plan: PlanConfig, transmitter: str, ref_rssi_1m: float | None = None) -> None:
+        if not transmitter.startswith("beacon:"):
+            raise SurveyError(f"survey transmitter {transmitter!r}: must be a beacon subject id (beacon:...)")
+        self._plan = plan
+        self.transmitter = transmitter
+        self._ref_override = ref_rssi_1m
+        self._receivers = {r.id for r in plan.receivers}
+        self._running: _Running | None = None
+        self._done: list[SurveySpot] = []
+        self._counts = {"outside_window": 0, "unknown_receiver": 0, "late": 0}
+
+    def start_spot(self, x: float, y: float, seconds: float, now: float) -> None:
+        """Start recording a spot at (x, y) for `seconds` from `now`.
+
+        ValueError when (x, y) is in no inside zone of the plan, `seconds` is out of range, or a spot is
+        still recording (its window has not passed by `now`)."""
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise SurveyError(f"spot ({x}, {y}): coordinates must be finite metres on the plan")
+        if _inside_zone(self._plan, x, y) is None:
+            inside = ", ".join(z.id for z in self._plan.zones if not z.outside)
+            raise SurveyError(
+                f"spot ({x:g}, {y:g}) lies in no inside zone of the plan ({inside}); survey spots must be inside "
+                "the store, where people are placed"
+            )
+        if not (MIN_SPOT_S <= seconds <= MAX_SPOT_S):
+            raise SurveyError(f"spot seconds = {seconds:g}: must be {MIN_SPOT_S:g}..{MAX_SPOT_S:g} s")
+        self._finish_due(now)
+        if self._running is not None:
+            r = self._running
+            raise SurveyError(
+                f"the spot at ({r.x:g}, {r.y:g}) is still recording for {r.end - now:.1f} s; wait for it to "
+                "end or discard it"
+            )
+        self._running = _Running(x, y, now, seconds)
+
+    def observe(self, sightings: Sequence[Sighting]) -> None:
+        """Fold in sightings; only the tag's, inside the running spot's window, count."""
+        newest = -math.inf
+        for s in sightings:
+            if s.subject != self.transmitter:
+                continue
+            newest = max(newest, s.ts)
+            r = self._running
+            if r is None or not (r.start <= s.ts < r.end):
+                self._counts["outside_window"] += 1
+                continue
+            if s.receiver not in self._receivers:
+                self._counts["unknown_receiver"] += 1
+                continue
+            r.rssi.setdefault(s.receiver, []).append(int(s.rssi))
+            r.refs.append(int(s.ref_rssi))
+        if math.isfinite(newest):
+            self._finish_due(newest - LATE_S)
+
+    def _finish_due(self, now: float) -> None:
+        r = self._running
+        if r is None or now < r.end:
+            return
+        self._running = None
+        if self._ref_override is not None:
+            ref = float(self._ref_override)
+        elif r.refs:
+            ref = float(np.median(r.refs))
+        else:
+            ref = REFERENCE_RSSI_1M
+        self._done.append(SurveySpot(r.x, r.y, r.start, r.seconds, ref, {k: tuple(v) for k, v in r.rssi.items()}))
+
+    def status(self, now: float) -> dict[str, Any]:
+        """The running spot (position, seconds left, packets per receiver so far) and the spots done."""
+        self._finish_due(now)
+        r = self._running
+        running = None
+        if r is not None:
+            running = {
+                "x": r.x,
+                "y": r.y,
+                "seconds_left": round(max(0.0, r.end - now), 1),
+                "packets": {rx: len(v) for rx, v in sorted(r.rssi.items())},
+            }
+        return {
+            "transmitter": self.transmitter,
+            "running": running,
+            "spots_done": len(self._done),
+            "ignored": dict(self._counts),
+        }
+
+    def spots(self) -> list[SurveySpot]:
+        """The finished spots, in the order recorded."""
+        return list(self._done)
+
+    def discard(self, index: int) -> None:
+        """Forget finished spot `index` (IndexError when there is none)."""
+        if not (0 <= index < len(self._done)):
+            raise IndexError(f"no survey spot {index} (spots 0..{len(self._done) - 1})")
+        del self._done[index]
+
+
+# =========================================================================== the map
+
+
+def plan_geometry(plan: PlanConfig) -> dict[str, Any]:
+    """What a survey depends on: zone polygons, receiver positions and the walls, in a canonical form."""
+    return {
+        "zones": {z.id: [list(p) for p in z.polygon] for z in plan.zones},
+        "receivers": {r.id: None if r.position is None else list(r.position) for r in plan.receivers},
+        "walls": sorted([[list(p) for p in w.points] + [[w.loss_db]] for w in plan.walls]),
+    }
+
+
+def fingerprint(geometry: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of `plan_geometry`."""
+    text = json.dumps(geometry, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def geometry_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs between two `plan_geometry` results, for people (empty: the same)."""
+    out: list[str] = []
+    o_rx, n_rx = old.get("receivers", {}), new.get("receivers", {})
+    for rx in sorted(set(o_rx) | set(n_rx)):
+        if rx not in n_rx:
+            out.append(f"receiver {rx} is no longer in the plan")
+        elif rx not in o_rx:
+            out.append(f"receiver {rx} was added")
+        elif o_rx[rx] != n_rx[rx]:
+            out.append(f"receiver {rx} moved from {o_rx[rx]} to {n_rx[rx]}")
+    o_z, n_z = old.get("zones", {}), new.get("zones", {})
+    for z in sorted(set(o_z) | set(n_z)):
+        if z not in n_z:
+            out.append(f"zone {z} is no longer in the plan")
+        elif z not in o_z:
+            out.append(f"zone {z} was added")
+        elif o_z[z] != n_z[z]:
+            out.append(f"zone {z} has another polygon")
+    if old.get("walls") != new.get("walls"):
+        out.append("the walls (shelf runs, glass, fittings) differ")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _ReceiverFit:
+    x: F64
+    y: F64
+    alpha: F64
+    """K⁻¹ · residuals, for the posterior mean."""
+    offset: float
+    """Posterior mean of the receiver's constant offset, before the common part is removed."""
+    used: int
+    censored: int
+
+
+class SurveyMap:
+    """The survey's correction of the HMM's model mean, per receiver and point (dB).
+
+    Fitted from spots with `fit` (or read with `load`, which refits from the stored readings); `correction`
+    gives the dB to add to `expected_rssi` at any points.
+    """
+
+    def __init__(
+        self,
+        plan: PlanConfig,
+        spots: Sequence[SurveySpot],
+        cfg: SurveyConfig | None = None,
+        estimate: EstimateConfig | None = None,
+        transmitter: str = "",
+    ) -> None:
+        self.cfg = cfg or SurveyConfig()
+        self.estimate = estimate or EstimateConfig()
+        if not plan.has_geometry():
+            raise SurveyError("a survey needs the plan's geometry: every zone's polygon and every receiver's position")
+        self.plan = plan
+        self.spots = list(spots)
+        self.transmitter = transmitter or self.cfg.transmitter
+        self.geometry = plan_geometry(plan)
+        self._fits = self._fit()
+        offsets = [f.offset for f in self._fits]
+        # Only the receivers' offsets relative to each other are learned: a shift common to all of them is what
+        # the tag's own power (as its frame states it) or the installer's body would cause.
+        self._common = float(np.mean(offsets)) if offsets else 0.0
+
+    # ------------------------------------------------------------------ fit
+
+    def _fit(self) -> list[_ReceiverFit]:
+        cfg = self.cfg
+        if self.spots:
+            sx = np.array([s.x for s in self.spots], dtype=np.float64)
+            sy = np.array([s.y for s in self.spots], dtype=np.float64)
+            exponent = self.estimate.path_loss_exponent
+            model = expected_rssi(self.plan, exponent, sx.astype(np.float32), sy.astype(np.float32))
+        fits: list[_ReceiverFit] = []
+        s2, c2 = cfg.sigma_db**2, cfg.offset_sigma_db**2
+        for i, r in enumerate(self.plan.receivers):
+            xs: list[float] = []
+            ys: list[float] = []
+            res: list[float] = []
+            noise: list[float] = []
+            censored = 0
+            for j, spot in enumerate(self.spots):
+                values = spot.rssi.get(r.id, ())
+                if len(values) < cfg.min_packets:
+                    censored += int(len(values) > 0)
+                    continue
+                level = float(np.median(values)) + r.gain_db + (REFERENCE_RSSI_1M - spot.ref_rssi)
+                xs.append(spot.x)
+                ys.append(spot.y)
+                res.append(level - float(model[i, j]))
+                # Variance of a median of n packets (pi/2 sigma^2 / n), plus what averaging does not remove.
+                noise.append(math.pi / 2 * PACKET_SIGMA_DB**2 / len(values) + cfg.spot_sigma_db**2)
+            x, y = np.array(xs), np.array(ys)
+            if not res:
+                fits.append(_ReceiverFit(x, y, np.zeros(0), 0.0, 0, censored))
+                continue
+            k = self._kernel(x, y, x, y) * s2 + c2 + np.diag(noise)
+            alpha = np.linalg.solve(k, np.array(res))
+            fits.append(_ReceiverFit(x, y, alpha, float(c2 * alpha.sum()), len(res), censored))
+        return fits
+
+    def _kernel(self, ax: F64, ay: F64, bx: F64, by: F64) -> F64:
+        d2 = (ax[:, None] - bx[None, :]) ** 2 + (ay[:, None] - by[None, :]) ** 2
+        out: F64 = np.exp(-d2 / self.cfg.correlation_m**2)
+        return out
+
+    # ------------------------------------------------------------------ use
+
+    def correction(self, x: F32 | F64, y: F32 | F64) -> F32:
+        """dB to add to the model mean at points (x, y), shape (receivers, points)."""
+        px, py = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        out = np.zeros((len(self._fits), len(px)), dtype=np.float32)
+        s2 = self.cfg.sigma_db**2
+        for i, f in enumerate(self._fits):
+            if not len(f.alpha):
+                continue
+            field_part = s2 * (self._kernel(px, py, f.x, f.y) @ f.alpha)
+            out[i] = (field_part + f.offset - self._common).astype(np.float32)
+        return out
+
+    def offsets(self) -> dict[str, float]:
+        """Each receiver's fitted offset relative to the others, dB."""
+        return {r.id: round(f.offset - self._common, 2) for r, f in zip(self.plan.receivers, self._fits, strict=True)}
+
+    def check_compatible(self, plan: PlanConfig, estimate: EstimateConfig) -> None:
+        """SurveyError unless this map was fitted for this plan's geometry and this path-loss model."""
+        changes = geometry_changes(self.geometry, plan_geometry(plan))
+        if changes:
+            raise SurveyError("the survey map was recorded for another plan: " + "; ".join(changes) + "; redo it")
+        if estimate.path_loss_exponent != self.estimate.path_loss_exponent:
+            raise SurveyError(
+                f"the survey map was fitted against path_loss_exponent {self.estimate.path_loss_exponent:g}, the "
+                f"estimator uses {estimate.path_loss_exponent:g}; load it with the estimator's [estimate] settings"
+            )
+
+    def summary(self) -> dict[str, Any]:
+        """Spots, per receiver the spots used and censored, the offsets (for diagnostics)."""
+        return {
+            "spots": len(self.spots),
+            "transmitter": self.transmitter,
+            "correlation_m": self.cfg.correlation_m,
+            "sigma_db": self.cfg.sigma_db,
+            "receivers": {
+                r.id: {"spots_used": f.used, "spots_censored": f.censored, "offset_db": off}
+                for r, f, off in zip(self.plan.receivers, self._fits, self.offsets().values(), strict=True)
+            },
+        }
+
+    # ------------------------------------------------------------------ file
+
+    def to_json(self) -> dict[str, Any]:
+        """The file's content: format, version, the plan geometry and its fingerprint, the spots' readings."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "transmitter": self.transmitter,
+            "plan_fingerprint": fingerprint(self.geometry),
+            "plan": self.geometry,
+            "spots": [
+                {
+                    "x": s.x,
+                    "y": s.y,
+                    "start": s.start,
+                    "seconds": s.seconds,
+                    "ref_rssi": s.ref_rssi,
+                    "rssi": {rx: list(v) for rx, v in sorted(s.rssi.items())},
+                }
+                for s in self.spots
+            ],
+        }
+
+    def save(self, path: Path) -> None:
+        """Write the map as JSON (to a temporary file, then renamed into place)."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+    @classmethod
+    def load(
+        cls, path: Path, plan: PlanConfig, cfg: SurveyConfig | None = None, estimate: EstimateConfig | None = None
+    ) -> SurveyMap:
+        """Read a map saved by `save` and refit it for `plan`; SurveyError naming what is wrong or what changed."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise SurveyError(f"{path}: cannot be read ({e.strerror}); record a survey or fix survey.file") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SurveyError(f"{path}: not a survey file (not JSON)") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise SurveyError(f"{path}: not a survey file (format is not {FORMAT!r})")
+        if data.get("version") != VERSION:
+            raise SurveyError(f"{path}: survey file version {data.get('version')!r}, this gateway reads {VERSION}")
+        geometry = data.get("plan")
+        if not isinstance(geometry, dict) or fingerprint(geometry) != data.get("plan_fingerprint"):
+            raise SurveyError(f"{path}: the plan geometry does not match its fingerprint (file edited or damaged)")
+        changes = geometry_changes(geometry, plan_geometry(plan))
+        if changes:
+            raise SurveyError(
+                f"{path}: recorded for another plan: " + "; ".join(changes) + "; redo the survey for this plan"
+            )
+        try:
+            spots = [
+                SurveySpot(
+                    float(s["x"]),
+                    float(s["y"]),
+                    float(s["start"]),
+                    float(s["seconds"]),
+                    float(s["ref_rssi"]),
+                    {str(rx): tuple(int(v) for v in values) for rx, values in s["rssi"].items()},
+                )
+                for s in data["spots"]
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise SurveyError(f"{path}: a spot is malformed (x, y, start, seconds, ref_rssi, rssi)") from None
+        return cls(plan, spots, cfg, estimate, str(data.get("transmitter", "")))
