@@ -24,8 +24,10 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
+from dashboard import installer
 from gateway.model import Visit
 from gateway.runtime import Gateway
+from gateway.survey import SurveyRefused
 from sensors.checkins import MAX_BODY, CheckinRefused
 
 STATIC = resources.files("dashboard").joinpath("static")
@@ -226,6 +228,9 @@ def create_app(gateway: Gateway) -> FastAPI:
     bad_request: dict[int | str, dict[str, Any]] = {
         422: {"model": ValidationProblem, "description": "A query parameter is out of range."}
     }
+
+    app.include_router(installer.router())
+    app.add_exception_handler(SurveyRefused, installer.refused)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

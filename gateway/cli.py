@@ -372,7 +372,130 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--config", type=Path, metavar="FILE", help="config file (for the rules and time zone)")
     explain.add_argument("--data-dir", type=Path, metavar="DIR", help="data directory (default: the config's)")
     explain.add_argument("--json", action="store_true", help="print one JSON object")
+
+    survey = sub.add_parser(
+        "survey",
+        help="site survey for the installer (talks to the running gateway)",
+        description="The installer's site survey (docs/survey.md): stand at spots of the plan with the survey tag "
+        "(config survey.transmitter), record each, then apply. Talks to the running gateway's installer API with "
+        "the installer token (--token-file, $VISITA_INSTALLER_TOKEN, or the config's dashboard.installer_token_file).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    survey_sub = survey.add_subparsers(dest="survey_command", metavar="SUBCOMMAND", required=True)
+    sv_status = survey_sub.add_parser("status", help="the spot recording now, the spots recorded, the map in use")
+    sv_spot = survey_sub.add_parser("spot", help="record the tag at X Y (metres on the plan) and wait for it")
+    sv_spot.add_argument("x", type=float, metavar="X")
+    sv_spot.add_argument("y", type=float, metavar="Y")
+    sv_spot.add_argument("--seconds", type=float, default=20.0, metavar="S", help="how long (5..120, default 20)")
+    sv_spot.add_argument("--no-wait", action="store_true", help="start it and return at once")
+    sv_discard = survey_sub.add_parser("discard", help="forget a recorded spot")
+    sv_discard.add_argument("index", type=int, metavar="INDEX", help="its index, as `status` shows it")
+    sv_apply = survey_sub.add_parser("apply", help="fit the map from the spots, save it, and use it")
+    for sp in (sv_status, sv_spot, sv_discard, sv_apply):
+        sp.add_argument("--config", type=Path, metavar="FILE", help="config file (dashboard address and token)")
+        sp.add_argument("--url", metavar="URL", help="the gateway's dashboard, e.g. http://127.0.0.1:8080")
+        sp.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the installer token")
+        sp.add_argument("--json", action="store_true", help="print the gateway's answer as JSON")
     return p
+
+
+def _installer_call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One request to the running gateway's installer API; UsageError / SurveyCallError with its message."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    from gateway.config import parse_listen
+
+    settings = load_settings(args.config)
+    if args.url:
+        base = args.url.rstrip("/")
+    else:
+        if settings.dashboard.listen == "off":
+            raise UsageError("the config says dashboard.listen = off: the installer API needs the dashboard; use --url")
+        host, port = parse_listen(settings.dashboard.listen)
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+        base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    if args.token_file:
+        try:
+            token: str | None = args.token_file.read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as e:
+            raise UsageError(f"--token-file {args.token_file}: cannot be read: {e}") from None
+    else:
+        token = os.environ.get("VISITA_INSTALLER_TOKEN") or settings.dashboard.installer_token()
+    if not token:
+        raise UsageError("no installer token: pass --token-file FILE or set VISITA_INSTALLER_TOKEN")
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("message", e.reason)
+        except ValueError:
+            message = e.reason
+        raise SurveyCallError(f"{e.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise SurveyCallError(
+            f"no gateway answers at {base} ({reason}): is it running? (systemctl status visita)"
+        ) from None
+
+
+class SurveyCallError(Exception):
+    """The gateway refused an installer request, or did not answer."""
+
+
+def _print_survey(status: dict[str, Any]) -> None:
+    run = status.get("running")
+    if run:
+        heard = ", ".join(f"{rx} {n}" for rx, n in sorted(run["packets"].items())) or "nothing yet"
+        print(f"recording at ({run['x']:g}, {run['y']:g}) in {run['zone']}: {run['seconds_left']:.0f} s left; {heard}")
+    spots = status.get("spots", [])
+    print(f"{len(spots)} spot(s) recorded with {status['transmitter']}")
+    for sp in spots:
+        heard = ", ".join(f"{rx} {n}" for rx, n in sorted(sp["packets"].items())) or "heard by no receiver"
+        print(f"  [{sp['index']}] ({sp['x']:g}, {sp['y']:g}) {sp['zone']}: {heard}")
+    applied = status.get("applied")
+    print(f"in use: {applied['file']} ({applied['spots']} spots)" if applied else "in use: no survey map")
+
+
+def cmd_survey(args: argparse.Namespace) -> int:
+    """visita survey status | spot X Y | discard INDEX | apply."""
+    import time as _time
+
+    try:
+        if args.survey_command == "status":
+            out = _installer_call(args, "GET", "/api/v1/survey")
+        elif args.survey_command == "discard":
+            out = _installer_call(args, "DELETE", f"/api/v1/survey/spots/{args.index}")
+        elif args.survey_command == "apply":
+            out = _installer_call(args, "POST", "/api/v1/survey/apply")
+            if not args.json:
+                used = ", ".join(f"{rx} {n}" for rx, n in sorted(out["receivers"].items()))
+                print(f"survey map of {out['spots']} spot(s) in {out['file']}, in use; spots per receiver: {used}")
+                return EXIT_OK
+        else:
+            body = {"x": args.x, "y": args.y, "seconds": args.seconds}
+            out = _installer_call(args, "POST", "/api/v1/survey/spots", body)
+            while not args.no_wait and out.get("running"):
+                if not args.json:
+                    _print_survey({**out, "spots": [], "applied": None, "transmitter": out["transmitter"]})
+                _time.sleep(min(2.0, max(0.5, out["running"]["seconds_left"])))
+                out = _installer_call(args, "GET", "/api/v1/survey")
+    except SurveyCallError as e:
+        print(f"visita survey {args.survey_command}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_survey(out)
+    return EXIT_OK
 
 
 def cmd_points_explain(args: argparse.Namespace) -> int:
@@ -901,6 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_keys(args)
         if args.command == "points":
             return cmd_points_explain(args)
+        if args.command == "survey":
+            return cmd_survey(args)
         return cmd_config_check(args)
     except ConfigError as e:
         for line in e.problems:

@@ -263,10 +263,8 @@ class HmmEstimator:
     def __init__(self, plan: PlanConfig, cfg: EstimateConfig, survey: SurveyMap | None = None) -> None:
         if not plan.has_geometry():
             raise ValueError("the HMM estimator needs a polygon for every zone and a position for every receiver")
-        if survey is not None and cfg.surveyed_sigma_db is not None:
-            # With the static shadowing learned, less of a second's spread is left unexplained (docs/survey.md).
-            cfg = cfg.model_copy(update={"sigma_db": cfg.surveyed_sigma_db})
-        self._cfg = cfg
+        self._plan = plan
+        self._plain_cfg = self._cfg = cfg
         self._lag = cfg.lag_s
         self._rx_index = {r.id: i for i, r in enumerate(plan.receivers)}
         self._gain = np.array([r.gain_db for r in plan.receivers], dtype=np.float32)
@@ -312,22 +310,13 @@ class HmmEstimator:
         self._norm = self._kernel.sum(axis=1).astype(np.float32)
         # Expected RSSI per receiver and cell, for a -59 dBm-at-1-m transmitter (path loss, walls, body), plus
         # what a site survey learned of the store's static shadowing and the receivers' offsets (gateway/survey.py).
-        mu = expected_rssi(plan, cfg.path_loss_exponent, cx, cy)
         # The sure-inside test keeps the plain model: a survey maps the inside only, so with its correction inside
         # cells would fit any pattern better than outside cells, which it does not reach (docs/survey.md).
-        self._mu_plain = mu
-        self._survey = survey
-        if survey is not None:
-            survey.check_compatible(plan, cfg)
-            mu = (mu + survey.correction(cx, cy)).astype(np.float32)
-        # Chance that one packet from a cell reaches each receiver above its sensitivity (for non-detection).
-        margin = (mu - SENSITIVITY_DBM) / np.float32(PACKET_SIGMA_DB)
-        self._pdet = (1.0 - 0.5 * _erfc(margin / math.sqrt(2.0))).astype(np.float32)
-        # Packets below a receiver's sensitivity are never reported. The likelihood of what was reported is
-        # still the plain model density (censored data), and the packets that were not reported are the
-        # non-detection term in _emission; using the mean of the truncated distribution instead made far
-        # cells fit weak readings too well (measured: supermarket inside/outside 87 -> 91 % without it).
-        self._mu = mu
+        self._mu_plain = expected_rssi(plan, cfg.path_loss_exponent, cx, cy)
+        self._survey: SurveyMap | None = None
+        self._mu = self._mu_plain
+        self._pdet = self._mu_plain
+        self.use_survey(survey)
         self._rx_pos = [r.position for r in plan.receivers]
         self._prior = np.full(self.cells, 1.0 / self.cells, dtype=np.float32)
         # Per subject (rows 0..n-1 are live).
@@ -355,6 +344,29 @@ class HmmEstimator:
         self._bands: dict[str, int] = {"near": 0, "mid": 0, "far": 0}
 
     # ------------------------------------------------------------------ model pieces
+
+    def use_survey(self, survey: SurveyMap | None) -> None:
+        """Use a site survey's map from the next second on (None: the plain model); subjects keep their state.
+
+        SurveyError when the map was fitted for another plan or path-loss exponent."""
+        cfg = self._plain_cfg
+        mu = self._mu_plain
+        if survey is not None:
+            survey.check_compatible(self._plan, cfg)
+            mu = (mu + survey.correction(self._cx, self._cy)).astype(np.float32)
+            if cfg.surveyed_sigma_db is not None:
+                # With the static shadowing learned, less of a second's spread is left unexplained (docs/survey.md).
+                cfg = cfg.model_copy(update={"sigma_db": cfg.surveyed_sigma_db})
+        # Chance that one packet from a cell reaches each receiver above its sensitivity (for non-detection).
+        margin = (mu - SENSITIVITY_DBM) / np.float32(PACKET_SIGMA_DB)
+        self._pdet = (1.0 - 0.5 * _erfc(margin / math.sqrt(2.0))).astype(np.float32)
+        # Packets below a receiver's sensitivity are never reported. The likelihood of what was reported is
+        # still the plain model density (censored data), and the packets that were not reported are the
+        # non-detection term in _emission; using the mean of the truncated distribution instead made far
+        # cells fit weak readings too well (measured: supermarket inside/outside 87 -> 91 % without it).
+        self._mu = mu
+        self._cfg = cfg
+        self._survey = survey
 
     def _motion(
         self,

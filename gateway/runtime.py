@@ -29,7 +29,7 @@ from gateway.config import Settings, default_data_dir, parse_listen, parse_mqtt_
 from gateway.days import LocalDays
 from gateway.decode import Decoder
 from gateway.downlink import Downlink
-from gateway.estimate import make_estimator
+from gateway.estimate import HmmEstimator, make_estimator
 from gateway.events import EventFactory, topic_prefix, uuid7
 from gateway.footfall import Footfall
 from gateway.handover import HandoverLinker
@@ -39,6 +39,7 @@ from gateway.model import Award, Event, Visit, VisitChange
 from gateway.points import PointsEngine, RuleSet, ledger_since, load_rules
 from gateway.sdnotify import Notifier
 from gateway.store import PendingCommit, Store
+from gateway.survey import SurveyError, SurveyMap, SurveyRecorder, SurveyRefused, inside_zone
 from gateway.uplink import Uplink
 from gateway.visits import VisitTracker, link_subjects
 from sensors.base import Source
@@ -148,7 +149,25 @@ class Gateway:
         self.members = members
         self.beacons = BeaconRegistry(settings.plan.beacons)
         self.identifier = Identifier(members, days, beacons=self.beacons)
-        self.estimator = make_estimator(settings.plan, settings.estimate)
+        # The site survey (docs/survey.md): the map in use, and the installer's recorder for the survey tag.
+        self.survey_path = store.path.parent / settings.survey.file
+        self.survey_map: SurveyMap | None = None
+        self.survey_problem: str | None = None
+        """Why a survey file that is there is not used (another plan, unreadable), for /api/v1/status."""
+        if self.survey_path.exists():
+            try:
+                self.survey_map = SurveyMap.load(self.survey_path, settings.plan, settings.survey, settings.estimate)
+            except SurveyError as e:
+                self.survey_problem = str(e)
+                log.warning("survey map not used: %s", e)
+        self.estimator = make_estimator(settings.plan, settings.estimate, self.survey_map)
+        self.survey_recorder: SurveyRecorder | None = None
+        if settings.survey.transmitter:
+            self.survey_recorder = SurveyRecorder(settings.plan, settings.survey.transmitter)
+            if self.survey_map is not None:
+                self.survey_recorder.restore(self.survey_map.spots)
+        self.installer_token: str | None = None
+        """The installer endpoints' bearer token (set by `run` from the config); None: those endpoints are off."""
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
         self.tracker = VisitTracker(settings.gateway, visits_cfg)
         self.linker = HandoverLinker(settings.plan.doors) if settings.visits.handover else None
@@ -199,6 +218,8 @@ class Gateway:
         sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
         if self.nodes is not None:
             sightings += self.nodes.poll_sightings(now, self.identifier.remote_subject)
+        if self.survey_recorder is not None:
+            self.survey_recorder.observe(sightings)
         changes = link_subjects(self.estimator, self.tracker, self.linker, self.identifier.take_links())
         estimates = self.estimator.update(sightings, now)
         changes += self.tracker.update(estimates, now)
@@ -361,6 +382,73 @@ class Gateway:
                 self._health_last, self._health_adverts, self._health_acked = mono, self.adverts, acked
                 self._health_next = mono + self.settings.mqtt.health_interval_s
 
+    # ------------------------------------------------------------------ site survey (installer API)
+
+    def _recorder(self) -> SurveyRecorder:
+        if self.survey_recorder is None:
+            raise SurveyRefused(
+                404, "no survey tag is configured: set survey.transmitter to the tag's beacon id and restart"
+            )
+        return self.survey_recorder
+
+    def survey_status(self) -> dict[str, Any]:
+        """The spot recording now, the spots recorded (with the map's, when one is in use), the map in use."""
+        rec = self._recorder()
+        st = rec.status(self.now)
+        plan = self.settings.plan
+        running = st["running"]
+        if running is not None:
+            running = {**running, "zone": inside_zone(plan, running["x"], running["y"]) or ""}
+        spots = [
+            {"index": i, "x": sp.x, "y": sp.y, "zone": inside_zone(plan, sp.x, sp.y) or "", "packets": sp.packets()}
+            for i, sp in enumerate(rec.spots())
+        ]
+        applied = None
+        if self.survey_map is not None:
+            applied = {"file": str(self.survey_path), "spots": len(self.survey_map.spots)}
+        return {"transmitter": rec.transmitter, "running": running, "spots": spots, "applied": applied}
+
+    def survey_spot(self, x: float, y: float, seconds: float) -> dict[str, Any]:
+        """Start recording the tag at (x, y) from the current data time."""
+        try:
+            self._recorder().start_spot(x, y, seconds, self.now)
+        except SurveyError as e:
+            status = 409 if "still recording" in str(e) else 422
+            raise SurveyRefused(status, str(e)) from None
+        return self.survey_status()
+
+    def survey_discard(self, index: int) -> dict[str, Any]:
+        """Forget recorded spot `index`."""
+        try:
+            self._recorder().discard(index)
+        except IndexError as e:
+            raise SurveyRefused(404, str(e)) from None
+        return self.survey_status()
+
+    def survey_apply(self) -> dict[str, Any]:
+        """Fit the map from every recorded spot, save it (atomically) and make the estimator use it at once."""
+        rec = self._recorder()
+        if rec.status(self.now)["running"] is not None:
+            raise SurveyRefused(409, "a spot is still recording: wait for it to end (or discard it), then apply")
+        spots = rec.spots()
+        if not spots:
+            raise SurveyRefused(409, "no spots recorded: record spots with POST /api/v1/survey/spots first")
+        if not isinstance(self.estimator, HmmEstimator):
+            raise SurveyRefused(
+                409, "the estimator is the baseline (estimate.method, or a plan without geometry): it uses no survey"
+            )
+        s = self.settings
+        try:
+            survey = SurveyMap(s.plan, spots, s.survey, s.estimate, rec.transmitter)
+            survey.save(self.survey_path)
+        except (SurveyError, OSError) as e:
+            raise SurveyRefused(409, f"survey not applied: {e}") from None
+        self.estimator.use_survey(survey)
+        self.survey_map, self.survey_problem = survey, None
+        used = {rx: int(v["spots_used"]) for rx, v in survey.summary()["receivers"].items()}
+        log.info("survey map of %d spot(s) saved to %s and in use", len(spots), self.survey_path)
+        return {"file": str(self.survey_path), "spots": len(spots), "receivers": used}
+
     def visits(self, limit: int) -> list[Visit]:
         """Open visits (longest first) then finished ones (newest first), at most `limit`."""
         open_visits = sorted(self.tracker.open_visits(), key=lambda v: v.started)
@@ -385,6 +473,12 @@ class Gateway:
             "identity": self.identifier.diagnostics(),
             "members": self.members.diagnostics(),
             "estimator": self.estimator.diagnostics(),
+            "survey": {
+                "file": str(self.survey_path),
+                "in_use": self.survey_map is not None,
+                "problem": self.survey_problem,
+                "tag": self.survey_recorder is not None,
+            },
             "visits": self.tracker.diagnostics(),
             **({"handover": self.linker.diagnostics()} if self.linker is not None else {}),
             "points": self.points.diagnostics(),
@@ -566,6 +660,11 @@ async def run(
         store.close()
         raise StartupError(str(e)) from None
     gw = Gateway(settings, store, source, members, rules, staff)
+    try:
+        gw.installer_token = settings.dashboard.installer_token()
+    except ValueError as e:
+        store.close()
+        raise StartupError(str(e)) from None
     gw.member_keys = MemberKeys(members, KeyVault(data_dir))
     gw.nodes = nodes
     gw.writer = writer = CommitWriter(gw)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,16 @@ PACKET_SIGMA_DB = 4.0
 
 class SurveyError(ValueError):
     """A survey file or a spot that cannot be used; the message says what and the fix."""
+
+
+class SurveyRefused(Exception):
+    """An installer request on the running gateway that is not carried out: HTTP `status` and a one-line
+    `message` (what is wrong and what to do). Nothing changed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +95,7 @@ class _Running:
         return self.start + self.seconds
 
 
-def _inside_zone(plan: PlanConfig, x: float, y: float) -> str | None:
+def inside_zone(plan: PlanConfig, x: float, y: float) -> str | None:
     """The first inside zone of the plan that holds (x, y), or None."""
     px, py = np.array([x], dtype=np.float32), np.array([y], dtype=np.float32)
     for z in plan.zones:
@@ -114,7 +125,7 @@ class SurveyRecorder:
         still recording (its window has not passed by `now`)."""
         if not (math.isfinite(x) and math.isfinite(y)):
             raise SurveyError(f"spot ({x}, {y}): coordinates must be finite metres on the plan")
-        if _inside_zone(self._plan, x, y) is None:
+        if inside_zone(self._plan, x, y) is None:
             inside = ", ".join(z.id for z in self._plan.zones if not z.outside)
             raise SurveyError(
                 f"spot ({x:g}, {y:g}) lies in no inside zone of the plan ({inside}); survey spots must be inside "
@@ -185,6 +196,10 @@ class SurveyRecorder:
     def spots(self) -> list[SurveySpot]:
         """The finished spots, in the order recorded."""
         return list(self._done)
+
+    def restore(self, spots: Sequence[SurveySpot]) -> None:
+        """Start from spots recorded before (a saved map's), so more can be added to them and applied again."""
+        self._done = [*spots, *self._done]
 
     def discard(self, index: int) -> None:
         """Forget finished spot `index` (IndexError when there is none)."""
@@ -386,8 +401,16 @@ class SurveyMap:
     def save(self, path: Path) -> None:
         """Write the map as JSON (to a temporary file, then renamed into place)."""
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.to_json(), indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(path)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # the rename itself survives a power cut
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     @classmethod
     def load(

@@ -1,0 +1,138 @@
+"""The installer's endpoints: the site survey (docs/survey.md), behind the installer token.
+
+Every request carries `Authorization: Bearer <installer token>` (config `dashboard.installer_token_file`, or
+systemd's credential `visita-installer-token`). Without a configured token these endpoints answer 403 and say
+how to set one: a gateway never runs its installer functions open.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from gateway.runtime import Gateway
+from gateway.survey import SurveyRefused
+
+
+class InstallerRefusal(BaseModel):
+    """An installer request that was not carried out; nothing changed."""
+
+    message: str = Field(description="What is wrong and what to do, in one line.")
+
+
+class SpotRequest(BaseModel):
+    """Where the installer stands with the survey tag, and for how long."""
+
+    x: float = Field(description="Position on the plan, metres (the zones' frame).")
+    y: float = Field(description="Position on the plan, metres (the zones' frame).")
+    seconds: float = Field(default=20.0, ge=5, le=120, description="How long to record there, s (turn slowly).")
+
+
+class _Spot(BaseModel):
+    x: float = Field(description="Position, m.")
+    y: float = Field(description="Position, m.")
+    zone: str = Field(description="Zone the spot lies in.")
+    packets: dict[str, int] = Field(description="Packets of the survey tag each receiver heard there (so far).")
+
+
+class SpotOut(_Spot):
+    """A recorded spot."""
+
+    index: int = Field(ge=0, description="Its number, for DELETE /api/v1/survey/spots/{index}.")
+
+
+class RunningSpot(_Spot):
+    """The spot being recorded now."""
+
+    seconds_left: float = Field(ge=0, description="Recording ends in this many seconds (data time).")
+
+
+class SurveyStatus(BaseModel):
+    """The survey as it stands."""
+
+    transmitter: str = Field(description="Subject id of the survey tag (config survey.transmitter).")
+    running: RunningSpot | None = Field(description="The spot being recorded, if any.")
+    spots: list[SpotOut] = Field(description="Spots recorded: those of the map in use, and any recorded since.")
+    applied: dict[str, Any] | None = Field(
+        description="The survey map the estimator uses: its file and how many spots it was fitted from; null "
+        "without one."
+    )
+
+
+class SurveyApplied(BaseModel):
+    """A survey fitted, saved and in use."""
+
+    file: str = Field(description="Where it was saved (in the data directory).")
+    spots: int = Field(ge=1, description="Spots it was fitted from.")
+    receivers: dict[str, int] = Field(description="Per receiver, the spots it heard the tag at well enough to use.")
+
+
+def _refusal(status: int, message: str) -> JSONResponse:
+    return JSONResponse(InstallerRefusal(message=message).model_dump(), status_code=status)
+
+
+async def installer(request: Request, authorization: Annotated[str | None, Header()] = None) -> Gateway:
+    """The gateway, when the request carries the installer token."""
+    gw: Gateway = request.app.state.gateway
+    token = gw.installer_token
+    if token is None:
+        raise SurveyRefused(
+            403,
+            "installer endpoints are off: no installer token is configured; set dashboard.installer_token_file "
+            "(or the systemd credential visita-installer-token) and restart",
+        )
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not authorization or not hmac.compare_digest(given.encode(), token.encode()):
+        raise SurveyRefused(401, "missing or wrong installer token: send 'Authorization: Bearer <installer token>'")
+    return gw
+
+
+InstallerDep = Annotated[Gateway, Depends(installer)]
+
+REFUSALS: dict[int | str, dict[str, Any]] = {
+    code: {"model": InstallerRefusal, "description": what}
+    for code, what in (
+        (401, "No or a wrong installer token."),
+        (403, "No installer token is configured on this gateway."),
+        (404, "No survey tag configured (survey.transmitter), or no such spot."),
+        (409, "A spot is still recording, or there is nothing to apply."),
+        (422, "The spot lies in no inside zone, or a value is out of range."),
+    )
+}
+
+
+def router() -> APIRouter:
+    """The installer endpoints; `create_app` includes them and maps SurveyRefused to its status."""
+    r = APIRouter(prefix="/api/v1/survey", tags=["installer"], responses=REFUSALS)
+
+    @r.get("", response_model=SurveyStatus)
+    async def survey(gw: InstallerDep) -> Any:
+        """The survey: the spot being recorded, the spots recorded, the map in use (docs/survey.md)."""
+        return gw.survey_status()
+
+    @r.post("/spots", status_code=202, response_model=SurveyStatus)
+    async def spot(body: SpotRequest, gw: InstallerDep) -> Any:
+        """Start recording the survey tag at (x, y) for `seconds`; poll GET /api/v1/survey until it is done."""
+        return gw.survey_spot(body.x, body.y, body.seconds)
+
+    @r.delete("/spots/{index}", response_model=SurveyStatus)
+    async def discard(index: Annotated[int, Path(ge=0, description="The spot's index.")], gw: InstallerDep) -> Any:
+        """Forget a recorded spot (recorded at the wrong place, or with the tag in a pocket)."""
+        return gw.survey_discard(index)
+
+    @r.post("/apply", response_model=SurveyApplied)
+    async def apply(gw: InstallerDep) -> Any:
+        """Fit the map from the recorded spots, save it in the data directory and use it from the next second."""
+        return gw.survey_apply()
+
+    return r
+
+
+def refused(_request: Request, exc: Exception) -> JSONResponse:
+    """SurveyRefused as its status and one-line message."""
+    assert isinstance(exc, SurveyRefused)
+    return _refusal(exc.status, exc.message)
