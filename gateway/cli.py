@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 EPILOG = """exit codes: 0 success, 1 failure while running, 2 bad usage or bad config.
-Documentation: docs/ (config.md, events.md, rules.md, frames.md, ble.md, nodes.md, scenarios.md, advert-log.md)."""
+Documentation: docs/ (config.md, events.md, rules.md, frames.md, ble.md, nodes.md, scenarios.md, advert-log.md,
+survey.md, install.md)."""
 
 
 THIRD_PARTY_LOGGERS = ("bleak", "dbus_fast", "asyncio", "paho", "uvicorn", "uvicorn.access", "uvicorn.error")
