@@ -229,22 +229,15 @@ def fingerprint(geometry: Mapping[str, Any]) -> str:
 def geometry_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """What differs between two `plan_geometry` results, for people (empty: the same)."""
     out: list[str] = []
-    o_rx, n_rx = old.get("receivers", {}), new.get("receivers", {})
-    for rx in sorted(set(o_rx) | set(n_rx)):
-        if rx not in n_rx:
-            out.append(f"receiver {rx} is no longer in the plan")
-        elif rx not in o_rx:
-            out.append(f"receiver {rx} was added")
-        elif o_rx[rx] != n_rx[rx]:
-            out.append(f"receiver {rx} moved from {o_rx[rx]} to {n_rx[rx]}")
-    o_z, n_z = old.get("zones", {}), new.get("zones", {})
-    for z in sorted(set(o_z) | set(n_z)):
-        if z not in n_z:
-            out.append(f"zone {z} is no longer in the plan")
-        elif z not in o_z:
-            out.append(f"zone {z} was added")
-        elif o_z[z] != n_z[z]:
-            out.append(f"zone {z} has another polygon")
+    for kind, key in (("receiver", "receivers"), ("zone", "zones")):
+        o, n = old.get(key, {}), new.get(key, {})
+        for k in sorted(set(o) | set(n)):
+            if k not in n:
+                out.append(f"{kind} {k} is no longer in the plan")
+            elif k not in o:
+                out.append(f"{kind} {k} was added")
+            elif o[k] != n[k]:
+                out.append(f"{kind} {k} moved from {o[k]} to {n[k]}" if kind == "receiver" else f"zone {k} was redrawn")
     if old.get("walls") != new.get("walls"):
         out.append("the walls (shelf runs, glass, fittings) differ")
     return out
