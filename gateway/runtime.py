@@ -410,11 +410,18 @@ class Gateway:
 
     def survey_spot(self, x: float, y: float, seconds: float) -> dict[str, Any]:
         """Start recording the tag at (x, y) from the current data time."""
+        rec = self._recorder()
+        running = rec.status(self.now)["running"]
+        if running is not None:
+            raise SurveyRefused(
+                409,
+                f"the spot at ({running['x']:g}, {running['y']:g}) is still recording for "
+                f"{running['seconds_left']:g} s: wait for it to end (then discard it if it went wrong)",
+            )
         try:
-            self._recorder().start_spot(x, y, seconds, self.now)
+            rec.start_spot(x, y, seconds, self.now)
         except SurveyError as e:
-            status = 409 if "still recording" in str(e) else 422
-            raise SurveyRefused(status, str(e)) from None
+            raise SurveyRefused(422, str(e)) from None
         return self.survey_status()
 
     def survey_discard(self, index: int) -> dict[str, Any]:
@@ -429,7 +436,7 @@ class Gateway:
         """Fit the map from every recorded spot, save it (atomically) and make the estimator use it at once."""
         rec = self._recorder()
         if rec.status(self.now)["running"] is not None:
-            raise SurveyRefused(409, "a spot is still recording: wait for it to end (or discard it), then apply")
+            raise SurveyRefused(409, "a spot is still recording: wait for it to end, then apply")
         spots = rec.spots()
         if not spots:
             raise SurveyRefused(409, "no spots recorded: record spots with POST /api/v1/survey/spots first")

@@ -119,6 +119,13 @@ def test_installer_records_spots_applies_the_map_and_it_survives_a_restart(tmp_p
         assert r.returncode == 0 and len(json.loads(r.stdout)["spots"]) == 1
         r = _survey(port, token, "discard", "5")
         assert r.returncode == 1 and "404" in r.stderr
+        # One spot at a time, and nothing is applied while one records.
+        r = _survey(port, token, "spot", "14", "4", "--seconds", "60", "--no-wait")
+        assert r.returncode == 0 and "recording at (14, 4)" in r.stdout, r.stderr
+        r = _survey(port, token, "spot", "18", "8")
+        assert r.returncode == 1 and "409" in r.stderr and "still recording" in r.stderr
+        r = _survey(port, token, "apply")
+        assert r.returncode == 1 and "409" in r.stderr and "still recording" in r.stderr
     finally:
         _stop(proc)
 
