@@ -314,9 +314,7 @@ class HmmEstimator:
         # cells would fit any pattern better than outside cells, which it does not reach (docs/survey.md).
         self._mu_plain = expected_rssi(plan, cfg.path_loss_exponent, cx, cy)
         self._survey: SurveyMap | None = None
-        self._mu = self._mu_plain
-        self._pdet = self._mu_plain
-        self.use_survey(survey)
+        self.use_survey(survey)  # sets _mu, _pdet and _cfg
         self._rx_pos = [r.position for r in plan.receivers]
         self._prior = np.full(self.cells, 1.0 / self.cells, dtype=np.float32)
         # Per subject (rows 0..n-1 are live).

@@ -219,6 +219,12 @@ def test_the_estimator_adds_the_maps_correction_to_its_model_mean() -> None:
         out[name] = got[-1]
     assert out["survey"].x is not None and out["plain"].x is not None
     assert abs(out["survey"].x - 8.0) < 1.5 < abs(out["plain"].x - 8.0)
+    # Applied on a running estimator (the installer's apply): the same model, the subject's state kept.
+    base.use_survey(ConstantMap(p, [6.0, 0.0]))
+    assert np.array_equal(base._mu, est._mu) and np.array_equal(base._pdet, est._pdet) and base._cfg.sigma_db == 3.5
+    assert base.diagnostics()["survey"]["spots"] == 0 and "anon:x" in base._rows
+    base.use_survey(None)
+    assert np.array_equal(base._mu, base._mu_plain) and base._cfg.sigma_db == 5.0
 
 
 def test_a_map_for_another_plan_or_path_loss_model_is_refused_by_the_estimator() -> None:
