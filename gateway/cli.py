@@ -407,7 +407,7 @@ def _installer_call(args: argparse.Namespace, method: str, path: str, body: dict
     import urllib.error
     import urllib.request
 
-    from gateway.config import parse_listen
+    from gateway.config import parse_listen, read_secret
 
     settings = load_settings(args.config)
     if args.url:
@@ -418,13 +418,14 @@ def _installer_call(args: argparse.Namespace, method: str, path: str, body: dict
         host, port = parse_listen(settings.dashboard.listen)
         host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
         base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    if args.token_file:
-        try:
-            token: str | None = args.token_file.read_text(encoding="utf-8").splitlines()[0].strip()
-        except (OSError, UnicodeDecodeError, IndexError) as e:
-            raise UsageError(f"--token-file {args.token_file}: cannot be read: {e}") from None
-    else:
-        token = os.environ.get("VISITA_INSTALLER_TOKEN") or settings.dashboard.installer_token()
+    try:
+        if args.token_file:
+            token = read_secret(str(args.token_file), "visita-installer-token", "--token-file")
+        else:
+            token = os.environ.get("VISITA_INSTALLER_TOKEN") or settings.dashboard.installer_token()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    token = token.strip() if token else None
     if not token:
         raise UsageError("no installer token: pass --token-file FILE or set VISITA_INSTALLER_TOKEN")
     data = json.dumps(body).encode() if body is not None else None

@@ -258,7 +258,7 @@ class _ReceiverFit:
 class SurveyMap:
     """The survey's correction of the HMM's model mean, per receiver and point (dB).
 
-    Fitted from spots with `fit` (or read with `load`, which refits from the stored readings); `correction`
+    Fitted from spots when constructed (or read with `load`, which refits from the stored readings); `correction`
     gives the dB to add to `expected_rssi` at any points.
     """
 
