@@ -1,0 +1,221 @@
+"""The most zone accuracy any estimator could get from the shipped channel: a genie bound.
+
+`zone_resolution.py` shows what position accuracy 95 % zone accuracy asks for. This script asks the other
+half: how well can positions be known from what the radio carries, whatever the estimator? It computes the
+zone accuracy of the Bayes-optimal decision of a *genie*, an observer given far more than any gateway has:
+
+* it knows the subject is inside, the phone's true power at 1 m, every receiver's calibration error, the
+  walls and the path-loss exponent (the simulator's own model, nothing fitted);
+* it sees, for every receiver and every second, the received level *before* fast fading, packet loss,
+  collisions, scan windows and the receiver's sensitivity (so every second of every receiver, exactly);
+* for each stand (a shopper standing at a shelf), it decides the zone of all the stand's seconds with the
+  readings of the whole stand, however long (a real estimator decides each second a few seconds after it);
+* it knows where stands are: the prior over positions is the scenario's own (uniform in the zone, zones
+  weighted by the share of standing time they really got), and headings are uniform, as the simulator
+  draws them.
+
+What it does not know are the channel terms no gateway can observe: the drifting shadow (people, trolleys,
+doors: AR(1) with the scenario's σ and correlation time, marginalised exactly as a Gaussian), the heading the
+shopper faces (so how much of the body loss falls on each receiver; marginalised over 24 headings), and in
+the first variant the static shadowing field. The variants:
+
+* **no survey**: the static field is unknown (σ of its share of the shadowing, one draw per receiver per
+  stand: a stand sees one value of it);
+* **perfect survey**: the static field is known exactly at every point (what a site survey could learn at
+  most, and more than any real one);
+* **perfect survey, heading known**: as above, and the genie is told which way the shopper faces.
+
+Each stand gets `--draws` noise draws (the drift and, without a survey, the field), from the same
+distributions as the simulator's; its position and heading are the simulator's truth. Walking seconds are
+counted as right every time (no bound is attempted for them), so the overall figure is an upper bound twice
+over: `(standing seconds right + all walking seconds) / inside seconds`.
+
+The decision for a stand is the zone with the largest posterior mass over a 0.25 m grid within
+`--radius` m of the true position (dropping farther candidates can only help the genie). The Bayes accuracy
+is the expected largest posterior mass, which this script prints with the share of draws decided right.
+
+    .venv/bin/python benchmarks/channel_bound.py [--scenario supermarket] [--seeds 1 2 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from zone_resolution import zone_of
+
+from firmware_sim.channel import Channel
+from firmware_sim.scenario import Scenario, load_scenario
+from firmware_sim.world import World
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+GRID_M = 0.25
+HEADINGS = 24
+VARIANTS = ("no survey", "perfect survey", "perfect survey, heading known")
+
+
+@dataclass
+class Stands:
+    """Every stand inside the window: position, heading, whole seconds inside the window, true zone."""
+
+    x: F64
+    y: F64
+    heading: F64
+    seconds: I64
+    zone: I64
+    walking_s: int
+    """Inside seconds spent walking (not part of a stand)."""
+
+
+def stands_of(sc: Scenario, world: World, start: float, duration_s: float) -> Stands:
+    """Run the simulator over the window and cut every phone carrier's track into stands and walks."""
+    end = start + duration_s
+    people = []
+    t = start
+    while t < end:
+        t = min(t + 60.0, end)
+        world.advance(t)
+        people += world.pop_finished()
+    people += world.people
+    inside = np.array([not z.outside for z in sc.zones])
+    xs: list[float] = []
+    ys: list[float] = []
+    hs: list[float] = []
+    ns: list[int] = []
+    walking = 0
+    for p in people:
+        if p.platform is None or p.t0 >= end:
+            continue
+        secs = np.arange(math.ceil(max(p.t0, start)), math.floor(min(p.t1, end)) + 1e-9)
+        if not len(secs):
+            continue
+        x, y = p.position(secs)
+        zone = zone_of(sc, x.astype(np.float32), y.astype(np.float32))
+        is_in = (zone >= 0) & inside[np.maximum(zone, 0)]
+        # The leg each second falls in; a leg whose two knots are at the same place is a stand.
+        leg = np.clip(np.searchsorted(p.kt, secs, side="right") - 1, 0, len(p.kt) - 2)
+        still = (p.kx[leg] == p.kx[leg + 1]) & (p.ky[leg] == p.ky[leg + 1])
+        walking += int((is_in & ~still).sum())
+        for k in np.unique(leg[is_in & still]):
+            n = int((is_in & still & (leg == k)).sum())
+            xs.append(float(p.kx[k]))
+            ys.append(float(p.ky[k]))
+            hs.append(float(p.kh[k]))
+            ns.append(n)
+    x, y = np.array(xs), np.array(ys)
+    return Stands(x, y, np.array(hs), np.array(ns, dtype=np.int64), zone_of(sc, x.astype(np.float32), y.astype(np.float32)), walking)
+
+
+def gls_variance(n: I64, sigma: float, rho: float) -> F64:
+    """Variance of the best (GLS) estimate of a constant under n samples of AR(1) noise (σ, ρ per sample).
+
+    1ᵀR⁻¹1 for the AR(1) correlation matrix R of size n is (2 + (n-2)(1+ρ²) - 2(n-1)ρ) / (1-ρ²).
+    """
+    nf = n.astype(np.float64)
+    info = np.where(nf > 1, (2 + (nf - 2) * (1 + rho**2) - 2 * (nf - 1) * rho) / (1 - rho**2), 1.0)
+    out: F64 = sigma**2 / info
+    return out
+
+
+def bound(sc: Scenario, seed: int, start: float, duration_s: float, draws: int, radius_m: float) -> dict[str, float]:
+    world = World(sc, seed, start)
+    ch: Channel = world.channel
+    st = stands_of(sc, world, start, duration_s)
+    radio = sc.radio
+    sigma_static = ch.sigma_spatial
+    sigma_drift = ch.sigma_temporal
+    rho = math.exp(-1.0 / radio.shadowing_correlation_s)
+
+    # Candidate grid over the inside zones, with the model levels at every heading (receivers last).
+    inside = np.array([not z.outside for z in sc.zones])
+    xs = np.concatenate([np.array(z.polygon)[:, 0] for z in sc.zones])
+    ys = np.concatenate([np.array(z.polygon)[:, 1] for z in sc.zones])
+    gx, gy = np.meshgrid(
+        np.arange(xs.min() + GRID_M / 2, xs.max(), GRID_M), np.arange(ys.min() + GRID_M / 2, ys.max(), GRID_M)
+    )
+    gx, gy = gx.ravel(), gy.ravel()
+    gz = zone_of(sc, gx.astype(np.float32), gy.astype(np.float32))
+    keep = (gz >= 0) & inside[np.maximum(gz, 0)]
+    gx, gy, gz = gx[keep], gy[keep], gz[keep]
+    heads = np.linspace(-math.pi, math.pi, HEADINGS, endpoint=False)
+    plain = -ch.mean_loss(gx, gy)  # (G, R)
+    static = ch.spatial(gx, gy)
+    body = np.stack([ch.body(gx, gy, np.full(len(gx), h)) for h in heads], axis=1)  # (G, K, R)
+    # Prior: uniform within a zone, zones weighted by their share of the standing seconds.
+    share = np.bincount(st.zone, weights=st.seconds, minlength=len(sc.zones))
+    cells = np.bincount(gz, minlength=len(sc.zones)).astype(np.float64)
+    log_prior = np.log(np.maximum(share[gz] / np.maximum(cells[gz], 1), 1e-300))
+
+    var_t = gls_variance(st.seconds, sigma_drift, rho)
+    rng = np.random.default_rng(1000 + seed)
+    right = {v: 0.0 for v in VARIANTS}
+    mass = {v: 0.0 for v in VARIANTS}
+    for i in range(len(st.x)):
+        near = np.flatnonzero(np.hypot(gx - st.x[i], gy - st.y[i]) <= radius_m)
+        px, py, ph = np.array([st.x[i]]), np.array([st.y[i]]), np.array([st.heading[i]])
+        truth_plain = -ch.mean_loss(px, py)[0] - ch.body(px, py, ph)[0]
+        truth_static = ch.spatial(px, py)[0]
+        zones = gz[near]
+        for v in VARIANTS:
+            surveyed = v != "no survey"
+            var = var_t[i] + (0.0 if surveyed else sigma_static**2)
+            noise = rng.standard_normal((draws, ch.n_rx)) * math.sqrt(var)
+            obs = truth_plain + (truth_static if surveyed else 0.0) + noise  # (D, R)
+            if v == "perfect survey, heading known":
+                k = int(np.argmin(np.abs(np.angle(np.exp(1j * (heads - st.heading[i]))))))
+                mean = (plain[near] + static[near] - body[near, k])[:, None, :]  # (G, 1, R)
+            else:
+                mean = (plain[near] + (static[near] if surveyed else 0.0))[:, None, :] - body[near]  # (G, K, R)
+            resid = obs[:, None, None, :] - mean[None]  # (D, G, K, R)
+            ll = -0.5 * (resid**2).sum(axis=-1) / var
+            ll = np.logaddexp.reduce(ll, axis=-1) + log_prior[near]  # (D, G)
+            post = np.exp(ll - ll.max(axis=1, keepdims=True))
+            post /= post.sum(axis=1, keepdims=True)
+            by_zone = np.zeros((draws, len(sc.zones)))
+            for d in range(draws):
+                by_zone[d] = np.bincount(zones, weights=post[d], minlength=len(sc.zones))
+            decided = by_zone.argmax(axis=1)
+            right[v] += st.seconds[i] * float((decided == st.zone[i]).mean())
+            mass[v] += st.seconds[i] * float(by_zone.max(axis=1).mean())
+    standing = float(st.seconds.sum())
+    total = standing + st.walking_s
+    out = {"stands": float(len(st.x)), "standing_s": standing, "walking_s": float(st.walking_s)}
+    for v in VARIANTS:
+        out[f"{v}: standing right"] = right[v] / standing
+        out[f"{v}: standing bayes"] = mass[v] / standing
+        out[f"{v}: overall bound"] = (right[v] + st.walking_s) / total
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", default="supermarket", help="shipped scenario name or file (default supermarket)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--skip", type=float, default=7200.0, help="seconds after the scenario's start (default 2 h)")
+    ap.add_argument("--duration", type=float, default=1800.0, help="seconds to look at (default 30 min)")
+    ap.add_argument("--draws", type=int, default=4, help="noise draws per stand (default 4)")
+    ap.add_argument("--radius", type=float, default=10.0, help="candidates within this many metres (default 10)")
+    args = ap.parse_args()
+    sc = load_scenario(args.scenario)
+    for seed in args.seeds:
+        t0 = time.monotonic()
+        r = bound(sc, seed, sc.start_ts() + args.skip, args.duration, args.draws, args.radius)
+        share = r["standing_s"] / (r["standing_s"] + r["walking_s"])
+        print(
+            f"{sc.name} seed {seed}: {r['stands']:.0f} stands, {share:.1%} of {r['standing_s'] + r['walking_s']:,.0f}"
+            f" inside seconds standing ({time.monotonic() - t0:.0f} s)"
+        )
+        for v in VARIANTS:
+            print(
+                f"  {v:32s} standing seconds right {r[f'{v}: standing right']:6.1%}"
+                f" (Bayes {r[f'{v}: standing bayes']:6.1%}); overall at most {r[f'{v}: overall bound']:6.1%}"
+            )
+
+
+if __name__ == "__main__":
+    main()
