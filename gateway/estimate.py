@@ -357,7 +357,7 @@ class HmmEstimator:
                 cfg = cfg.model_copy(update={"sigma_db": cfg.surveyed_sigma_db})
         # Chance that one packet from a cell reaches each receiver above its sensitivity (for non-detection).
         margin = (mu - SENSITIVITY_DBM) / np.float32(PACKET_SIGMA_DB)
-        self._pdet = (1.0 - 0.5 * _erfc(margin / math.sqrt(2.0))).astype(np.float32)
+        self._pdet = (1.0 - 0.5 * erfc(margin / math.sqrt(2.0))).astype(np.float32)
         # Packets below a receiver's sensitivity are never reported. The likelihood of what was reported is
         # still the plain model density (censored data), and the packets that were not reported are the
         # non-detection term in _emission; using the mean of the truncated distribution instead made far
@@ -762,7 +762,7 @@ def make_estimator(plan: PlanConfig, cfg: EstimateConfig, survey: SurveyMap | No
     return HmmEstimator(plan, cfg, survey)
 
 
-def _erfc(x: Any) -> Any:
+def erfc(x: Any) -> Any:
     """Complementary error function on arrays (Abramowitz and Stegun 7.1.26, error below 1.5e-7)."""
     z = np.abs(x)
     t = 1.0 / (1.0 + 0.3275911 * z)

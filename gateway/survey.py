@@ -6,8 +6,11 @@ the tag's packets heard during the spot's window. `SurveyMap` fits, per receiver
 (its median level minus the estimator's own model mean there, `gateway.estimate.expected_rssi`) and
 interpolates the residuals onto any point by Gaussian-process regression (simple kriging) with a
 squared-exponential kernel: near spots the correction is what was measured, far from every spot it falls back
-to 0. A constant per receiver (its calibration offset) is part of the same regression. docs/survey.md has the
-procedure, the file format and what a survey can and cannot fix.
+to 0. A constant per receiver (its calibration offset) is part of the same regression. A receiver far from a
+spot reports only the packets that faded up above its sensitivity, so the median of what it heard there reads
+high; such a spot's level is the censored-normal (Tobit) estimate instead, from the packets heard and the
+number it missed (`spot_level`). docs/survey.md has the procedure, the file format and what a survey can and
+cannot fix.
 
 No clocks: time comes in as arguments and with the sightings. The only I/O is `SurveyMap.save` / `load`.
 """
@@ -27,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.config import EstimateConfig, PlanConfig, SurveyConfig
-from gateway.estimate import REFERENCE_RSSI_1M, expected_rssi, points_in_polygon
+from gateway.estimate import REFERENCE_RSSI_1M, erfc, expected_rssi, points_in_polygon
 from gateway.model import Sighting
 
 F64 = npt.NDArray[np.float64]
@@ -44,6 +47,31 @@ LATE_S = 2.0
 """A spot's window is closed once a sighting this much past its end arrives (late remote sightings still count)."""
 PACKET_SIGMA_DB = 4.0
 """Spread of one packet's RSSI around a spot's level while the installer turns (fast fading, body), dB."""
+FULL_RATE_QUANTILE = 90.0
+"""A receiver's packets per second when nothing is lost to its sensitivity: this percentile of its rates over the
+spots where it heard the tag (the spots near it, where every packet it listened for arrives)."""
+CENSORED_SHARE = 0.1
+"""A spot's level is estimated as censored when the receiver missed more packets there (against its full rate)
+than this share of the packets it heard."""
+
+
+def spot_level(values: npt.NDArray[np.float64], missed: float, threshold: float) -> float:
+    """A receiver's level at a spot from the packets it heard there and how many it missed, dBm.
+
+    With nothing missed (beyond CENSORED_SHARE) the median of the packets heard. Otherwise the packets below
+    `threshold` (the receiver's sensitivity, as its weakest packet anywhere shows it) were never reported, and the
+    median of the rest reads high: the maximum-likelihood level of packets spread normally by PACKET_SIGMA_DB,
+    the heard ones by their values and the `missed` ones by the chance of being below the threshold (Tobit),
+    searched on a 0.05 dB grid. Measured with a simulated survey of the supermarket (5-m spots, seed 2) and a
+    receiver reading 5 dB high: its spots' median levels rose by only 2.8 dB on average, since the weak spots
+    heard 1-38 packets at 0 dB and 47-81 at +5 dB."""
+    if missed <= CENSORED_SHARE * len(values):
+        return float(np.median(values))
+    mu = np.arange(threshold - 25.0, float(values.max()) + 10.0, 0.05)
+    ll = -((values[None, :] - mu[:, None]) ** 2).sum(axis=1) / (2 * PACKET_SIGMA_DB**2)
+    below = 0.5 * erfc((mu - threshold) / (PACKET_SIGMA_DB * math.sqrt(2.0)))
+    ll += missed * np.log(np.maximum(below, 1e-300))
+    return float(mu[int(np.argmax(ll))])
 
 
 class SurveyError(ValueError):
@@ -301,12 +329,17 @@ class SurveyMap:
             res: list[float] = []
             noise: list[float] = []
             censored = 0
+            heard = [(len(v) / sp.seconds, min(v)) for sp in self.spots if (v := sp.rssi.get(r.id, ()))]
+            full_rate = float(np.percentile([h[0] for h in heard], FULL_RATE_QUANTILE)) if heard else 0.0
+            threshold = min((h[1] for h in heard), default=0) - 0.5  # reported values are whole dBm
             for j, spot in enumerate(self.spots):
                 values = spot.rssi.get(r.id, ())
                 if len(values) < cfg.min_packets:
                     censored += int(len(values) > 0)
                     continue
-                level = float(np.median(values)) + r.gain_db + (REFERENCE_RSSI_1M - spot.ref_rssi)
+                missed = full_rate * spot.seconds - len(values)
+                raw = spot_level(np.asarray(values, dtype=np.float64), missed, threshold)
+                level = raw + r.gain_db + (REFERENCE_RSSI_1M - spot.ref_rssi)
                 xs.append(spot.x)
                 ys.append(spot.y)
                 res.append(level - float(model[i, j]))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware_sim.scenario import load_scenario
+from firmware_sim.scenario import load_scenario, scenario_plan
 from firmware_sim.survey import WALL_CLEARANCE_M, survey_spots, survey_world
 from firmware_sim.world import World
 from gateway.cli import main
@@ -22,8 +22,9 @@ from gateway.config import (
     ZoneConfig,
 )
 from gateway.estimate import HmmEstimator, expected_rssi, make_estimator
+from gateway.eval import SurveyRun, run_survey
 from gateway.model import Sighting
-from gateway.survey import SurveyError, SurveyMap, SurveyRecorder, SurveySpot
+from gateway.survey import SurveyError, SurveyMap, SurveyRecorder, SurveySpot, spot_level
 
 TAG = "beacon:5ca1ab1e-0000-4000-8000-00000000cafe:65535:1"
 
@@ -97,6 +98,49 @@ def test_receivers_that_heard_too_few_packets_at_a_spot_are_left_out_for_it() ->
     rx = m.summary()["receivers"]
     assert rx["rx-a"]["spots_used"] == 1 and rx["rx-b"] == {"spots_used": 0, "spots_censored": 1, "offset_db": 0.0}
     assert float(np.abs(m.correction(np.array([5.0]), np.array([5.0]))[1]).max()) == 0.0
+
+
+def test_a_spot_level_heard_only_above_the_sensitivity_is_estimated_as_censored() -> None:
+    # 200 packets at a true level of -93 dBm, spread 4 dB (evenly spaced quantiles); the receiver reports only
+    # those at -95 dBm or more.
+    q = (np.arange(200) + 0.5) / 200
+    packets = -93.0 + 4.0 * math.sqrt(2.0) * np.array([_erfinv(2 * v - 1) for v in q])
+    heard = np.round(packets[packets >= -95.0])
+    assert float(np.median(heard)) >= -91.0  # what the median of the heard packets says: 2 dB too high
+    assert spot_level(heard, 200 - len(heard), -95.5) == pytest.approx(-93.0, abs=0.6)
+    assert spot_level(heard, 0.05 * len(heard), -95.5) == float(np.median(heard))  # nothing missed: the median
+
+
+def _erfinv(y: float) -> float:
+    """Inverse error function by bisection (tests only)."""
+    lo, hi = -6.0, 6.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if math.erf(mid) < y else (lo, mid)
+    return (lo + hi) / 2
+
+
+def test_a_simulated_survey_finds_a_receiver_reading_5_db_high() -> None:
+    """The receiver's spots far from it are heard near its sensitivity; their censored levels must still show
+    the offset (with the medians of the heard packets only 2.4 of the 5 dB came through on this seed)."""
+    sc = load_scenario("supermarket")
+    ids = [r.id for r in sc.receivers]
+    i = ids.index("rx-checkout")
+    means = []
+    for offset in (0.0, 5.0):
+        receivers = [r.model_copy(update={"offset_db": offset if r.id == "rx-checkout" else 0.0}) for r in sc.receivers]
+        store = sc.model_copy(update={"receivers": receivers})
+        survey, _ = run_survey(
+            store, 2, store.start_ts() + 3600, scenario_plan(store), EstimateConfig(), SurveyRun(5.0, 20.0)
+        )
+        if not means:  # the spots where the receiver heard the tag in the first run
+            used = [s for s in survey.spots if len(s.rssi.get("rx-checkout", ())) >= 5]
+            xs, ys = np.array([s.x for s in used]), np.array([s.y for s in used])
+        means.append(survey.correction(xs, ys).mean(axis=1))
+    shift = means[1] - means[0]
+    assert shift[i] - np.delete(shift, i).mean() == pytest.approx(5.0, abs=1.3), dict(
+        zip(ids, shift.round(2), strict=True)
+    )
 
 
 def test_a_spot_outside_every_inside_zone_or_too_short_is_refused() -> None:
