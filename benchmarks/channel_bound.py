@@ -148,6 +148,7 @@ def gls_variance(n: I64, sigma: float, rho: float) -> F64:
 
 
 def bound(sc: Scenario, seed: int, start: float, duration_s: float, draws: int, radius_m: float) -> dict[str, float]:
+    """One seed: the genie's figures per variant (module docstring), keyed "<variant>: <figure>"."""
     world = World(sc, seed, start)
     ch: Channel = world.channel
     st = stands_of(sc, world, start, duration_s)
