@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from zone_resolution import zone_of
+from zone_resolution import people_of, zone_of
 
 from firmware_sim.channel import Channel
 from firmware_sim.scenario import Scenario, load_scenario
@@ -92,13 +92,7 @@ class Stands:
 def stands_of(sc: Scenario, world: World, start: float, duration_s: float) -> Stands:
     """Run the simulator over the window and cut every phone carrier's track into stands and walks."""
     end = start + duration_s
-    people = []
-    t = start
-    while t < end:
-        t = min(t + 60.0, end)
-        world.advance(t)
-        people += world.pop_finished()
-    people += world.people
+    people = people_of(world, start, duration_s)
     inside = np.array([not z.outside for z in sc.zones])
     xs: list[float] = []
     ys: list[float] = []

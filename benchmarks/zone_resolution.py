@@ -27,6 +27,7 @@ import time
 import numpy as np
 import numpy.typing as npt
 
+from firmware_sim.people import Person
 from firmware_sim.scenario import Scenario, load_scenario
 from firmware_sim.world import World
 from gateway.estimate import points_in_polygon
@@ -46,19 +47,23 @@ def zone_of(sc: Scenario, x: F32, y: F32) -> npt.NDArray[np.int64]:
     return out
 
 
-def inside_positions(sc: Scenario, seed: int, start: float, duration_s: float) -> tuple[F32, F32]:
-    """Positions, at whole seconds, of everyone with an advertising phone while inside a zone."""
-    world = World(sc, seed, start)
+def people_of(world: World, start: float, duration_s: float) -> list[Person]:
+    """Run the simulator over the window; everyone who was in it (gone since, or still there)."""
     end = start + duration_s
-    people = []
+    people: list[Person] = []
     t = start
     while t < end:
         t = min(t + 60.0, end)
         world.advance(t)
         people += world.pop_finished()
-    people += world.people
+    return people + world.people
+
+
+def inside_positions(sc: Scenario, seed: int, start: float, duration_s: float) -> tuple[F32, F32]:
+    """Positions, at whole seconds, of everyone with an advertising phone while inside a zone."""
+    end = start + duration_s
     xs, ys = [], []
-    for p in people:
+    for p in people_of(World(sc, seed, start), start, duration_s):
         if p.platform is None or p.t0 >= end:
             continue
         secs = np.arange(math.ceil(max(p.t0, start)), math.floor(min(p.t1, end)) + 1e-9)
