@@ -109,6 +109,8 @@ def test_a_spot_level_heard_only_above_the_sensitivity_is_estimated_as_censored(
     assert float(np.median(heard)) >= -91.0  # what the median of the heard packets says: 2 dB too high
     assert spot_level(heard, 200 - len(heard), -95.5) == pytest.approx(-93.0, abs=0.6)
     assert spot_level(heard, 0.05 * len(heard), -95.5) == float(np.median(heard))  # nothing missed: the median
+    # Far above the sensitivity, misses are scan windows and losses, not weak packets: the median stands.
+    assert spot_level(np.full(30, -70.0), 10.0, -95.5) == -70.0
 
 
 def _erfinv(y: float) -> float:
