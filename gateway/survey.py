@@ -63,13 +63,14 @@ def spot_level(values: npt.NDArray[np.float64], missed: float, threshold: float)
     """A receiver's level at a spot from the packets it heard there and how many it missed, dBm.
 
     With nothing missed (beyond CENSORED_SHARE), or a median further than CENSORED_REACH_DB above `threshold`,
-    the median of the packets heard. Otherwise the packets below
-    `threshold` (the receiver's sensitivity, as its weakest packet anywhere shows it) were never reported, and the
-    median of the rest reads high: the maximum-likelihood level of packets spread normally by PACKET_SIGMA_DB,
-    the heard ones by their values and the `missed` ones by the chance of being below the threshold (Tobit),
-    searched on a 0.05 dB grid. Measured with a simulated survey of the supermarket (5-m spots, seed 2) and a
-    receiver reading 5 dB high: its spots' median levels rose by only 2.8 dB on average, since the weak spots
-    heard 1-38 packets at 0 dB and 47-81 at +5 dB."""
+    the median of the packets heard. Otherwise the packets below `threshold` (the receiver's sensitivity, as its
+    weakest packet anywhere shows it) were never reported, and the median of the rest reads high: the
+    maximum-likelihood level of packets spread normally by PACKET_SIGMA_DB, the heard ones by their values and
+    the `missed` ones by the chance of being below the threshold (Tobit), searched on a 0.05 dB grid.
+
+    Measured with a simulated survey of the supermarket (5-m spots, seed 2) and a receiver reading 5 dB high: its
+    spots' median levels rose by only 2.8 dB on average, since the weak spots heard 1-38 packets at 0 dB and
+    47-81 at +5 dB."""
     median = float(np.median(values))
     if missed <= CENSORED_SHARE * len(values) or median - threshold > CENSORED_REACH_DB:
         return median

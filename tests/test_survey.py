@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -103,23 +104,13 @@ def test_receivers_that_heard_too_few_packets_at_a_spot_are_left_out_for_it() ->
 def test_a_spot_level_heard_only_above_the_sensitivity_is_estimated_as_censored() -> None:
     # 200 packets at a true level of -93 dBm, spread 4 dB (evenly spaced quantiles); the receiver reports only
     # those at -95 dBm or more.
-    q = (np.arange(200) + 0.5) / 200
-    packets = -93.0 + 4.0 * math.sqrt(2.0) * np.array([_erfinv(2 * v - 1) for v in q])
+    packets = np.array([NormalDist(-93.0, 4.0).inv_cdf((k + 0.5) / 200) for k in range(200)])
     heard = np.round(packets[packets >= -95.0])
     assert float(np.median(heard)) >= -91.0  # what the median of the heard packets says: 2 dB too high
     assert spot_level(heard, 200 - len(heard), -95.5) == pytest.approx(-93.0, abs=0.6)
     assert spot_level(heard, 0.05 * len(heard), -95.5) == float(np.median(heard))  # nothing missed: the median
     # Far above the sensitivity, misses are scan windows and losses, not weak packets: the median stands.
     assert spot_level(np.full(30, -70.0), 10.0, -95.5) == -70.0
-
-
-def _erfinv(y: float) -> float:
-    """Inverse error function by bisection (tests only)."""
-    lo, hi = -6.0, 6.0
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if math.erf(mid) < y else (lo, mid)
-    return (lo + hi) / 2
 
 
 def test_a_simulated_survey_finds_a_receiver_reading_5_db_high() -> None:
