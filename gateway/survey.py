@@ -482,4 +482,10 @@ class SurveyMap:
             ]
         except (KeyError, TypeError, ValueError, AttributeError):
             raise SurveyError(f"{path}: a spot is malformed (x, y, start, seconds, ref_rssi, rssi)") from None
+        for i, spot in enumerate(spots):
+            if not MIN_SPOT_S <= spot.seconds <= MAX_SPOT_S:  # also refuses NaN
+                raise SurveyError(
+                    f"{path}: spot {i} lasts {spot.seconds:g} s; a spot lasts {MIN_SPOT_S:g}-{MAX_SPOT_S:g} s "
+                    "(file edited or damaged): record the survey again"
+                )
         return cls(plan, spots, cfg, estimate, str(data.get("transmitter", "")))

@@ -115,7 +115,7 @@ def test_a_spot_level_heard_only_above_the_sensitivity_is_estimated_as_censored(
 
 def test_a_simulated_survey_finds_a_receiver_reading_5_db_high() -> None:
     """The receiver's spots far from it are heard near its sensitivity; their censored levels must still show
-    the offset (with the medians of the heard packets only 2.4 of the 5 dB came through on this seed)."""
+    the offset (with the medians of the heard packets only 2.6 of the 5 dB came through on this seed)."""
     sc = load_scenario("supermarket")
     ids = [r.id for r in sc.receivers]
     i = ids.index("rx-checkout")
@@ -131,9 +131,9 @@ def test_a_simulated_survey_finds_a_receiver_reading_5_db_high() -> None:
             xs, ys = np.array([s.x for s in used]), np.array([s.y for s in used])
         means.append(survey.correction(xs, ys).mean(axis=1))
     shift = means[1] - means[0]
-    assert shift[i] - np.delete(shift, i).mean() == pytest.approx(5.0, abs=1.3), dict(
-        zip(ids, shift.round(2), strict=True)
-    )
+    found = shift[i] - np.delete(shift, i).mean()
+    # Medians: 2.6 dB; censored levels: 3.8 dB. The bound sits halfway, not at the edge of either.
+    assert 3.2 < found < 6.5, dict(zip(ids, shift.round(2), strict=True))
 
 
 def test_a_spot_outside_every_inside_zone_or_too_short_is_refused() -> None:
@@ -211,6 +211,12 @@ def test_save_and_load_round_trip_and_a_moved_receiver_is_refused(tmp_path: Path
     data["plan"]["receivers"]["rx-a"] = [6.0, 10.0]  # edited without its fingerprint
     path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(SurveyError, match="does not match its fingerprint"):
+        SurveyMap.load(path, p)
+    m.save(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["spots"][1]["seconds"] = 0  # a spot's length feeds the packet rate of the censored levels
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(SurveyError, match=r"spot 1 lasts 0 s; a spot lasts 3-600 s"):
         SurveyMap.load(path, p)
     path.write_text("{}", encoding="utf-8")
     with pytest.raises(SurveyError, match="not a survey file"):
