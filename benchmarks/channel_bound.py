@@ -47,14 +47,13 @@ share of draws decided right.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from zone_resolution import people_of, zone_of
+from zone_resolution import people_of, window_parser, zone_of
 
 from firmware_sim.channel import Channel
 from firmware_sim.scenario import Scenario, load_scenario
@@ -247,11 +246,7 @@ def dwell_error_median(st: Stands, decided: I64, n_zones: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", default="supermarket", help="shipped scenario name or file (default supermarket)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--skip", type=float, default=7200.0, help="seconds after the scenario's start (default 2 h)")
-    ap.add_argument("--duration", type=float, default=1800.0, help="seconds to look at (default 30 min)")
+    ap = window_parser(__doc__)
     ap.add_argument("--draws", type=int, default=4, help="noise draws per stand (default 4)")
     ap.add_argument("--radius", type=float, default=10.0, help="candidates within this many metres (default 10)")
     args = ap.parse_args()

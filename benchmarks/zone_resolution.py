@@ -104,13 +104,18 @@ def report(sc: Scenario, seed: int, start: float, duration_s: float) -> float:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def window_parser(doc: str | None) -> argparse.ArgumentParser:
+    """Options of scripts that look at a scenario's window like `visita eval`: scenario, seeds, skip, duration."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", default="supermarket", help="shipped scenario name or file (default supermarket)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--skip", type=float, default=7200.0, help="seconds after the scenario's start (default 2 h)")
     ap.add_argument("--duration", type=float, default=1800.0, help="seconds to look at (default 30 min)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = window_parser(__doc__).parse_args()
     sc = load_scenario(args.scenario)
     t0 = time.monotonic()
     best = [report(sc, seed, sc.start_ts() + args.skip, args.duration) for seed in args.seeds]
