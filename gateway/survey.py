@@ -54,31 +54,64 @@ CENSORED_REACH_DB = 3 * PACKET_SIGMA_DB
 """Only a spot whose median is within this of the receiver's sensitivity can have lost packets to it; further up,
 misses are scan windows, collisions and losses, and taking them as below the sensitivity would pull a strong
 level down (mall unit, 3-m survey, without this: dwell error 18.5 -> 25.9 % on seed 3)."""
+STRAY_SHARE = 0.001
+"""Share of a receiver's weakest survey packets taken as strays when its sensitivity is read (`sensitivity`)."""
+STRAY_MIN_PACKETS = 100
+"""Fewer survey packets than this from a receiver: its weakest is its sensitivity (too few to tell a stray)."""
 CENSORED_SHARE = 0.1
 """A spot's level is estimated as censored when the receiver missed more packets there (against its full rate)
 than this share of the packets it heard."""
 
 
-def spot_level(values: npt.NDArray[np.float64], missed: float, threshold: float) -> float:
-    """A receiver's level at a spot from the packets it heard there and how many it missed, dBm.
+@dataclass(frozen=True, slots=True)
+class SpotLevel:
+    """A receiver's level at a spot (dBm), the variance of that estimate (dB²), and whether it was censored."""
+
+    level: float
+    variance: float
+    censored: bool
+
+
+def spot_level(values: npt.NDArray[np.float64], missed: float, threshold: float) -> SpotLevel:
+    """A receiver's level at a spot from the packets it heard there and how many it missed.
 
     With nothing missed (beyond CENSORED_SHARE), or a median further than CENSORED_REACH_DB above `threshold`,
-    the median of the packets heard. Otherwise the packets below `threshold` (the receiver's sensitivity, as its
-    weakest packet anywhere shows it) were never reported, and the median of the rest reads high: the
-    maximum-likelihood level of packets spread normally by PACKET_SIGMA_DB, the heard ones by their values and
-    the `missed` ones by the chance of being below the threshold (Tobit), searched on a 0.05 dB grid.
+    the median of the packets heard, whose variance is pi/2 PACKET_SIGMA_DB² / n. Otherwise the packets below
+    `threshold` (the receiver's sensitivity, `sensitivity`) were never reported, and the median of the rest reads
+    high: the maximum-likelihood level of packets spread normally by PACKET_SIGMA_DB, the heard ones by their
+    values and the `missed` ones by the chance of being below the threshold (Tobit), searched on a 0.05 dB grid;
+    its variance is the inverse curvature of that likelihood at the maximum (a level inferred partly from misses
+    is less certain than a median of as many packets).
 
     Measured with a simulated survey of the supermarket (5-m spots, seed 2) and a receiver reading 5 dB high: its
     spots' median levels rose by only 2.8 dB on average, since the weak spots heard 1-38 packets at 0 dB and
     47-81 at +5 dB."""
     median = float(np.median(values))
     if missed <= CENSORED_SHARE * len(values) or median - threshold > CENSORED_REACH_DB:
-        return median
-    mu = np.arange(threshold - 25.0, float(values.max()) + 10.0, 0.05)
-    ll = -((values[None, :] - mu[:, None]) ** 2).sum(axis=1) / (2 * PACKET_SIGMA_DB**2)
-    below = 0.5 * erfc((mu - threshold) / (PACKET_SIGMA_DB * math.sqrt(2.0)))
-    ll += missed * np.log(np.maximum(below, 1e-300))
-    return float(mu[int(np.argmax(ll))])
+        return SpotLevel(median, math.pi / 2 * PACKET_SIGMA_DB**2 / len(values), False)
+
+    def ll(mu: F64) -> F64:
+        below = 0.5 * erfc((mu - threshold) / (PACKET_SIGMA_DB * math.sqrt(2.0)))
+        out: F64 = -((values[None, :] - mu[:, None]) ** 2).sum(axis=1) / (2 * PACKET_SIGMA_DB**2)
+        out += missed * np.log(np.maximum(below, 1e-300))
+        return out
+
+    grid = np.arange(threshold - 25.0, float(values.max()) + 10.0, 0.05)
+    best = float(grid[int(np.argmax(ll(grid)))])
+    h = 0.5
+    around = ll(np.array([best - h, best, best + h]))
+    curvature = float(2 * around[1] - around[0] - around[2]) / h**2
+    return SpotLevel(best, 1.0 / max(curvature, 1e-6), True)
+
+
+def sensitivity(values: Sequence[float]) -> float:
+    """A receiver's sensitivity as the packets it reported over a survey show it, dBm: just under its weakest
+    packets. From STRAY_MIN_PACKETS on, read at the STRAY_SHARE quantile and never below the third weakest, so
+    that a stray low reading or two does not lower it (too low, misses near the true sensitivity would not be
+    taken as censored); with fewer, under the weakest."""
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    k = max(2, int(STRAY_SHARE * len(ordered))) if len(ordered) >= STRAY_MIN_PACKETS else 0
+    return float(ordered[k]) - 0.5  # reported values are whole dBm
 
 
 class SurveyError(ValueError):
@@ -287,7 +320,10 @@ class _ReceiverFit:
     offset: float
     """Posterior mean of the receiver's constant offset, before the common part is removed."""
     used: int
+    too_few: int
+    """Spots left out: the receiver heard fewer than `min_packets` there."""
     censored: int
+    """Spots used whose level is a censored estimate (`spot_level`)."""
 
 
 class SurveyMap:
@@ -335,30 +371,31 @@ class SurveyMap:
             ys: list[float] = []
             res: list[float] = []
             noise: list[float] = []
-            censored = 0
-            heard = [(len(v) / sp.seconds, min(v)) for sp in self.spots if (v := sp.rssi.get(r.id, ()))]
-            full_rate = float(np.percentile([h[0] for h in heard], FULL_RATE_QUANTILE)) if heard else 0.0
-            threshold = min((h[1] for h in heard), default=0) - 0.5  # reported values are whole dBm
+            too_few = censored = 0
+            rates = [len(v) / sp.seconds for sp in self.spots if (v := sp.rssi.get(r.id, ()))]
+            full_rate = float(np.percentile(rates, FULL_RATE_QUANTILE)) if rates else 0.0
+            packets = [v for sp in self.spots for v in sp.rssi.get(r.id, ())]
+            threshold = sensitivity(packets) if packets else 0.0
             for j, spot in enumerate(self.spots):
                 values = spot.rssi.get(r.id, ())
                 if len(values) < cfg.min_packets:
-                    censored += int(len(values) > 0)
+                    too_few += int(len(values) > 0)
                     continue
                 missed = full_rate * spot.seconds - len(values)
-                raw = spot_level(np.asarray(values, dtype=np.float64), missed, threshold)
-                level = raw + r.gain_db + (REFERENCE_RSSI_1M - spot.ref_rssi)
+                got = spot_level(np.asarray(values, dtype=np.float64), missed, threshold)
+                censored += int(got.censored)
+                level = got.level + r.gain_db + (REFERENCE_RSSI_1M - spot.ref_rssi)
                 xs.append(spot.x)
                 ys.append(spot.y)
                 res.append(level - float(model[i, j]))
-                # Variance of a median of n packets (pi/2 sigma^2 / n), plus what averaging does not remove.
-                noise.append(math.pi / 2 * PACKET_SIGMA_DB**2 / len(values) + cfg.spot_sigma_db**2)
+                noise.append(got.variance + cfg.spot_sigma_db**2)  # plus what averaging at a spot does not remove
             x, y = np.array(xs), np.array(ys)
             if not res:
-                fits.append(_ReceiverFit(x, y, np.zeros(0), 0.0, 0, censored))
+                fits.append(_ReceiverFit(x, y, np.zeros(0), 0.0, 0, too_few, censored))
                 continue
             k = self._kernel(x, y, x, y) * s2 + c2 + np.diag(noise)
             alpha = np.linalg.solve(k, np.array(res))
-            fits.append(_ReceiverFit(x, y, alpha, float(c2 * alpha.sum()), len(res), censored))
+            fits.append(_ReceiverFit(x, y, alpha, float(c2 * alpha.sum()), len(res), too_few, censored))
         return fits
 
     def _kernel(self, ax: F64, ay: F64, bx: F64, by: F64) -> F64:
@@ -396,14 +433,15 @@ class SurveyMap:
             )
 
     def summary(self) -> dict[str, Any]:
-        """Spots, per receiver the spots used and censored, the offsets (for diagnostics)."""
+        """Spots; per receiver the spots used, those of them with a censored level, those left out for too few
+        packets; the offsets (for diagnostics)."""
         return {
             "spots": len(self.spots),
             "transmitter": self.transmitter,
             "correlation_m": self.cfg.correlation_m,
             "sigma_db": self.cfg.sigma_db,
             "receivers": {
-                r.id: {"spots_used": f.used, "spots_censored": f.censored, "offset_db": off}
+                r.id: {"spots_used": f.used, "spots_censored": f.censored, "spots_too_few": f.too_few, "offset_db": off}
                 for r, f, off in zip(self.plan.receivers, self._fits, self.offsets().values(), strict=True)
             },
         }
