@@ -305,6 +305,8 @@ def _score(
 
     # ---- zone accuracy: subject-seconds in the right zone (inside truth, or while the gateway has an estimate)
     right = total = io_right = 0
+    zone_right: dict[str, int] = {}
+    zone_total: dict[str, int] = {}
     pos_err: list[npt.NDArray[np.float64]] = []  # inside seconds: estimated position's distance from the truth, m
     for p in truth:
         if not p["phone"]:
@@ -347,8 +349,11 @@ def _score(
                     d = np.hypot(ex - track_x[k], ey - track_y[k])[ok]
                     pos_err.append(d[~np.isnan(d)])
             counted = np.array([g is not None for g in got]) | (zone in inside_zones)
+            n_right = int(sum(1 for g in got[counted] if g == zone))
             total += int(counted.sum())
-            right += int(sum(1 for g in got[counted] if g == zone))
+            right += n_right
+            zone_total[zone] = zone_total.get(zone, 0) + int(counted.sum())
+            zone_right[zone] = zone_right.get(zone, 0) + n_right
             io_right += int(sum(1 for g in got_inside[counted] if g is not None and g == (zone in inside_zones)))
 
     # ---- visits: link each reported visitor visit to the person it overlaps most
@@ -397,6 +402,8 @@ def _score(
     # ---- dwell per zone, visit dwell, paths, zone-change delays (true visits that were found)
     dwell_pct: list[float] = []
     dwell_s: list[float] = []
+    zone_dwell_pct: dict[str, list[float]] = {}
+    zone_dwell_sum: dict[str, list[float]] = {}  # per zone: seconds found minus true, true seconds
     visit_pct: list[float] = []
     paths: list[int] = []
     paths_all: list[int] = []
@@ -419,6 +426,10 @@ def _score(
                 err = abs(got_zone.get(zone, 0.0) - d)
                 dwell_s.append(err)
                 dwell_pct.append(100.0 * err / d)
+                zone_dwell_pct.setdefault(zone, []).append(100.0 * err / d)
+                sums = zone_dwell_sum.setdefault(zone, [0.0, 0.0])
+                sums[0] += got_zone.get(zone, 0.0) - d
+                sums[1] += d
         got_total = sum(v.dwell_s for v in vs)
         if tv["dwell_s"] > 0:
             visit_pct.append(100.0 * abs(got_total - tv["dwell_s"]) / tv["dwell_s"])
@@ -475,6 +486,18 @@ def _score(
         "path_edit_distance_all_mean": r(float(np.mean(paths_all)) if paths_all else None, 3),
         "position_error_median_m": r(_pct(errs, 50), 2),
         "position_error_p90_m": r(_pct(errs, 90), 2),
+        "zones": {
+            zone: {
+                "seconds": zone_total[zone],
+                "accuracy": r(zone_right[zone] / zone_total[zone] if zone_total[zone] else 0.0, 4),
+                "zone_visits": len(zone_dwell_pct.get(zone, [])),
+                "dwell_error_median_pct": r(_pct(zone_dwell_pct.get(zone, []), 50), 1),
+                "dwell_bias_pct": r(100.0 * zone_dwell_sum[zone][0] / zone_dwell_sum[zone][1], 1)
+                if zone in zone_dwell_sum
+                else None,
+            }
+            for zone in sorted(zone_total)
+        },
     }
 
 
@@ -540,6 +563,22 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     for key, label, kind in LABELS:
         lines.append(f"{label:44s} {_cell(result, key, kind):>18s} {_cell(result['baseline'], key, kind):>18s}")
+    lines += [
+        "",
+        "per zone (ours; bias: dwell found minus true, summed over zone visits, of the true dwell)",
+        f"{'zone':16s} {'seconds':>8s} {'right':>8s} {'baseline':>9s} {'zone visits':>12s} {'dwell error':>12s} "
+        f"{'dwell bias':>11s}",
+    ]
+    for zone, z in result["zones"].items():
+        base = result["baseline"]["zones"].get(zone, {}).get("accuracy")
+
+        def pct(v: float | None, scale: float = 1.0, sign: str = "") -> str:
+            return "-" if v is None else f"{scale * v:{sign}.1f} %"
+
+        lines.append(
+            f"{zone:16s} {z['seconds']:8d} {pct(z['accuracy'], 100):>8s} {pct(base, 100):>9s} "
+            f"{z['zone_visits']:12d} {pct(z['dwell_error_median_pct']):>12s} {pct(z['dwell_bias_pct'], sign='+'):>11s}"
+        )
     return "\n".join(lines)
 
 
