@@ -635,6 +635,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             f"{args.file}: ok: store {settings.store}, gateway {settings.gateway}, {len(plan.zones)} zones, "
             f"{len(plan.receivers)} receivers, {len(plan.beacons)} beacons; rules: {rules}"
         )
+        unserved = plan.unserved_zones()
+        if unserved and len(plan.receivers) > 1:  # with one receiver zones are not told apart anyway
+            print(
+                f"{args.file}: note: no receiver serves zone(s) {', '.join(unserved)}: they are told from their "
+                "neighbours only by receivers elsewhere, and their dwell is the least accurate; a receiver in each, "
+                'even a cheap ESP32 node (docs/nodes.md), helps (docs/estimation.md, "What it takes")'
+            )
     return EXIT_OK
 
 

@@ -195,6 +195,12 @@ class PlanConfig(Strict):
                 return z
         raise KeyError(zone_id)
 
+    def unserved_zones(self) -> list[str]:
+        """Inside zones that no receiver serves (`receivers[].zone`): told from their neighbours only by receivers
+        elsewhere, so their dwell is the least accurate (docs/estimation.md, "What it takes")."""
+        served = {r.zone for r in self.receivers}
+        return [z.id for z in self.zones if not z.outside and z.id not in served]
+
     def has_geometry(self) -> bool:
         """True when every zone has a polygon and every receiver a position (the HMM estimator needs both)."""
         return all(z.polygon for z in self.zones) and all(r.position is not None for r in self.receivers)

@@ -128,9 +128,22 @@ def test_rules_file_is_checked_and_found_next_to_the_config(tmp_path: Path, caps
 def test_config_check_ok_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = write(tmp_path, GOOD)
     assert main(["config", "check", str(cfg)]) == 0
-    assert "ok: store berlin-mitte, gateway gw-2, 2 zones, 1 receivers" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ok: store berlin-mitte, gateway gw-2, 2 zones, 1 receivers" in out and "note:" not in out
     assert main(["config", "check", "--json", str(cfg)]) == 0
     assert '"store": "berlin-mitte"' in capsys.readouterr().out
+
+
+def test_config_check_names_the_zones_no_receiver_serves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = GOOD.replace(
+        '  { id = "shop", name = "Shop floor" },\n]\nreceivers = [{ id = "pi", zone = "shop" }]',
+        '  { id = "shop" },\n  { id = "till" },\n  { id = "back" },\n]\n'
+        'receivers = [{ id = "pi", zone = "shop" }, { id = "node-1", zone = "street" }]',
+    )
+    assert plan != GOOD
+    assert main(["config", "check", str(write(tmp_path, plan))]) == 0  # a note, not a problem
+    out = capsys.readouterr().out
+    assert "note: no receiver serves zone(s) till, back:" in out and "street" not in out.split("note:")[1]
 
 
 def test_run_with_bad_config_fails_before_starting(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from firmware_sim.geometry import as_polygon, polygon_area
 from firmware_sim.scenario import Scenario, load_scenario, scenario_plan, shipped
 from gateway.config import ConfigError, default_plan
 
-SHIPPED = ["default", "mall-unit", "small-shop", "supermarket"]
+SHIPPED = ["default", "mall-unit", "small-shop", "supermarket", "supermarket-dense", "supermarket-grid"]
 
 
 def shipped_data(name: str) -> dict[str, Any]:
@@ -97,9 +97,7 @@ def test_a_scenario_is_a_shipped_name_or_a_path(tmp_path: Path) -> None:
     assert load_scenario(str(path)).name == "my-store", "a file without a name is named after the file"
     with pytest.raises(ConfigError) as e:
         load_scenario("no-such-store")
-    assert e.value.problems == [
-        "no-such-store: no such scenario file (shipped scenarios: default, mall-unit, small-shop, supermarket)"
-    ]
+    assert e.value.problems == [f"no-such-store: no such scenario file (shipped scenarios: {', '.join(SHIPPED)})"]
 
 
 def test_hourly_rates_take_a_number_or_24_numbers() -> None:
@@ -219,4 +217,4 @@ def test_the_cli_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> None
         [*VISITA, "run", "--sim", "--scenario", str(tmp_path / "nope.toml")], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2
-    assert "no such scenario file (shipped scenarios: default, mall-unit, small-shop, supermarket)" in proc.stderr
+    assert f"no such scenario file (shipped scenarios: {', '.join(SHIPPED)})" in proc.stderr
