@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate a scenario with ground truth, run the pipeline (decode, identify, estimate, visits) "
         "with the configured estimator and with the baseline (strongest receiver with hysteresis) on the same "
         "adverts, and print zone accuracy, visit precision/recall/F1, pass-bys counted as visits, dwell error per "
-        "zone visit, zone-change delay and path edit distance for both (docs/estimation.md).",
+        "zone visit, zone-change delay and path edit distance for both, then zone accuracy and dwell error per "
+        "zone: a zone that comes out low wants a receiver of its own (docs/estimation.md).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
