@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with the configured estimator and with the baseline (strongest receiver with hysteresis) on the same "
         "adverts, and print zone accuracy, visit precision/recall/F1, pass-bys counted as visits, dwell error per "
         "zone visit, zone-change delay and path edit distance for both, then zone accuracy and dwell error per "
-        "zone: a zone that comes out low wants a receiver of its own (docs/estimation.md).",
+        "zone, which names the zones the receivers serve badly (docs/estimation.md).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -637,7 +637,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             f"{len(plan.receivers)} receivers, {len(plan.beacons)} beacons; rules: {rules}"
         )
         unserved = plan.unserved_zones()
-        if unserved and len(plan.receivers) > 1:  # with one receiver zones are not told apart anyway
+        if unserved and len(plan.receivers) == 1:
+            print(
+                f"{args.file}: note: one receiver tells inside from outside and near from far, not zones: all inside "
+                f"time counts for its zone {plan.receivers[0].zone}, none for {', '.join(unserved)}; a receiver in "
+                "each, even a cheap ESP32 node (docs/nodes.md), gives zones (docs/estimation.md)"
+            )
+        elif unserved:
             print(
                 f"{args.file}: note: no receiver serves zone(s) {', '.join(unserved)}: they are told from their "
                 "neighbours only by receivers elsewhere, and their dwell is the least accurate; a receiver in each, "

@@ -431,7 +431,7 @@ class SurveyConfig(Strict):
         ge=1,
         le=10_000,
         description="A receiver that heard fewer of the tag's packets at a spot is left out for that spot "
-        "(censored: near its sensitivity only the strong packets arrive).",
+        "(too few to read a level from; counted as spots_too_few in the map's summary).",
     )
 
 

@@ -209,7 +209,8 @@ def evaluate(
     progress: Callable[[float], None] | None = None,
     survey: SurveyRun | None = None,
 ) -> dict[str, Any]:
-    """Simulate, run both pipelines, score them; one dict with METRIC_KEYS, `baseline` and run facts.
+    """Simulate, run both pipelines, score them; one dict with METRIC_KEYS, per-zone figures (`zones`), `baseline`
+    (the same keys) and run facts.
 
     With `survey`, a simulated site survey of the same store is run first (it ends when the scored run
     starts) and the configured estimator uses its map; the baseline does not (run.survey has its facts)."""
@@ -259,8 +260,9 @@ def evaluate(
     people += world.people
     truth = [person_record(world, p, end) for p in people if p.t0 < end]
     inside_zones = {z.id for z in scenario.zones if not z.outside}
-    result: dict[str, Any] = _score(ours, truth, inside_zones, end, visits_cfg.min_dwell_s)
-    result["baseline"] = _score(base, truth, inside_zones, end, visits_cfg.min_dwell_s)
+    zones = [z.id for z in scenario.zones]
+    result: dict[str, Any] = _score(ours, truth, zones, inside_zones, end, visits_cfg.min_dwell_s)
+    result["baseline"] = _score(base, truth, zones, inside_zones, end, visits_cfg.min_dwell_s)
     result["run"] = {
         "scenario": scenario.name,
         "seed": seed,
@@ -293,7 +295,12 @@ def _subjects_of(p: dict[str, Any]) -> list[tuple[str, float, float]]:
 
 
 def _score(
-    pipe: _Pipeline, truth: list[dict[str, Any]], inside_zones: set[str], end: float, min_dwell_s: float
+    pipe: _Pipeline,
+    truth: list[dict[str, Any]],
+    zones: list[str],
+    inside_zones: set[str],
+    end: float,
+    min_dwell_s: float,
 ) -> dict[str, Any]:
     by_subject: dict[str, list[int]] = {}
     for i, p in enumerate(truth):
@@ -488,15 +495,15 @@ def _score(
         "position_error_p90_m": r(_pct(errs, 90), 2),
         "zones": {
             zone: {
-                "seconds": zone_total[zone],
-                "accuracy": r(zone_right[zone] / zone_total[zone] if zone_total[zone] else 0.0, 4),
+                "seconds": zone_total.get(zone, 0),
+                "accuracy": r(zone_right[zone] / zone_total[zone], 4) if zone_total.get(zone) else None,
                 "zone_visits": len(zone_dwell_pct.get(zone, [])),
                 "dwell_error_median_pct": r(_pct(zone_dwell_pct.get(zone, []), 50), 1),
                 "dwell_bias_pct": r(100.0 * zone_dwell_sum[zone][0] / zone_dwell_sum[zone][1], 1)
                 if zone in zone_dwell_sum
                 else None,
             }
-            for zone in sorted(zone_total)
+            for zone in zones
         },
     }
 
@@ -533,6 +540,8 @@ def _cell(result: dict[str, Any], key: str, kind: str) -> str:
         return f"{100 * v:.1f} %"
     if kind == "pctv":
         return f"{v:.1f} %"
+    if kind == "signed":
+        return f"{v:+.1f} %"
     if kind == "dwell":
         return f"{v:.1f} % ({result[key.replace('_pct', '_s')]:.0f} s)"
     if kind == "s":
@@ -565,19 +574,18 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{label:44s} {_cell(result, key, kind):>18s} {_cell(result['baseline'], key, kind):>18s}")
     lines += [
         "",
-        "per zone (ours; bias: dwell found minus true, summed over zone visits, of the true dwell)",
+        "per zone, ours: the true zone's seconds (outside zones: where ours had an estimate), the share right (and",
+        "the baseline's, over its own seconds), zone visits, dwell error median, dwell bias (found minus true dwell,",
+        "summed over the zone visits, of the true dwell)",
         f"{'zone':16s} {'seconds':>8s} {'right':>8s} {'baseline':>9s} {'zone visits':>12s} {'dwell error':>12s} "
         f"{'dwell bias':>11s}",
     ]
     for zone, z in result["zones"].items():
-        base = result["baseline"]["zones"].get(zone, {}).get("accuracy")
-
-        def pct(v: float | None, scale: float = 1.0, sign: str = "") -> str:
-            return "-" if v is None else f"{scale * v:{sign}.1f} %"
-
+        base = result["baseline"]["zones"][zone]
         lines.append(
-            f"{zone:16s} {z['seconds']:8d} {pct(z['accuracy'], 100):>8s} {pct(base, 100):>9s} "
-            f"{z['zone_visits']:12d} {pct(z['dwell_error_median_pct']):>12s} {pct(z['dwell_bias_pct'], sign='+'):>11s}"
+            f"{zone:16s} {z['seconds']:8d} {_cell(z, 'accuracy', 'pct'):>8s} {_cell(base, 'accuracy', 'pct'):>9s} "
+            f"{z['zone_visits']:12d} {_cell(z, 'dwell_error_median_pct', 'pctv'):>12s} "
+            f"{_cell(z, 'dwell_bias_pct', 'signed'):>11s}"
         )
     return "\n".join(lines)
 

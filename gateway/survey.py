@@ -58,6 +58,9 @@ STRAY_SHARE = 0.001
 """Share of a receiver's weakest survey packets taken as strays when its sensitivity is read (`sensitivity`)."""
 STRAY_MIN_PACKETS = 100
 """Fewer survey packets than this from a receiver: its weakest is its sensitivity (too few to tell a stray)."""
+CURVATURE_STEP_DB = 0.5
+"""Step of the three-point second difference that measures a censored level's likelihood curvature: wide against
+the 0.05-dB search grid, narrow against the 4-dB packet spread (the curve is near quadratic across it)."""
 CENSORED_SHARE = 0.1
 """A spot's level is estimated as censored when the receiver missed more packets there (against its full rate)
 than this share of the packets it heard."""
@@ -65,11 +68,14 @@ than this share of the packets it heard."""
 
 @dataclass(frozen=True, slots=True)
 class SpotLevel:
-    """A receiver's level at a spot (dBm), the variance of that estimate (dB²), and whether it was censored."""
+    """What `spot_level` makes of a receiver's packets at one spot."""
 
     level: float
+    """The receiver's level there, dBm."""
     variance: float
+    """The variance of that estimate, dB²: how far it would wander over repeated spots (the kriging's noise)."""
     censored: bool
+    """True when the level is the censored (Tobit) estimate, False when it is the median of the heard packets."""
 
 
 def spot_level(values: npt.NDArray[np.float64], missed: float, threshold: float) -> SpotLevel:
@@ -80,8 +86,10 @@ def spot_level(values: npt.NDArray[np.float64], missed: float, threshold: float)
     `threshold` (the receiver's sensitivity, `sensitivity`) were never reported, and the median of the rest reads
     high: the maximum-likelihood level of packets spread normally by PACKET_SIGMA_DB, the heard ones by their
     values and the `missed` ones by the chance of being below the threshold (Tobit), searched on a 0.05 dB grid;
-    its variance is the inverse curvature of that likelihood at the maximum (a level inferred partly from misses
-    is less certain than a median of as many packets).
+    its variance is the inverse curvature of that likelihood at the maximum (CURVATURE_STEP_DB either side). That
+    is smaller than a median's of the same packets (the fit is mean-like and the misses add information), so a
+    spot weighs more in the kriging once its level is censored; it holds as far as packets spread normally in
+    dB, which the fading's long lower tail does not quite.
 
     Measured with a simulated survey of the supermarket (5-m spots, seed 2) and a receiver reading 5 dB high: its
     spots' median levels rose by only 2.8 dB on average, since the weak spots heard 1-38 packets at 0 dB and
@@ -96,9 +104,9 @@ def spot_level(values: npt.NDArray[np.float64], missed: float, threshold: float)
         out += missed * np.log(np.maximum(below, 1e-300))
         return out
 
-    grid = np.arange(threshold - 25.0, float(values.max()) + 10.0, 0.05)
+    grid = np.arange(min(threshold, float(values.min())) - 25.0, float(values.max()) + 10.0, 0.05)
     best = float(grid[int(np.argmax(ll(grid)))])
-    h = 0.5
+    h = CURVATURE_STEP_DB
     around = ll(np.array([best - h, best, best + h]))
     curvature = float(2 * around[1] - around[0] - around[2]) / h**2
     return SpotLevel(best, 1.0 / max(curvature, 1e-6), True)
@@ -108,7 +116,9 @@ def sensitivity(values: Sequence[float]) -> float:
     """A receiver's sensitivity as the packets it reported over a survey show it, dBm: just under its weakest
     packets. From STRAY_MIN_PACKETS on, read at the STRAY_SHARE quantile and never below the third weakest, so
     that a stray low reading or two does not lower it (too low, misses near the true sensitivity would not be
-    taken as censored); with fewer, under the weakest."""
+    taken as censored); with fewer, under the weakest. ValueError without packets."""
+    if not len(values):
+        raise ValueError("no packets: a receiver's sensitivity is read from the packets it reported")
     ordered = np.sort(np.asarray(values, dtype=np.float64))
     k = max(2, int(STRAY_SHARE * len(ordered))) if len(ordered) >= STRAY_MIN_PACKETS else 0
     return float(ordered[k]) - 0.5  # reported values are whole dBm

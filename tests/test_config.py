@@ -146,6 +146,17 @@ def test_config_check_names_the_zones_no_receiver_serves(tmp_path: Path, capsys:
     assert "note: no receiver serves zone(s) till, back:" in out and "street" not in out.split("note:")[1]
 
 
+def test_config_check_says_one_receiver_does_not_tell_zones_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = GOOD.replace('  { id = "shop", name = "Shop floor" },\n', '  { id = "shop" },\n  { id = "till" },\n')
+    assert plan != GOOD
+    assert main(["config", "check", str(write(tmp_path, plan))]) == 0
+    out = capsys.readouterr().out
+    assert "note: one receiver tells inside from outside and near from far, not zones" in out
+    assert "its zone shop, none for till" in out
+
+
 def test_run_with_bad_config_fails_before_starting(tmp_path: Path) -> None:
     """The real process: exit 2, the problem on stderr, nothing created in the data directory."""
     cfg = write(tmp_path, "[mqtt]\nkeepalive_s = 0\n")

@@ -62,6 +62,17 @@ def test_the_shipped_scenarios_are_the_four_named_ones() -> None:
     assert shipped() == SHIPPED
 
 
+@pytest.mark.parametrize("name", ["supermarket-dense", "supermarket-grid"])
+def test_the_supermarket_variants_differ_from_it_only_in_their_receivers(name: str) -> None:
+    """docs/estimation.md compares them as the same store, people and radio with more receivers."""
+    base, variant = shipped_data("supermarket"), shipped_data(name)
+    assert variant["name"] == name and variant["description"] != base["description"]
+    same = {k for k in base if k not in ("name", "description", "receivers")}
+    assert {k: variant.get(k) for k in same} == {k: base[k] for k in same} and set(variant) == set(base)
+    ids = [r["id"] for r in variant["receivers"]]
+    assert len(ids) > len(base["receivers"]) and len(set(ids)) == len(ids)
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_each_shipped_scenario_loads_and_derives_a_valid_plan(name: str) -> None:
     s = load_scenario(name)

@@ -136,6 +136,14 @@ def test_the_sensitivity_is_read_from_the_weakest_packets_and_a_stray_or_two_do_
     assert sensitivity(packets) == -95.5
     assert sensitivity([*packets, -104.0, -109.0]) == -95.5  # two stray low readings
     assert sensitivity([-80.0, -82.0, -81.0]) == -82.5  # too few packets to tell a stray: the weakest
+    # From 100 packets on, the two weakest are taken as possible strays; from 3,000 on, the weakest 0.1 %.
+    floor = [-98.0] * 5 + [-80.0] * 92
+    assert sensitivity([*floor, -100.0, -104.0]) == -104.5  # 99 packets
+    assert sensitivity([*floor, -100.0, -104.0, -80.0]) == -98.5  # 100
+    many = [-98.0] * 10 + [-80.0] * 2990 + [-105.0] * 3
+    assert sensitivity(many) == -98.5  # 3,003 packets: 3 strays, the 0.1 % quantile passes them
+    with pytest.raises(ValueError, match="no packets"):
+        sensitivity([])
 
 
 def test_a_simulated_survey_finds_a_receiver_reading_5_db_high() -> None:
