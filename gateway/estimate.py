@@ -159,11 +159,26 @@ F32 = npt.NDArray[np.float32]
 MEAN_BODY_LOSS_DB = 3.0
 """A carrier's body costs 0-6 dB by heading; on average about 3 (docs/estimation.md)."""
 OFFSET_SIGMA_DB = 1.5
-"""Spread of a subject's common offset (phone model, body, pocket), marginalised in the emissions each second.
+"""Spread of a subject's common offset (phone model, body, pocket), marginalised in the emissions each second, around
+what the subject's earlier seconds taught of it (`_learn_offsets`; before any lesson, around 0).
 
 Narrower than the ±3 dB between phone models: the offset is integrated out anew every second, so a wider
 prior lets a uniform drop of every reading (a glass front) pass as a weak phone second after second; 1.5 dB
 was measured best on the supermarket (inside/outside 91.5 -> 93 %, zone accuracy +1 point; 4 dB: 83 %)."""
+OFFSET_TEACH_MARGIN_DB = 10.0
+"""A receiver teaches a subject's offset at a cell only where the model expects it this far above the sensitivity:
+there it hears nearly every packet, so what it reports is not just the strong tail of a weak level (learning from
+every receiver heard, the offsets ran away upwards by 4-17 dB; docs/estimation.md)."""
+OFFSET_TEACH_MIN_RX = 2.0
+"""A second teaches the offset only when this many teaching receivers heard the subject (posterior-weighted): with
+fewer, where it is and how strong its phone is cannot be told apart (six receivers on 1,500 m² rarely qualify)."""
+OFFSET_LESSON_WEIGHT = 0.2
+"""A second's lesson counts for this share of its nominal precision: the static shadowing, the heading and the
+drifting shadow of a place repeat second after second, so the seconds are not independent evidence."""
+OFFSET_FLOOR_DB = 0.7
+"""The belief about a subject's offset never narrows below this spread, dB."""
+OFFSET_MEMORY_S = 600.0
+"""Time constant with which an offset belief without new lessons returns to the prior (0 ± OFFSET_SIGMA_DB), s."""
 TELEPORT = 1e-6
 """Share of probability spread evenly every second, so a wrong belief can recover from any start
 (1e-6 rather than 1e-9: zone changes are reported about 0.15 s sooner for 0.2 points of zone accuracy)."""
@@ -331,13 +346,23 @@ class HmmEstimator:
         self._last = np.zeros(cap, dtype=np.float64)
         self._zone_now = np.full(cap, -1, dtype=np.int64)
         self._heard_at = np.full((cap, self.receivers), -np.inf, dtype=np.float64)  # second each level was last fed
+        # Each subject's common offset as learned so far (`_learn_offsets`): mean and variance, dB and dB².
+        self._off_mean = np.zeros(cap, dtype=np.float32)
+        self._off_var = np.full(cap, OFFSET_SIGMA_DB**2, dtype=np.float32)
         self._cell_inside = self._zone_inside[self._cell_zone]
         self._rx_last = np.full(self.receivers, -np.inf)
         # Sightings waiting for their second to be decided: second, row, receiver, normalised RSSI, ts.
         self._pending: list[tuple[int, int, int, float, float]] = []
         self._next_sec: int | None = None
         self._last_prune = -math.inf
-        self._counts = {"sightings": 0, "late": 0, "unknown_receiver": 0, "outliers_clipped": 0, "seconds": 0}
+        self._counts = {
+            "sightings": 0,
+            "late": 0,
+            "unknown_receiver": 0,
+            "outliers_clipped": 0,
+            "seconds": 0,
+            "offset_lessons": 0,
+        }
         self._beacon_heard: dict[str, float] = {}
         self._bands: dict[str, int] = {"near": 0, "mid": 0, "far": 0}
 
@@ -363,6 +388,7 @@ class HmmEstimator:
         # non-detection term in _emission; using the mean of the truncated distribution instead made far
         # cells fit weak readings too well (measured: supermarket inside/outside 87 -> 91 % without it).
         self._mu = mu
+        self._teaches = mu >= np.float32(SENSITIVITY_DBM + OFFSET_TEACH_MARGIN_DB)  # (receivers, cells)
         self._cfg = cfg
         self._survey = survey
 
@@ -417,7 +443,15 @@ class HmmEstimator:
         out += np.float32(TELEPORT) * (b * self._prior).sum(axis=1, keepdims=True)
         return out
 
-    def _emission(self, obs: F32, heard: npt.NDArray[np.bool_], packets: F32, alive: npt.NDArray[np.bool_]) -> F32:
+    def _emission(
+        self,
+        rows: npt.NDArray[np.int64],
+        obs: F32,
+        heard: npt.NDArray[np.bool_],
+        packets: F32,
+        alive: npt.NDArray[np.bool_],
+        teach: tuple[F32, F32],
+    ) -> F32:
         """Likelihood of each cell given one second's RSSI per receiver (rows, receivers), scaled to max 1.
 
         A residual costs its Gaussian square up to 3 sigma and grows linearly beyond (Huber): robust to a deep
@@ -429,9 +463,11 @@ class HmmEstimator:
         stayed "outside" for minutes: zone accuracy 82.8 % with sigma_db 1.5, 95.0 % with the linear tail.)
         A common offset per subject (its phone's power, its body) is integrated out over the clipped residuals,
         so the pattern across receivers counts more than the absolute level; receivers that did not hear the
-        subject that second add nothing to this part.
+        subject that second add nothing to this part. The offset's prior is what the subject's earlier seconds
+        taught (`_learn_offsets`); `teach` receives this second's lesson.
         """
-        ll = self._offset_ll(obs, heard, self._cfg.sigma_db, OFFSET_SIGMA_DB, huber=True)
+        spread = np.sqrt(self._off_var[rows])
+        ll = self._offset_ll(obs, heard, self._cfg.sigma_db, spread, True, centre=self._off_mean[rows], teach=teach)
         # A working receiver that heard none of the packets others heard this second: unlikely near it.
         # (Poisson: P(0 of m packets) = exp(-m p), p the chance one packet from the cell reaches it.)
         m = np.minimum(packets, np.float32(MAX_MISS_PACKETS))
@@ -445,6 +481,39 @@ class HmmEstimator:
         out: F32 = np.exp(ll).astype(np.float32)
         return out
 
+    def _learn_offsets(self, rows: npt.NDArray[np.int64], post: F32, teach: tuple[F32, F32]) -> None:
+        """Fold one second into each row's belief about its offset (a Gaussian, mean and variance).
+
+        `teach` holds per (row, cell) the summed residuals (against the belief's mean) and the count of the
+        receivers that teach there (`OFFSET_TEACH_MARGIN_DB`). Weighted by the filtered posterior `post` over the
+        cells with a teacher, the lesson is the mean residual, its variance that of a mean of that many readings
+        plus how much the cells disagree, divided by OFFSET_LESSON_WEIGHT; it is folded in by precision. A row
+        with fewer than OFFSET_TEACH_MIN_RX teachers learns nothing this second. Every row's belief then relaxes
+        towards the prior over OFFSET_MEMORY_S and keeps at least OFFSET_FLOOR_DB of spread.
+        """
+        total, count = teach
+        weight = post * (count > 0)
+        mass = weight.sum(axis=1)
+        taught = (post * count).sum(axis=1) >= np.float32(OFFSET_TEACH_MIN_RX)
+        taught &= mass > 0
+        mean_v = self._off_mean[rows]
+        var_v = self._off_var[rows]
+        if taught.any():
+            w = weight[taught] / mass[taught, None]
+            n = np.maximum(count[taught], 1.0)
+            shift = total[taught] / n
+            lesson = (w * shift).sum(axis=1)
+            lesson_var = (w * (np.float32(self._cfg.sigma_db**2) / n + shift * shift)).sum(axis=1) - lesson**2
+            lesson_var = np.maximum(lesson_var, np.float32(1e-3)) / np.float32(OFFSET_LESSON_WEIGHT)
+            gain = var_v[taught] / (var_v[taught] + lesson_var)
+            mean_v[taught] += gain * lesson
+            var_v[taught] *= 1 - gain
+            self._counts["offset_lessons"] += int(taught.sum())
+        rho = np.float32(math.exp(-1.0 / OFFSET_MEMORY_S))
+        self._off_mean[rows] = rho * mean_v
+        relaxed = rho * rho * var_v + (1 - rho * rho) * np.float32(OFFSET_SIGMA_DB**2)
+        self._off_var[rows] = np.maximum(relaxed, np.float32(OFFSET_FLOOR_DB**2))
+
     # ------------------------------------------------------------------ rows
 
     def _grow(self) -> None:
@@ -456,6 +525,8 @@ class HmmEstimator:
         self._last = _resize(self._last, cap, 0.0)
         self._zone_now = _resize(self._zone_now, cap, -1)
         self._heard_at = _resize(self._heard_at, cap, -np.inf)
+        self._off_mean = _resize(self._off_mean, cap, 0.0)
+        self._off_var = _resize(self._off_var, cap, OFFSET_SIGMA_DB**2)
 
     def _row(self, subject: str) -> int:
         row = self._rows.get(subject)
@@ -470,6 +541,8 @@ class HmmEstimator:
             self._last[row] = -math.inf
             self._zone_now[row] = -1
             self._heard_at[row] = -np.inf
+            self._off_mean[row] = 0.0
+            self._off_var[row] = OFFSET_SIGMA_DB**2
         return row
 
     def _prune(self, now: float) -> None:
@@ -483,7 +556,15 @@ class HmmEstimator:
             return
         new_of = np.full(n, -1, dtype=np.int64)
         new_of[keep] = np.arange(len(keep))
-        for arr in (self._alpha, self._level, self._last, self._zone_now, self._heard_at):
+        for arr in (
+            self._alpha,
+            self._level,
+            self._last,
+            self._zone_now,
+            self._heard_at,
+            self._off_mean,
+            self._off_var,
+        ):
             arr[: len(keep)] = arr[keep]
         for ring in (self._ring_alpha, self._ring_emit):
             ring[:, : len(keep)] = ring[:, keep]
@@ -583,10 +664,12 @@ class HmmEstimator:
             packets = np.zeros(len(rows), dtype=np.float32)
             np.maximum.at(packets, rinv, counts)
             alive = self._rx_last >= k - RECEIVER_SILENT_S
-            e = self._emission(obs, heard, packets, alive)
+            teach = (np.zeros((len(rows), self.cells), np.float32), np.zeros((len(rows), self.cells), np.float32))
+            e = self._emission(rows, obs, heard, packets, alive, teach)
             emit[rows] = e
             alpha[rows] *= e
             alpha[rows] /= np.maximum(alpha[rows].sum(axis=1, keepdims=True), np.float32(1e-30))
+            self._learn_offsets(rows, alpha[rows], teach)
             self._last[rows] = np.maximum(self._last[rows], last_ts)
         self._ring_alpha[slot, :n] = alpha
         self._ring_heard[slot] = (rows, last_ts)
@@ -678,15 +761,19 @@ class HmmEstimator:
         values: F32,
         used: npt.NDArray[np.bool_],
         sigma_db: float,
-        offset_db: float,
+        offset_db: float | F32,
         huber: bool,
         mu: F32 | None = None,
+        centre: F32 | None = None,
+        teach: tuple[F32, F32] | None = None,
     ) -> F32:
         """Log-likelihood of every cell for levels per (row, receiver), the `used` ones, against the path-loss
-        model, with the row's common offset (prior `offset_db`) integrated out; residuals Gaussian with
-        `sigma_db`, and with `huber` linear beyond 3 sigma (see `_emission`)."""
+        model, with the row's common offset integrated out (prior mean `centre` per row, default 0; spread
+        `offset_db`, one or one per row); residuals Gaussian with `sigma_db`, and with `huber` linear beyond
+        3 sigma (see `_emission`). With `teach`, adds per (row, cell) the residuals of the receivers that teach
+        the offset there and their count (`_learn_offsets`)."""
         sigma2 = np.float32(sigma_db**2)
-        tau2 = np.float32(offset_db**2)
+        tau2 = (np.asarray(offset_db, dtype=np.float32) ** 2).reshape(-1, 1)
         clip = np.float32(3 * sigma_db)
         s1 = np.zeros((values.shape[0], self.cells), dtype=np.float32)
         s2 = np.zeros_like(s1)
@@ -696,10 +783,16 @@ class HmmEstimator:
             if not len(rows):
                 continue
             e = values[rows, r, None] - (self._mu if mu is None else mu)[r][None, :]
+            if centre is not None:
+                e -= centre[rows, None]
             if huber:
                 clipped = np.clip(e, -clip, clip)
                 tail[rows] += np.abs(e - clipped)
                 e = clipped
+            if teach is not None:
+                teaches = self._teaches[r][None, :]
+                teach[0][rows] += np.where(teaches, e, np.float32(0))
+                teach[1][rows] += teaches
             s1[rows] += e
             s2[rows] += e * e
         k = used.sum(axis=1).astype(np.float32)[:, None]
@@ -734,6 +827,7 @@ class HmmEstimator:
             "unknown_receiver_sightings": self._counts["unknown_receiver"],
             "late_sightings": self._counts["late"],
             "outliers_clipped": self._counts["outliers_clipped"],
+            "offset_lessons": self._counts["offset_lessons"],
             "seconds_decided": self._counts["seconds"],
             "beacon_last_heard": dict(self._beacon_heard),
             "sigma_db": self._cfg.sigma_db,
