@@ -801,6 +801,14 @@ class HmmEstimator:
             ll -= tail * (clip / sigma2)
         return ll
 
+    def offset_belief(self, subject: str) -> tuple[float, float] | None:
+        """What the estimator has learned of a tracked subject's common offset (`_learn_offsets`): mean and spread,
+        dB (0 and OFFSET_SIGMA_DB before any lesson); None for a subject it does not track."""
+        row = self._rows.get(subject)
+        if row is None:
+            return None
+        return float(self._off_mean[row]), math.sqrt(float(self._off_var[row]))
+
     def relabel(self, old: str, new: str) -> bool:
         """Carry `old`'s state on as `new` (a member recognised on an address that was anonymous until now).
 

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from gateway.config import EstimateConfig, PlanConfig
-from gateway.estimate import REORDER_S, HmmEstimator, StrongestReceiver, make_estimator, wall_loss
+from gateway.estimate import (
+    MEAN_BODY_LOSS_DB,
+    REORDER_S,
+    HmmEstimator,
+    StrongestReceiver,
+    make_estimator,
+    wall_loss,
+)
 from gateway.model import Sighting, ZoneEstimate
 
 T0 = 1_764_000_000.0
@@ -21,7 +28,7 @@ GLASS_DB = 6.0
 
 def plan(receivers: dict[str, tuple[float, float]] = RX) -> PlanConfig:
     """Two 10 x 6 m zones side by side behind a glass front at y = 0, a sidewalk in front, a door at x = 5."""
-    zone_of = {"rx-a": "a", "rx-b": "b"}
+    zone_of = {"rx-a": "a", "rx-b": "b", "rx-c": "a", "rx-d": "b"}
     return PlanConfig.model_validate(
         {
             "zones": [
@@ -237,6 +244,36 @@ def test_subjects_not_heard_for_a_while_are_forgotten() -> None:
     est.update(later, T0 + 212)
     assert est.diagnostics()["subjects"] == 1
     assert {e.zone for e in est.update([], T0 + 215)} <= {"b"}
+
+
+def test_a_phone_weaker_or_stronger_than_its_model_says_is_learned_where_several_receivers_hear_it_well() -> None:
+    """`walk` leaves out the body loss the model assumes (MEAN_BODY_LOSS_DB), so its phones read that much above
+    the model on top of their own offset; that is what is to be learned."""
+    receivers = {**RX, "rx-c": (2.0, 5.5), "rx-d": (18.0, 5.5)}
+    path = [(0, 3, 3), (40, 17, 3), (80, 4, 3), (120, 12, 3)]
+    learned = []
+    for offset_db in (-5.0, 0.0, 4.0):
+        est = hmm(plan(receivers))
+        feed(est, walk(path, np.random.default_rng(1), receivers, offset_db=offset_db), 1.0, 122)
+        belief = est.offset_belief(PHONE)
+        assert belief is not None
+        mean, spread = belief
+        assert mean == pytest.approx(offset_db + MEAN_BODY_LOSS_DB, abs=1.5) and spread < 1.0, (offset_db, belief)
+        assert est.diagnostics()["offset_lessons"] >= 100
+        learned.append(mean)
+    assert learned[2] - learned[0] > 6.0  # 9 dB apart
+
+
+def test_with_one_receiver_hearing_well_the_offset_is_not_learned() -> None:
+    """Where one receiver hears the subject well, a weaker phone and a longer distance look alike: no lesson."""
+    receivers = {"rx-a": (5.0, 3.0), "rx-b": (45.0, 3.0)}  # rx-b 40 m away: expected below -90 dBm
+    data = plan(receivers).model_dump()
+    data["zones"][2]["polygon"] = [[10, 0], [50, 0], [50, 6], [10, 6]]
+    est = hmm(PlanConfig.model_validate(data))
+    feed(est, walk([(0, 4, 3), (60, 6, 4)], np.random.default_rng(2), receivers, offset_db=-5.0), 1.0, 62)
+    assert est.diagnostics()["offset_lessons"] == 0
+    assert est.offset_belief(PHONE) == pytest.approx((0.0, 1.5))
+    assert est.offset_belief("anon:never-heard") is None
 
 
 def test_the_factory_picks_the_hmm_only_where_the_plan_has_geometry() -> None:
