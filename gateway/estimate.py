@@ -388,7 +388,10 @@ class HmmEstimator:
         # non-detection term in _emission; using the mean of the truncated distribution instead made far
         # cells fit weak readings too well (measured: supermarket inside/outside 87 -> 91 % without it).
         self._mu = mu
-        self._teaches = mu >= np.float32(SENSITIVITY_DBM + OFFSET_TEACH_MARGIN_DB)  # (receivers, cells)
+        # Which receivers teach a subject's offset at which cell (1.0) and which do not (0.0), (receivers, cells);
+        # a plan where no cell has enough of them never learns one (`_learn_offsets`).
+        self._teach_w = (mu >= np.float32(SENSITIVITY_DBM + OFFSET_TEACH_MARGIN_DB)).astype(np.float32)
+        self._can_teach = bool(self._teach_w.sum(axis=0).max() >= OFFSET_TEACH_MIN_RX)
         self._cfg = cfg
         self._survey = survey
 
@@ -450,8 +453,7 @@ class HmmEstimator:
         heard: npt.NDArray[np.bool_],
         packets: F32,
         alive: npt.NDArray[np.bool_],
-        teach: tuple[F32, F32],
-    ) -> F32:
+    ) -> tuple[F32, tuple[F32, F32] | None]:
         """Likelihood of each cell given one second's RSSI per receiver (rows, receivers), scaled to max 1.
 
         A residual costs its Gaussian square up to 3 sigma and grows linearly beyond (Huber): robust to a deep
@@ -464,38 +466,40 @@ class HmmEstimator:
         A common offset per subject (its phone's power, its body) is integrated out over the clipped residuals,
         so the pattern across receivers counts more than the absolute level; receivers that did not hear the
         subject that second add nothing to this part. The offset's prior is what the subject's earlier seconds
-        taught (`_learn_offsets`); `teach` receives this second's lesson.
+        taught (`_learn_offsets`). Also returns, per (row, cell), the teaching receivers' summed residuals and
+        their count, for that.
         """
         spread = np.sqrt(self._off_var[rows])
-        ll = self._offset_ll(obs, heard, self._cfg.sigma_db, spread, True, centre=self._off_mean[rows], teach=teach)
+        ll, teach = self._offset_ll(obs, heard, self._cfg.sigma_db, spread, True, self._off_mean[rows], teach=True)
         # A working receiver that heard none of the packets others heard this second: unlikely near it.
         # (Poisson: P(0 of m packets) = exp(-m p), p the chance one packet from the cell reaches it.)
         m = np.minimum(packets, np.float32(MAX_MISS_PACKETS))
         for r in range(self.receivers):
             if not alive[r]:
                 continue
-            rows = np.nonzero(~heard[:, r])[0]
-            if len(rows):
-                ll[rows] -= m[rows, None] * self._pdet[r][None, :]
+            deaf = np.nonzero(~heard[:, r])[0]
+            if len(deaf):
+                ll[deaf] -= m[deaf, None] * self._pdet[r][None, :]
         ll -= ll.max(axis=1, keepdims=True)
         out: F32 = np.exp(ll).astype(np.float32)
-        return out
+        return out, teach
 
     def _learn_offsets(self, rows: npt.NDArray[np.int64], post: F32, teach: tuple[F32, F32]) -> None:
         """Fold one second into each row's belief about its offset (a Gaussian, mean and variance).
 
-        `teach` holds per (row, cell) the summed residuals (against the belief's mean) and the count of the
-        receivers that teach there (`OFFSET_TEACH_MARGIN_DB`). Weighted by the filtered posterior `post` over the
-        cells with a teacher, the lesson is the mean residual, its variance that of a mean of that many readings
-        plus how much the cells disagree, divided by OFFSET_LESSON_WEIGHT; it is folded in by precision. A row
-        with fewer than OFFSET_TEACH_MIN_RX teachers learns nothing this second. Every row's belief then relaxes
-        towards the prior over OFFSET_MEMORY_S and keeps at least OFFSET_FLOOR_DB of spread.
+        `teach` holds per (row, cell) the summed residuals (against the belief's mean) of the receivers that
+        teach there (`OFFSET_TEACH_MARGIN_DB`) and their count. Only cells with at least OFFSET_TEACH_MIN_RX
+        teachers count, and a row learns only when most of its filtered posterior `post` is on them: with fewer,
+        a weaker phone and a longer distance look alike. Weighted by `post` over those cells, the lesson is the
+        mean residual, its variance that of a mean of that many readings plus how much the cells disagree,
+        divided by OFFSET_LESSON_WEIGHT; it is folded in by precision. A row heard without a lesson relaxes
+        towards the prior instead (an Ornstein-Uhlenbeck step: the mean with OFFSET_MEMORY_S, the variance with
+        half of it); no belief narrows below OFFSET_FLOOR_DB.
         """
         total, count = teach
-        weight = post * (count > 0)
+        weight = post * (count >= np.float32(OFFSET_TEACH_MIN_RX))
         mass = weight.sum(axis=1)
-        taught = (post * count).sum(axis=1) >= np.float32(OFFSET_TEACH_MIN_RX)
-        taught &= mass > 0
+        taught = mass >= np.float32(0.5)
         mean_v = self._off_mean[rows]
         var_v = self._off_var[rows]
         if taught.any():
@@ -510,9 +514,11 @@ class HmmEstimator:
             var_v[taught] *= 1 - gain
             self._counts["offset_lessons"] += int(taught.sum())
         rho = np.float32(math.exp(-1.0 / OFFSET_MEMORY_S))
-        self._off_mean[rows] = rho * mean_v
-        relaxed = rho * rho * var_v + (1 - rho * rho) * np.float32(OFFSET_SIGMA_DB**2)
-        self._off_var[rows] = np.maximum(relaxed, np.float32(OFFSET_FLOOR_DB**2))
+        idle = ~taught
+        mean_v[idle] *= rho
+        var_v[idle] = rho * rho * var_v[idle] + (1 - rho * rho) * np.float32(OFFSET_SIGMA_DB**2)
+        self._off_mean[rows] = mean_v
+        self._off_var[rows] = np.maximum(var_v, np.float32(OFFSET_FLOOR_DB**2))
 
     # ------------------------------------------------------------------ rows
 
@@ -664,12 +670,12 @@ class HmmEstimator:
             packets = np.zeros(len(rows), dtype=np.float32)
             np.maximum.at(packets, rinv, counts)
             alive = self._rx_last >= k - RECEIVER_SILENT_S
-            teach = (np.zeros((len(rows), self.cells), np.float32), np.zeros((len(rows), self.cells), np.float32))
-            e = self._emission(rows, obs, heard, packets, alive, teach)
+            e, teach = self._emission(rows, obs, heard, packets, alive)
             emit[rows] = e
             alpha[rows] *= e
             alpha[rows] /= np.maximum(alpha[rows].sum(axis=1, keepdims=True), np.float32(1e-30))
-            self._learn_offsets(rows, alpha[rows], teach)
+            if teach is not None:
+                self._learn_offsets(rows, alpha[rows], teach)
             self._last[rows] = np.maximum(self._last[rows], last_ts)
         self._ring_alpha[slot, :n] = alpha
         self._ring_heard[slot] = (rows, last_ts)
@@ -751,7 +757,7 @@ class HmmEstimator:
             return out
         level = self._level[rows]
         fresh = (self._heard_at[rows] >= now - SURE_FRESH_S) & ~np.isnan(level)
-        ll = self._offset_ll(level, fresh, SURE_SIGMA_DB, SURE_OFFSET_SIGMA_DB, huber=False, mu=self._mu_plain)
+        ll, _ = self._offset_ll(level, fresh, SURE_SIGMA_DB, SURE_OFFSET_SIGMA_DB, huber=False, mu=self._mu_plain)
         margin = ll[:, ~outside].max(axis=1) - ll[:, outside].max(axis=1)
         sure: npt.NDArray[np.bool_] = (margin >= np.float32(SURE_MARGIN)) & fresh.any(axis=1)
         return sure
@@ -763,18 +769,21 @@ class HmmEstimator:
         sigma_db: float,
         offset_db: float | F32,
         huber: bool,
-        mu: F32 | None = None,
         centre: F32 | None = None,
-        teach: tuple[F32, F32] | None = None,
-    ) -> F32:
+        mu: F32 | None = None,
+        teach: bool = False,
+    ) -> tuple[F32, tuple[F32, F32] | None]:
         """Log-likelihood of every cell for levels per (row, receiver), the `used` ones, against the path-loss
         model, with the row's common offset integrated out (prior mean `centre` per row, default 0; spread
         `offset_db`, one or one per row); residuals Gaussian with `sigma_db`, and with `huber` linear beyond
-        3 sigma (see `_emission`). With `teach`, adds per (row, cell) the residuals of the receivers that teach
-        the offset there and their count (`_learn_offsets`)."""
+        3 sigma (see `_emission`). With `teach`, and where some cell has OFFSET_TEACH_MIN_RX teaching receivers,
+        also per (row, cell) the summed residuals of the receivers that teach the offset there and their count
+        (`_learn_offsets`); else None."""
         sigma2 = np.float32(sigma_db**2)
         tau2 = (np.asarray(offset_db, dtype=np.float32) ** 2).reshape(-1, 1)
         clip = np.float32(3 * sigma_db)
+        teach = teach and self._can_teach
+        taught = np.zeros((values.shape[0], self.cells), dtype=np.float32) if teach else None
         s1 = np.zeros((values.shape[0], self.cells), dtype=np.float32)
         s2 = np.zeros_like(s1)
         tail = np.zeros_like(s1)
@@ -789,17 +798,18 @@ class HmmEstimator:
                 clipped = np.clip(e, -clip, clip)
                 tail[rows] += np.abs(e - clipped)
                 e = clipped
-            if teach is not None:
-                teaches = self._teaches[r][None, :]
-                teach[0][rows] += np.where(teaches, e, np.float32(0))
-                teach[1][rows] += teaches
             s1[rows] += e
             s2[rows] += e * e
+            if taught is not None:
+                e *= self._teach_w[r]
+                taught[rows] += e
         k = used.sum(axis=1).astype(np.float32)[:, None]
         ll: F32 = -(s2 - s1 * s1 * (tau2 / (sigma2 + k * tau2))) / (2 * sigma2)
         if huber:
             ll -= tail * (clip / sigma2)
-        return ll
+        if taught is None:
+            return ll, None
+        return ll, (taught, used.astype(np.float32) @ self._teach_w)
 
     def offset_belief(self, subject: str) -> tuple[float, float] | None:
         """What the estimator has learned of a tracked subject's common offset (`_learn_offsets`): mean and spread,
