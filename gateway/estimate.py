@@ -489,17 +489,19 @@ class HmmEstimator:
 
         `teach` holds per (row, cell) the summed residuals (against the belief's mean) of the receivers that
         teach there (`OFFSET_TEACH_MARGIN_DB`) and their count. Only cells with at least OFFSET_TEACH_MIN_RX
-        teachers count, and a row learns only when most of its filtered posterior `post` is on them: with fewer,
-        a weaker phone and a longer distance look alike. Weighted by `post` over those cells, the lesson is the
-        mean residual, its variance that of a mean of that many readings plus how much the cells disagree,
-        divided by OFFSET_LESSON_WEIGHT; it is folded in by precision. A row heard without a lesson relaxes
+        teachers count, and a row learns only when most of its filtered posterior `post` is on them and it has
+        that many teachers on average over the posterior: with fewer, a weaker phone and a longer distance look
+        alike (either condition alone let a pedestrian's offset be learned into a visit: supermarket seed 2).
+        Weighted by `post` over those cells, the lesson is the mean residual, its variance that of a mean of that
+        many readings plus how much the cells disagree, divided by OFFSET_LESSON_WEIGHT; it is folded in by
+        precision. A row heard without a lesson relaxes
         towards the prior instead (an Ornstein-Uhlenbeck step: the mean with OFFSET_MEMORY_S, the variance with
         half of it); no belief narrows below OFFSET_FLOOR_DB.
         """
         total, count = teach
         weight = post * (count >= np.float32(OFFSET_TEACH_MIN_RX))
         mass = weight.sum(axis=1)
-        taught = mass >= np.float32(0.5)
+        taught = (mass >= np.float32(0.5)) & ((post * count).sum(axis=1) >= np.float32(OFFSET_TEACH_MIN_RX))
         mean_v = self._off_mean[rows]
         var_v = self._off_var[rows]
         if taught.any():
