@@ -170,15 +170,17 @@ OFFSET_TEACH_MARGIN_DB = 10.0
 there it hears nearly every packet, so what it reports is not just the strong tail of a weak level (learning from
 every receiver heard, the offsets ran away upwards by 4-17 dB; docs/estimation.md)."""
 OFFSET_TEACH_MIN_RX = 2.0
-"""A second teaches the offset only when this many teaching receivers heard the subject (posterior-weighted): with
-fewer, where it is and how strong its phone is cannot be told apart (six receivers on 1,500 m² rarely qualify)."""
+"""A second teaches the offset only from cells where this many teaching receivers heard the subject, and only when
+most of the posterior is on such cells and this many teach on average over it: with fewer, where it is and how
+strong its phone is cannot be told apart (six receivers on 1,500 m² rarely qualify)."""
 OFFSET_LESSON_WEIGHT = 0.2
 """A second's lesson counts for this share of its nominal precision: the static shadowing, the heading and the
 drifting shadow of a place repeat second after second, so the seconds are not independent evidence."""
 OFFSET_FLOOR_DB = 0.7
 """The belief about a subject's offset never narrows below this spread, dB."""
 OFFSET_MEMORY_S = 600.0
-"""Time constant with which an offset belief without new lessons returns to the prior (0 ± OFFSET_SIGMA_DB), s."""
+"""Time constant with which an offset belief's mean returns to the prior's 0 in seconds without a lesson (its spread
+returns to OFFSET_SIGMA_DB with half of it), s."""
 TELEPORT = 1e-6
 """Share of probability spread evenly every second, so a wrong belief can recover from any start
 (1e-6 rather than 1e-9: zone changes are reported about 0.15 s sooner for 0.2 points of zone accuracy)."""
@@ -494,9 +496,8 @@ class HmmEstimator:
         alike (either condition alone let a pedestrian's offset be learned into a visit: supermarket seed 2).
         Weighted by `post` over those cells, the lesson is the mean residual, its variance that of a mean of that
         many readings plus how much the cells disagree, divided by OFFSET_LESSON_WEIGHT; it is folded in by
-        precision. A row heard without a lesson relaxes
-        towards the prior instead (an Ornstein-Uhlenbeck step: the mean with OFFSET_MEMORY_S, the variance with
-        half of it); no belief narrows below OFFSET_FLOOR_DB.
+        precision. A row heard without a lesson relaxes towards the prior instead (an Ornstein-Uhlenbeck step: the
+        mean with OFFSET_MEMORY_S, the variance with half of it); no belief narrows below OFFSET_FLOOR_DB.
         """
         total, count = teach
         weight = post * (count >= np.float32(OFFSET_TEACH_MIN_RX))
