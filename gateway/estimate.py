@@ -472,7 +472,9 @@ class HmmEstimator:
         their count, for that.
         """
         spread = np.sqrt(self._off_var[rows])
-        ll, teach = self._offset_ll(obs, heard, self._cfg.sigma_db, spread, True, self._off_mean[rows], teach=True)
+        ll, teach = self._offset_ll(
+            obs, heard, self._cfg.sigma_db, spread, huber=True, centre=self._off_mean[rows], teach=True
+        )
         # A working receiver that heard none of the packets others heard this second: unlikely near it.
         # (Poisson: P(0 of m packets) = exp(-m p), p the chance one packet from the cell reaches it.)
         m = np.minimum(packets, np.float32(MAX_MISS_PACKETS))
