@@ -43,9 +43,8 @@ def sightings_for(plan: PlanConfig, n: int, second: int, rng: np.random.Generato
     return out
 
 
-def bench(n: int, seconds: int, warmup: int) -> dict[str, float]:
+def bench(n: int, seconds: int, warmup: int, cfg: EstimateConfig) -> dict[str, float]:
     plan = scenario_plan(load_scenario("supermarket"))
-    cfg = EstimateConfig()
     rng = np.random.default_rng(n)
     batches = [sightings_for(plan, n, s, rng) for s in range(seconds + warmup)]
     out: dict[str, float] = {}
@@ -70,8 +69,9 @@ def main() -> None:
     p.add_argument("--subjects", type=int, nargs="+", default=[100, 1000, 5000])
     p.add_argument("--seconds", type=int, default=20, help="measured simulated seconds (default: 20)")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured seconds first (default: 5)")
+    p.add_argument("--cell", type=float, default=None, help="HMM grid cell size, m (default: the config's default)")
     args = p.parse_args()
-    cfg = EstimateConfig()
+    cfg = EstimateConfig() if args.cell is None else EstimateConfig(cell_m=args.cell)
     cells = HmmEstimator(scenario_plan(load_scenario("supermarket")), cfg).cells
     print(
         f"supermarket plan, {cells} cells of {cfg.cell_m:g} m, 6 receivers, lag {cfg.lag_s} s; "
@@ -79,7 +79,7 @@ def main() -> None:
     )
     print(f"{'subjects':>9} {'hmm ms/s':>10} {'(cpu)':>8} {'subj×rx/s':>12} {'baseline ms/s':>14} {'subj×rx/s':>12}")
     for n in args.subjects:
-        r = bench(n, args.seconds, args.warmup)
+        r = bench(n, args.seconds, args.warmup, cfg)
         print(
             f"{n:>9,} {r['hmm_ms_per_s']:>10.1f} {r['hmm_cpu_ms_per_s']:>8.1f} {r['hmm_updates_per_s']:>12,.0f} "
             f"{r['baseline_ms_per_s']:>14.1f} {r['baseline_updates_per_s']:>12,.0f}",
