@@ -1,4 +1,5 @@
-"""How much zone accuracy the shipped channel allows a decision made stand by stand: a genie bound.
+"""How much zone accuracy the shipped channel allows a decision made stand by stand: a genie bound; and what pooling
+the stands of a zone visit is worth to that genie.
 
 `zone_resolution.py` shows what position accuracy 95 % zone accuracy asks for. This script asks the other
 half: how well can a stand's zone be known from what the radio carries, whatever the estimator does with one
@@ -19,23 +20,31 @@ doors: AR(1) with the scenario's σ and correlation time, marginalised exactly a
 shopper faces (so how much of the body loss falls on each receiver; marginalised over 24 headings), and in
 the first variants the static shadowing field. The variants:
 
-* **no survey**: the static field is unknown (σ of its share of the shadowing, one draw per receiver per
-  stand: a stand sees one value of it);
+* **no survey**: the static field is unknown (σ of its share of the shadowing; a stand sees one value of it per
+  receiver);
+* **no survey, phone's power unknown**: as above, and the phone's power is not given either: the genie
+  marginalises it (the scenario's spread between phone models, −6 to +6 dB in 1.5-dB steps);
 * **perfect survey**: the static field is known exactly at every point (what a site survey could learn at
   most, and more than any real one);
 * **perfect survey, heading known**: as above, and the genie is told which way the shopper faces;
 * **decided 2 s after**: each second decided with the stand's readings up to `lag_s` after it.
 
-What it is not: a bound on an estimator that pools several stands. It decides each stand on its own. A
-shopper's stands in one zone visit are all in that zone, each within 4 m of the last, and the static field
-decorrelates over about 4 m, so a tracker that carries evidence from stand to stand sees several partly
-independent draws of the field per zone visit; the walks between stands add more. The simulator's spots are
+Pooling: the stand-by-stand figures bound an estimator that decides each stand on its own. A shopper's stands in
+one zone visit are all in that zone, each within 4 m of the last, and the static field decorrelates over about
+4 m, so a tracker that carries evidence from stand to stand sees several partly independent draws of the field
+per zone visit. The *pooled* figures are those of the same genie told, in addition, which stands make up one zone
+visit (a person's consecutive stands in one zone): it decides each zone visit as a whole, multiplying its stands'
+likelihoods (the unknown phone power marginalised once per zone visit). They are what such a genie achieves, not
+a bound: its likelihood treats a zone visit's stands as independent, which they are not (the field is drawn with
+its true spatial correlation, below), and it ignores that each stand is near the last. The simulator's spots are
 also not exactly uniform in a zone (each is drawn near the last, so the density falls towards zone edges).
 
-Each stand gets `--draws` noise draws (the drift and, without a survey, the field), from the same
-distributions as the simulator's and shared by the variants (so they differ by what the genie knows, not by
-their draws); its position and heading are the simulator's truth. Walking seconds are counted right every time
-(no bound is attempted for them): `(standing seconds right + all walking seconds) / inside seconds`.
+Each stand gets `--draws` noise draws, shared by the variants (so they differ by what the genie knows, not by
+their draws): the drift, the phone's power (one per person and draw), and, without a survey, the static field,
+drawn afresh per draw over the whole plan by the simulator's own generator, so that stands near each other see
+correlated values as in the simulator. Position and heading are the simulator's truth. Walking seconds are
+counted right every time (no bound is attempted for them): `(standing seconds right + all walking seconds) /
+inside seconds`.
 
 The decision for a stand is the zone with the largest posterior mass over a 0.25 m grid within `--radius` m of
 the true position (farther candidates are dropped; with 20 m instead of 10 the figures moved by less than the
@@ -47,6 +56,7 @@ share of draws decided right.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -55,7 +65,7 @@ import numpy as np
 import numpy.typing as npt
 from zone_resolution import people_of, window_parser, zone_of
 
-from firmware_sim.channel import Channel
+from firmware_sim.channel import Channel, shadow_field
 from firmware_sim.scenario import Scenario, load_scenario
 from firmware_sim.world import World
 
@@ -66,13 +76,17 @@ HEADINGS = 24
 LAG_S = 2
 """The estimator's `lag_s`: a second is decided with the readings up to `LAG_S` seconds after it."""
 VARIANTS = {
-    # name: (static field known, heading known, causal)
-    "no survey": (False, False, False),
-    "no survey, decided 2 s after": (False, False, True),
-    "perfect survey": (True, False, False),
-    "perfect survey, decided 2 s after": (True, False, True),
-    "perfect survey, heading known": (True, True, False),
+    # name: (static field known, heading known, causal, phone's power known)
+    "no survey": (False, False, False, True),
+    "no survey, decided 2 s after": (False, False, True, True),
+    "no survey, phone's power unknown": (False, False, False, False),
+    "perfect survey": (True, False, False, True),
+    "perfect survey, decided 2 s after": (True, False, True, True),
+    "perfect survey, heading known": (True, True, False, True),
 }
+PHONE_OFFSETS_DB = np.arange(-6.0, 6.01, 1.5)
+"""Where the phone's power is unknown, the genie marginalises it over these offsets from the typical 1-m RSSI,
+weighted by the scenario's spread between phone models."""
 
 
 @dataclass
@@ -179,9 +193,32 @@ def bound(sc: Scenario, seed: int, start: float, duration_s: float, draws: int, 
     log_prior = np.log(np.maximum(share[gz] / np.maximum(cells[gz], 1), 1e-300))
 
     rng = np.random.default_rng(1000 + seed)
+    # The static field the genie does not know, one fresh draw of it per noise draw, from the simulator's own
+    # generator: a stand sees one value of it per receiver, and stands near each other see correlated values.
+    unknown = copy.copy(ch)
+    static_draw = np.zeros((len(st.x), draws, ch.n_rx))
+    for d in range(draws):
+        unknown.fields = (
+            np.stack([shadow_field((ch.ny, ch.nx), ch.res, radio.shadowing_correlation_m, rng) for _ in range(ch.n_rx)])
+            * sigma_static
+        )
+        static_draw[:, d] = unknown.spatial(st.x, st.y)
+    # Each person's phone: its power's offset from the typical 1-m RSSI, one per draw (known to the genie unless a
+    # variant says otherwise).
+    spread = sc.phones.rssi_1m_spread_db
+    phone_off = rng.normal(0.0, spread, (len(st.shopper), draws))
+    log_p_phone = (
+        -0.5 * (PHONE_OFFSETS_DB / spread) ** 2 if spread > 0 else np.where(PHONE_OFFSETS_DB == 0, 0.0, -np.inf)
+    )
+    log_p_phone = log_p_phone - np.logaddexp.reduce(log_p_phone)
     n_zones = len(sc.zones)
     decided = {v: np.zeros((len(st.x), draws), dtype=np.int64) for v in VARIANTS}
     right = {v: 0.0 for v in VARIANTS}
+    stand_ll = {
+        v: np.zeros((len(st.x), draws, 1 if phone_known else len(PHONE_OFFSETS_DB), n_zones))
+        for v, (_, _, causal, phone_known) in VARIANTS.items()
+        if not causal
+    }
     mass = {v: 0.0 for v in VARIANTS}
     for i in range(len(st.x)):
         near = np.flatnonzero(np.hypot(gx - st.x[i], gy - st.y[i]) <= radius_m)
@@ -194,29 +231,64 @@ def bound(sc: Scenario, seed: int, start: float, duration_s: float, draws: int, 
         # genie knows, not by their draws; the causal draws pick their seconds from one set too.
         z = rng.standard_normal((draws, ch.n_rx))
         second = rng.integers(0, st.seconds[i], draws)
-        for v, (surveyed, heading_known, causal) in VARIANTS.items():
+        for v, (surveyed, heading_known, causal, phone_known) in VARIANTS.items():
             # Causal: each draw is one second of the stand, decided with the stand's readings up to LAG_S after it.
             n = np.full(draws, st.seconds[i])
             if causal:
                 n = np.minimum(second + 1 + LAG_S, n)
-            var = gls_variance(n, sigma_drift, rho) + (0.0 if surveyed else sigma_static**2)
-            noise = z * np.sqrt(var)[:, None]
+            drift = gls_variance(n, sigma_drift, rho)
+            var = drift + (0.0 if surveyed else sigma_static**2)
+            noise = z * np.sqrt(drift)[:, None] + (0.0 if surveyed else static_draw[i])
             obs = truth_plain + (truth_static if surveyed else 0.0) + noise  # (D, R)
+            offsets, log_p_off = np.zeros(1), np.zeros(1)
+            if not phone_known:
+                obs = obs + phone_off[st.person[i]][:, None]
+                offsets, log_p_off = PHONE_OFFSETS_DB, log_p_phone
             level = plain[near] + (static[near] if surveyed else 0.0)
             mean = (level - true_body)[:, None, :] if heading_known else level[:, None, :] - body[near]
-            resid = obs[:, None, None, :] - mean[None]  # (D, G, K, R)
-            ll = -0.5 * (resid**2).sum(axis=-1) / var[:, None, None]
-            ll = np.logaddexp.reduce(ll, axis=-1) + log_prior[near]  # (D, G)
+            ll_off = np.zeros((draws, len(offsets), len(near)))  # (D, O, G)
+            for j, off in enumerate(offsets):
+                resid = (obs - off)[:, None, None, :] - mean[None]  # (D, G, K, R)
+                ll_h = -0.5 * (resid**2).sum(axis=-1) / var[:, None, None]
+                ll_off[:, j] = np.logaddexp.reduce(ll_h, axis=-1) + log_prior[near]
+            ll = np.logaddexp.reduce(ll_off + log_p_off[None, :, None], axis=1)  # (D, G)
             post = np.exp(ll - ll.max(axis=1, keepdims=True))
             post /= post.sum(axis=1, keepdims=True)
             by_zone = np.stack([np.bincount(zones, weights=post[d], minlength=n_zones) for d in range(draws)])
             decided[v][i] = by_zone.argmax(axis=1)
+            if not causal:
+                # Per zone, the log-likelihood of the stand's readings (the prior's zone share taken out again),
+                # for the genie that decides whole zone visits (pooled below).
+                # Per offset too where the phone's power is unknown: it is the same for all of a person's stands.
+                lz = np.full((draws, len(offsets), n_zones), -np.inf)
+                for zi in np.unique(zones):
+                    lz[:, :, zi] = np.logaddexp.reduce(ll_off[:, :, zones == zi], axis=2) - math.log(
+                        max(share[zi], 1e-300)
+                    )
+                stand_ll[v][i] = lz
             right[v] += st.seconds[i] * float((decided[v][i] == st.zone[i]).mean())
             mass[v] += st.seconds[i] * float(by_zone.max(axis=1).mean())
     standing = float(st.seconds.sum())
     total = standing + st.walking_s
     out = {"stands": float(len(st.x)), "standing_s": standing, "walking_s": float(st.walking_s)}
-    for v, (_, _, causal) in VARIANTS.items():
+    # The pooling genie: it is also told which stands make up one zone visit (a person's consecutive stands in one
+    # zone) and decides each zone visit as a whole, from all its stands' readings (their likelihoods multiplied, the
+    # zone's prior share once).
+    visit = np.cumsum(np.r_[True, (st.person[1:] != st.person[:-1]) | (st.zone[1:] != st.zone[:-1])]) - 1
+    log_share = np.log(np.maximum(share, 1e-300))
+    out["zone visits"] = float(visit.max() + 1) if len(visit) else 0.0
+    for v, per_stand in stand_ll.items():
+        pooled = np.zeros((int(out["zone visits"]), *per_stand.shape[1:]))
+        np.add.at(pooled, visit, per_stand)
+        if pooled.shape[2] > 1:  # the phone's offset, common to the visit's stands, marginalised
+            pooled += log_p_phone[None, None, :, None]
+        pooled = np.logaddexp.reduce(pooled, axis=2) + log_share  # (visits, draws, zones)
+        pick = pooled.argmax(axis=2)[visit]  # (stands, draws)
+        hit = (pick == st.zone[:, None]).mean(axis=1)
+        out[f"{v}, zone visits pooled: standing right"] = float((st.seconds * hit).sum()) / standing
+        out[f"{v}, zone visits pooled: overall bound"] = (float((st.seconds * hit).sum()) + st.walking_s) / total
+        out[f"{v}, zone visits pooled: dwell error median"] = dwell_error_median(st, pick, n_zones)
+    for v, (_, _, causal, _) in VARIANTS.items():
         out[f"{v}: standing right"] = right[v] / standing
         out[f"{v}: standing bayes"] = mass[v] / standing
         out[f"{v}: overall bound"] = (right[v] + st.walking_s) / total
@@ -266,6 +338,15 @@ def main() -> None:
                 f" (Bayes {r[f'{v}: standing bayes']:6.1%}); overall at most {r[f'{v}: overall bound']:6.1%}"
                 + (f"; dwell error median {dwell:4.1f} %" if dwell is not None else "")
             )
+        print(f"  pooled over each of {r['zone visits']:.0f} zone visits:")
+        for v in VARIANTS:
+            key = f"{v}, zone visits pooled"
+            if f"{key}: overall bound" in r:
+                print(
+                    f"  {v:34s} standing seconds right {r[f'{key}: standing right']:6.1%};"
+                    f" overall at most {r[f'{key}: overall bound']:6.1%};"
+                    f" dwell error median {r[f'{key}: dwell error median']:4.1f} %"
+                )
 
 
 if __name__ == "__main__":
