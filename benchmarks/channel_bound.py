@@ -35,14 +35,15 @@ one zone visit are all in that zone, each within 4 m of the last, and the static
 per zone visit. The *pooled* figures are those of the same genie told, in addition, which stands make up one zone
 visit (a person's consecutive stands in one zone): it decides each zone visit as a whole, multiplying its stands'
 likelihoods (the unknown phone power marginalised once per zone visit). They are what such a genie achieves, not
-a bound: its likelihood treats a zone visit's stands as independent, which they are not (the field is drawn with
-its true spatial correlation, below), and it ignores that each stand is near the last. The simulator's spots are
+a bound: its likelihood treats a zone visit's stands as independent, which they are not (the field is the
+store's own, spatially correlated, below), and it ignores that each stand is near the last. The simulator's spots are
 also not exactly uniform in a zone (each is drawn near the last, so the density falls towards zone edges).
 
+The readings carry the simulated store's own static field (the seed's), whether the genie knows it or not, so
+stands near each other see correlated values as in the simulator and `visita eval`'s runs meet the same field.
 Each stand gets `--draws` noise draws, shared by the variants (so they differ by what the genie knows, not by
-their draws): the drift, the phone's power (one per person and draw), and, without a survey, the static field,
-drawn afresh per draw over the whole plan by the simulator's own generator, so that stands near each other see
-correlated values as in the simulator. Position and heading are the simulator's truth. Walking seconds are
+their draws): the drift and the phone's power (one per person and draw). Position and heading are the
+simulator's truth. Walking seconds are
 counted right every time (no bound is attempted for them): `(standing seconds right + all walking seconds) /
 inside seconds`.
 
@@ -56,7 +57,6 @@ share of draws decided right.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -65,7 +65,7 @@ import numpy as np
 import numpy.typing as npt
 from zone_resolution import people_of, window_parser, zone_of
 
-from firmware_sim.channel import Channel, shadow_field
+from firmware_sim.channel import Channel
 from firmware_sim.scenario import Scenario, load_scenario
 from firmware_sim.world import World
 
@@ -193,16 +193,6 @@ def bound(sc: Scenario, seed: int, start: float, duration_s: float, draws: int, 
     log_prior = np.log(np.maximum(share[gz] / np.maximum(cells[gz], 1), 1e-300))
 
     rng = np.random.default_rng(1000 + seed)
-    # The static field the genie does not know, one fresh draw of it per noise draw, from the simulator's own
-    # generator: a stand sees one value of it per receiver, and stands near each other see correlated values.
-    unknown = copy.copy(ch)
-    static_draw = np.zeros((len(st.x), draws, ch.n_rx))
-    for d in range(draws):
-        unknown.fields = (
-            np.stack([shadow_field((ch.ny, ch.nx), ch.res, radio.shadowing_correlation_m, rng) for _ in range(ch.n_rx)])
-            * sigma_static
-        )
-        static_draw[:, d] = unknown.spatial(st.x, st.y)
     # Each person's phone: its power's offset from the typical 1-m RSSI, one per draw (known to the genie unless a
     # variant says otherwise).
     spread = sc.phones.rssi_1m_spread_db
@@ -238,8 +228,7 @@ def bound(sc: Scenario, seed: int, start: float, duration_s: float, draws: int, 
                 n = np.minimum(second + 1 + LAG_S, n)
             drift = gls_variance(n, sigma_drift, rho)
             var = drift + (0.0 if surveyed else sigma_static**2)
-            noise = z * np.sqrt(drift)[:, None] + (0.0 if surveyed else static_draw[i])
-            obs = truth_plain + (truth_static if surveyed else 0.0) + noise  # (D, R)
+            obs = truth_plain + truth_static + z * np.sqrt(drift)[:, None]  # (D, R)
             offsets, log_p_off = np.zeros(1), np.zeros(1)
             if not phone_known:
                 obs = obs + phone_off[st.person[i]][:, None]
