@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from gateway import __version__
 from gateway.config import (
     ConfigError,
+    PlanConfig,
     Settings,
     format_errors,
     load_settings,
@@ -338,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate a config file and the rules file it names; one line per problem; exit 2 if any.",
     )
     check.add_argument("file", type=Path, metavar="FILE")
-    check.add_argument("--json", action="store_true", help="print the validated settings as JSON")
+    check.add_argument(
+        "--json", action="store_true", help="print the validated settings as JSON (notes about the plan go to stderr)"
+    )
 
     keys = sub.add_parser("keys", help="member keys", description="Member keys (docs/checkin.md).")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
@@ -619,11 +622,30 @@ def _check_rules(settings: Settings) -> str:
     return f"{settings.points.rules} ({len(load_rules(Path(settings.points.rules)).rules)} rules)"
 
 
+def _plan_notes(plan: PlanConfig) -> list[str]:
+    """What an installer should know about a valid plan: zones no receiver serves, a one-receiver plan."""
+    unserved = plan.unserved_zones()
+    if unserved and len(plan.receivers) == 1:
+        return [
+            f"one receiver tells inside from outside and near from far, not zones: all inside time counts for its "
+            f"zone {plan.receivers[0].zone}, none for {', '.join(unserved)}; a receiver in each, even a cheap ESP32 "
+            "node (docs/nodes.md), gives zones (docs/estimation.md)"
+        ]
+    if unserved:
+        return [
+            f"no receiver serves zone(s) {', '.join(unserved)}: they are told from their neighbours only by receivers "
+            "elsewhere, and their dwell is the least accurate; a receiver in each, even a cheap ESP32 node "
+            '(docs/nodes.md), helps (docs/estimation.md, "What it takes")'
+        ]
+    return []
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """visita config check FILE."""
     settings = load_settings(args.file)
     rules = _check_rules(settings)
     BeaconRegistry(settings.plan.beacons)  # the EID beacons' key files can be read
+    plan = settings.plan
     if args.json:
         data = settings.model_dump(mode="json")
         for b in data["plan"]["beacons"]:
@@ -631,24 +653,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
                 b["eid"]["key"] = "(hidden)"  # a secret: whoever has it can forge the beacon's ids
         print(json.dumps(data, indent=2))
     else:
-        plan = settings.plan
         print(
             f"{args.file}: ok: store {settings.store}, gateway {settings.gateway}, {len(plan.zones)} zones, "
             f"{len(plan.receivers)} receivers, {len(plan.beacons)} beacons; rules: {rules}"
         )
-        unserved = plan.unserved_zones()
-        if unserved and len(plan.receivers) == 1:
-            print(
-                f"{args.file}: note: one receiver tells inside from outside and near from far, not zones: all inside "
-                f"time counts for its zone {plan.receivers[0].zone}, none for {', '.join(unserved)}; a receiver in "
-                "each, even a cheap ESP32 node (docs/nodes.md), gives zones (docs/estimation.md)"
-            )
-        elif unserved:
-            print(
-                f"{args.file}: note: no receiver serves zone(s) {', '.join(unserved)}: they are told from their "
-                "neighbours only by receivers elsewhere, and their dwell is the least accurate; a receiver in each, "
-                'even a cheap ESP32 node (docs/nodes.md), helps (docs/estimation.md, "What it takes")'
-            )
+    for note in _plan_notes(plan):
+        # With --json the notes go to stderr, so that standard output stays the settings and nothing else.
+        print(f"{args.file}: note: {note}", file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -144,6 +145,11 @@ def test_config_check_names_the_zones_no_receiver_serves(tmp_path: Path, capsys:
     assert main(["config", "check", str(write(tmp_path, plan))]) == 0  # a note, not a problem
     out = capsys.readouterr().out
     assert "note: no receiver serves zone(s) till, back:" in out and "street" not in out.split("note:")[1]
+    # With --json, standard output stays the settings alone and the note goes to stderr.
+    assert main(["config", "check", "--json", str(write(tmp_path, plan))]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["plan"]["receivers"][1]["id"] == "node-1"
+    assert "note: no receiver serves zone(s) till, back:" in got.err
 
 
 def test_config_check_says_one_receiver_does_not_tell_zones_apart(
