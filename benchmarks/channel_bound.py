@@ -6,8 +6,8 @@ half: how well can a stand's zone be known from what the radio carries, whatever
 stand's readings? It computes the zone accuracy of the Bayes-optimal decision of a *genie*, an observer given
 far more than any gateway has:
 
-* it knows the subject is inside, the phone's true power at 1 m, every receiver's calibration error, the
-  walls and the path-loss exponent (the simulator's own model, nothing fitted);
+* it knows the subject is inside, the phone's true power at 1 m (but in one variant), every receiver's
+  calibration error, the walls and the path-loss exponent (the simulator's own model, nothing fitted);
 * it sees, for every receiver and every second, the received level *before* fast fading, packet loss,
   collisions, scan windows and the receiver's sensitivity (so every second of every receiver, exactly);
 * for each stand (a shopper standing at a shelf), it decides the zone of all the stand's seconds with the
@@ -42,15 +42,17 @@ also not exactly uniform in a zone (each is drawn near the last, so the density 
 The readings carry the simulated store's own static field (the seed's), whether the genie knows it or not, so
 stands near each other see correlated values as in the simulator and `visita eval`'s runs meet the same field.
 Each stand gets `--draws` noise draws, shared by the variants (so they differ by what the genie knows, not by
-their draws): the drift and the phone's power (one per person and draw). Position and heading are the
-simulator's truth. Walking seconds are
-counted right every time (no bound is attempted for them): `(standing seconds right + all walking seconds) /
-inside seconds`.
+their draws): the drift and the phone's power (one per person and draw; where the genie does not know it, it
+marginalises it between −6 and +6 dB, which clips the 5 % of phones beyond 2σ). Position and heading are the
+simulator's truth. Walking seconds are counted right every time (no bound is attempted for them): `(standing
+seconds right + all walking seconds) / inside seconds`.
 
-The decision for a stand is the zone with the largest posterior mass over a 0.25 m grid within `--radius` m of
-the true position (farther candidates are dropped; with 20 m instead of 10 the figures moved by less than the
-draws' noise). The Bayes accuracy is the expected largest posterior mass, which this script prints with the
-share of draws decided right.
+The decision for a stand is the zone with the largest posterior mass over a `--grid` (0.5 m) grid within
+`--radius` (20 m) of the true position. That radius takes in the whole of the supermarket's inside from almost
+anywhere (60 m gave the same figures on a 10-min window, and a 0.25 m grid did too); 10 m, as before, was a gift
+to the genie: with the draws shared, seed 1 standing right 83.5 % and pooled 92.3 % against 80.8 and 91.7 % with
+20 m, as the candidates near the truth are information no estimator has. The Bayes accuracy is the expected
+largest posterior mass, which this script prints with the share of draws decided right.
 
     .venv/bin/python benchmarks/channel_bound.py [--scenario supermarket] [--seeds 1 2 3]
 """
@@ -71,7 +73,6 @@ from firmware_sim.world import World
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
-GRID_M = 0.25
 HEADINGS = 24
 LAG_S = 2
 """The estimator's `lag_s`: a second is decided with the readings up to `LAG_S` seconds after it."""
@@ -162,7 +163,9 @@ def gls_variance(n: I64, sigma: float, rho: float) -> F64:
     return out
 
 
-def bound(sc: Scenario, seed: int, start: float, duration_s: float, draws: int, radius_m: float) -> dict[str, float]:
+def bound(
+    sc: Scenario, seed: int, start: float, duration_s: float, draws: int, radius_m: float, grid_m: float
+) -> dict[str, float]:
     """One seed: the genie's figures per variant (module docstring), keyed "<variant>: <figure>"."""
     world = World(sc, seed, start)
     ch: Channel = world.channel
@@ -177,7 +180,7 @@ def bound(sc: Scenario, seed: int, start: float, duration_s: float, draws: int, 
     xs = np.concatenate([np.array(z.polygon)[:, 0] for z in sc.zones])
     ys = np.concatenate([np.array(z.polygon)[:, 1] for z in sc.zones])
     gx, gy = np.meshgrid(
-        np.arange(xs.min() + GRID_M / 2, xs.max(), GRID_M), np.arange(ys.min() + GRID_M / 2, ys.max(), GRID_M)
+        np.arange(xs.min() + grid_m / 2, xs.max(), grid_m), np.arange(ys.min() + grid_m / 2, ys.max(), grid_m)
     )
     gx, gy = gx.ravel(), gy.ravel()
     gz = zone_of(sc, gx.astype(np.float32), gy.astype(np.float32))
@@ -263,7 +266,7 @@ def bound(sc: Scenario, seed: int, start: float, duration_s: float, draws: int, 
     # The pooling genie: it is also told which stands make up one zone visit (a person's consecutive stands in one
     # zone) and decides each zone visit as a whole, from all its stands' readings (their likelihoods multiplied, the
     # zone's prior share once).
-    visit = np.cumsum(np.r_[True, (st.person[1:] != st.person[:-1]) | (st.zone[1:] != st.zone[:-1])]) - 1
+    visit = np.cumsum(np.r_[True, (st.person[1:] != st.person[:-1]) | (st.zone[1:] != st.zone[:-1])])[: len(st.x)] - 1
     log_share = np.log(np.maximum(share, 1e-300))
     out["zone visits"] = float(visit.max() + 1) if len(visit) else 0.0
     for v, per_stand in stand_ll.items():
@@ -275,7 +278,7 @@ def bound(sc: Scenario, seed: int, start: float, duration_s: float, draws: int, 
         pick = pooled.argmax(axis=2)[visit]  # (stands, draws)
         hit = (pick == st.zone[:, None]).mean(axis=1)
         out[f"{v}, zone visits pooled: standing right"] = float((st.seconds * hit).sum()) / standing
-        out[f"{v}, zone visits pooled: overall bound"] = (float((st.seconds * hit).sum()) + st.walking_s) / total
+        out[f"{v}, zone visits pooled: overall"] = (float((st.seconds * hit).sum()) + st.walking_s) / total
         out[f"{v}, zone visits pooled: dwell error median"] = dwell_error_median(st, pick, n_zones)
     for v, (_, _, causal, _) in VARIANTS.items():
         out[f"{v}: standing right"] = right[v] / standing
@@ -309,12 +312,13 @@ def dwell_error_median(st: Stands, decided: I64, n_zones: int) -> float:
 def main() -> None:
     ap = window_parser(__doc__)
     ap.add_argument("--draws", type=int, default=4, help="noise draws per stand (default 4)")
-    ap.add_argument("--radius", type=float, default=10.0, help="candidates within this many metres (default 10)")
+    ap.add_argument("--radius", type=float, default=20.0, help="candidates within this many metres (default 20)")
+    ap.add_argument("--grid", type=float, default=0.5, help="candidate grid spacing, m (default 0.5)")
     args = ap.parse_args()
     sc = load_scenario(args.scenario)
     for seed in args.seeds:
         t0 = time.monotonic()
-        r = bound(sc, seed, sc.start_ts() + args.skip, args.duration, args.draws, args.radius)
+        r = bound(sc, seed, sc.start_ts() + args.skip, args.duration, args.draws, args.radius, args.grid)
         share = r["standing_s"] / (r["standing_s"] + r["walking_s"])
         print(
             f"{sc.name} seed {seed}: {r['stands']:.0f} stands, {share:.1%} of {r['standing_s'] + r['walking_s']:,.0f}"
@@ -330,10 +334,10 @@ def main() -> None:
         print(f"  pooled over each of {r['zone visits']:.0f} zone visits:")
         for v in VARIANTS:
             key = f"{v}, zone visits pooled"
-            if f"{key}: overall bound" in r:
+            if f"{key}: overall" in r:
                 print(
                     f"  {v:34s} standing seconds right {r[f'{key}: standing right']:6.1%};"
-                    f" overall at most {r[f'{key}: overall bound']:6.1%};"
+                    f" overall {r[f'{key}: overall']:6.1%};"
                     f" dwell error median {r[f'{key}: dwell error median']:4.1f} %"
                 )
 
