@@ -161,6 +161,10 @@ def test_config_check_says_one_receiver_does_not_tell_zones_apart(
     out = capsys.readouterr().out
     assert "note: one receiver tells inside from outside and near from far, not zones" in out
     assert "its zone shop, none for till" in out
+    assert main(["config", "check", "--json", str(write(tmp_path, plan))]) == 0
+    got = capsys.readouterr()
+    assert [z["id"] for z in json.loads(got.out)["plan"]["zones"]][-1] == "till"
+    assert "note: one receiver tells inside from outside" in got.err and "note:" not in got.out
 
 
 def test_run_with_bad_config_fails_before_starting(tmp_path: Path) -> None:
