@@ -210,7 +210,13 @@ class BleSource:
         """Stop the supervisor and every scanner, and leave the bus."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            # On Python 3.11 asyncio.wait_for loses a cancellation that arrives as the call it waits on completes
+            # (CPython gh-86296, fixed in 3.12), and the supervisor waits that way all the time; during a flood of
+            # adverts, whose signals keep waking it, one cancel() then went unheard and stop() hung (the flood test,
+            # twice in CI). So cancel until it has ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for r in self._radios:

@@ -9,6 +9,7 @@ the way radios break on a Pi and time how long until adverts flow again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import subprocess
@@ -385,6 +386,28 @@ def test_no_bus_then_no_bluetoothd_then_scanning(
     assert len(lines(caplog, "bluetoothd is not running")) == 1
 
 
+def test_stop_ends_a_supervisor_that_loses_a_cancellation() -> None:
+    """On Python 3.11 asyncio.wait_for can lose a cancellation (CPython gh-86296); stop() must still return."""
+
+    async def main() -> None:
+        src = BleSource(BleOptions(adapters=(("hci0", "rx-1"),)), time.time)
+
+        async def deaf() -> None:
+            with contextlib.suppress(asyncio.CancelledError):  # the first cancellation lost, as wait_for can
+                await asyncio.sleep(3600)
+            await asyncio.sleep(3600)
+
+        task = asyncio.create_task(deaf())
+        src._task = task
+        await asyncio.sleep(0)
+        t0 = time.monotonic()
+        await asyncio.wait_for(src.stop(), 10)  # (wait_for itself may lose its own timeout's cancellation: timed too)
+        assert time.monotonic() - t0 < 5, "stop() waited for a supervisor that lost its cancellation"
+        assert task.cancelled()
+
+    asyncio.run(main())
+
+
 # --------------------------------------------------------------------------- flood
 
 
@@ -413,15 +436,20 @@ def test_flood_of_new_random_addresses_keeps_memory_bounded(monkeypatch: pytest.
 
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
 
+    step = ["starting the source"]  # where the test is, for the message if it gets stuck
+
     async def main() -> None:
         src = BleSource(BleOptions(adapters=(("hci0", "rx-1"),), expected_beacons=3), time.time)
         await src.start()
         tracemalloc.start()
         try:
+            step[0] = "waiting for the scan"
             await until(lambda: scanning(src), 5, "scanning")
             async with EmulatorControl(address) as ctl:
-                for _ in range(3):
+                for minute in range(3):
+                    step[0] = f"flood call {minute + 1}"
                     await ctl.flood("hci0", 10_000, 60.0)
+                    step[0] = f"minute {minute + 1} of the flood, then the emulator's stats"
                     t0 = time.monotonic()
                     while time.monotonic() - t0 < 60.0 / speed:
                         src.poll(time.time())
@@ -438,10 +466,21 @@ def test_flood_of_new_random_addresses_keeps_memory_bounded(monkeypatch: pytest.
                     )
         finally:
             tracemalloc.stop()
+            step[0] = "stopping the source"
             await src.stop()
 
+    async def bounded() -> None:
+        # It takes about 20 s; stop() once hung here (a lost cancellation, BleSource.stop): fail instead of hanging
+        # the suite, naming the step. (A cancellation can be lost on the way out, so the time is checked too.)
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(main(), 120)
+        except TimeoutError:
+            pytest.fail(f"the flood test was stuck for 120 s at: {step[0]}")
+        assert time.monotonic() - t0 < 120, f"the flood test was stuck for 120 s at: {step[0]}"
+
     try:
-        asyncio.run(main())
+        asyncio.run(bounded())
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
