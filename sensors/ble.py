@@ -211,9 +211,9 @@ class BleSource:
         task, self._task = self._task, None
         if task is not None:
             # On Python 3.11 asyncio.wait_for loses a cancellation that arrives as the call it waits on completes
-            # (CPython gh-86296, fixed in 3.12), and the supervisor waits that way all the time; during a flood of
-            # adverts, whose signals keep waking it, one cancel() then went unheard and stop() hung (the flood test,
-            # twice in CI). So cancel until it has ended.
+            # (CPython gh-86296, fixed in 3.12). When the supervisor's idle wait used it, a flood of adverts (whose
+            # signals keep waking it) made one cancel() go unheard and stop() hung (the flood test, twice in CI).
+            # The idle wait now uses asyncio.timeout; the D-Bus calls still use wait_for, so cancel until it has ended.
             while not task.done():
                 task.cancel()
                 await asyncio.wait({task}, timeout=1.0)
@@ -314,8 +314,11 @@ class BleSource:
                 self._global_problem("internal", f"BLE supervisor error: {e!r}; retrying")
                 ok = False
             delay = self.options.check_s if ok else min(delay * 2, self.options.retry_max_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives as the wait ends
+            # (see stop()), and this idle wait is where the supervisor spends its time.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     async def _check(self) -> bool:
         bus = await self._ensure_bus()

@@ -386,6 +386,34 @@ def test_no_bus_then_no_bluetoothd_then_scanning(
     assert len(lines(caplog, "bluetoothd is not running")) == 1
 
 
+def test_supervisor_idle_wait_hears_a_cancel_that_arrives_as_it_wakes() -> None:
+    """The idle wait between checks: a cancel in the same loop step as the wake-up ends the supervisor (with 3.11's
+    asyncio.wait_for the wake-up won and the cancel was lost, CPython gh-86296)."""
+
+    async def main() -> None:
+        src = BleSource(BleOptions(adapters=(("hci0", "rx-1"),)), time.time)
+        checks = 0
+
+        async def check() -> bool:
+            nonlocal checks
+            checks += 1
+            return True
+
+        src._check = check  # type: ignore[method-assign]
+        task = asyncio.create_task(src._supervise())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert checks == 1, "the supervisor should be idle after its first check"
+        src._wake.set()
+        task.cancel()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert task.done(), f"the supervisor went on after a cancel (checks: {checks})"
+        assert task.cancelled()
+
+    asyncio.run(main())
+
+
 def test_stop_ends_a_supervisor_that_loses_a_cancellation() -> None:
     """On Python 3.11 asyncio.wait_for can lose a cancellation (CPython gh-86296); stop() must still return."""
 
