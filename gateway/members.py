@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.files import write_atomic
 from gateway.identity import MemberDirectory
 
 log = logging.getLogger("visita.members")
@@ -119,26 +120,6 @@ def parse_key_lines(text: str, source: str) -> list[MemberKey]:
 # --------------------------------------------------------------------------- the vault
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Atomically replace `path` with `data`, mode 0600: temp file, fsync, rename, fsync of the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def vault_key(data_dir: Path, *, create: bool) -> tuple[bytes, str]:
     """The vault's 32-byte key and where it came from (the credential, or the key file)."""
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -150,7 +131,7 @@ def vault_key(data_dir: Path, *, create: bool) -> tuple[bytes, str]:
             if not create:
                 raise KeyStoreError(f"{path} is missing: the member vault cannot be decrypted without it")
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_private(path, secrets.token_hex(32).encode() + b"\n")
+            write_atomic(path, secrets.token_hex(32).encode() + b"\n", 0o600)
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise KeyStoreError(f"{path} has mode {mode:04o}: others may read the vault key; run chmod 600 {path}")
@@ -219,7 +200,7 @@ class KeyVault:
             separators=(",", ":"),
         ).encode()
         nonce = secrets.token_bytes(_NONCE)
-        _write_private(self.path, _MAGIC + nonce + AESGCM(key).encrypt(nonce, plain, _MAGIC))
+        write_atomic(self.path, _MAGIC + nonce + AESGCM(key).encrypt(nonce, plain, _MAGIC), 0o600)
         return source
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy.typing as npt
 
 from gateway.config import EstimateConfig, PlanConfig, SurveyConfig
 from gateway.estimate import REFERENCE_RSSI_1M, erfc, expected_rssi, points_in_polygon
+from gateway.files import write_atomic
 from gateway.model import Sighting
 
 F64 = npt.NDArray[np.float64]
@@ -480,18 +480,8 @@ class SurveyMap:
         }
 
     def save(self, path: Path) -> None:
-        """Write the map as JSON (to a temporary file, then renamed into place)."""
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(self.to_json(), indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # the rename itself survives a power cut
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        """Write the map as JSON (atomically: a power cut leaves the old map or the new one)."""
+        write_atomic(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
 
     @classmethod
     def load(
