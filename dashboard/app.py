@@ -146,7 +146,10 @@ class Status(BaseModel):
     identity: dict[str, Any] = Field(description="Sightings by subject kind, beacon telemetry.")
     estimator: dict[str, Any] = Field(description="Zone estimator state.")
     visits: dict[str, Any] = Field(description="Open sessions and visits.")
-    points: dict[str, Any] = Field(description="Awards made.")
+    points: dict[str, Any] = Field(
+        description="Awards known (`awards`) and where the points rules in force come from (`rules_source`: the "
+        "backend's cmd/rules, kept in the data directory, or the rules file)."
+    )
     checkins: dict[str, Any] = Field(description="App check-ins accepted, and refused by reason.")
     store: dict[str, Any] = Field(description="Database file, outbox depth, commits.")
     uplink: dict[str, Any] = Field(description="MQTT broker connection and outbox delivery.")

@@ -28,7 +28,7 @@ from gateway.config import (
     parse_mqtt_url,
 )
 from gateway.identity import BeaconRegistry
-from gateway.points import load_rules
+from gateway.points import load_rules, rules_in_force
 
 if TYPE_CHECKING:
     from firmware_sim.scenario import Scenario
@@ -517,10 +517,11 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
     from gateway.store import Store, StoreError
 
     settings = load_settings(args.config)
-    rules = load_rules(Path(settings.points.rules) if settings.points.rules else None)
     data_dir = args.data_dir or Path(settings.storage.data_dir or default_data_dir())
     if not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir}: no such directory")
+    # The rules the gateway applies: the backend's (cmd/rules) if it sent any, else the rules file's.
+    rules, _ = rules_in_force(Path(settings.points.rules) if settings.points.rules else None, data_dir)
     members = MemberDirectory()
     tiers = "tiers from the member vault"
     try:

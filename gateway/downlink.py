@@ -13,7 +13,7 @@ Who may send commands is the broker's business (its ACL on ``.../cmd/#``), not t
 
 Handlers are registered by name in `HANDLERS` (a dict name -> handler); a handler takes the
 gateway and the parsed payload and returns the result's fields, or raises `CommandRefused`
-with the reason. Built in: ``rules`` (replace the points rules of the running gateway) and
+with the reason. Built in: ``rules`` (replace the points rules, kept across restarts, or go back to the rules file) and
 ``config`` (change the settings that can change live). ``members`` (gateway/members.py)
 is registered here too, through its own `apply_members_command`.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -49,13 +50,32 @@ Handler = Callable[["Gateway", dict[str, Any]], dict[str, Any]]
 
 
 def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
-    """``{"rules": [...]}``: the rules file's content as JSON; replaces the rules of the running gateway."""
+    """``{"rules": [...]}``: the rules file's content as JSON; replaces the rules of the running gateway and is kept in
+    the data directory, so that a restart applies it again. ``{"from_file": true}``: the config's rules file again."""
+    from pathlib import Path
+
     from gateway.days import LocalDays
-    from gateway.points import PointsEngine, RuleSet, ledger_since
+    from gateway.points import (
+        PointsEngine,
+        drop_backend_rules,
+        ledger_since,
+        parse_rules,
+        rules_from_file,
+        save_backend_rules,
+    )
 
     body = {k: v for k, v in payload.items() if k != "id"}
+    from_file = body.pop("from_file", False)
+    if from_file not in (True, False):
+        raise CommandRefused('"from_file" must be true or false')
+    if from_file and body:
+        raise CommandRefused(f'"from_file" goes alone; drop {", ".join(sorted(body))}')
+    data_dir = gw.store.path.parent
     try:
-        rules = validate(RuleSet, body, "cmd/rules")
+        if from_file:
+            rules, source = rules_from_file(Path(gw.settings.points.rules) if gw.settings.points.rules else None)
+        else:
+            rules = parse_rules(body, "cmd/rules")
     except ConfigError as e:
         raise CommandRefused("; ".join(e.problems)) from None
     # Built completely (the ledger replayed into it) before it replaces the old engine.
@@ -63,9 +83,17 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     engine = PointsEngine(
         rules, LocalDays(gw.settings.timezone), gw.store.awards(since), gw.members.tier, gw.members.known, since
     )
+    try:  # kept on disk before it is applied: rules in force are never lost by a restart
+        if from_file:
+            drop_backend_rules(data_dir)
+        else:
+            source = save_backend_rules(data_dir, body, time.time())
+    except OSError as e:
+        raise CommandRefused(f"cannot keep the rules in {data_dir}: {e.strerror}; nothing changed") from None
     gw.points = engine
+    gw.rules_source = source
     gw.tracker.mark_all_changed()  # open visits may earn under the new rules before they end
-    return {"rules": [r.id for r in rules.rules]}
+    return {"rules": [r.id for r in rules.rules], "source": "file" if from_file else "backend"}
 
 
 LIVE_CONFIG = {

@@ -1,4 +1,4 @@
-"""Writing a file so that a power cut leaves either the old content or the new, never a mix."""
+"""Writing and deleting files so that a power cut leaves the old state or the new one, never a mix."""
 
 from __future__ import annotations
 
@@ -20,8 +20,22 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_dir(path.parent)
+
+
+def remove_durably(path: Path) -> bool:
+    """Delete `path` so that the deletion survives a power cut; False when there was no such file."""
     try:
-        os.fsync(dfd)
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
     finally:
-        os.close(dfd)
+        os.close(fd)

@@ -13,18 +13,20 @@ the field. The engine looks at visit changes and grants `Award`s:
 from __future__ import annotations
 
 import hashlib
+import json
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from gateway.config import ID_PATTERN, ConfigError, Strict, read_toml, validate
 from gateway.days import LocalDays
+from gateway.files import remove_durably, write_atomic
 from gateway.model import Award, Visit, VisitChange
 
 RuleId = Annotated[str, Field(pattern=ID_PATTERN)]
@@ -221,11 +223,73 @@ def load_rules(path: Path | None) -> RuleSet:
         data, source = tomllib.loads(text), "built-in rules"
     else:
         data, source = read_toml(path), str(path)
+    return parse_rules(data, source)
+
+
+def parse_rules(data: dict[str, Any], source: str) -> RuleSet:
+    """A rules file's content (as parsed TOML or JSON) validated; ConfigError names `source`, the rule and field."""
     try:
         rules: RuleSet = validate(RuleSet, data, source)
     except ConfigError as e:
         raise ConfigError([_name_rule(line, data) for line in e.problems]) from None
     return rules
+
+
+BACKEND_RULES_FILE = "rules-from-backend.json"
+"""In the data directory: the rules the backend last sent (downlink `cmd/rules`). They are in force, across restarts
+and power cuts, instead of the config's rules file until the backend sends others or `{"from_file": true}`."""
+
+
+def save_backend_rules(data_dir: Path, data: dict[str, Any], received_at: float) -> str:
+    """Keep rules the backend sent (already validated: `parse_rules`) so that a restart applies them again; returns
+    where the rules in force now come from, in words (as `rules_in_force` will say after a restart)."""
+    record = {"received_at": received_at, "ruleset": data}
+    path = data_dir / BACKEND_RULES_FILE
+    write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+    return _backend_source(path, received_at)
+
+
+def _backend_source(path: Path, received_at: float) -> str:
+    when = datetime.fromtimestamp(received_at, UTC).isoformat(timespec="seconds")
+    return f"sent by the backend at {when} (cmd/rules), kept in {path}"
+
+
+def rules_from_file(rules_file: Path | None) -> tuple[RuleSet, str]:
+    """The rules file's rules (the built-in ones without a file), and where they come from in words."""
+    return load_rules(rules_file), str(rules_file) if rules_file else "built-in rules"
+
+
+def drop_backend_rules(data_dir: Path) -> bool:
+    """Forget the backend's rules (the rules file is in force again); True when there were any."""
+    return remove_durably(data_dir / BACKEND_RULES_FILE)
+
+
+def rules_in_force(rules_file: Path | None, data_dir: Path) -> tuple[RuleSet, str]:
+    """The rules a gateway with this data directory applies, and where they come from in words: the backend's
+    (`BACKEND_RULES_FILE`) if it sent any, else the rules file's, else the built-in ones. ConfigError when the
+    saved backend rules cannot be read (it says how to get going again)."""
+    path = data_dir / BACKEND_RULES_FILE
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return rules_from_file(rules_file)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot be read ({e.strerror}); {_BACKEND_RULES_FIX}"]) from None
+    try:
+        record = json.loads(raw)
+        data, received_at = record["ruleset"], float(record["received_at"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError([f"{path}: not the rules the backend sent ({e!r}); {_BACKEND_RULES_FIX}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: its ruleset is not an object; {_BACKEND_RULES_FIX}"])
+    try:  # valid when kept, so this means a newer rules format or an edit by hand
+        rules = parse_rules(data, str(path))
+    except ConfigError as e:
+        raise ConfigError([*e.problems, f"{path}: {_BACKEND_RULES_FIX}"]) from None
+    return rules, _backend_source(path, received_at)
+
+
+_BACKEND_RULES_FIX = "delete it to apply the config's rules file until the backend sends its rules again (cmd/rules)"
 
 
 def _name_rule(line: str, data: dict[str, object]) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway import __version__
-from gateway.config import Settings, default_data_dir, parse_listen, parse_mqtt_url
+from gateway.config import ConfigError, Settings, default_data_dir, parse_listen, parse_mqtt_url
 from gateway.days import LocalDays
 from gateway.decode import Decoder
 from gateway.downlink import Downlink
@@ -36,7 +36,7 @@ from gateway.handover import HandoverLinker
 from gateway.identity import BeaconRegistry, Identifier, MemberDirectory
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
 from gateway.model import Award, Event, Visit, VisitChange
-from gateway.points import PointsEngine, RuleSet, ledger_since, load_rules
+from gateway.points import PointsEngine, RuleSet, ledger_since, rules_in_force
 from gateway.sdnotify import Notifier
 from gateway.store import PendingCommit, Store
 from gateway.survey import SurveyError, SurveyMap, SurveyRecorder, SurveyRefused, inside_zone
@@ -166,6 +166,8 @@ class Gateway:
             self.survey_recorder = SurveyRecorder(settings.plan, settings.survey.transmitter)
             if self.survey_map is not None:
                 self.survey_recorder.restore(self.survey_map.spots)
+        self.rules_source = "given at start"
+        """Where the points rules in force come from, in words (`rules_in_force`; set by `run`, and by cmd/rules)."""
         self.installer_token: str | None = None
         """The installer endpoints' bearer token (set by `run` from the config); None: those endpoints are off."""
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
@@ -488,7 +490,7 @@ class Gateway:
             },
             "visits": self.tracker.diagnostics(),
             **({"handover": self.linker.diagnostics()} if self.linker is not None else {}),
-            "points": self.points.diagnostics(),
+            "points": {**self.points.diagnostics(), "rules_source": self.rules_source},
             "checkins": self.checkins.diagnostics(),
             "store": self.store.diagnostics(),
             "uplink": self.uplink.diagnostics() if self.uplink else {"broker": "off"},
@@ -655,18 +657,24 @@ async def run(
     data_dir = opts.data_dir or Path(settings.storage.data_dir or default_data_dir())
     mqtt_url = opts.mqtt or settings.mqtt.url
     listen = opts.dashboard or settings.dashboard.listen
-    rules = load_rules(Path(settings.points.rules) if settings.points.rules else None)
     store = Store(
         data_dir,
         outbox_max=settings.storage.outbox_max,
         full_disk_outbox_max=settings.storage.full_disk_outbox_max,
     )
+    try:  # the backend's rules (cmd/rules) if it sent any, else the rules file's; read once the directory is ours
+        rules, rules_source = rules_in_force(Path(settings.points.rules) if settings.points.rules else None, data_dir)
+    except ConfigError as e:
+        store.close()
+        raise StartupError("; ".join(e.problems)) from None
     try:
         loaded = load_into(members, data_dir)  # the encrypted member keys (docs/checkin.md)
     except KeyStoreError as e:
         store.close()
         raise StartupError(str(e)) from None
     gw = Gateway(settings, store, source, members, rules, staff)
+    gw.rules_source = rules_source
+    log.info("points rules: %s (%d rules)", rules_source, len(rules.rules))
     try:
         gw.installer_token = settings.dashboard.installer_token()
     except ValueError as e:

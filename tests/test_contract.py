@@ -23,6 +23,7 @@ from conftest import VISITA, Broker, Subscriber
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.model import EVENT_TYPES
+from gateway.points import rules_in_force
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO / "docs" / "schemas"
@@ -122,6 +123,8 @@ def test_every_published_payload_validates_and_commands_are_applied_or_refused(b
     assert results["c3"]["ok"] is False and "max_rate" in results["c3"]["error"]
     assert results["r1"]["ok"] is True and "visit" in results["r1"]["rules"]
     assert results["r2"]["ok"] is False and "points" in results["r2"]["error"]
+    kept, source = rules_in_force(None, tmp_path / "data")  # what the next start applies: r1's, not r2's
+    assert [r.id for r in kept.rules] == results["r1"]["rules"] and "sent by the backend" in source
     assert len(anonymous) == 2 and all(p["ok"] is False for p in anonymous)
     assert {str(p["error"]).split(" ")[0] for p in anonymous} == {"unknown", "payload"}
     assert err.count("downlink command") >= 5, err
