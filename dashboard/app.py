@@ -225,7 +225,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         title="Visita gateway",
         version=gateway.version,
         description="Footfall dashboard and API of one Visita gateway. People are pseudonymous: no response "
-        "carries a subject, member ref or Bluetooth address.",
+        "carries a subject, member ref or Bluetooth address, except that support staff's endpoint (behind the "
+        "installer token) answers for the member ref it is asked about.",
     )
     app.state.gateway = gateway
     bad_request: dict[int | str, dict[str, Any]] = {
@@ -233,6 +234,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     }
 
     app.include_router(installer.router())
+    app.include_router(installer.support_router())
     app.add_exception_handler(SurveyRefused, installer.refused)
 
     @app.exception_handler(RequestValidationError)

@@ -1,4 +1,5 @@
-"""The installer's endpoints: the site survey (docs/survey.md), behind the installer token.
+"""The endpoints behind the installer token: the site survey (docs/survey.md), and a member's points explained for
+support staff (docs/rules.md, "Where are my points?").
 
 Every request carries `Authorization: Bearer <installer token>` (config `dashboard.installer_token_file`, or
 systemd's credential `visita-installer-token`). Without a configured token these endpoints answer 403 and say
@@ -10,10 +11,11 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from gateway.members import MEMBER_REF
 from gateway.runtime import Gateway
 from gateway.survey import SurveyRefused
 
@@ -69,6 +71,49 @@ class SurveyApplied(BaseModel):
     file: str = Field(description="Where it was saved (in the data directory).")
     spots: int = Field(ge=1, description="Spots it was fitted from.")
     receivers: dict[str, int] = Field(description="Per receiver, the spots it heard the tag at well enough to use.")
+
+
+class RuleOutcome(BaseModel):
+    """What one rule did for a visit."""
+
+    rule: str = Field(description="Rule id.")
+    points: int = Field(description="Points it awarded (0 when it did not).")
+    why: str = Field(description="Why, in words support staff can read out.")
+
+
+class VisitExplained(BaseModel):
+    """One of the member's visits and what every rule did for it."""
+
+    visit_id: str
+    started: str = Field(description="Start, ISO 8601 in the store's time zone.")
+    open: bool = Field(description="Still inside: judged as it stands now (a dwell bonus waits for the end).")
+    dwell_s: int = Field(description="Seconds inside.")
+    source: str = Field(description="What proved presence: ble, checkin or both.")
+    classification: str = Field(description="visitor, pass-by or staff.")
+    path: list[str] = Field(description="Zones in the order visited.")
+    points: int = Field(description="Points the visit earned in all.")
+    rules: list[RuleOutcome]
+
+
+class OtherAward(BaseModel):
+    """An award of the member for a visit not listed."""
+
+    visit_id: str
+    rule: str
+    points: int
+    reason: str
+
+
+class PointsExplained(BaseModel):
+    """A member's visits with every rule's outcome: the answer to "where are my points?"."""
+
+    member: str
+    visits: list[VisitExplained] = Field(description="Open visits, then finished ones, newest first.")
+    other_awards: list[OtherAward] = Field(description="Awards the engine holds for visits not listed.")
+    rules_source: str = Field(description="Where the rules in force come from (the backend's cmd/rules, or a file).")
+
+
+MemberRef = Annotated[str, Path(pattern=MEMBER_REF.pattern, description="The member's ref, as the backend knows it.")]
 
 
 def _refusal(status: int, message: str) -> JSONResponse:
@@ -128,6 +173,28 @@ def router() -> APIRouter:
     async def apply(gw: InstallerDep) -> Any:
         """Fit the map from the recorded spots, save it in the data directory and use it from the next second."""
         return gw.survey_apply()
+
+    return r
+
+
+def support_router() -> APIRouter:
+    """Support staff's endpoint, behind the installer token; `create_app` includes it."""
+    responses: dict[int | str, dict[str, Any]] = {k: REFUSALS[k] for k in (401, 403)}
+    responses[422] = {"description": "Not a member ref, or a query value out of range (the API's validation answer)."}
+    r = APIRouter(prefix="/api/v1/members", tags=["support"], responses=responses)
+
+    @r.get("/{member}/points", response_model=PointsExplained)
+    async def points(
+        member: MemberRef,
+        gw: InstallerDep,
+        visit: Annotated[str | None, Query(max_length=64, description="Only this visit id.")] = None,
+        limit: Annotated[int, Query(ge=1, le=100, description="Newest N visits (1..100).")] = 10,
+    ) -> Any:
+        """Why each rule did or did not award the member's visits (what `visita points explain` prints): open visits
+        judged as they stand, then finished ones, newest first, with the rules in force. Visits older than the
+        ledger the running engine holds (at least 9 days) say "not judged again"; `visita points explain` with the
+        gateway stopped reads the whole ledger."""
+        return gw.explain_points(member, visit, limit)
 
     return r
 

@@ -365,9 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain = points_sub.add_parser(
         "explain",
         help="why each rule did or did not award a member's visits",
-        description="For a member's stored (finished) visits, newest first, every rule of the rules file with the "
-        "points it awarded or why it did not: for support staff answering 'where are my points?'. Reads the "
-        "data directory, so run it where the gateway runs (while the gateway is stopped: it holds the lock).",
+        description="For a member's visits, newest first, every rule in force with the points it awarded or why it "
+        "did not: for support staff answering 'where are my points?'. Run it where the gateway runs. With the "
+        "gateway stopped it reads the data directory (finished visits, the whole ledger); while it runs (it holds "
+        "the directory) the gateway answers through its API with the installer token (--token-file, "
+        "$VISITA_INSTALLER_TOKEN, or the config's dashboard.installer_token_file), open visits included.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -377,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--config", type=Path, metavar="FILE", help="config file (for the rules and time zone)")
     explain.add_argument("--data-dir", type=Path, metavar="DIR", help="data directory (default: the config's)")
     explain.add_argument("--json", action="store_true", help="print one JSON object")
+    explain.add_argument("--url", metavar="URL", help="the running gateway's dashboard (default: from the config)")
+    explain.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the installer token")
 
     survey = sub.add_parser(
         "survey",
@@ -406,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _installer_call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """One request to the running gateway's installer API; UsageError / SurveyCallError with its message."""
+    """One request to the running gateway's installer API; UsageError / GatewayCallError with its message."""
     import os
     import urllib.error
     import urllib.request
@@ -445,16 +449,16 @@ def _installer_call(args: argparse.Namespace, method: str, path: str, body: dict
             message = json.loads(e.read()).get("message", e.reason)
         except ValueError:
             message = e.reason
-        raise SurveyCallError(f"{e.code}: {message}") from None
+        raise GatewayCallError(f"{e.code}: {message}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise SurveyCallError(
+        raise GatewayCallError(
             f"no gateway answers at {base} ({reason}): is it running? (systemctl status visita)"
         ) from None
 
 
-class SurveyCallError(Exception):
-    """The gateway refused an installer request, or did not answer."""
+class GatewayCallError(Exception):
+    """The running gateway refused an installer request, or did not answer."""
 
 
 def _print_survey(status: dict[str, Any]) -> None:
@@ -494,7 +498,7 @@ def cmd_survey(args: argparse.Namespace) -> int:
                     _print_survey({**out, "spots": [], "applied": None, "transmitter": out["transmitter"]})
                 _time.sleep(min(2.0, max(0.5, out["running"]["seconds_left"])))
                 out = _installer_call(args, "GET", "/api/v1/survey")
-    except SurveyCallError as e:
+    except GatewayCallError as e:
         print(f"visita survey {args.survey_command}: {e}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
@@ -505,71 +509,76 @@ def cmd_survey(args: argparse.Namespace) -> int:
 
 
 def cmd_points_explain(args: argparse.Namespace) -> int:
-    """visita points explain MEMBER_REF [--visit ID]."""
-    from datetime import datetime
+    """visita points explain MEMBER_REF [--visit ID]: from the data directory, or from the running gateway."""
+    import urllib.parse
     from zoneinfo import ZoneInfo
 
     from gateway.config import default_data_dir
     from gateway.days import LocalDays
     from gateway.identity import MemberDirectory
     from gateway.members import KeyStoreError, load_into
-    from gateway.points import PointsEngine
-    from gateway.store import Store, StoreError
+    from gateway.points import PointsEngine, explain_member
+    from gateway.store import Store, StoreError, StoreInUse
 
     settings = load_settings(args.config)
     data_dir = args.data_dir or Path(settings.storage.data_dir or default_data_dir())
     if not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir}: no such directory")
-    # The rules the gateway applies: the backend's (cmd/rules) if it sent any, else the rules file's.
-    rules, _ = rules_in_force(Path(settings.points.rules) if settings.points.rules else None, data_dir)
-    members = MemberDirectory()
-    tiers = "tiers from the member vault"
-    try:
-        vault_read = load_into(members, data_dir) > 0  # no vault (members from elsewhere): provisioning unknown
-    except KeyStoreError as e:
-        tiers = f"tiers unknown ({e})"
-        vault_read = False  # then who is provisioned is not known either: nobody is taken for removed
     try:
         store = Store(data_dir)
+    except StoreInUse:
+        # A running gateway holds the directory: it answers (its rules in force, the ledger its engine holds).
+        params = {"limit": str(max(1, min(args.limit, 100)))}
+        if args.visit:
+            params["visit"] = args.visit
+        query = urllib.parse.urlencode(params)
+        path = f"/api/v1/members/{urllib.parse.quote(args.member, safe='')}/points?{query}"
+        print(f"visita points explain: the gateway running on {data_dir} answers", file=sys.stderr)
+        try:
+            result = _installer_call(args, "GET", path)
+        except GatewayCallError as e:
+            print(f"visita points explain: {e}", file=sys.stderr)
+            return EXIT_FAILED
     except StoreError as e:
         print(f"visita points explain: {e}", file=sys.stderr)
         return EXIT_FAILED
-    with store:
-        ledger = store.awards()
-        visits = [v for v in store.recent_visits(100_000) if v.member == args.member]
-    known: Callable[[str], bool] = members.known if vault_read else (lambda member: True)
-    engine = PointsEngine(rules, LocalDays(settings.timezone), ledger, members.tier, known)
-    if args.visit:
-        visits = [v for v in visits if v.visit_id == args.visit]
-    visits = visits[: max(1, args.limit)] if not args.visit else visits
-    shown = {v.visit_id for v in visits}
-    others = [a for a in ledger if a.member == args.member and a.visit_id not in shown]
-    tz = ZoneInfo(settings.timezone)
-    out: list[dict[str, Any]] = []
-    for v in visits:
-        why = engine.explain(v)
-        out.append(
-            {
-                "visit_id": v.visit_id,
-                "started": datetime.fromtimestamp(v.started, tz).isoformat(timespec="seconds"),
-                "dwell_s": round(v.dwell_s),
-                "source": v.source,
-                "classification": v.classification,
-                "path": list(v.path),
-                "points": sum(x.awarded for x in why),
-                "rules": [{"rule": x.rule, "points": x.awarded, "why": x.why} for x in why],
-            }
-        )
+    else:
+        # The rules the gateway applies: the backend's (cmd/rules) if it sent any, else the rules file's.
+        try:
+            rules, source = rules_in_force(Path(settings.points.rules) if settings.points.rules else None, data_dir)
+        except ConfigError:
+            store.close()
+            raise
+        members = MemberDirectory()
+        tiers = "tiers from the member vault"
+        try:
+            vault_read = load_into(members, data_dir) > 0  # no vault (members from elsewhere): provisioning unknown
+        except KeyStoreError as e:
+            tiers = f"tiers unknown ({e})"
+            vault_read = False  # then who is provisioned is not known either: nobody is taken for removed
+        with store:
+            ledger = store.awards()
+            visits = store.visits_of("member:" + args.member, 1_000_000 if args.visit else max(1, args.limit))
+        known: Callable[[str], bool] = members.known if vault_read else (lambda member: True)
+        engine = PointsEngine(rules, LocalDays(settings.timezone), ledger, members.tier, known)
+        if args.visit:
+            visits = [v for v in visits if v.visit_id == args.visit]
+        result = {
+            **explain_member(engine, visits, args.member, ZoneInfo(settings.timezone)),
+            "rules_source": source,
+            "tiers": tiers,
+        }
     if args.json:
-        extra = [{"visit_id": a.visit_id, "rule": a.rule, "points": a.points, "reason": a.reason} for a in others]
-        print(json.dumps({"member": args.member, "visits": out, "other_awards": extra, "tiers": tiers}))
-        return EXIT_OK if out or extra else EXIT_FAILED
+        print(json.dumps(result))
+        return EXIT_OK if result["visits"] or result["other_awards"] else EXIT_FAILED
+    out, others = result["visits"], result["other_awards"]
     if not out:
-        where = f"visit {args.visit}" if args.visit else "finished visit"
-        print(f"no stored {where} of member {args.member} in {data_dir} (open visits live in the running gateway)")
+        where = f"visit {args.visit}" if args.visit else "visit"
+        print(f"no {where} of member {args.member} is known here")
     for rec in out:
+        state = "still inside" if rec["open"] else "inside"
         print(
-            f"visit {rec['visit_id']} · {rec['started']} · {rec['dwell_s']} s inside · {rec['classification']}, "
+            f"visit {rec['visit_id']} · {rec['started']} · {rec['dwell_s']} s {state} · {rec['classification']}, "
             f"source {rec['source']} · path {' > '.join(rec['path']) or '-'} · {rec['points']} points"
         )
         for r in rec["rules"]:
@@ -579,8 +588,9 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
     if others:
         print(
             f"awards of {args.member} for visits not listed: "
-            + ", ".join(f"{a.rule} {a.points} ({a.visit_id})" for a in others[:20])
+            + ", ".join(f"{a['rule']} {a['points']} ({a['visit_id']})" for a in others[:20])
         )
+    print(f"rules: {result['rules_source']}")
     return EXIT_OK if out or others else EXIT_FAILED
 
 

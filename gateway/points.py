@@ -554,6 +554,39 @@ class PointsEngine:
             out.append(Explanation(rule.id, 0, why))
         return out
 
+    def awards_of(self, member: str) -> list[Award]:
+        """The member's awards the engine knows (its ledger and those granted since), oldest first."""
+        return [a for a in self._granted.values() if a.member == member]
+
     def diagnostics(self) -> dict[str, int]:
         """Awards known to the engine (from the ledger and granted since start)."""
         return {"awards": len(self._granted)}
+
+
+def explain_member(engine: PointsEngine, visits: Sequence[Visit], member: str, tz: tzinfo) -> dict[str, Any]:
+    """Support staff's answer to "where are my points?": for each of the member's `visits` (in the order given; an
+    open one judged as it stands now) every rule with the points it awarded or why it did not, and the member's
+    other awards the engine knows. One JSON-ready object: `visita points explain` and the support API print it."""
+    out: list[dict[str, Any]] = []
+    for v in visits:
+        why = engine.explain(v, "ended" if v.ended is not None else "open")
+        out.append(
+            {
+                "visit_id": v.visit_id,
+                "started": datetime.fromtimestamp(v.started, tz).isoformat(timespec="seconds"),
+                "open": v.ended is None,
+                "dwell_s": round(v.dwell_s),
+                "source": v.source,
+                "classification": v.classification,
+                "path": list(v.path),
+                "points": sum(x.awarded for x in why),
+                "rules": [{"rule": x.rule, "points": x.awarded, "why": x.why} for x in why],
+            }
+        )
+    shown = {v.visit_id for v in visits}
+    others = [
+        {"visit_id": a.visit_id, "rule": a.rule, "points": a.points, "reason": a.reason}
+        for a in engine.awards_of(member)
+        if a.visit_id not in shown
+    ]
+    return {"member": member, "visits": out, "other_awards": others}

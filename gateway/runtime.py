@@ -36,7 +36,7 @@ from gateway.handover import HandoverLinker
 from gateway.identity import BeaconRegistry, Identifier, MemberDirectory
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
 from gateway.model import Award, Event, Visit, VisitChange
-from gateway.points import PointsEngine, RuleSet, ledger_since, rules_in_force
+from gateway.points import PointsEngine, RuleSet, explain_member, ledger_since, rules_in_force
 from gateway.sdnotify import Notifier
 from gateway.store import PendingCommit, Store
 from gateway.survey import SurveyError, SurveyMap, SurveyRecorder, SurveyRefused, inside_zone
@@ -457,6 +457,20 @@ class Gateway:
         used = {rx: int(v["spots_used"]) for rx, v in survey.summary()["receivers"].items()}
         log.info("survey map of %d spot(s) saved to %s and in use", len(spots), self.survey_path)
         return {"file": str(self.survey_path), "spots": len(spots), "receivers": used}
+
+    def explain_points(self, member: str, visit_id: str | None, limit: int) -> dict[str, Any]:
+        """`visita points explain` answered while the gateway runs (it holds the data directory): the member's open
+        visits, then its stored finished ones, newest first (only `visit_id` when given), judged by the rules in
+        force with the ledger the engine holds (`ledger_since`: a visit older than that is "not judged again")."""
+        subject = "member:" + member
+        visits = sorted(
+            (v for v in self.tracker.open_visits() if v.subject == subject), key=lambda v: v.started, reverse=True
+        )
+        visits += self.store.visits_of(subject, limit if visit_id is None else 1_000_000)
+        if visit_id is not None:
+            visits = [v for v in visits if v.visit_id == visit_id]
+        out = explain_member(self.points, visits[:limit], member, self._days.tz)
+        return {**out, "rules_source": self.rules_source}
 
     def visits(self, limit: int) -> list[Visit]:
         """Open visits (longest first) then finished ones (newest first), at most `limit`."""

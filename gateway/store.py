@@ -112,6 +112,10 @@ class StoreError(Exception):
     """The store cannot do its job; the message says what, where and the fix."""
 
 
+class StoreInUse(StoreError):
+    """Another Visita process (a running gateway) holds the data directory."""
+
+
 class _CorruptFileError(Exception):
     """The hot file is not valid JSON or not the shape this module writes."""
 
@@ -420,7 +424,7 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
             os.close(fd)
-            raise StoreError(
+            raise StoreInUse(
                 f"data directory {d} is in use by another Visita process; stop that gateway or pass --data-dir DIR"
             ) from e
         except OSError as e:
@@ -808,6 +812,14 @@ class Store:
         if limit <= 0:
             return []
         newest = heapq.nlargest(limit, self._visits.items(), key=lambda kv: (float(kv[1]["ended"]), kv[0]))
+        return [visit_from_record(rec) for _, rec in newest]
+
+    def visits_of(self, subject: str, limit: int = 100) -> list[Visit]:
+        """Up to `limit` finished visits of one subject (e.g. "member:<ref>"), newest (by `ended`) first; from the
+        recent visits the store keeps (`recent_visits_limit`)."""
+        self._require_open()
+        mine = [kv for kv in self._visits.items() if kv[1]["subject"] == subject]
+        newest = heapq.nlargest(max(0, limit), mine, key=lambda kv: (float(kv[1]["ended"]), kv[0]))
         return [visit_from_record(rec) for _, rec in newest]
 
     def diagnostics(self) -> dict[str, Any]:

@@ -113,4 +113,4 @@ def test_member_visitors_get_exactly_their_points_and_pass_by_members_none(
     assert explained == {a.rule: a.points for a in awards[member]}
     assert all(r["why"] for v in out["visits"] for r in v["rules"])
     assert main(["points", "explain", "nobody", "--data-dir", str(tmp_path)]) == 1
-    assert "no stored finished visit of member nobody" in capsys.readouterr().out
+    assert "no visit of member nobody is known here" in capsys.readouterr().out

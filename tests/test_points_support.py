@@ -1,0 +1,89 @@
+"""Support staff's "where are my points?" while the gateway runs: `visita points explain` finds the data directory
+held by the running gateway and asks it (real process, real HTTP, the installer token); the gateway's answer agrees
+with the points it published, and with what the same command reads from the data directory once it has stopped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import VISITA, Broker, Subscriber, free_port
+
+TOKEN = "support-token-for-tests-0123456789"
+
+
+def _explain(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [*VISITA, "points", "explain", *args, "--data-dir", str(data), "--json"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def _points_of(answer: dict[str, object], visit_id: str) -> dict[str, int]:
+    (rec,) = [v for v in answer["visits"] if v["visit_id"] == visit_id]  # type: ignore[attr-defined]
+    return {r["rule"]: r["points"] for r in rec["rules"] if r["points"]}
+
+
+@pytest.mark.broker
+def test_points_explain_asks_the_running_gateway_and_agrees_with_the_data_directory_after(
+    broker: Broker, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    cfg = tmp_path / "visita.toml"
+    cfg.write_text(f'[dashboard]\ninstaller_token_file = "{token}"\n')
+    data, port = tmp_path / "data", free_port()
+    sub = Subscriber(broker, "visita/v1/+/+/points.awarded", client_id="support-test")
+    args = [*VISITA, "run", "--sim", "--speed", "30", "--until", "3h", "--mqtt", broker.url, "--config", str(cfg)]
+    args += ["--dashboard", f"127.0.0.1:{port}", "--data-dir", str(data)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = ["--url", f"http://127.0.0.1:{port}"]
+    try:
+        deadline = time.monotonic() + 120
+        award = None
+        while award is None:
+            assert proc.poll() is None, f"gateway exited: {proc.communicate()[0]}"
+            assert time.monotonic() < deadline, "no points.awarded event within 120 s"
+            awards = [p["data"] for _, p, _ in sub.messages]
+            award = next((a for a in awards if a["rule"] == "visit"), None)  # type: ignore[index]
+            time.sleep(0.5)
+        member, visit_id = str(award["member"]), str(award["visit_id"])
+
+        # The directory is the gateway's: the command asks it, with the token from the config.
+        r = _explain(data, member, "--config", str(cfg), *url)
+        assert r.returncode == 0, r.stderr
+        assert "the gateway running on" in r.stderr
+        live = json.loads(r.stdout)
+        assert live["member"] == member and live["rules_source"] == "built-in rules"
+        assert _points_of(live, visit_id)["visit"] == award["points"]
+        assert all(rule["why"] for v in live["visits"] for rule in v["rules"])
+        only = json.loads(_explain(data, member, "--visit", visit_id, "--config", str(cfg), *url).stdout)
+        assert [v["visit_id"] for v in only["visits"]] == [visit_id]
+
+        # Refusals say what is wrong: no token, a wrong one, a ref that is none.
+        r = _explain(data, member, *url)
+        assert r.returncode == 2 and "no installer token" in r.stderr, r.stderr
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not-the-token-at-all\n")
+        r = _explain(data, member, *url, "--token-file", str(wrong))
+        assert r.returncode == 1 and "401" in r.stderr and "installer token" in r.stderr, r.stderr
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/members/a%20b/points")
+        req.add_header("Authorization", f"Bearer {TOKEN}")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=5)
+        assert e.value.code == 422
+        e.value.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        sub.close()
+    assert proc.returncode == 0, out
+
+    # Stopped: the same command reads the data directory, and tells the same story of that visit.
+    r = _explain(data, member, "--visit", visit_id, "--config", str(cfg))
+    assert r.returncode == 0 and "answers" not in r.stderr, r.stderr
+    assert _points_of(json.loads(r.stdout), visit_id) == _points_of(live, visit_id)
