@@ -1,9 +1,10 @@
-"""The endpoints behind the installer token: the site survey (docs/survey.md), and a member's points explained for
-support staff (docs/rules.md, "Where are my points?").
+"""The endpoints behind a token: the installer's site survey (docs/survey.md), and a member's points explained for
+support staff (docs/rules.md, "Where are my points?"), which the support token opens as well as the installer token.
 
-Every request carries `Authorization: Bearer <installer token>` (config `dashboard.installer_token_file`, or
-systemd's credential `visita-installer-token`). Without a configured token these endpoints answer 403 and say
-how to set one: a gateway never runs its installer functions open.
+Every request carries `Authorization: Bearer <token>`: the installer token (config `dashboard.installer_token_file`,
+or systemd's credential `visita-installer-token`), or for the support endpoint the support token
+(`dashboard.support_token_file`, `visita-support-token`) or the installer's. Without a configured token these
+endpoints answer 403 and say how to set one: a gateway never runs them open.
 """
 
 from __future__ import annotations
@@ -120,23 +121,46 @@ def _refusal(status: int, message: str) -> JSONResponse:
     return JSONResponse(InstallerRefusal(message=message).model_dump(), status_code=status)
 
 
+def _require_bearer(authorization: str | None, tokens: list[str | None], off: str, wrong: str) -> None:
+    """SurveyRefused 403 (`off`) when none of `tokens` is configured, 401 (`wrong`) unless the header carries one."""
+    known = [t.encode() for t in tokens if t is not None]
+    if not known:
+        raise SurveyRefused(403, off)
+    given = (authorization or "").removeprefix("Bearer ").strip().encode()
+    if not authorization or not any(hmac.compare_digest(given, t) for t in known):
+        raise SurveyRefused(401, wrong)
+
+
 async def installer(request: Request, authorization: Annotated[str | None, Header()] = None) -> Gateway:
     """The gateway, when the request carries the installer token."""
     gw: Gateway = request.app.state.gateway
-    token = gw.installer_token
-    if token is None:
-        raise SurveyRefused(
-            403,
-            "installer endpoints are off: no installer token is configured; set dashboard.installer_token_file "
-            "(or the systemd credential visita-installer-token) and restart",
-        )
-    given = (authorization or "").removeprefix("Bearer ").strip()
-    if not authorization or not hmac.compare_digest(given.encode(), token.encode()):
-        raise SurveyRefused(401, "missing or wrong installer token: send 'Authorization: Bearer <installer token>'")
+    _require_bearer(
+        authorization,
+        [gw.installer_token],
+        "installer endpoints are off: no installer token is configured; set dashboard.installer_token_file "
+        "(or the systemd credential visita-installer-token) and restart",
+        "missing or wrong installer token: send 'Authorization: Bearer <installer token>'",
+    )
     return gw
 
 
 InstallerDep = Annotated[Gateway, Depends(installer)]
+
+
+async def support(request: Request, authorization: Annotated[str | None, Header()] = None) -> Gateway:
+    """The gateway, when the request carries the support token or the installer token."""
+    gw: Gateway = request.app.state.gateway
+    _require_bearer(
+        authorization,
+        [gw.support_token, gw.installer_token],
+        "support endpoints are off: no support or installer token is configured; set dashboard.support_token_file "
+        "(or the systemd credential visita-support-token) and restart",
+        "missing or wrong token: send 'Authorization: Bearer <support or installer token>'",
+    )
+    return gw
+
+
+SupportDep = Annotated[Gateway, Depends(support)]
 
 REFUSALS: dict[int | str, dict[str, Any]] = {
     code: {"model": InstallerRefusal, "description": what}
@@ -178,15 +202,18 @@ def router() -> APIRouter:
 
 
 def support_router() -> APIRouter:
-    """Support staff's endpoint, behind the installer token; `create_app` includes it."""
-    responses: dict[int | str, dict[str, Any]] = {k: REFUSALS[k] for k in (401, 403)}
+    """Support staff's endpoint, behind the support token (or the installer token); `create_app` includes it."""
+    responses: dict[int | str, dict[str, Any]] = {
+        401: {"model": InstallerRefusal, "description": "No or a wrong token (support or installer)."},
+        403: {"model": InstallerRefusal, "description": "No support or installer token is configured."},
+    }
     responses[422] = {"description": "Not a member ref, or a query value out of range (the API's validation answer)."}
     r = APIRouter(prefix="/api/v1/members", tags=["support"], responses=responses)
 
     @r.get("/{member}/points", response_model=PointsExplained)
     async def points(
         member: MemberRef,
-        gw: InstallerDep,
+        gw: SupportDep,
         visit: Annotated[str | None, Query(max_length=64, description="Only this visit id.")] = None,
         limit: Annotated[int, Query(ge=1, le=100, description="Newest N visits (1..100).")] = 10,
     ) -> Any:

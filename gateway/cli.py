@@ -368,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="For a member's visits, newest first, every rule in force with the points it awarded or why it "
         "did not: for support staff answering 'where are my points?'. Run it where the gateway runs. With the "
         "gateway stopped it reads the data directory (finished visits, the whole ledger); while it runs (it holds "
-        "the directory) the gateway answers through its API with the installer token (--token-file, "
-        "$VISITA_INSTALLER_TOKEN, or the config's dashboard.installer_token_file), open visits included.",
+        "the directory) the gateway answers through its API with the support token (--token-file, "
+        "$VISITA_SUPPORT_TOKEN, the config's dashboard.support_token_file) or the installer's, open visits included.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--data-dir", type=Path, metavar="DIR", help="data directory (default: the config's)")
     explain.add_argument("--json", action="store_true", help="print one JSON object")
     explain.add_argument("--url", metavar="URL", help="the running gateway's dashboard (default: from the config)")
-    explain.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the installer token")
+    explain.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the support or installer token")
 
     survey = sub.add_parser(
         "survey",
@@ -409,8 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _installer_call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """One request to the running gateway's installer API; UsageError / GatewayCallError with its message."""
+def _gateway_call(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None, role: str = "installer"
+) -> Any:
+    """One request to the running gateway's API behind a token: the installer's, or with `role` "support" the support
+    token (else the installer's). UsageError / GatewayCallError with its message."""
     import os
     import urllib.error
     import urllib.request
@@ -422,20 +425,28 @@ def _installer_call(args: argparse.Namespace, method: str, path: str, body: dict
         base = args.url.rstrip("/")
     else:
         if settings.dashboard.listen == "off":
-            raise UsageError("the config says dashboard.listen = off: the installer API needs the dashboard; use --url")
+            raise UsageError(f"the config says dashboard.listen = off: the {role} API needs the dashboard; use --url")
         host, port = parse_listen(settings.dashboard.listen)
         host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
         base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     try:
         if args.token_file:
-            token = read_secret(str(args.token_file), "visita-installer-token", "--token-file")
+            token = read_secret(str(args.token_file), f"visita-{role}-token", "--token-file")
+        elif role == "support":
+            token = (
+                os.environ.get("VISITA_SUPPORT_TOKEN")
+                or settings.dashboard.support_token()
+                or os.environ.get("VISITA_INSTALLER_TOKEN")
+                or settings.dashboard.installer_token()
+            )
         else:
             token = os.environ.get("VISITA_INSTALLER_TOKEN") or settings.dashboard.installer_token()
     except ValueError as e:
         raise UsageError(str(e)) from None
     token = token.strip() if token else None
     if not token:
-        raise UsageError("no installer token: pass --token-file FILE or set VISITA_INSTALLER_TOKEN")
+        env = "VISITA_SUPPORT_TOKEN" if role == "support" else "VISITA_INSTALLER_TOKEN"
+        raise UsageError(f"no {role} token: pass --token-file FILE or set {env}")
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method)
     req.add_header("Authorization", f"Bearer {token}")
@@ -481,23 +492,23 @@ def cmd_survey(args: argparse.Namespace) -> int:
 
     try:
         if args.survey_command == "status":
-            out = _installer_call(args, "GET", "/api/v1/survey")
+            out = _gateway_call(args, "GET", "/api/v1/survey")
         elif args.survey_command == "discard":
-            out = _installer_call(args, "DELETE", f"/api/v1/survey/spots/{args.index}")
+            out = _gateway_call(args, "DELETE", f"/api/v1/survey/spots/{args.index}")
         elif args.survey_command == "apply":
-            out = _installer_call(args, "POST", "/api/v1/survey/apply")
+            out = _gateway_call(args, "POST", "/api/v1/survey/apply")
             if not args.json:
                 used = ", ".join(f"{rx} {n}" for rx, n in sorted(out["receivers"].items()))
                 print(f"survey map of {out['spots']} spot(s) in {out['file']}, in use; spots per receiver: {used}")
                 return EXIT_OK
         else:
             body = {"x": args.x, "y": args.y, "seconds": args.seconds}
-            out = _installer_call(args, "POST", "/api/v1/survey/spots", body)
+            out = _gateway_call(args, "POST", "/api/v1/survey/spots", body)
             while not args.no_wait and out.get("running"):
                 if not args.json:
                     _print_survey({**out, "spots": [], "applied": None, "transmitter": out["transmitter"]})
                 _time.sleep(min(2.0, max(0.5, out["running"]["seconds_left"])))
-                out = _installer_call(args, "GET", "/api/v1/survey")
+                out = _gateway_call(args, "GET", "/api/v1/survey")
     except GatewayCallError as e:
         print(f"visita survey {args.survey_command}: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -510,6 +521,7 @@ def cmd_survey(args: argparse.Namespace) -> int:
 
 def cmd_points_explain(args: argparse.Namespace) -> int:
     """visita points explain MEMBER_REF [--visit ID]: from the data directory, or from the running gateway."""
+    import os
     import urllib.parse
     from zoneinfo import ZoneInfo
 
@@ -526,22 +538,24 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"--data-dir {data_dir}: no such directory")
     try:
         store = Store(data_dir)
-    except StoreInUse:
-        # A running gateway holds the directory: it answers (its rules in force, the ledger its engine holds).
+    except StoreError as e:
+        if not isinstance(e, StoreInUse) and os.access(data_dir, os.R_OK | os.X_OK):
+            print(f"visita points explain: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        # A running gateway holds the directory (or it is the service's, closed to this user): the gateway answers,
+        # with its rules in force and the ledger its engine holds.
         params = {"limit": str(max(1, min(args.limit, 100)))}
         if args.visit:
             params["visit"] = args.visit
         query = urllib.parse.urlencode(params)
         path = f"/api/v1/members/{urllib.parse.quote(args.member, safe='')}/points?{query}"
-        print(f"visita points explain: the gateway running on {data_dir} answers", file=sys.stderr)
+        why = f"the gateway holds {data_dir}" if isinstance(e, StoreInUse) else f"{data_dir} is closed to this user"
+        print(f"visita points explain: {why}; asking the running gateway", file=sys.stderr)
         try:
-            result = _installer_call(args, "GET", path)
+            result = _gateway_call(args, "GET", path, role="support")
         except GatewayCallError as e:
             print(f"visita points explain: {e}", file=sys.stderr)
             return EXIT_FAILED
-    except StoreError as e:
-        print(f"visita points explain: {e}", file=sys.stderr)
-        return EXIT_FAILED
     else:
         # The rules the gateway applies: the backend's (cmd/rules) if it sent any, else the rules file's.
         try:

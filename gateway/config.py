@@ -286,6 +286,19 @@ def read_secret(path: str, credential: str, setting: str) -> str | None:
 
 
 INSTALLER_TOKEN_MIN = 16
+"""Shortest installer or support token accepted, characters."""
+
+
+def _token(path: str, role: str) -> str | None:
+    """The `role` token (installer, support) from its file or systemd credential; None when neither is there."""
+    key = f"dashboard.{role}_token_file"
+    token = read_secret(path, f"visita-{role}-token", key)
+    if token is not None and len(token.strip()) < INSTALLER_TOKEN_MIN:
+        raise ValueError(
+            f"{key}: the {role} token must be at least {INSTALLER_TOKEN_MIN} characters; make one with: "
+            "openssl rand -hex 24"
+        )
+    return None if token is None else token.strip()
 
 
 class DashboardConfig(Strict):
@@ -298,16 +311,21 @@ class DashboardConfig(Strict):
         "endpoints (/api/v1/survey…) and `visita survey` need; empty means $CREDENTIALS_DIRECTORY/"
         "visita-installer-token when systemd provides it, else the installer endpoints are off.",
     )
+    support_token_file: str = Field(
+        default="",
+        description="File holding the support token (first line, at least 16 characters), for support staff: it "
+        "opens the members' points explanations (/api/v1/members/…/points, `visita points explain`) and nothing "
+        "of the installer's; empty means $CREDENTIALS_DIRECTORY/visita-support-token when systemd provides it. The "
+        "installer token opens them too.",
+    )
 
     def installer_token(self) -> str | None:
         """The installer token, or None when none is configured. ValueError when it is unreadable or too short."""
-        token = read_secret(self.installer_token_file, "visita-installer-token", "dashboard.installer_token_file")
-        if token is not None and len(token.strip()) < INSTALLER_TOKEN_MIN:
-            raise ValueError(
-                f"dashboard.installer_token_file: the installer token must be at least {INSTALLER_TOKEN_MIN} "
-                "characters; make one with: openssl rand -hex 24"
-            )
-        return None if token is None else token.strip()
+        return _token(self.installer_token_file, "installer")
+
+    def support_token(self) -> str | None:
+        """The support token, or None when none is configured. ValueError when it is unreadable or too short."""
+        return _token(self.support_token_file, "support")
 
     @field_validator("listen")
     @classmethod

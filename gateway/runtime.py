@@ -170,6 +170,8 @@ class Gateway:
         """Where the points rules in force come from, in words (`rules_in_force`; set by `run`, and by cmd/rules)."""
         self.installer_token: str | None = None
         """The installer endpoints' bearer token (set by `run` from the config); None: those endpoints are off."""
+        self.support_token: str | None = None
+        """Support staff's bearer token for the points explanations (set by `run`); the installer's opens them too."""
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
         self.tracker = VisitTracker(settings.gateway, visits_cfg)
         self.linker = HandoverLinker(settings.plan.doors) if settings.visits.handover else None
@@ -691,6 +693,7 @@ async def run(
     log.info("points rules: %s (%d rules)", rules_source, len(rules.rules))
     try:
         gw.installer_token = settings.dashboard.installer_token()
+        gw.support_token = settings.dashboard.support_token()
     except ValueError as e:
         store.close()
         raise StartupError(str(e)) from None

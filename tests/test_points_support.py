@@ -1,6 +1,7 @@
 """Support staff's "where are my points?" while the gateway runs: `visita points explain` finds the data directory
-held by the running gateway and asks it (real process, real HTTP, the installer token); the gateway's answer agrees
-with the points it published, and with what the same command reads from the data directory once it has stopped."""
+held by the running gateway and asks it (real process, real HTTP, the support token, which opens nothing of the
+installer's); the gateway's answer agrees with the points it published, and with what the same command reads from
+the data directory once it has stopped."""
 
 from __future__ import annotations
 
@@ -15,7 +16,19 @@ from pathlib import Path
 import pytest
 from conftest import VISITA, Broker, Subscriber, free_port
 
-TOKEN = "support-token-for-tests-0123456789"
+SUPPORT = "support-token-for-tests-0123456789"
+INSTALLER = "installer-token-for-tests-0123456789"
+
+
+def _get(url: str, token: str) -> int:
+    req = urllib.request.Request(url)
+    req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        e.close()
+        return e.code
 
 
 def _explain(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -32,10 +45,11 @@ def _points_of(answer: dict[str, object], visit_id: str) -> dict[str, int]:
 def test_points_explain_asks_the_running_gateway_and_agrees_with_the_data_directory_after(
     broker: Broker, tmp_path: Path
 ) -> None:
-    token = tmp_path / "token"
-    token.write_text(TOKEN + "\n")
+    support, installer = tmp_path / "support-token", tmp_path / "installer-token"
+    support.write_text(SUPPORT + "\n")
+    installer.write_text(INSTALLER + "\n")
     cfg = tmp_path / "visita.toml"
-    cfg.write_text(f'[dashboard]\ninstaller_token_file = "{token}"\n')
+    cfg.write_text(f'[dashboard]\nsupport_token_file = "{support}"\ninstaller_token_file = "{installer}"\n')
     data, port = tmp_path / "data", free_port()
     sub = Subscriber(broker, "visita/v1/+/+/points.awarded", client_id="support-test")
     args = [*VISITA, "run", "--sim", "--speed", "30", "--until", "3h", "--mqtt", broker.url, "--config", str(cfg)]
@@ -56,7 +70,7 @@ def test_points_explain_asks_the_running_gateway_and_agrees_with_the_data_direct
         # The directory is the gateway's: the command asks it, with the token from the config.
         r = _explain(data, member, "--config", str(cfg), *url)
         assert r.returncode == 0, r.stderr
-        assert "the gateway running on" in r.stderr
+        assert f"the gateway holds {data}; asking the running gateway" in r.stderr, r.stderr
         live = json.loads(r.stdout)
         assert live["member"] == member and live["rules_source"] == "built-in rules"
         assert _points_of(live, visit_id)["visit"] == award["points"]
@@ -64,19 +78,18 @@ def test_points_explain_asks_the_running_gateway_and_agrees_with_the_data_direct
         only = json.loads(_explain(data, member, "--visit", visit_id, "--config", str(cfg), *url).stdout)
         assert [v["visit_id"] for v in only["visits"]] == [visit_id]
 
+        # The installer's token opens it too; the support token opens nothing of the installer's.
+        base = f"http://127.0.0.1:{port}/api/v1"
+        assert _get(f"{base}/members/{member}/points", INSTALLER) == 200
+        assert _get(f"{base}/survey", SUPPORT) == 401 and _get(f"{base}/survey", INSTALLER) != 401
         # Refusals say what is wrong: no token, a wrong one, a ref that is none.
         r = _explain(data, member, *url)
-        assert r.returncode == 2 and "no installer token" in r.stderr, r.stderr
+        assert r.returncode == 2 and "no support token" in r.stderr, r.stderr
         wrong = tmp_path / "wrong"
         wrong.write_text("not-the-token-at-all\n")
         r = _explain(data, member, *url, "--token-file", str(wrong))
-        assert r.returncode == 1 and "401" in r.stderr and "installer token" in r.stderr, r.stderr
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/members/a%20b/points")
-        req.add_header("Authorization", f"Bearer {TOKEN}")
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(req, timeout=5)
-        assert e.value.code == 422
-        e.value.close()
+        assert r.returncode == 1 and "401" in r.stderr and "support or installer token" in r.stderr, r.stderr
+        assert _get(f"{base}/members/a%20b/points", SUPPORT) == 422
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
