@@ -352,12 +352,18 @@ def create_app(gateway: Gateway) -> FastAPI:
             store_id=gw.settings.store, gateway_id=gw.settings.gateway, version=gw.version, **gw.diagnostics()
         )
 
+    def page(name: str) -> FileResponse:
+        headers = {"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"}
+        return FileResponse(str(STATIC.joinpath(name)), headers=headers)
+
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(
-            str(STATIC.joinpath("index.html")),
-            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"},
-        )
+        return page("index.html")
+
+    @app.api_route("/survey", methods=["GET", "HEAD"], include_in_schema=False)
+    async def survey_page() -> FileResponse:
+        # The installer's page (docs/survey.md); what it shows and does needs the installer token.
+        return page("survey.html")
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app

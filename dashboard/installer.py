@@ -117,6 +117,39 @@ class PointsExplained(BaseModel):
 MemberRef = Annotated[str, Path(pattern=MEMBER_REF.pattern, description="The member's ref, as the backend knows it.")]
 
 
+class PlanZone(BaseModel):
+    """A zone of the store plan."""
+
+    id: str
+    name: str = Field(description="Human name ('' when the plan gives none).")
+    outside: bool = Field(description="Outside the store (sidewalk, mall corridor): no spot can be recorded there.")
+    polygon: list[tuple[float, float]] = Field(description="Corners [x, y], m.")
+
+
+class PlanReceiver(BaseModel):
+    """A receiver of the plan."""
+
+    id: str
+    zone: str
+    position: tuple[float, float] | None = Field(description="Where it is mounted, [x, y] m; null: unknown.")
+
+
+class PlanWall(BaseModel):
+    """A wall, window or shelf run of the plan (radio loss)."""
+
+    name: str
+    points: list[tuple[float, float]] = Field(description="Polyline corners [x, y], m.")
+
+
+class SurveyPlan(BaseModel):
+    """The store plan in the zones' frame (metres), for drawing where to stand."""
+
+    zones: list[PlanZone]
+    receivers: list[PlanReceiver]
+    walls: list[PlanWall]
+    doors: list[tuple[float, float]] = Field(description="Where people cross between outside and inside, [x, y] m.")
+
+
 def _refusal(status: int, message: str) -> JSONResponse:
     return JSONResponse(InstallerRefusal(message=message).model_dump(), status_code=status)
 
@@ -182,6 +215,17 @@ def router() -> APIRouter:
     async def survey(gw: InstallerDep) -> Any:
         """The survey: the spot being recorded, the spots recorded, the map in use (docs/survey.md)."""
         return gw.survey_status()
+
+    @r.get("/plan", response_model=SurveyPlan)
+    async def plan(gw: InstallerDep) -> Any:
+        """The store plan (zones, receivers, walls, doors), for the survey page's map of where to stand."""
+        p = gw.settings.plan
+        return SurveyPlan(
+            zones=[PlanZone(id=z.id, name=z.name, outside=z.outside, polygon=list(z.polygon)) for z in p.zones],
+            receivers=[PlanReceiver(id=r.id, zone=r.zone, position=r.position) for r in p.receivers],
+            walls=[PlanWall(name=w.name, points=list(w.points)) for w in p.walls],
+            doors=list(p.doors),
+        )
 
     @r.post("/spots", status_code=202, response_model=SurveyStatus)
     async def spot(body: SpotRequest, gw: InstallerDep) -> Any:

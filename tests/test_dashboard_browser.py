@@ -86,9 +86,14 @@ class Product:
 @pytest.fixture
 def product(tmp_path: Path) -> Iterator[Product]:
     """The real gateway over the simulated store, answering /healthz."""
+    yield from run_product(tmp_path, "60")
+
+
+def run_product(tmp_path: Path, speed: str, *extra: str) -> Iterator[Product]:
+    """`visita run --sim` at `speed` with `extra` arguments until the generator is closed."""
     port = free_port()
     log = tmp_path / "visita.log"
-    args = [*VISITA, "run", "--sim", "--speed", "60", "--mqtt", "off", "--dashboard", f"127.0.0.1:{port}"]
+    args = [*VISITA, "run", "--sim", "--speed", speed, "--mqtt", "off", "--dashboard", f"127.0.0.1:{port}", *extra]
     with open(log, "wb") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen([*args, "--data-dir", str(tmp_path / "data")], stdout=out, stderr=out)
     p = Product(proc, f"http://127.0.0.1:{port}", log)
@@ -297,4 +302,89 @@ def test_page_fits_phones_and_tablets_in_light_and_dark(
         assert label and page.locator(f"#{label}").inner_text().strip()
     assert page.get_by_role("status").get_attribute("aria-live") == "polite"
     assert not watch.console_errors and not watch.page_errors and not watch.external()
+    page.close()
+
+
+SURVEY_TOKEN = "installer-token-for-the-survey-page-0123"
+
+
+@pytest.fixture
+def surveying(tmp_path: Path) -> Iterator[Product]:
+    """The gateway with an installer token and the entrance iBeacon (at 14, 4) as the survey tag."""
+    from firmware_sim.scenario import beacon_subject_id, load_scenario
+
+    token = tmp_path / "installer-token"
+    token.write_text(SURVEY_TOKEN + "\n")
+    tag = beacon_subject_id(load_scenario("default").beacons[0])
+    cfg = tmp_path / "visita.toml"
+    cfg.write_text(f'[dashboard]\ninstaller_token_file = "{token}"\n\n[survey]\ntransmitter = "{tag}"\n')
+    yield from run_product(tmp_path, "10", "--config", str(cfg))
+
+
+def tap_plan(page: Page, x: float, y: float) -> None:
+    """A real click on the plan where the point (x, y) m is drawn."""
+    sx, sy = page.evaluate(
+        """([x, y]) => {
+          const svg = document.querySelector('[data-testid="plan"]');
+          const p = new DOMPoint(x, y).matrixTransform(svg.getScreenCTM());
+          return [p.x, p.y];
+        }""",
+        [x, y],
+    )
+    page.mouse.click(sx, sy)
+
+
+def test_survey_page_records_spots_where_the_installer_taps_and_applies_the_map(
+    browser: Browser, surveying: Product
+) -> None:
+    page = browser.new_page(viewport={"width": 1024, "height": 768})
+    watch = Watch()
+    watch.attach(page)
+    response = page.goto(surveying.base + "/survey")
+    assert response is not None and "default-src 'none'" in response.headers["content-security-policy"]
+
+    # A wrong token: the gateway's refusal is shown, and the survey stays closed.
+    page.get_by_test_id("token").fill("not-the-installer-token")
+    page.get_by_test_id("unlock").click()
+    expect(page.get_by_test_id("message")).to_contain_text("401: missing or wrong installer token")
+    expect(page.get_by_test_id("plan")).to_be_hidden()
+
+    page.get_by_test_id("token").fill(SURVEY_TOKEN)
+    page.get_by_test_id("unlock").click()
+    expect(page.get_by_test_id("plan")).to_be_visible()
+    plan = page.evaluate("() => [...document.querySelectorAll('[data-zone]')].map((p) => p.dataset.zone)")
+    req = urllib.request.Request(surveying.base + "/api/v1/survey/plan")
+    req.add_header("Authorization", f"Bearer {SURVEY_TOKEN}")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert plan == [z["id"] for z in json.load(r)["zones"]], "the page drew other zones than the plan's"
+    expect(page.get_by_test_id("spots")).to_contain_text("None yet")
+
+    # Tap where the tag is and record 5 s (at 10x, half a second): the spot appears with what each receiver heard.
+    page.get_by_test_id("seconds").select_option("5")
+    for n, (x, y) in enumerate([(14.0, 4.0), (18.0, 8.0)], start=1):
+        tap_plan(page, x, y)
+        expect(page.get_by_test_id("candidate")).to_have_text(f"({x:g}, {y:g}) m")
+        page.get_by_test_id("record").click()
+        expect(page.locator('[data-testid="spots"] li[data-index]')).to_have_count(n, timeout=15_000)
+    spots = page.locator('[data-testid="spots"] li[data-index]')
+    expect(spots.nth(0)).to_contain_text("(14, 4)")
+    expect(spots.nth(1)).to_contain_text("(18, 8)")
+    heard = [int(n) for n in re.findall(r" (\d+)(?:,|$)", spots.nth(0).inner_text().split("·")[1])]
+    assert sum(heard) > 5, spots.nth(0).inner_text()
+
+    # A tap on the sidewalk: the gateway refuses the spot and the page says why.
+    tap_plan(page, 14.0, -1.5)
+    page.get_by_test_id("record").click()
+    expect(page.get_by_test_id("message")).to_contain_text("lies in no inside zone")
+
+    page.get_by_test_id("apply").click()
+    expect(page.get_by_test_id("message")).to_contain_text("A map of 2 spot(s) is saved to")
+    expect(page.get_by_test_id("applied")).to_contain_text("a map of 2 spot(s)")
+    spots.nth(1).get_by_role("button").click()
+    expect(spots).to_have_count(1)
+
+    assert watch.external() == [] and watch.page_errors == [], (watch.external(), watch.page_errors)
+    # The browser logs the two refusals above (the wrong token, the sidewalk spot), and nothing else.
+    logged = watch.console_errors
+    assert len(logged) == 2 and sorted(re.findall(r"status of (\d+)", " ".join(logged))) == ["401", "422"], logged
     page.close()
