@@ -226,7 +226,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         version=gateway.version,
         description="Footfall dashboard and API of one Visita gateway. People are pseudonymous: no response "
         "carries a subject, member ref or Bluetooth address, except that support staff's endpoint (behind the "
-        "installer token) answers for the member ref it is asked about.",
+        "support token) answers for the member ref it is asked about.",
     )
     app.state.gateway = gateway
     bad_request: dict[int | str, dict[str, Any]] = {

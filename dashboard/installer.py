@@ -1,10 +1,10 @@
 """The endpoints behind a token: the installer's site survey (docs/survey.md), and a member's points explained for
-support staff (docs/rules.md, "Where are my points?"), which the support token opens as well as the installer token.
+support staff (docs/rules.md, "Where are my points?"), behind the support token.
 
 Every request carries `Authorization: Bearer <token>`: the installer token (config `dashboard.installer_token_file`,
 or systemd's credential `visita-installer-token`), or for the support endpoint the support token
-(`dashboard.support_token_file`, `visita-support-token`) or the installer's. Without a configured token these
-endpoints answer 403 and say how to set one: a gateway never runs them open.
+(`dashboard.support_token_file`, `visita-support-token`); neither opens the other's. Without a configured token
+these endpoints answer 403 and say how to set one: a gateway never runs them open.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ class PointsExplained(BaseModel):
     visits: list[VisitExplained] = Field(description="Open visits, then finished ones, newest first.")
     other_awards: list[OtherAward] = Field(description="Awards the engine holds for visits not listed.")
     rules_source: str = Field(description="Where the rules in force come from (the backend's cmd/rules, or a file).")
+    tiers: str = Field(description="Where the members' tiers (points multipliers) come from.")
 
 
 MemberRef = Annotated[str, Path(pattern=MEMBER_REF.pattern, description="The member's ref, as the backend knows it.")]
@@ -181,14 +182,15 @@ InstallerDep = Annotated[Gateway, Depends(installer)]
 
 
 async def support(request: Request, authorization: Annotated[str | None, Header()] = None) -> Gateway:
-    """The gateway, when the request carries the support token or the installer token."""
+    """The gateway, when the request carries the support token. Not the installer's: a survey contractor holds
+    that one, and members' visits are none of their business."""
     gw: Gateway = request.app.state.gateway
     _require_bearer(
         authorization,
-        [gw.support_token, gw.installer_token],
-        "support endpoints are off: no support or installer token is configured; set dashboard.support_token_file "
+        [gw.support_token],
+        "support endpoints are off: no support token is configured; set dashboard.support_token_file "
         "(or the systemd credential visita-support-token) and restart",
-        "missing or wrong token: send 'Authorization: Bearer <support or installer token>'",
+        "missing or wrong support token: send 'Authorization: Bearer <support token>'",
     )
     return gw
 
@@ -246,10 +248,10 @@ def router() -> APIRouter:
 
 
 def support_router() -> APIRouter:
-    """Support staff's endpoint, behind the support token (or the installer token); `create_app` includes it."""
+    """Support staff's endpoint, behind the support token; `create_app` includes it."""
     responses: dict[int | str, dict[str, Any]] = {
-        401: {"model": InstallerRefusal, "description": "No or a wrong token (support or installer)."},
-        403: {"model": InstallerRefusal, "description": "No support or installer token is configured."},
+        401: {"model": InstallerRefusal, "description": "No or a wrong support token."},
+        403: {"model": InstallerRefusal, "description": "No support token is configured on this gateway."},
     }
     responses[422] = {"description": "Not a member ref, or a query value out of range (the API's validation answer)."}
     r = APIRouter(prefix="/api/v1/members", tags=["support"], responses=responses)

@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "did not: for support staff answering 'where are my points?'. Run it where the gateway runs. With the "
         "gateway stopped it reads the data directory (finished visits, the whole ledger); while it runs (it holds "
         "the directory) the gateway answers through its API with the support token (--token-file, "
-        "$VISITA_SUPPORT_TOKEN, the config's dashboard.support_token_file) or the installer's, open visits included.",
+        "$VISITA_SUPPORT_TOKEN, or the config's dashboard.support_token_file), open visits included (at most 100).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--data-dir", type=Path, metavar="DIR", help="data directory (default: the config's)")
     explain.add_argument("--json", action="store_true", help="print one JSON object")
     explain.add_argument("--url", metavar="URL", help="the running gateway's dashboard (default: from the config)")
-    explain.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the support or installer token")
+    explain.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the support token")
 
     survey = sub.add_parser(
         "survey",
@@ -413,7 +413,7 @@ def _gateway_call(
     args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None, role: str = "installer"
 ) -> Any:
     """One request to the running gateway's API behind a token: the installer's, or with `role` "support" the support
-    token (else the installer's). UsageError / GatewayCallError with its message."""
+    token. UsageError / GatewayCallError with its message."""
     import os
     import urllib.error
     import urllib.request
@@ -433,12 +433,7 @@ def _gateway_call(
         if args.token_file:
             token = read_secret(str(args.token_file), f"visita-{role}-token", "--token-file")
         elif role == "support":
-            token = (
-                os.environ.get("VISITA_SUPPORT_TOKEN")
-                or settings.dashboard.support_token()
-                or os.environ.get("VISITA_INSTALLER_TOKEN")
-                or settings.dashboard.installer_token()
-            )
+            token = os.environ.get("VISITA_SUPPORT_TOKEN") or settings.dashboard.support_token()
         else:
             token = os.environ.get("VISITA_INSTALLER_TOKEN") or settings.dashboard.installer_token()
     except ValueError as e:
@@ -534,22 +529,34 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     data_dir = args.data_dir or Path(settings.storage.data_dir or default_data_dir())
-    if not data_dir.is_dir():
-        raise UsageError(f"--data-dir {data_dir}: no such directory")
-    try:
-        store = Store(data_dir)
-    except StoreError as e:
-        if not isinstance(e, StoreInUse) and os.access(data_dir, os.R_OK | os.X_OK):
-            print(f"visita points explain: {e}", file=sys.stderr)
-            return EXIT_FAILED
-        # A running gateway holds the directory (or it is the service's, closed to this user): the gateway answers,
-        # with its rules in force and the ledger its engine holds.
+    store: Store | None = None
+    why = ""  # why the running gateway is asked rather than the data directory read
+    if args.url:
+        why = f"--url {args.url}"
+    else:
+        try:
+            here = data_dir.is_dir()
+        except PermissionError:  # a parent closed to this user (systemd's /var/lib/private)
+            here, why = True, f"{data_dir} is closed to this user"
+        if not here:
+            why = f"there is no {data_dir} here"
+        elif not why:
+            try:
+                store = Store(data_dir)
+            except StoreInUse:
+                why = f"the gateway holds {data_dir}"
+            except StoreError as e:
+                if os.access(data_dir, os.R_OK | os.X_OK):
+                    print(f"visita points explain: {e}", file=sys.stderr)
+                    return EXIT_FAILED
+                why = f"{data_dir} is closed to this user"
+    if store is None:
+        # The gateway answers, with its rules in force and the ledger its engine holds.
         params = {"limit": str(max(1, min(args.limit, 100)))}
         if args.visit:
             params["visit"] = args.visit
         query = urllib.parse.urlencode(params)
         path = f"/api/v1/members/{urllib.parse.quote(args.member, safe='')}/points?{query}"
-        why = f"the gateway holds {data_dir}" if isinstance(e, StoreInUse) else f"{data_dir} is closed to this user"
         print(f"visita points explain: {why}; asking the running gateway", file=sys.stderr)
         try:
             result = _gateway_call(args, "GET", path, role="support")

@@ -315,8 +315,8 @@ class DashboardConfig(Strict):
         default="",
         description="File holding the support token (first line, at least 16 characters), for support staff: it "
         "opens the members' points explanations (/api/v1/members/…/points, `visita points explain`) and nothing "
-        "of the installer's; empty means $CREDENTIALS_DIRECTORY/visita-support-token when systemd provides it. The "
-        "installer token opens them too.",
+        "of the installer's, whose token does not open them; empty means $CREDENTIALS_DIRECTORY/visita-support-token "
+        "when systemd provides it, else those endpoints are off.",
     )
 
     def installer_token(self) -> str | None:

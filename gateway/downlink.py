@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import ConfigError, validate
+from gateway.files import NotDurable
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
@@ -57,6 +58,7 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     from gateway.days import LocalDays
     from gateway.points import (
         PointsEngine,
+        backend_rules_source,
         drop_backend_rules,
         ledger_since,
         parse_rules,
@@ -65,8 +67,9 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     )
 
     body = {k: v for k, v in payload.items() if k != "id"}
+    command_id = payload.get("id") if isinstance(payload.get("id"), str) else None
     from_file = body.pop("from_file", False)
-    if from_file not in (True, False):
+    if not isinstance(from_file, bool):
         raise CommandRefused('"from_file" must be true or false')
     if from_file and body:
         raise CommandRefused(f'"from_file" goes alone; drop {", ".join(sorted(body))}')
@@ -87,7 +90,12 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
         if from_file:
             drop_backend_rules(data_dir)
         else:
-            source = save_backend_rules(data_dir, body, time.time())
+            received_at = time.time()
+            source = backend_rules_source(data_dir, received_at, command_id)
+            save_backend_rules(data_dir, body, received_at, command_id)
+    except NotDurable as e:
+        # On disk already (a restart applies them), only not synced: apply, as a restart would, and say so.
+        log.warning("cmd/rules applied, but %s", e.strerror)
     except OSError as e:
         raise CommandRefused(f"cannot keep the rules in {data_dir}: {e.strerror}; nothing changed") from None
     gw.points = engine

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -240,18 +241,22 @@ BACKEND_RULES_FILE = "rules-from-backend.json"
 and power cuts, instead of the config's rules file until the backend sends others or `{"from_file": true}`."""
 
 
-def save_backend_rules(data_dir: Path, data: dict[str, Any], received_at: float) -> str:
-    """Keep rules the backend sent (already validated: `parse_rules`) so that a restart applies them again; returns
-    where the rules in force now come from, in words (as `rules_in_force` will say after a restart)."""
-    record = {"received_at": received_at, "ruleset": data}
-    path = data_dir / BACKEND_RULES_FILE
-    write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
-    return _backend_source(path, received_at)
+def save_backend_rules(data_dir: Path, data: dict[str, Any], received_at: float, command_id: str | None) -> None:
+    """Keep rules the backend sent (already validated: `parse_rules`) so that a restart applies them again. OSError
+    when they could not be kept (NotDurable: kept, but not yet synced to disk)."""
+    record = {"received_at": received_at, "command_id": command_id, "ruleset": data}
+    write_atomic(data_dir / BACKEND_RULES_FILE, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def _backend_source(path: Path, received_at: float) -> str:
+def backend_rules_source(data_dir: Path, received_at: float, command_id: str | None) -> str:
+    """Where rules kept by `save_backend_rules` come from, in words (as `rules_in_force` says after a restart)."""
+    return _backend_source(data_dir / BACKEND_RULES_FILE, received_at, command_id)
+
+
+def _backend_source(path: Path, received_at: float, command_id: str | None) -> str:
     when = datetime.fromtimestamp(received_at, UTC).isoformat(timespec="seconds")
-    return f"sent by the backend at {when} (cmd/rules), kept in {path}"
+    cmd = f"cmd/rules id {command_id!r}" if command_id else "cmd/rules"
+    return f"sent by the backend at {when} ({cmd}), kept in {path}"
 
 
 def rules_from_file(rules_file: Path | None) -> tuple[RuleSet, str]:
@@ -260,33 +265,49 @@ def rules_from_file(rules_file: Path | None) -> tuple[RuleSet, str]:
 
 
 def drop_backend_rules(data_dir: Path) -> bool:
-    """Forget the backend's rules (the rules file is in force again); True when there were any."""
+    """Forget the backend's rules (the rules file is in force again); True when there were any. OSError when they
+    could not be deleted (NotDurable: deleted, but not yet synced to disk)."""
     return remove_durably(data_dir / BACKEND_RULES_FILE)
+
+
+class BackendRulesDamaged(ConfigError):
+    """The kept copy of the backend's rules cannot be read or is not a valid rules set."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        super().__init__([*problems, f"{path}: {_BACKEND_RULES_FIX}"])
+        self.path = path
 
 
 def rules_in_force(rules_file: Path | None, data_dir: Path) -> tuple[RuleSet, str]:
     """The rules a gateway with this data directory applies, and where they come from in words: the backend's
-    (`BACKEND_RULES_FILE`) if it sent any, else the rules file's, else the built-in ones. ConfigError when the
-    saved backend rules cannot be read (it says how to get going again)."""
+    (`BACKEND_RULES_FILE`) if it sent any, else the rules file's, else the built-in ones. BackendRulesDamaged when
+    the kept backend rules cannot be used (the problem, and how to get going again); ConfigError from the rules
+    file."""
     path = data_dir / BACKEND_RULES_FILE
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return rules_from_file(rules_file)
     except OSError as e:
-        raise ConfigError([f"{path}: cannot be read ({e.strerror}); {_BACKEND_RULES_FIX}"]) from None
+        raise BackendRulesDamaged(path, [f"{path}: cannot be read ({e.strerror})"]) from None
+    except ValueError as e:  # not UTF-8
+        raise BackendRulesDamaged(path, [f"{path}: not text ({e})"]) from None
     try:
         record = json.loads(raw)
         data, received_at = record["ruleset"], float(record["received_at"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError([f"{path}: not the rules the backend sent ({e!r}); {_BACKEND_RULES_FIX}"]) from None
+        command_id = record.get("command_id")
+        if not math.isfinite(received_at) or not isinstance(command_id, str | None):
+            raise ValueError("received_at or command_id is not what was written")
+        source = _backend_source(path, received_at, command_id)
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, OSError) as e:
+        raise BackendRulesDamaged(path, [f"{path}: not the rules the backend sent ({e!r})"]) from None
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}: its ruleset is not an object; {_BACKEND_RULES_FIX}"])
+        raise BackendRulesDamaged(path, [f"{path}: its ruleset is not an object"])
     try:  # valid when kept, so this means a newer rules format or an edit by hand
         rules = parse_rules(data, str(path))
     except ConfigError as e:
-        raise ConfigError([*e.problems, f"{path}: {_BACKEND_RULES_FIX}"]) from None
-    return rules, _backend_source(path, received_at)
+        raise BackendRulesDamaged(path, e.problems) from None
+    return rules, source
 
 
 _BACKEND_RULES_FIX = "delete it to apply the config's rules file until the backend sends its rules again (cmd/rules)"

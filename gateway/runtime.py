@@ -36,7 +36,15 @@ from gateway.handover import HandoverLinker
 from gateway.identity import BeaconRegistry, Identifier, MemberDirectory
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
 from gateway.model import Award, Event, Visit, VisitChange
-from gateway.points import PointsEngine, RuleSet, explain_member, ledger_since, rules_in_force
+from gateway.points import (
+    BackendRulesDamaged,
+    PointsEngine,
+    RuleSet,
+    explain_member,
+    ledger_since,
+    rules_from_file,
+    rules_in_force,
+)
 from gateway.sdnotify import Notifier
 from gateway.store import PendingCommit, Store
 from gateway.survey import SurveyError, SurveyMap, SurveyRecorder, SurveyRefused, inside_zone
@@ -171,7 +179,7 @@ class Gateway:
         self.installer_token: str | None = None
         """The installer endpoints' bearer token (set by `run` from the config); None: those endpoints are off."""
         self.support_token: str | None = None
-        """Support staff's bearer token for the points explanations (set by `run`); the installer's opens them too."""
+        """Support staff's bearer token for the points explanations (set by `run`); None: that endpoint is off."""
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
         self.tracker = VisitTracker(settings.gateway, visits_cfg)
         self.linker = HandoverLinker(settings.plan.doors) if settings.visits.handover else None
@@ -472,7 +480,7 @@ class Gateway:
         if visit_id is not None:
             visits = [v for v in visits if v.visit_id == visit_id]
         out = explain_member(self.points, visits[:limit], member, self._days.tz)
-        return {**out, "rules_source": self.rules_source}
+        return {**out, "rules_source": self.rules_source, "tiers": "tiers from the member keys the gateway holds"}
 
     def visits(self, limit: int) -> list[Visit]:
         """Open visits (longest first) then finished ones (newest first), at most `limit`."""
@@ -678,8 +686,24 @@ async def run(
         outbox_max=settings.storage.outbox_max,
         full_disk_outbox_max=settings.storage.full_disk_outbox_max,
     )
+    rules_file = Path(settings.points.rules) if settings.points.rules else None
     try:  # the backend's rules (cmd/rules) if it sent any, else the rules file's; read once the directory is ours
-        rules, rules_source = rules_in_force(Path(settings.points.rules) if settings.points.rules else None, data_dir)
+        rules, rules_source = rules_in_force(rules_file, data_dir)
+    except BackendRulesDamaged as e:
+        # Not a reason to stay down (systemd would restart it forever, and the backend could not send new rules):
+        # the rules file applies, the damaged copy is kept aside, and the log and the status say so.
+        aside = e.path.with_name(e.path.name + ".damaged")
+        try:
+            e.path.replace(aside)
+        except OSError as moved:
+            store.close()
+            raise StartupError(f"{'; '.join(e.problems)}; and it cannot be moved aside: {moved.strerror}") from None
+        rules, file_source = rules_from_file(rules_file)
+        rules_source = (
+            f"{file_source}, because the backend's kept rules could not be used ({e.problems[0]}); moved to {aside}; "
+            "the backend's next cmd/rules replaces them"
+        )
+        log.error("points rules: %s", rules_source)
     except ConfigError as e:
         store.close()
         raise StartupError("; ".join(e.problems)) from None

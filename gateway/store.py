@@ -68,6 +68,7 @@ from typing import Any
 from tinydb import Storage, TinyDB
 from tinydb.table import Document, Table
 
+from gateway.files import write_all
 from gateway.model import (
     Award,
     Event,
@@ -118,14 +119,6 @@ class StoreInUse(StoreError):
 
 class _CorruptFileError(Exception):
     """The hot file is not valid JSON or not the shape this module writes."""
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write every byte of `data` to `fd` (os.write may write less than asked)."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def _plain(rec: dict[str, Any], what: str) -> dict[str, Any]:
@@ -243,7 +236,7 @@ class _AtomicJSONStorage(Storage):
         try:
             fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, payload)
+                write_all(fd, payload)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -710,7 +703,7 @@ class Store:
                         self._hist / f"{day}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
                     )
                     try:
-                        _write_all(fd, b"".join(lines))
+                        write_all(fd, b"".join(lines))
                         os.fsync(fd)
                     finally:
                         os.close(fd)

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.files import write_atomic
+
 MAX_BODY = 1024
 """Largest body accepted, bytes (a real check-in is about 200)."""
 SKEW_S = 120.0
@@ -194,19 +196,8 @@ class NonceJournal:
     def rewrite(self, entries: list[tuple[str, str, int]]) -> None:
         """Replace the file with `entries` (temp file, fsync, rename, fsync of the directory)."""
         self.close()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, "".join(f"{ts} {m} {n}\n" for m, n, ts in entries).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)  # the rename itself must survive a power cut, or the old journal comes back
-        finally:
-            os.close(dfd)
+        # The rename must survive a power cut too, or the old journal comes back.
+        write_atomic(self.path, "".join(f"{ts} {m} {n}\n" for m, n, ts in entries).encode(), 0o600)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._lines = len(entries)
 

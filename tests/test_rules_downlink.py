@@ -1,22 +1,29 @@
 """Rules the backend sends (downlink cmd/rules) are kept in the data directory and are in force after a restart,
-until the backend sends others or asks for the rules file again; a refused command changes nothing."""
+until the backend sends others or asks for the rules file again; a refused command changes nothing; a damaged kept
+copy neither crashes nor keeps a gateway down."""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import VISITA
 
 from firmware_sim.scenario import load_scenario, scenario_plan
 from firmware_sim.world import World
+from gateway import points as points_module
 from gateway.config import ConfigError, Settings
 from gateway.downlink import CommandRefused, _rules
+from gateway.files import NotDurable
 from gateway.identity import MemberDirectory
 from gateway.model import Visit
-from gateway.points import BACKEND_RULES_FILE, load_rules, rules_in_force
+from gateway.points import BACKEND_RULES_FILE, BackendRulesDamaged, load_rules, rules_in_force
 from gateway.runtime import Gateway
 from gateway.store import Store
 from sensors.sim import SimSource
@@ -27,8 +34,7 @@ BACKEND: dict[str, Any] = {
         {"id": "long-stay", "kind": "zone_bonus", "zone": "entrance", "min_dwell_s": 900, "points": 15},
     ]
 }
-
-
+FILE_RULES = '[[rules]]\nid = "from-the-file"\nkind = "visit"\npoints = 3\n'
 VISIT = Visit("v1", "member:m-1", 1_780_000_000.0, 1_780_000_600.0, (), "visitor", "ble")
 
 
@@ -37,11 +43,11 @@ def rule_ids(gw: Gateway) -> list[str]:
     return [e.rule for e in gw.points.explain(VISIT)]
 
 
-def gateway(data_dir: Path, rules_file: Path | None) -> Gateway:
+def start_gateway(data_dir: Path, rules_file: Path | None) -> Gateway:
     scenario = load_scenario("default")
     settings = Settings().model_copy(update={"plan": scenario_plan(scenario)})
     settings = settings.model_copy(
-        update={"points": settings.points.model_copy(update={"rules": str(rules_file) if rules_file else None})}
+        update={"points": settings.points.model_copy(update={"rules": str(rules_file) if rules_file else ""})}
     )
     store = Store(data_dir)
     rules, source = rules_in_force(rules_file, data_dir)  # as `visita run` starts
@@ -50,49 +56,88 @@ def gateway(data_dir: Path, rules_file: Path | None) -> Gateway:
     return gw
 
 
-def test_backend_rules_survive_a_restart_until_the_backend_asks_for_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("configured", [False, True], ids=["built-in rules", "a rules file"])
+def test_backend_rules_survive_a_restart_until_the_backend_asks_for_the_file(tmp_path: Path, configured: bool) -> None:
     data = tmp_path / "data"
-    file_rules = [r.id for r in load_rules(None).rules]
-    gw = gateway(data, None)
-    assert rule_ids(gw) == file_rules and gw.rules_source == "built-in rules"
+    rules_file = tmp_path / "rules.toml" if configured else None
+    if rules_file is not None:
+        rules_file.write_text(FILE_RULES)
+    file_rules = [r.id for r in load_rules(rules_file).rules]
+    file_source = str(rules_file) if rules_file else "built-in rules"
+    gw = start_gateway(data, rules_file)
+    assert rule_ids(gw) == file_rules and gw.rules_source == file_source
 
     answer = _rules(gw, {"id": "r1", **BACKEND})
     assert answer == {"rules": ["double-visit", "long-stay"], "source": "backend"}
     assert rule_ids(gw) == ["double-visit", "long-stay"]
-    assert "sent by the backend" in gw.rules_source and str(data / BACKEND_RULES_FILE) in gw.rules_source
+    assert "sent by the backend at" in gw.rules_source and "cmd/rules id 'r1'" in gw.rules_source
+    assert str(data / BACKEND_RULES_FILE) in gw.rules_source
+    assert (data / BACKEND_RULES_FILE).stat().st_mode & 0o077 == 0
     gw.store.close()
 
-    gw = gateway(data, None)  # a restart (or a power cut: the file was written atomically, then applied)
+    gw = start_gateway(data, rules_file)  # a restart (or a power cut: the file was written atomically, then applied)
     assert rule_ids(gw) == ["double-visit", "long-stay"], "the backend's rules were lost by a restart"
-    assert "sent by the backend" in gw.rules_source
+    assert "cmd/rules id 'r1'" in gw.rules_source, "a restart should say the same as the command did"
     assert gw.diagnostics()["points"]["rules_source"] == gw.rules_source
 
     answer = _rules(gw, {"id": "r2", "from_file": True})
     assert answer == {"rules": file_rules, "source": "file"}
-    assert rule_ids(gw) == file_rules and gw.rules_source == "built-in rules"
+    assert rule_ids(gw) == file_rules and gw.rules_source == file_source
     assert not (data / BACKEND_RULES_FILE).exists()
     gw.store.close()
-    gw = gateway(data, None)
+    gw = start_gateway(data, rules_file)
     assert rule_ids(gw) == file_rules
     gw.store.close()
 
 
-def test_a_refused_rules_command_changes_nothing_in_memory_or_on_disk(tmp_path: Path) -> None:
+def test_a_refused_rules_command_changes_nothing_in_memory_or_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "data"
-    gw = gateway(data, None)
+    gw = start_gateway(data, None)
     _rules(gw, BACKEND)
-    kept = (data / BACKEND_RULES_FILE).read_bytes()
+    kept, source = (data / BACKEND_RULES_FILE).read_bytes(), gw.rules_source
     refused: list[tuple[dict[str, Any], str]] = [
-        ({"rules": [{"id": "x", "kind": "visit"}]}, "points"),
-        ({"rules": [], "id": "r3"}, "rules"),
+        ({"rules": [{"id": "x", "kind": "visit"}]}, r"rules\[0\] \(id 'x'\)\.points: required key is missing"),
+        ({"rules": [], "id": "r3"}, r"cmd/rules: rules: .*at least 1"),
         ({"from_file": "yes"}, '"from_file" must be true or false'),
+        ({"from_file": 1}, '"from_file" must be true or false'),
         ({"from_file": True, **BACKEND}, '"from_file" goes alone; drop rules'),
     ]
     for payload, says in refused:
         with pytest.raises(CommandRefused, match=says):
             _rules(gw, payload)
-        assert rule_ids(gw) == ["double-visit", "long-stay"]
+        assert rule_ids(gw) == ["double-visit", "long-stay"] and gw.rules_source == source
         assert (data / BACKEND_RULES_FILE).read_bytes() == kept
+
+    # The disk refuses: the new rules are not applied, and the old ones stay kept.
+    def full(path: Path, data: bytes, mode: int = 0o600) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(points_module, "write_atomic", full)
+    with pytest.raises(CommandRefused, match=r"cannot keep the rules in .*: No space left on device; nothing changed"):
+        _rules(gw, {"rules": [{"id": "other", "kind": "visit", "points": 1}]})
+    assert rule_ids(gw) == ["double-visit", "long-stay"] and gw.rules_source == source
+    assert (data / BACKEND_RULES_FILE).read_bytes() == kept
+    gw.store.close()
+
+
+def test_rules_written_but_not_synced_are_applied_as_a_restart_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    gw = start_gateway(data, None)
+    real = points_module.write_atomic
+
+    def unsynced(path: Path, data: bytes, mode: int = 0o600) -> None:
+        real(path, data, mode)
+        raise NotDurable(errno.EIO, f"{path.parent}: the change is made but not synced to disk (Input/output error)")
+
+    monkeypatch.setattr(points_module, "write_atomic", unsynced)
+    assert _rules(gw, BACKEND)["source"] == "backend"
+    assert rule_ids(gw) == ["double-visit", "long-stay"]
+    assert rules_in_force(None, data)[0].rules[0].id == "double-visit"  # what a restart applies: the same
+    assert "cmd/rules applied, but" in caplog.text and "not synced" in caplog.text
     gw.store.close()
 
 
@@ -100,17 +145,43 @@ def test_a_damaged_copy_of_the_backend_rules_is_named_with_the_way_out(tmp_path:
     data = tmp_path / "data"
     data.mkdir()
     path = data / BACKEND_RULES_FILE
-    for content, says in [
+
+    def record(received_at: Any, ruleset: Any = BACKEND) -> str:
+        return json.dumps({"received_at": received_at, "command_id": None, "ruleset": ruleset})
+
+    cases: list[tuple[str | bytes, str]] = [
         ("{not json", "not the rules the backend sent"),
-        (json.dumps({"received_at": 0, "ruleset": []}), "its ruleset is not an object"),
-        (
-            json.dumps({"received_at": 0, "ruleset": {"rules": [{"id": "x", "kind": "visit"}]}}),
-            r"rules\[0\] \(id 'x'\)",
-        ),
-    ]:
-        path.write_text(content)
-        with pytest.raises(ConfigError) as e:
+        (b"\xff\xfe{}", "not text"),
+        ("[1, 2]", "not the rules the backend sent"),
+        (record(math.nan), "not the rules the backend sent"),
+        (record(1e20), "not the rules the backend sent"),
+        (record(-1e15), "not the rules the backend sent"),
+        (record(0, []), "its ruleset is not an object"),
+        (record(0, {"rules": [{"id": "x", "kind": "visit"}]}), r"rules\[0\] \(id 'x'\)"),
+    ]
+    for content, says in cases:
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        with pytest.raises(BackendRulesDamaged) as e:
             rules_in_force(None, data)
         problem = "; ".join(e.value.problems)
-        assert str(path) in problem and re.search(says, problem), problem
+        assert str(path) in problem and re.search(says, problem), (content, problem)
         assert "delete it to apply the config's rules file" in problem
+        assert isinstance(e.value, ConfigError)
+
+
+def test_a_gateway_with_damaged_backend_rules_starts_on_the_rules_file_and_keeps_the_copy_aside(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / BACKEND_RULES_FILE).write_text("{half a fil")
+    args = [*VISITA, "run", "--sim", "--speed", "60", "--until", "2m", "--mqtt", "off", "--dashboard", "off"]
+    r = subprocess.run([*args, "--data-dir", str(data)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    aside = data / (BACKEND_RULES_FILE + ".damaged")
+    assert aside.read_text() == "{half a fil" and not (data / BACKEND_RULES_FILE).exists()
+    assert "built-in rules, because the backend's kept rules could not be used" in r.stderr, r.stderr
+    assert f"moved to {aside}" in r.stderr

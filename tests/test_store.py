@@ -459,13 +459,13 @@ def test_crash_mid_write_leaves_the_previous_commit(
     s.commit()
     before = s.path.read_bytes()
 
-    real_write_all = store_mod._write_all
+    real_write_all = store_mod.write_all
 
     def half_then_fail(fd: int, data: bytes) -> None:
         real_write_all(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_mod, "_write_all", half_then_fail)
+    monkeypatch.setattr(store_mod, "write_all", half_then_fail)
     s.put_events([event(2)])
     s.put_awards([award(i) for i in range(2, 200)])
     # A full disk is not fatal: commit says False, keeps the changes, and says so once.
@@ -478,7 +478,7 @@ def test_crash_mid_write_leaves_the_previous_commit(
     assert s.sendable(0, 10) == [event(1)], "an event not on disk is not handed to the uplink"
 
     # The changes were kept in memory: the next commit that can write, writes them.
-    monkeypatch.setattr(store_mod, "_write_all", real_write_all)
+    monkeypatch.setattr(store_mod, "write_all", real_write_all)
     s.commit()
     s.close()
     s = open_store()
@@ -634,17 +634,17 @@ def test_disk_full_keeps_running_drops_by_policy_and_recovers(
     s = open_store(full_disk_outbox_max=3)
     s.put_events([typed(1, "visit.started")])
     assert s.commit() is True
-    real = store_mod._write_all
+    real = store_mod.write_all
 
     def full(fd: int, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_mod, "_write_all", full)
+    monkeypatch.setattr(store_mod, "write_all", full)
     with caplog.at_level(logging.WARNING, logger="visita.store"):
         for seq in range(2, 12):
             s.put_events([typed(seq, "footfall.minute" if seq % 2 else "visit.ended")])
             assert s.commit() is False
-        monkeypatch.setattr(store_mod, "_write_all", real)
+        monkeypatch.setattr(store_mod, "write_all", real)
         assert s.commit() is True
     msgs = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("disk full") for m in msgs) == 1
