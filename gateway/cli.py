@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser(
         "check",
         help="validate a config file (and its rules file) without running",
-        description="Validate a config file and the rules file it names; one line per problem; exit 2 if any.",
+        description="Validate a config file and the rules file it names; one line per problem; exit 2 if any. Notes "
+        "say what an installer should know: unserved zones, one receiver, backend rules in force instead of the file.",
     )
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument(
@@ -464,7 +465,7 @@ def _gateway_call(
 
 
 class GatewayCallError(Exception):
-    """The running gateway refused an installer request, or did not answer."""
+    """The running gateway refused a request, or did not answer."""
 
 
 def _print_survey(status: dict[str, Any]) -> None:
@@ -654,6 +655,23 @@ def _check_rules(settings: Settings) -> str:
     return f"{settings.points.rules} ({len(load_rules(Path(settings.points.rules)).rules)} rules)"
 
 
+def _backend_rules_notes(settings: Settings) -> list[str]:
+    """Rules the backend sent (cmd/rules), kept in the config's data directory, are in force instead of the file's."""
+    from gateway.config import default_data_dir
+    from gateway.points import BACKEND_RULES_FILE
+
+    data_dir = Path(settings.storage.data_dir or default_data_dir())
+    try:
+        if not (data_dir / BACKEND_RULES_FILE).exists():
+            return []
+        rules, source = rules_in_force(None, data_dir)
+    except PermissionError:
+        return []  # the service's directory, closed to this user: `visita points explain` or /api/v1/status says
+    except ConfigError as e:
+        return [f"the backend's kept rules cannot be used; the gateway will apply the rules file: {e.problems[0]}"]
+    return [f"the rules in force are not the file's but those {source} ({len(rules.rules)} rules)"]
+
+
 def _plan_notes(plan: PlanConfig) -> list[str]:
     """What an installer should know about a valid plan: zones no receiver serves, a one-receiver plan."""
     unserved = plan.unserved_zones()
@@ -689,7 +707,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             f"{args.file}: ok: store {settings.store}, gateway {settings.gateway}, {len(plan.zones)} zones, "
             f"{len(plan.receivers)} receivers, {len(plan.beacons)} beacons; rules: {rules}"
         )
-    for note in _plan_notes(plan):
+    for note in _plan_notes(plan) + _backend_rules_notes(settings):
         # With --json the notes go to stderr, so that standard output stays the settings and nothing else.
         print(f"{args.file}: note: {note}", file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK

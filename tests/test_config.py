@@ -167,6 +167,29 @@ def test_config_check_says_one_receiver_does_not_tell_zones_apart(
     assert "note: one receiver tells inside from outside" in got.err and "note:" not in got.out
 
 
+def test_config_check_says_when_the_backends_rules_are_in_force_instead_of_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.points import BACKEND_RULES_FILE, save_backend_rules
+
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg = write(tmp_path, f'[storage]\ndata_dir = "{data}"\n')
+    assert main(["config", "check", str(cfg)]) == 0
+    assert "note:" not in capsys.readouterr().out
+    save_backend_rules(data, {"rules": [{"id": "promo", "kind": "visit", "points": 7}]}, 1_780_000_000.0, "r9")
+    assert main(["config", "check", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "note: the rules in force are not the file's but those sent by the backend at 2026-05-28" in out, out
+    assert "cmd/rules id 'r9'" in out and "(1 rules)" in out
+    (data / BACKEND_RULES_FILE).write_text("{torn")
+    assert main(["config", "check", str(cfg)]) == 0
+    assert (
+        "note: the backend's kept rules cannot be used; the gateway will apply the rules file"
+        in capsys.readouterr().out
+    )
+
+
 def test_run_with_bad_config_fails_before_starting(tmp_path: Path) -> None:
     """The real process: exit 2, the problem on stderr, nothing created in the data directory."""
     cfg = write(tmp_path, "[mqtt]\nkeepalive_s = 0\n")
