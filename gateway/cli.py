@@ -380,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--config", type=Path, metavar="FILE", help="config file (for the rules and time zone)")
     explain.add_argument("--data-dir", type=Path, metavar="DIR", help="data directory (default: the config's)")
     explain.add_argument("--json", action="store_true", help="print one JSON object")
-    explain.add_argument("--url", metavar="URL", help="the running gateway's dashboard (default: from the config)")
+    explain.add_argument(
+        "--url", metavar="URL", help="ask the gateway at this dashboard address, whatever the data directory"
+    )
     explain.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the support token")
 
     survey = sub.add_parser(
