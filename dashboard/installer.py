@@ -149,6 +149,7 @@ class SurveyPlan(BaseModel):
     receivers: list[PlanReceiver]
     walls: list[PlanWall]
     doors: list[tuple[float, float]] = Field(description="Where people cross between outside and inside, [x, y] m.")
+    min_packets: int = Field(description="Packets a receiver must hear at a spot for the map to use it there.")
 
 
 def _refusal(status: int, message: str) -> JSONResponse:
@@ -227,6 +228,7 @@ def router() -> APIRouter:
             receivers=[PlanReceiver(id=r.id, zone=r.zone, position=r.position) for r in p.receivers],
             walls=[PlanWall(name=w.name, points=list(w.points)) for w in p.walls],
             doors=list(p.doors),
+            min_packets=gw.settings.survey.min_packets,
         )
 
     @r.post("/spots", status_code=202, response_model=SurveyStatus)

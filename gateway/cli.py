@@ -341,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="the gateway's data directory, for the backend's rules kept there "
+        "(default: the config's; the systemd unit's is /var/lib/visita)",
+    )
+    check.add_argument(
         "--json", action="store_true", help="print the validated settings as JSON (notes about the plan go to stderr)"
     )
 
@@ -520,6 +527,7 @@ def cmd_survey(args: argparse.Namespace) -> int:
 def cmd_points_explain(args: argparse.Namespace) -> int:
     """visita points explain MEMBER_REF [--visit ID]: from the data directory, or from the running gateway."""
     import os
+    import stat
     import urllib.parse
     from zoneinfo import ZoneInfo
 
@@ -538,7 +546,9 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
         why = f"--url {args.url}"
     else:
         try:
-            here = data_dir.is_dir()
+            here = stat.S_ISDIR(os.stat(data_dir).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            here = False
         except PermissionError:  # a parent closed to this user (systemd's /var/lib/private)
             here, why = True, f"{data_dir} is closed to this user"
         if not here:
@@ -657,18 +667,25 @@ def _check_rules(settings: Settings) -> str:
     return f"{settings.points.rules} ({len(load_rules(Path(settings.points.rules)).rules)} rules)"
 
 
-def _backend_rules_notes(settings: Settings) -> list[str]:
-    """Rules the backend sent (cmd/rules), kept in the config's data directory, are in force instead of the file's."""
+def _backend_rules_notes(settings: Settings, data_dir: Path | None) -> list[str]:
+    """Rules the backend sent (cmd/rules), kept in the data directory, are in force instead of the file's."""
+    import os
+
     from gateway.config import default_data_dir
     from gateway.points import BACKEND_RULES_FILE
 
-    data_dir = Path(settings.storage.data_dir or default_data_dir())
+    data_dir = data_dir or Path(settings.storage.data_dir or default_data_dir())
+    path = data_dir / BACKEND_RULES_FILE
     try:
-        if not (data_dir / BACKEND_RULES_FILE).exists():
-            return []
-        rules, source = rules_in_force(None, data_dir)
+        os.stat(path)
+    except FileNotFoundError:
+        return []
     except PermissionError:
-        return []  # the service's directory, closed to this user: `visita points explain` or /api/v1/status says
+        return [f"{data_dir} is closed to this user: run as root to see whether the backend's rules are in force"]
+    if not os.access(path, os.R_OK):
+        return [f"{path} (rules the backend sent) cannot be read by this user: run as root to check it"]
+    try:
+        rules, source = rules_in_force(None, data_dir)
     except ConfigError as e:
         return [f"the backend's kept rules cannot be used; the gateway will apply the rules file: {e.problems[0]}"]
     return [f"the rules in force are not the file's but those {source} ({len(rules.rules)} rules)"]
@@ -709,7 +726,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             f"{args.file}: ok: store {settings.store}, gateway {settings.gateway}, {len(plan.zones)} zones, "
             f"{len(plan.receivers)} receivers, {len(plan.beacons)} beacons; rules: {rules}"
         )
-    for note in _plan_notes(plan) + _backend_rules_notes(settings):
+    for note in _plan_notes(plan) + _backend_rules_notes(settings, args.data_dir):
         # With --json the notes go to stderr, so that standard output stays the settings and nothing else.
         print(f"{args.file}: note: {note}", file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK

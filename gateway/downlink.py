@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import ConfigError, validate
-from gateway.files import NotDurable
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
@@ -86,22 +85,24 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     engine = PointsEngine(
         rules, LocalDays(gw.settings.timezone), gw.store.awards(since), gw.members.tier, gw.members.known, since
     )
-    try:  # kept on disk before it is applied: rules in force are never lost by a restart
+    # Kept on disk before they are applied: rules in force are never lost by a restart. Once the file is in place
+    # they are applied even if the directory could not be synced (a restart would apply them too), and `synced`
+    # says so.
+    synced = True
+    try:
         if from_file:
             drop_backend_rules(data_dir)
         else:
             received_at = time.time()
             source = backend_rules_source(data_dir, received_at, command_id)
-            save_backend_rules(data_dir, body, received_at, command_id)
-    except NotDurable as e:
-        # On disk already (a restart applies them), only not synced: apply, as a restart would, and say so.
-        log.warning("cmd/rules applied, but %s", e.strerror)
+            synced = save_backend_rules(data_dir, body, received_at, command_id)
     except OSError as e:
-        raise CommandRefused(f"cannot keep the rules in {data_dir}: {e.strerror}; nothing changed") from None
+        what = "stop keeping the backend's rules in" if from_file else "keep the rules in"
+        raise CommandRefused(f"cannot {what} {data_dir}: {e.strerror}; nothing changed") from None
     gw.points = engine
     gw.rules_source = source
     gw.tracker.mark_all_changed()  # open visits may earn under the new rules before they end
-    return {"rules": [r.id for r in rules.rules], "source": "file" if from_file else "backend"}
+    return {"rules": [r.id for r in rules.rules], "source": "file" if from_file else "backend", "synced": synced}
 
 
 LIVE_CONFIG = {

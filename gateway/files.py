@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
-
-class NotDurable(OSError):
-    """The new state is in place (renamed or deleted) but its directory entry may not have reached the disk: a
-    power cut now could bring the old state back."""
+log = logging.getLogger("visita.files")
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -19,9 +17,11 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> bool:
     """Replace `path` with `data` (file mode `mode`): a temporary file beside it, fsync, rename, fsync of the
-    directory. OSError before the rename leaves `path` as it was (and no temporary file); NotDurable after it."""
+    directory. OSError before the rename leaves `path` as it was (and no temporary file). After it the new content
+    is in place whatever happens: False (logged) when the directory could not be synced, so that a power cut now
+    could still bring the old content back; True when it is durable."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
@@ -36,26 +36,32 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    return _fsync_dir(path)
 
 
 def remove_durably(path: Path) -> bool:
-    """Delete `path` so that the deletion survives a power cut; False when there was no such file. NotDurable when
-    it is deleted but the directory could not be synced."""
+    """Delete `path` so that the deletion survives a power cut; False when there was no such file. OSError when it
+    cannot be deleted; once deleted, a directory that cannot be synced is logged (as by `write_atomic`)."""
     try:
         path.unlink()
     except FileNotFoundError:
         return False
-    _fsync_dir(path.parent)
+    _fsync_dir(path)
     return True
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_dir(changed: Path) -> bool:
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(changed.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as e:
-        raise NotDurable(e.errno, f"{directory}: the change is made but not synced to disk ({e.strerror})") from e
+        log.warning(
+            "%s is changed, but its directory could not be synced to disk (%s): a power cut now may undo it",
+            changed,
+            e.strerror,
+        )
+        return False
+    return True

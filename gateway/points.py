@@ -241,11 +241,11 @@ BACKEND_RULES_FILE = "rules-from-backend.json"
 and power cuts, instead of the config's rules file until the backend sends others or `{"from_file": true}`."""
 
 
-def save_backend_rules(data_dir: Path, data: dict[str, Any], received_at: float, command_id: str | None) -> None:
+def save_backend_rules(data_dir: Path, data: dict[str, Any], received_at: float, command_id: str | None) -> bool:
     """Keep rules the backend sent (already validated: `parse_rules`) so that a restart applies them again. OSError
-    when they could not be kept (NotDurable: kept, but not yet synced to disk)."""
+    when they could not be kept; False when they are kept but their directory could not be synced (`write_atomic`)."""
     record = {"received_at": received_at, "command_id": command_id, "ruleset": data}
-    write_atomic(data_dir / BACKEND_RULES_FILE, (json.dumps(record, indent=1) + "\n").encode())
+    return write_atomic(data_dir / BACKEND_RULES_FILE, (json.dumps(record, indent=1) + "\n").encode())
 
 
 def backend_rules_source(data_dir: Path, received_at: float, command_id: str | None) -> str:
@@ -266,7 +266,7 @@ def rules_from_file(rules_file: Path | None) -> tuple[RuleSet, str]:
 
 def drop_backend_rules(data_dir: Path) -> bool:
     """Forget the backend's rules (the rules file is in force again); True when there were any. OSError when they
-    could not be deleted (NotDurable: deleted, but not yet synced to disk)."""
+    could not be deleted."""
     return remove_durably(data_dir / BACKEND_RULES_FILE)
 
 
@@ -299,7 +299,7 @@ def rules_in_force(rules_file: Path | None, data_dir: Path) -> tuple[RuleSet, st
         if not math.isfinite(received_at) or not isinstance(command_id, str | None):
             raise ValueError("received_at or command_id is not what was written")
         source = _backend_source(path, received_at, command_id)
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, OSError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, OSError, RecursionError) as e:
         raise BackendRulesDamaged(path, [f"{path}: not the rules the backend sent ({e!r})"]) from None
     if not isinstance(data, dict):
         raise BackendRulesDamaged(path, [f"{path}: its ruleset is not an object"])
@@ -307,6 +307,8 @@ def rules_in_force(rules_file: Path | None, data_dir: Path) -> tuple[RuleSet, st
         rules = parse_rules(data, str(path))
     except ConfigError as e:
         raise BackendRulesDamaged(path, e.problems) from None
+    except RecursionError:
+        raise BackendRulesDamaged(path, [f"{path}: nested too deeply to be rules"]) from None
     return rules, source
 
 

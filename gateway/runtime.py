@@ -694,11 +694,14 @@ async def run(
         # the rules file applies, the damaged copy is kept aside, and the log and the status say so.
         aside = e.path.with_name(e.path.name + ".damaged")
         try:
+            rules, file_source = rules_from_file(rules_file)
             e.path.replace(aside)
-        except OSError as moved:
+        except (ConfigError, OSError) as then:
             store.close()
-            raise StartupError(f"{'; '.join(e.problems)}; and it cannot be moved aside: {moved.strerror}") from None
-        rules, file_source = rules_from_file(rules_file)
+            why = (
+                "; ".join(then.problems) if isinstance(then, ConfigError) else f"cannot move it aside: {then.strerror}"
+            )
+            raise StartupError(f"{'; '.join(e.problems)}; and {why}") from None
         rules_source = (
             f"{file_source}, because the backend's kept rules could not be used ({e.problems[0]}); moved to {aside}; "
             "the backend's next cmd/rules replaces them"

@@ -322,7 +322,7 @@ def surveying(tmp_path: Path) -> Iterator[Product]:
 
 
 def tap_plan(page: Page, x: float, y: float) -> None:
-    """A real click on the plan where the point (x, y) m is drawn."""
+    """A real click on the plan where the point (x, y) m is drawn (the mapping is checked on its own, below)."""
     sx, sy = page.evaluate(
         """([x, y]) => {
           const svg = document.querySelector('[data-testid="plan"]');
@@ -332,6 +332,10 @@ def tap_plan(page: Page, x: float, y: float) -> None:
         [x, y],
     )
     page.mouse.click(sx, sy)
+
+
+def spot_texts(page: Page) -> list[str]:
+    return [t.strip() for t in page.locator('[data-testid="spots"] li[data-index] span').all_inner_texts()]
 
 
 def test_survey_page_records_spots_where_the_installer_taps_and_applies_the_map(
@@ -352,12 +356,24 @@ def test_survey_page_records_spots_where_the_installer_taps_and_applies_the_map(
     page.get_by_test_id("token").fill(SURVEY_TOKEN)
     page.get_by_test_id("unlock").click()
     expect(page.get_by_test_id("plan")).to_be_visible()
-    plan = page.evaluate("() => [...document.querySelectorAll('[data-zone]')].map((p) => p.dataset.zone)")
     req = urllib.request.Request(surveying.base + "/api/v1/survey/plan")
     req.add_header("Authorization", f"Bearer {SURVEY_TOKEN}")
     with urllib.request.urlopen(req, timeout=5) as r:
-        assert plan == [z["id"] for z in json.load(r)["zones"]], "the page drew other zones than the plan's"
+        plan = json.load(r)
+    drawn = page.evaluate("() => [...document.querySelectorAll('[data-zone]')].map((p) => p.dataset.zone)")
+    assert drawn == [z["id"] for z in plan["zones"]], "the page drew other zones than the plan's"
     expect(page.get_by_test_id("spots")).to_contain_text("None yet")
+
+    # Tapping the middle of a receiver's mark, as laid out on the screen, names that receiver's position: on a
+    # tablet, and again on a phone after the page has reflowed.
+    for viewport in ({"width": 1024, "height": 768}, {"width": 390, "height": 844}, {"width": 1024, "height": 768}):
+        page.set_viewport_size(viewport)
+        for rx in plan["receivers"][:3]:
+            box = page.locator(f'[data-receiver="{rx["id"]}"]').bounding_box()
+            assert box is not None
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            x, y = (round(v * 2) / 2 for v in rx["position"])
+            expect(page.get_by_test_id("candidate")).to_have_text(f"({x:g}, {y:g}) m")
 
     # Tap where the tag is and record 5 s (at 10x, half a second): the spot appears with what each receiver heard.
     page.get_by_test_id("seconds").select_option("5")
@@ -366,11 +382,11 @@ def test_survey_page_records_spots_where_the_installer_taps_and_applies_the_map(
         expect(page.get_by_test_id("candidate")).to_have_text(f"({x:g}, {y:g}) m")
         page.get_by_test_id("record").click()
         expect(page.locator('[data-testid="spots"] li[data-index]')).to_have_count(n, timeout=15_000)
-    spots = page.locator('[data-testid="spots"] li[data-index]')
-    expect(spots.nth(0)).to_contain_text("(14, 4)")
-    expect(spots.nth(1)).to_contain_text("(18, 8)")
-    heard = [int(n) for n in re.findall(r" (\d+)(?:,|$)", spots.nth(0).inner_text().split("·")[1])]
-    assert sum(heard) > 5, spots.nth(0).inner_text()
+        expect(page.get_by_test_id("message")).to_contain_text(f"Spot ({x:g}, {y:g}) recorded")
+    texts = spot_texts(page)
+    assert texts[0].startswith("(14, 4) entrance") and texts[1].startswith("(18, 8)"), texts
+    heard = [int(n) for n in re.findall(r"rx-[a-z]+ (\d+)", texts[0])]
+    assert len(heard) >= 3 and sum(heard) > 5 * len(heard), texts[0]
 
     # A tap on the sidewalk: the gateway refuses the spot and the page says why.
     tap_plan(page, 14.0, -1.5)
@@ -380,8 +396,17 @@ def test_survey_page_records_spots_where_the_installer_taps_and_applies_the_map(
     page.get_by_test_id("apply").click()
     expect(page.get_by_test_id("message")).to_contain_text("A map of 2 spot(s) is saved to")
     expect(page.get_by_test_id("applied")).to_contain_text("a map of 2 spot(s)")
-    spots.nth(1).get_by_role("button").click()
-    expect(spots).to_have_count(1)
+
+    # A double tap on Discard discards that one spot, not the next one too.
+    page.locator('[data-testid="spots"] li[data-index="0"] button').dblclick()
+    expect(page.locator('[data-testid="spots"] li[data-index]')).to_have_count(1)
+    page.wait_for_timeout(1500)  # a second poll: still one spot, and the right one
+    assert [t.split(" ")[:2] for t in spot_texts(page)] == [["(18,", "8)"]], spot_texts(page)
+
+    # A reload keeps the tab's token: the survey opens again without asking.
+    page.reload()
+    expect(page.get_by_test_id("plan")).to_be_visible()
+    expect(page.get_by_test_id("token")).to_be_hidden()
 
     assert watch.external() == [] and watch.page_errors == [], (watch.external(), watch.page_errors)
     # The browser logs the two refusals above (the wrong token, the sidewalk spot), and nothing else.

@@ -20,7 +20,6 @@ from firmware_sim.world import World
 from gateway import points as points_module
 from gateway.config import ConfigError, Settings
 from gateway.downlink import CommandRefused, _rules
-from gateway.files import NotDurable
 from gateway.identity import MemberDirectory
 from gateway.model import Visit
 from gateway.points import BACKEND_RULES_FILE, BackendRulesDamaged, load_rules, rules_in_force
@@ -68,7 +67,7 @@ def test_backend_rules_survive_a_restart_until_the_backend_asks_for_the_file(tmp
     assert rule_ids(gw) == file_rules and gw.rules_source == file_source
 
     answer = _rules(gw, {"id": "r1", **BACKEND})
-    assert answer == {"rules": ["double-visit", "long-stay"], "source": "backend"}
+    assert answer == {"rules": ["double-visit", "long-stay"], "source": "backend", "synced": True}
     assert rule_ids(gw) == ["double-visit", "long-stay"]
     assert "sent by the backend at" in gw.rules_source and "cmd/rules id 'r1'" in gw.rules_source
     assert str(data / BACKEND_RULES_FILE) in gw.rules_source
@@ -81,7 +80,7 @@ def test_backend_rules_survive_a_restart_until_the_backend_asks_for_the_file(tmp
     assert gw.diagnostics()["points"]["rules_source"] == gw.rules_source
 
     answer = _rules(gw, {"id": "r2", "from_file": True})
-    assert answer == {"rules": file_rules, "source": "file"}
+    assert answer == {"rules": file_rules, "source": "file", "synced": True}
     assert rule_ids(gw) == file_rules and gw.rules_source == file_source
     assert not (data / BACKEND_RULES_FILE).exists()
     gw.store.close()
@@ -123,21 +122,34 @@ def test_a_refused_rules_command_changes_nothing_in_memory_or_on_disk(
 
 
 def test_rules_written_but_not_synced_are_applied_as_a_restart_would(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = tmp_path / "data"
     gw = start_gateway(data, None)
     real = points_module.write_atomic
 
-    def unsynced(path: Path, data: bytes, mode: int = 0o600) -> None:
+    def unsynced(path: Path, data: bytes, mode: int = 0o600) -> bool:
         real(path, data, mode)
-        raise NotDurable(errno.EIO, f"{path.parent}: the change is made but not synced to disk (Input/output error)")
+        return False  # in place, but its directory could not be synced
 
     monkeypatch.setattr(points_module, "write_atomic", unsynced)
-    assert _rules(gw, BACKEND)["source"] == "backend"
+    answer = _rules(gw, BACKEND)
+    assert answer["source"] == "backend" and answer["synced"] is False
     assert rule_ids(gw) == ["double-visit", "long-stay"]
     assert rules_in_force(None, data)[0].rules[0].id == "double-visit"  # what a restart applies: the same
-    assert "cmd/rules applied, but" in caplog.text and "not synced" in caplog.text
+    gw.store.close()
+
+
+def test_from_file_with_a_broken_rules_file_is_refused_and_keeps_the_backends(tmp_path: Path) -> None:
+    data, rules_file = tmp_path / "data", tmp_path / "rules.toml"
+    rules_file.write_text(FILE_RULES)
+    gw = start_gateway(data, rules_file)
+    assert _rules(gw, BACKEND)["synced"] is True
+    kept = (data / BACKEND_RULES_FILE).read_bytes()
+    rules_file.write_text('[[rules]]\nid = "broken"\nkind = "visit"\n')  # edited since: no points
+    with pytest.raises(CommandRefused, match=r"rules\[0\] \(id 'broken'\)\.points"):
+        _rules(gw, {"from_file": True})
+    assert rule_ids(gw) == ["double-visit", "long-stay"] and (data / BACKEND_RULES_FILE).read_bytes() == kept
     gw.store.close()
 
 
@@ -158,6 +170,11 @@ def test_a_damaged_copy_of_the_backend_rules_is_named_with_the_way_out(tmp_path:
         (record(-1e15), "not the rules the backend sent"),
         (record(0, []), "its ruleset is not an object"),
         (record(0, {"rules": [{"id": "x", "kind": "visit"}]}), r"rules\[0\] \(id 'x'\)"),
+        ("[" * 100_000, "not the rules the backend sent"),
+        (
+            '{"received_at": 0, "ruleset": {"rules": ' + "[" * 100_000 + "]" * 100_000 + "}}",
+            "not the rules the backend",
+        ),
     ]
     for content, says in cases:
         if isinstance(content, bytes):

@@ -8,20 +8,23 @@ const TIMEOUT_MS = 8000;
 const TOKEN_KEY = "visita-installer-token";
 const SVG_NS = "http://www.w3.org/2000/svg";
 const GRID_M = 0.5; // a tap is rounded to this: nobody stands more exactly than that
-const HEARD_PACKETS = 5; // a receiver that heard this many packets of the tag at a spot counts as hearing it there
 
 const $ = (id) => document.getElementById(id);
 
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
+let plan = null; // GET /api/v1/survey/plan
 let candidate = null; // [x, y] where the installer tapped
-let status = null; // the last GET /api/v1/survey
-let busy = false; // a request that changes something is on its way
+let status = null; // the last GET /api/v1/survey (or the answer of a change)
+let busy = false; // a request that changes something is on its way: nothing else may start
+let changes = 0; // counts changes, so that a poll sent before one cannot overwrite its answer
 let pollTimer = null;
+let pollFailed = false; // the message shown is the poll's "does not answer"
+let shownSpots = ""; // the spots the list shows, so that it is rebuilt (and focus lost) only when they change
 
 class ApiError extends Error {
-  constructor(status, message) {
+  constructor(code, message) {
     super(message);
-    this.status = status;
+    this.code = code;
   }
 }
 
@@ -62,6 +65,7 @@ function say(text, kind) {
   m.dataset.kind = kind;
   m.className = `survey-message survey-${kind}`;
   m.hidden = !text;
+  pollFailed = false;
 }
 
 function svg(name, attrs, parent) {
@@ -72,13 +76,19 @@ function svg(name, attrs, parent) {
 }
 
 const pts = (list) => list.map(([x, y]) => `${x},${y}`).join(" ");
+const where = (x, y) => `(${x}, ${y})`;
 
 // ------------------------------------------------------------------ the plan
 
-function drawPlan(plan) {
+function drawPlan() {
   const root = $("plan");
   root.replaceChildren();
-  const all = [...plan.zones.flatMap((z) => z.polygon), ...plan.receivers.flatMap((r) => (r.position ? [r.position] : []))];
+  const all = [
+    ...plan.zones.flatMap((z) => z.polygon),
+    ...plan.walls.flatMap((w) => w.points),
+    ...plan.doors,
+    ...plan.receivers.flatMap((r) => (r.position ? [r.position] : [])),
+  ];
   const xs = all.map((p) => p[0]);
   const ys = all.map((p) => p[1]);
   const pad = 1;
@@ -103,23 +113,28 @@ function drawPlan(plan) {
   for (const r of plan.receivers) {
     if (!r.position) continue;
     const [x, y] = r.position;
-    svg("rect", { x: x - label / 2, y: y - label / 2, width: label, height: label, class: "plan-receiver" }, root);
+    const mark = svg("rect", { x: x - label / 2, y: y - label / 2, width: label, height: label, class: "plan-receiver" }, root);
+    mark.dataset.receiver = r.id;
     const t = svg("text", { x: x + label * 0.8, y: y - label * 0.6, "font-size": label * 0.8, class: "plan-rx-label" }, root);
     t.textContent = r.id;
   }
   svg("g", { id: "plan-spots" }, root);
-  root.addEventListener("click", (ev) => {
-    const ctm = root.getScreenCTM();
-    if (!ctm) return;
-    const p = new DOMPoint(ev.clientX, ev.clientY).matrixTransform(ctm.inverse());
-    candidate = [Math.round(p.x / GRID_M) * GRID_M, Math.round(p.y / GRID_M) * GRID_M];
-    render();
-  });
 }
 
+/** Where on the plan (metres) a click landed: the drawing's own transform, read at the time of the click. */
+$("plan").addEventListener("click", (ev) => {
+  const ctm = $("plan").getScreenCTM();
+  if (!ctm || !plan) return;
+  const p = new DOMPoint(ev.clientX, ev.clientY).matrixTransform(ctm.inverse());
+  candidate = [Math.round(p.x / GRID_M) * GRID_M, Math.round(p.y / GRID_M) * GRID_M];
+  render();
+});
+
 function heardBy(packets) {
-  return Object.entries(packets).filter(([, n]) => n >= HEARD_PACKETS).length;
+  return Object.values(packets).filter((n) => n >= plan.min_packets).length;
 }
+
+const weak = (sp) => heardBy(sp.packets) < 3;
 
 function drawSpots() {
   const g = $("plan-spots");
@@ -127,7 +142,7 @@ function drawSpots() {
   g.replaceChildren();
   const r = Number($("plan").dataset.size || 20) / 60;
   for (const sp of status ? status.spots : []) {
-    const c = svg("circle", { cx: sp.x, cy: sp.y, r, class: heardBy(sp.packets) >= 3 ? "plan-spot" : "plan-spot weak" }, g);
+    const c = svg("circle", { cx: sp.x, cy: sp.y, r, class: weak(sp) ? "plan-spot weak" : "plan-spot" }, g);
     c.dataset.index = String(sp.index);
   }
   const run = status && status.running;
@@ -137,7 +152,10 @@ function drawSpots() {
 
 // ------------------------------------------------------------------ the lists and buttons
 
-const where = (x, y) => `(${x}, ${y})`;
+function packetsText(packets) {
+  const heard = Object.entries(packets).sort(([a], [b]) => a.localeCompare(b));
+  return heard.length ? heard.map(([rx, n]) => `${rx} ${n}`).join(", ") : "heard by no receiver yet";
+}
 
 function render() {
   drawSpots();
@@ -145,12 +163,21 @@ function render() {
   const run = status && status.running;
   $("record").disabled = busy || !candidate || Boolean(run);
   $("apply").disabled = busy || Boolean(run) || !status || status.spots.length === 0;
+  for (const b of document.querySelectorAll("#spots button")) b.disabled = busy;
   if (!status) return;
   $("transmitter").textContent = status.transmitter;
   $("running").textContent = run
     ? `Recording at ${where(run.x, run.y)} in ${run.zone}: ${Math.ceil(run.seconds_left)} s left · ${packetsText(run.packets)}`
     : "";
   $("applied").textContent = status.applied ? `a map of ${status.applied.spots} spot(s), ${status.applied.file}` : "no survey map";
+  const key = JSON.stringify(status.spots);
+  if (key !== shownSpots) {
+    shownSpots = key;
+    renderSpots();
+  }
+}
+
+function renderSpots() {
   const list = $("spots");
   list.replaceChildren();
   if (status.spots.length === 0) {
@@ -163,81 +190,103 @@ function render() {
     const li = document.createElement("li");
     li.dataset.index = String(sp.index);
     const text = document.createElement("span");
-    text.textContent = `${where(sp.x, sp.y)} ${sp.zone} · ${packetsText(sp.packets)}`;
+    text.textContent = `${where(sp.x, sp.y)} ${sp.zone}${weak(sp) ? " · weak: fewer than 3 receivers heard it well" : ""} · ${packetsText(sp.packets)}`;
     const drop = document.createElement("button");
     drop.type = "button";
     drop.className = "link";
+    drop.disabled = busy;
     drop.textContent = "Discard";
     drop.setAttribute("aria-label", `Discard the spot at ${where(sp.x, sp.y)}`);
-    drop.addEventListener("click", () => change("DELETE", `/api/v1/survey/spots/${sp.index}`, undefined, "Spot discarded."));
+    drop.addEventListener("click", () => change("DELETE", `/api/v1/survey/spots/${sp.index}`, undefined, `Spot ${where(sp.x, sp.y)} discarded.`));
     li.append(text, " ", drop);
     list.appendChild(li);
   }
 }
 
-function packetsText(packets) {
-  const heard = Object.entries(packets).sort(([a], [b]) => a.localeCompare(b));
-  return heard.length ? heard.map(([rx, n]) => `${rx} ${n}`).join(", ") : "heard by no receiver yet";
+/** Take a status from the gateway; a spot that has just ended is said so. */
+function take(next) {
+  const was = status && status.running;
+  status = next;
+  if (was && !next.running) {
+    const done = next.spots.find((sp) => sp.x === was.x && sp.y === was.y);
+    if (done) say(`Spot ${where(done.x, done.y)} recorded: ${packetsText(done.packets)}.`, "ok");
+  }
+  render();
 }
 
-async function refresh() {
-  try {
-    status = await api("GET", "/api/v1/survey");
-    render();
-  } catch (err) {
-    failed(err);
+async function poll() {
+  pollTimer = null;
+  if (!busy) {
+    const seen = changes;
+    try {
+      const next = await api("GET", "/api/v1/survey");
+      if (seen === changes && !busy) {
+        if (pollFailed) say("", "ok");
+        take(next);
+      }
+    } catch (err) {
+      failed(err, true);
+    }
   }
+  if (token && !$("survey").hidden) pollTimer = setTimeout(poll, POLL_MS); // one at a time, never piling up
 }
 
 /** A request that changes the survey; its answer is the new status (or the applied map). */
 async function change(method, path, body, done) {
+  if (busy) return; // a second tap while the first is on its way does nothing
   busy = true;
+  changes += 1;
   render();
   try {
     const out = await api(method, path, body);
-    if (out && Array.isArray(out.spots)) status = out;
     say(typeof done === "function" ? done(out) : done, "ok");
-    await refresh();
+    if (out && Array.isArray(out.spots)) status = out;
   } catch (err) {
-    failed(err);
+    failed(err, false);
   } finally {
     busy = false;
+    changes += 1;
     render();
   }
 }
 
-function failed(err) {
-  if (err.status === 401) {
+function failed(err, fromPoll) {
+  if (err.code === 401 || err.code === 403) {
     sessionStorage.removeItem(TOKEN_KEY);
     token = "";
     lock();
   }
   say(err.message, "bad");
+  pollFailed = fromPoll && err.code === 0;
 }
 
 // ------------------------------------------------------------------ unlocking
 
 function lock() {
-  clearInterval(pollTimer);
+  clearTimeout(pollTimer);
   pollTimer = null;
   $("survey").hidden = true;
   $("unlock").hidden = false;
+  $("token").focus();
 }
 
 async function unlock() {
   try {
-    const plan = await api("GET", "/api/v1/survey/plan");
-    status = await api("GET", "/api/v1/survey");
+    plan = await api("GET", "/api/v1/survey/plan");
+    const first = await api("GET", "/api/v1/survey");
     sessionStorage.setItem(TOKEN_KEY, token);
     $("unlock").hidden = true;
     $("survey").hidden = false;
-    drawPlan(plan);
-    render();
+    drawPlan();
+    shownSpots = "";
+    status = null;
+    take(first);
     say("", "ok");
-    clearInterval(pollTimer);
-    pollTimer = setInterval(refresh, POLL_MS);
+    $("plan-title").focus();
+    clearTimeout(pollTimer);
+    pollTimer = setTimeout(poll, POLL_MS);
   } catch (err) {
-    failed(err);
+    failed(err, false);
   }
 }
 
