@@ -307,8 +307,6 @@ def rules_in_force(rules_file: Path | None, data_dir: Path) -> tuple[RuleSet, st
         rules = parse_rules(data, str(path))
     except ConfigError as e:
         raise BackendRulesDamaged(path, e.problems) from None
-    except RecursionError:
-        raise BackendRulesDamaged(path, [f"{path}: nested too deeply to be rules"]) from None
     return rules, source
 
 
