@@ -10,6 +10,7 @@ these endpoints answer 403 and say how to set one: a gateway never runs them ope
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
@@ -156,46 +157,35 @@ def _refusal(status: int, message: str) -> JSONResponse:
     return JSONResponse(InstallerRefusal(message=message).model_dump(), status_code=status)
 
 
-def _require_bearer(authorization: str | None, tokens: list[str | None], off: str, wrong: str) -> None:
-    """SurveyRefused 403 (`off`) when none of `tokens` is configured, 401 (`wrong`) unless the header carries one."""
-    known = [t.encode() for t in tokens if t is not None]
-    if not known:
-        raise SurveyRefused(403, off)
-    given = (authorization or "").removeprefix("Bearer ").strip().encode()
-    if not authorization or not any(hmac.compare_digest(given, t) for t in known):
-        raise SurveyRefused(401, wrong)
+def _bearer(role: str, why: str) -> Callable[..., Awaitable[Gateway]]:
+    """A dependency: the gateway, when the request carries the `role` token (installer, support; the gateway's
+    `<role>_token`); SurveyRefused 403 when none is configured, 401 unless the header carries it. `why`: its
+    docstring's reason, for the OpenAPI page."""
+
+    async def dependency(request: Request, authorization: Annotated[str | None, Header()] = None) -> Gateway:
+        gw: Gateway = request.app.state.gateway
+        token: str | None = getattr(gw, f"{role}_token")
+        if token is None:
+            raise SurveyRefused(
+                403,
+                f"{role} endpoints are off: no {role} token is configured; set dashboard.{role}_token_file "
+                f"(or the systemd credential visita-{role}-token) and restart",
+            )
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not authorization or not hmac.compare_digest(given.encode(), token.encode()):
+            raise SurveyRefused(401, f"missing or wrong {role} token: send 'Authorization: Bearer <{role} token>'")
+        return gw
+
+    dependency.__doc__ = f"The gateway, when the request carries the {role} token. {why}"
+    return dependency
 
 
-async def installer(request: Request, authorization: Annotated[str | None, Header()] = None) -> Gateway:
-    """The gateway, when the request carries the installer token."""
-    gw: Gateway = request.app.state.gateway
-    _require_bearer(
-        authorization,
-        [gw.installer_token],
-        "installer endpoints are off: no installer token is configured; set dashboard.installer_token_file "
-        "(or the systemd credential visita-installer-token) and restart",
-        "missing or wrong installer token: send 'Authorization: Bearer <installer token>'",
-    )
-    return gw
-
-
+installer = _bearer("installer", "A gateway never runs its installer functions open.")
 InstallerDep = Annotated[Gateway, Depends(installer)]
-
-
-async def support(request: Request, authorization: Annotated[str | None, Header()] = None) -> Gateway:
-    """The gateway, when the request carries the support token. Not the installer's: a survey contractor holds
-    that one, and members' visits are none of their business."""
-    gw: Gateway = request.app.state.gateway
-    _require_bearer(
-        authorization,
-        [gw.support_token],
-        "support endpoints are off: no support token is configured; set dashboard.support_token_file "
-        "(or the systemd credential visita-support-token) and restart",
-        "missing or wrong support token: send 'Authorization: Bearer <support token>'",
-    )
-    return gw
-
-
+support = _bearer(
+    "support",
+    "Not the installer's: a survey contractor holds that one, and members' visits are none of their business.",
+)
 SupportDep = Annotated[Gateway, Depends(support)]
 
 REFUSALS: dict[int | str, dict[str, Any]] = {

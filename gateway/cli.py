@@ -579,7 +579,7 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
     else:
         # The rules the gateway applies: the backend's (cmd/rules) if it sent any, else the rules file's.
         try:
-            rules, source = rules_in_force(Path(settings.points.rules) if settings.points.rules else None, data_dir)
+            rules, source = rules_in_force(settings.points.rules_path(), data_dir)
         except ConfigError:
             store.close()
             raise
@@ -742,7 +742,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sensors.sim import SimSource
 
     settings = apply_mqtt_flags(args, load_settings(args.config))
-    load_rules(Path(settings.points.rules) if settings.points.rules else None)  # fail before anything starts
+    load_rules(settings.points.rules_path())  # fail before anything starts
     BeaconRegistry(settings.plan.beacons)  # and on an EID beacon key that cannot be read
     if args.sim and args.ble:
         raise UsageError("--sim and --ble are two sources: pass one")
@@ -1041,7 +1041,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from sensors.replay import ReplaySource
 
     settings = load_settings(args.config)
-    load_rules(Path(settings.points.rules) if settings.points.rules else None)
+    load_rules(settings.points.rules_path())
     try:
         source = ReplaySource(args.log)
     except LogError as e:

@@ -480,6 +480,10 @@ class PointsConfig(Strict):
 
     rules: str = Field(default="", description="Rules file (TOML, docs/rules.md); empty means built-in rules.")
 
+    def rules_path(self) -> Path | None:
+        """The rules file, or None for the built-in rules."""
+        return Path(self.rules) if self.rules else None
+
 
 class Settings(Strict):
     """Everything `visita run` needs."""

@@ -52,7 +52,6 @@ Handler = Callable[["Gateway", dict[str, Any]], dict[str, Any]]
 def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     """``{"rules": [...]}``: the rules file's content as JSON; replaces the rules of the running gateway and is kept in
     the data directory, so that a restart applies it again. ``{"from_file": true}``: the config's rules file again."""
-    from pathlib import Path
 
     from gateway.days import LocalDays
     from gateway.points import (
@@ -75,7 +74,7 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     data_dir = gw.store.path.parent
     try:
         if from_file:
-            rules, source = rules_from_file(Path(gw.settings.points.rules) if gw.settings.points.rules else None)
+            rules, source = rules_from_file(gw.settings.points.rules_path())
         else:
             rules = parse_rules(body, "cmd/rules")
     except ConfigError as e:

@@ -686,7 +686,7 @@ async def run(
         outbox_max=settings.storage.outbox_max,
         full_disk_outbox_max=settings.storage.full_disk_outbox_max,
     )
-    rules_file = Path(settings.points.rules) if settings.points.rules else None
+    rules_file = settings.points.rules_path()
     try:  # the backend's rules (cmd/rules) if it sent any, else the rules file's; read once the directory is ours
         rules, rules_source = rules_in_force(rules_file, data_dir)
     except BackendRulesDamaged as e:

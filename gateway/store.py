@@ -804,16 +804,13 @@ class Store:
         self._require_open()
         if limit <= 0:
             return []
-        newest = heapq.nlargest(limit, self._visits.items(), key=lambda kv: (float(kv[1]["ended"]), kv[0]))
-        return [visit_from_record(rec) for _, rec in newest]
+        return _newest(self._visits.items(), limit)
 
     def visits_of(self, subject: str, limit: int = 100) -> list[Visit]:
         """Up to `limit` finished visits of one subject (e.g. "member:<ref>"), newest (by `ended`) first; from the
         recent visits the store keeps (`recent_visits_limit`)."""
         self._require_open()
-        mine = [kv for kv in self._visits.items() if kv[1]["subject"] == subject]
-        newest = heapq.nlargest(max(0, limit), mine, key=lambda kv: (float(kv[1]["ended"]), kv[0]))
-        return [visit_from_record(rec) for _, rec in newest]
+        return _newest((kv for kv in self._visits.items() if kv[1]["subject"] == subject), max(0, limit))
 
     def diagnostics(self) -> dict[str, Any]:
         """Figures for the CLI and dashboard: sizes, depths, drops and commit cost."""
@@ -1128,3 +1125,9 @@ class Store:
     def _require_open(self) -> None:
         if self._closed:
             raise StoreError(f"store {self._path} is closed; open a new Store")
+
+
+def _newest(records: Iterable[tuple[str, dict[str, Any]]], limit: int) -> list[Visit]:
+    """The `limit` newest (by `ended`) of (visit_id, record) pairs, as visits."""
+    newest = heapq.nlargest(limit, records, key=lambda kv: (float(kv[1]["ended"]), kv[0]))
+    return [visit_from_record(rec) for _, rec in newest]
