@@ -391,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--url", metavar="URL", help="ask the gateway at this dashboard address, whatever the data directory"
     )
     explain.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the support token")
+    explain.add_argument("--cafile", metavar="FILE", help=CAFILE_HELP)
 
     survey = sub.add_parser(
         "survey",
@@ -415,8 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", type=Path, metavar="FILE", help="config file (dashboard address and token)")
         sp.add_argument("--url", metavar="URL", help="the gateway's dashboard, e.g. http://127.0.0.1:8080")
         sp.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the installer token")
+        sp.add_argument("--cafile", metavar="FILE", help=CAFILE_HELP)
         sp.add_argument("--json", action="store_true", help="print the gateway's answer as JSON")
     return p
+
+
+CAFILE_HELP = (
+    "with an https --url: a certificate (PEM) to trust besides the public ones, e.g. a copy of the gateway's "
+    "self-signed dashboard.tls_cert_file"
+)
 
 
 def _gateway_call(
@@ -425,20 +433,38 @@ def _gateway_call(
     """One request to the running gateway's API behind a token: the installer's, or with `role` "support" the support
     token. UsageError / GatewayCallError with its message."""
     import os
+    import ssl
     import urllib.error
     import urllib.request
 
     from gateway.config import parse_listen, read_secret
 
     settings = load_settings(args.config)
+    cert = settings.dashboard.tls_cert()
     if args.url:
         base = args.url.rstrip("/")
+        # Publicly trusted certificates, plus the one this gateway serves and the one given, with host names checked.
+        try:
+            context = ssl.create_default_context(cafile=args.cafile)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError(f"--cafile {args.cafile}: cannot be used: {e}; give a PEM certificate") from None
+        if cert is not None:
+            context.load_verify_locations(cert[0])
     else:
         if settings.dashboard.listen == "off":
             raise UsageError(f"the config says dashboard.listen = off: the {role} API needs the dashboard; use --url")
         host, port = parse_listen(settings.dashboard.listen)
         host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
-        base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if cert else "http"
+        base = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+        # This machine's own gateway: the certificate it is configured with is the one to expect (pinned), whatever
+        # names it is for.
+        try:
+            context = ssl.create_default_context(cafile=cert[0] if cert else None)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError(f"{cert[1] if cert else 'the system certificates'}: cannot be used: {e}") from None
+        context.check_hostname = False
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate trusted as it is, not only a CA
     try:
         if args.token_file:
             token = read_secret(str(args.token_file), f"visita-{role}-token", "--token-file")
@@ -458,7 +484,7 @@ def _gateway_call(
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=10, context=context) as resp:
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as e:
         try:
@@ -468,6 +494,11 @@ def _gateway_call(
         raise GatewayCallError(f"{e.code}: {message}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise GatewayCallError(
+                f"the gateway at {base} presents a certificate this machine does not trust ({reason.verify_message}):"
+                " pass --cafile with the gateway's certificate (dashboard.tls_cert_file there)"
+            ) from None
         raise GatewayCallError(
             f"no gateway answers at {base} ({reason}): is it running? (systemctl status visita)"
         ) from None
@@ -691,6 +722,31 @@ def _backend_rules_notes(settings: Settings, data_dir: Path | None) -> list[str]
     return [f"the rules in force are not the file's but those {source} ({len(rules.rules)} rules)"]
 
 
+def _dashboard_notes(settings: Settings) -> list[str]:
+    """Check the dashboard's tokens and certificate as the gateway will load them (ConfigError when it would not
+    start); notes on how it is served."""
+    import os
+
+    from gateway.config import load_tls, serving_notes
+
+    dash = settings.dashboard
+    try:
+        tokens = [role for role, t in (("installer", dash.installer_token()), ("support", dash.support_token())) if t]
+        # The key may be for the unit alone (LoadCredential=): then the certificate is what can be checked here.
+        key_elsewhere = dash.tls_cert_file and not dash.tls_key_file and not os.environ.get("CREDENTIALS_DIRECTORY")
+        if not key_elsewhere:
+            tls, notes = dash.tls(), []
+        else:
+            tls = load_tls((dash.tls_cert_file, "dashboard.tls_cert_file"), None)
+            notes = [
+                "the dashboard's TLS key is to come from the unit's credential visita-dashboard-key: checked when "
+                "the gateway starts"
+            ]
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
+    return notes + [message for _, message in serving_notes(dash.listen, tls, tokens)]
+
+
 def _plan_notes(plan: PlanConfig) -> list[str]:
     """What an installer should know about a valid plan: zones no receiver serves, a one-receiver plan."""
     unserved = plan.unserved_zones()
@@ -714,6 +770,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.file)
     rules = _check_rules(settings)
     BeaconRegistry(settings.plan.beacons)  # the EID beacons' key files can be read
+    dashboard = _dashboard_notes(settings)  # its tokens and certificate can be used
     plan = settings.plan
     if args.json:
         data = settings.model_dump(mode="json")
@@ -726,7 +783,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             f"{args.file}: ok: store {settings.store}, gateway {settings.gateway}, {len(plan.zones)} zones, "
             f"{len(plan.receivers)} receivers, {len(plan.beacons)} beacons; rules: {rules}"
         )
-    for note in _plan_notes(plan) + _backend_rules_notes(settings, args.data_dir):
+    for note in _plan_notes(plan) + dashboard + _backend_rules_notes(settings, args.data_dir):
         # With --json the notes go to stderr, so that standard output stays the settings and nothing else.
         print(f"{args.file}: note: {note}", file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK

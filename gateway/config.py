@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -285,6 +287,123 @@ def read_secret(path: str, credential: str, setting: str) -> str | None:
     return lines[0] if lines else ""
 
 
+def _tls_file(path: str, setting: str, credential: str) -> tuple[str, str] | None:
+    """The file a TLS setting names, else systemd's credential of that name when the unit provides it."""
+    if path:
+        return path, setting
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and os.path.exists(os.path.join(creds, credential)):
+        return os.path.join(creds, credential), f"systemd credential {credential}"
+    return None
+
+
+@dataclass(frozen=True)
+class DashboardTls:
+    """A certificate and key the dashboard can serve HTTPS with (`load_tls`)."""
+
+    cert: str
+    key: str | None
+    """None: the certificate was checked without its key (`config check` outside the unit that has the key)."""
+    not_after: datetime
+    """When the certificate expires (UTC); browsers and `visita survey` refuse it after that."""
+    names: list[str]
+    """The host names and addresses it is for (subjectAltName, else its common name)."""
+
+
+def load_tls(cert: tuple[str, str], key: tuple[str, str] | None) -> DashboardTls:
+    """Check a (path, setting) certificate and key pair the way the server will load it (without `key`, the
+    certificate alone). ValueError naming the setting, the file and what to do when the file cannot be read, is not
+    PEM, the key is encrypted or is not the certificate's."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
+
+    def read(path: str, setting: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"{setting} {path}: cannot be read: {e.strerror}; fix the path or its mode") from None
+
+    cert_path, cert_setting = cert
+    cert_pem = read(cert_path, cert_setting)
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise ValueError(
+            f"{cert_setting} {cert_path}: not a PEM certificate (a '-----BEGIN CERTIFICATE-----' block)"
+        ) from None
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+        names += [str(n) for n in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        names = [str(a.value) for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    if key is None:
+        return DashboardTls(cert_path, None, certificate.not_valid_after_utc, names)
+    key_path, key_setting = key
+    key_pem = read(key_path, key_setting)
+    try:
+        private = load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise ValueError(
+            f"{key_setting} {key_path}: the key is encrypted; the gateway starts unattended, so give it the key "
+            "without a passphrase (openssl pkey -in KEY -out KEY.plain) and keep the file at mode 0600"
+        ) from None
+    except ValueError:
+        raise ValueError(
+            f"{key_setting} {key_path}: not a PEM private key (a '-----BEGIN … PRIVATE KEY-----' block)"
+        ) from None
+    spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
+        raise ValueError(f"{key_setting} {key_path}: not the key of the certificate {cert_path} ({cert_setting})")
+    try:  # what uvicorn will do with them
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"{cert_setting} {cert_path}, {key_setting} {key_path}: cannot be served: {e}") from None
+    return DashboardTls(cert_path, key_path, certificate.not_valid_after_utc, names)
+
+
+TLS_EXPIRY_WARNING_DAYS = 30
+"""A dashboard certificate this close to its end is warned about at every start and by `config check`."""
+
+
+def serving_notes(listen: str, tls: DashboardTls | None, tokens: list[str]) -> list[tuple[int, str]]:
+    """What an operator should know about how the dashboard is served, as (logging level, message): the certificate
+    and its end, or `tokens` (the roles that have one) that would cross the network in clear."""
+    import ipaddress
+    import logging
+
+    if listen == "off":
+        return []
+    if tls is not None:
+        left = tls.not_after - datetime.now(UTC)
+        until = f"{tls.cert}, for {', '.join(tls.names)}, until {tls.not_after.date()}"
+        if left.total_seconds() <= 0:
+            return [
+                (
+                    logging.ERROR,
+                    f"the dashboard's certificate {tls.cert} expired on {tls.not_after.date()}: browsers and "
+                    "visita survey refuse it; replace it (docs/install.md, HTTPS)",
+                )
+            ]
+        if left.days < TLS_EXPIRY_WARNING_DAYS:
+            return [(logging.WARNING, f"the dashboard serves HTTPS with {until}: {left.days} day(s) left; replace it")]
+        return [(logging.INFO, f"the dashboard serves HTTPS with {until}")]
+    host = parse_listen(listen)[0]
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if tokens and not loopback:
+        return [
+            (
+                logging.WARNING,
+                f"the dashboard listens on {listen} over plain HTTP: the {' and '.join(tokens)} token(s) cross the "
+                "network in clear; set dashboard.tls_cert_file and tls_key_file (docs/install.md, HTTPS)",
+            )
+        ]
+    return []
+
+
 INSTALLER_TOKEN_MIN = 16
 """Shortest installer or support token accepted, characters."""
 
@@ -318,6 +437,42 @@ class DashboardConfig(Strict):
         "of the installer's, whose token does not open them; empty means $CREDENTIALS_DIRECTORY/visita-support-token "
         "when systemd provides it, else those endpoints are off.",
     )
+    tls_cert_file: str = Field(
+        default="",
+        description="PEM certificate (its chain after it) to serve the dashboard and API over HTTPS, so that the "
+        "installer and support tokens do not cross the shop's network in clear; `visita survey` and `visita points "
+        "explain` on this machine then expect it. Empty means $CREDENTIALS_DIRECTORY/visita-dashboard-cert when "
+        "systemd provides it, else plain HTTP.",
+    )
+    tls_key_file: str = Field(
+        default="",
+        description="The certificate's private key, PEM and not encrypted (mode 0600); empty means "
+        "$CREDENTIALS_DIRECTORY/visita-dashboard-key, the way to hand it to the unit (docs/install.md, HTTPS).",
+    )
+
+    def tls_cert(self) -> tuple[str, str] | None:
+        """(path, where it was configured) of the dashboard's certificate, or None: enough for a client on this
+        machine to know that the dashboard speaks HTTPS and which certificate to expect."""
+        return _tls_file(self.tls_cert_file, "dashboard.tls_cert_file", "visita-dashboard-cert")
+
+    def tls(self) -> DashboardTls | None:
+        """The HTTPS certificate and key, checked; None for plain HTTP. ValueError naming the setting (or systemd
+        credential) and the file when they cannot be served."""
+        cert = self.tls_cert()
+        key = _tls_file(self.tls_key_file, "dashboard.tls_key_file", "visita-dashboard-key")
+        if cert is None and key is None:
+            return None
+        if cert is None:
+            raise ValueError(
+                "the dashboard has a TLS key but no certificate: set dashboard.tls_cert_file (or give the unit the "
+                "credential visita-dashboard-cert)"
+            )
+        if key is None:
+            raise ValueError(
+                f"{cert[1]} {cert[0]} has no key: set dashboard.tls_key_file, or give the unit the credential "
+                "visita-dashboard-key (LoadCredential=visita-dashboard-key:/etc/visita/dashboard.key)"
+            )
+        return load_tls(cert, key)
 
     def installer_token(self) -> str | None:
         """The installer token, or None when none is configured. ValueError when it is unreadable or too short."""

@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway import __version__
-from gateway.config import ConfigError, Settings, default_data_dir, parse_listen, parse_mqtt_url
+from gateway.config import (
+    ConfigError,
+    DashboardTls,
+    Settings,
+    default_data_dir,
+    parse_listen,
+    parse_mqtt_url,
+    serving_notes,
+)
 from gateway.days import LocalDays
 from gateway.decode import Decoder
 from gateway.downlink import Downlink
@@ -628,7 +636,7 @@ class CommitWriter:
 class _QuietServer:
     """uvicorn's server without its own signal handling (the runtime owns SIGINT/SIGTERM)."""
 
-    def __init__(self, app: Any, sock: socket.socket) -> None:
+    def __init__(self, app: Any, sock: socket.socket, tls: DashboardTls | None = None) -> None:
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -637,7 +645,16 @@ class _QuietServer:
                 yield
 
         self._sock = sock
-        self.server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self.server = Server(
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                ssl_certfile=tls.cert if tls else None,
+                ssl_keyfile=tls.key if tls else None,
+            )
+        )
 
     async def serve(self) -> None:
         await self.server.serve(sockets=[self._sock])
@@ -721,6 +738,7 @@ async def run(
     try:
         gw.installer_token = settings.dashboard.installer_token()
         gw.support_token = settings.dashboard.support_token()
+        tls = settings.dashboard.tls() if listen != "off" else None
     except ValueError as e:
         store.close()
         raise StartupError(str(e)) from None
@@ -741,7 +759,10 @@ async def run(
     if sock is not None:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        lines.append(f"  dashboard  http://{shown}:{port}/")
+        lines.append(f"  dashboard  {'https' if tls else 'http'}://{shown}:{port}/")
+        roles = [r for r, t in (("installer", gw.installer_token), ("support", gw.support_token)) if t is not None]
+        for level, message in serving_notes(listen, tls, roles):
+            log.log(level, "%s", message)
     else:
         lines.append("  dashboard  off")
     if mqtt_url != "off":
@@ -768,7 +789,7 @@ async def run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    server = _QuietServer(create_app(gw), sock) if sock is not None else None
+    server = _QuietServer(create_app(gw), sock, tls) if sock is not None else None
     server_task = asyncio.create_task(server.serve()) if server else None
     pending = store.pending_events()
     if gw.uplink is not None:

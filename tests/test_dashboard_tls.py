@@ -1,0 +1,249 @@
+"""The dashboard over HTTPS (dashboard.tls_cert_file / tls_key_file, or systemd's credentials): a real gateway
+process serves its API with a certificate made by the command docs/install.md gives, `visita survey` on the same
+machine expects exactly that certificate, a remote caller needs it (--cafile) or is told so, and certificates or keys
+that cannot be served are refused at start and by `config check`, naming the file and what to do."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import VISITA, free_port
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from firmware_sim.scenario import beacon_subject_id, load_scenario
+from gateway.config import DashboardConfig, load_tls
+
+TOKEN = "installer-token-for-tests-0123456789"
+
+
+def _openssl_cert(where: Path, days: int = 825, name: str = "dashboard") -> tuple[Path, Path]:
+    """A self-signed certificate and key, made the way docs/install.md says (with 127.0.0.1 among its names)."""
+    cert, key = where / f"{name}.crt", where / f"{name}.key"
+    cmd = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    cmd += ["-days", str(days), "-subj", "/CN=visita-gw", "-addext", "subjectAltName=DNS:visita-gw.local,IP:127.0.0.1"]
+    cmd += ["-keyout", str(key), "-out", str(cert)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"openssl (Debian package openssl) failed: {r.stderr}"
+    return cert, key
+
+
+def _config(where: Path, port: int, cert: Path | None, key: Path | None, listen: str | None = None) -> Path:
+    token = where / "installer-token"
+    token.write_text(TOKEN + "\n")
+    tag = beacon_subject_id(load_scenario("default").beacons[0])
+    cfg = where / "visita.toml"
+    text = f'[dashboard]\nlisten = "{listen or f"127.0.0.1:{port}"}"\ninstaller_token_file = "{token}"\n'
+    if cert is not None:
+        text += f'tls_cert_file = "{cert}"\n'
+    if key is not None:
+        text += f'tls_key_file = "{key}"\n'
+    cfg.write_text(text + f'\n[survey]\ntransmitter = "{tag}"\n')
+    return cfg
+
+
+def _https(url: str, cafile: Path) -> dict[str, object]:
+    with urllib.request.urlopen(url, timeout=5, context=ssl.create_default_context(cafile=str(cafile))) as r:
+        out: dict[str, object] = json.loads(r.read())
+        return out
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VISITA, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_the_dashboard_serves_https_and_the_cli_expects_its_certificate(tmp_path: Path) -> None:
+    cert, key = _openssl_cert(tmp_path)
+    port = free_port()
+    cfg = _config(tmp_path, port, cert, key)
+    args = [*VISITA, "run", "--sim", "--speed", "10", "--until", "2h", "--mqtt", "off", "--config", str(cfg)]
+    proc = subprocess.Popen(
+        [*args, "--data-dir", str(tmp_path / "data")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    base = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, f"gateway exited: {proc.communicate()[0]}"
+            try:
+                health = _https(f"{base}/healthz", cert)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the gateway did not answer over HTTPS within 30 s"
+                time.sleep(0.2)
+        assert health["status"] == "ok"
+        # Plain HTTP gets no answer from the HTTPS port.
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
+        # A client that does not trust the certificate is refused by its own TLS check.
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(f"{base}/healthz", timeout=5).read()
+
+        # On this machine the CLI finds the address and the certificate in the config.
+        r = _cli("survey", "status", "--config", str(cfg), "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["spots"] == []
+        # From elsewhere (no config naming the certificate) it is not trusted: the error says what to pass.
+        token = tmp_path / "installer-token"
+        remote = ["survey", "status", "--url", base, "--token-file", str(token), "--json"]
+        r = _cli(*remote)
+        assert r.returncode == 1, r.stderr
+        assert "presents a certificate this machine does not trust" in r.stderr and "--cafile" in r.stderr, r.stderr
+        r = _cli(*remote, "--cafile", str(cert))
+        assert r.returncode == 0 and json.loads(r.stdout)["spots"] == [], r.stderr
+        r = _cli(*remote, "--cafile", str(tmp_path / "missing.crt"))
+        assert r.returncode == 2 and "--cafile" in r.stderr and "missing.crt" in r.stderr, r.stderr
+        # The host name is checked for a remote caller: the certificate is not for "localhost".
+        r = _cli(
+            "survey", "status", "--url", f"https://localhost:{port}", "--token-file", str(token), "--cafile", str(cert)
+        )
+        assert r.returncode == 1 and "does not trust" in r.stderr and "localhost" in r.stderr, r.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"dashboard  https://127.0.0.1:{port}/" in out, out
+    assert f"the dashboard serves HTTPS with {cert}, for visita-gw.local, 127.0.0.1, until" in out, out
+
+
+def _key(path: Path, password: bytes | None = None) -> ec.EllipticCurvePrivateKey:
+    private = ec.generate_private_key(ec.SECP256R1())
+    crypt = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    path.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, crypt))
+    return private
+
+
+def _expired_cert(where: Path) -> tuple[Path, Path]:
+    private = _key(where / "old.key")
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "visita-gw")])
+    now = dt.datetime.now(dt.UTC)
+    built = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=400))
+        .not_valid_after(now - dt.timedelta(days=35))
+        .sign(private, hashes.SHA256())
+    )
+    (where / "old.crt").write_bytes(built.public_bytes(serialization.Encoding.PEM))
+    return where / "old.crt", where / "old.key"
+
+
+def test_certificates_and_keys_that_cannot_be_served_are_refused_naming_the_file(tmp_path: Path) -> None:
+    cert, key = _openssl_cert(tmp_path)
+    other = tmp_path / "other.key"
+    _key(other)
+    locked = tmp_path / "locked.key"
+    _key(locked, b"passphrase")
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("this is not a certificate\n")
+
+    def refused(c: Path | None, k: Path | None) -> str:
+        with pytest.raises(ValueError) as e:
+            DashboardConfig(tls_cert_file=str(c or ""), tls_key_file=str(k or "")).tls()
+        return str(e.value)
+
+    assert load_tls((str(cert), "c"), (str(key), "k")).names == ["visita-gw.local", "127.0.0.1"]
+    msg = refused(cert, other)
+    assert f"dashboard.tls_key_file {other}: not the key of the certificate {cert}" in msg, msg
+    msg = refused(cert, locked)
+    assert f"dashboard.tls_key_file {locked}: the key is encrypted" in msg and "without a passphrase" in msg, msg
+    msg = refused(garbage, key)
+    assert f"dashboard.tls_cert_file {garbage}: not a PEM certificate" in msg, msg
+    msg = refused(cert, garbage)
+    assert f"dashboard.tls_key_file {garbage}: not a PEM private key" in msg, msg
+    msg = refused(tmp_path / "nope.crt", key)
+    assert f"dashboard.tls_cert_file {tmp_path / 'nope.crt'}: cannot be read" in msg, msg
+    msg = refused(None, key)
+    assert "a TLS key but no certificate" in msg, msg
+    msg = refused(cert, None)
+    assert f"{cert} has no key" in msg and "LoadCredential=visita-dashboard-key" in msg, msg
+
+    # The gateway does not start with them, and says why.
+    port = free_port()
+    cfg = _config(tmp_path, port, cert, other)
+    r = subprocess.run(
+        [
+            *VISITA,
+            "run",
+            "--sim",
+            "--until",
+            "1m",
+            "--mqtt",
+            "off",
+            "--config",
+            str(cfg),
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "not the key of the certificate" in r.stderr + r.stdout, r.stderr
+    # Nor does config check pass them.
+    r = _cli("config", "check", str(cfg))
+    assert r.returncode == 2 and f"dashboard.tls_key_file {other}: not the key" in r.stderr, r.stderr
+
+
+def test_config_check_says_how_the_dashboard_is_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    port = free_port()
+
+    def notes(cfg: Path) -> str:
+        r = _cli("config", "check", str(cfg))
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    # Tokens over plain HTTP on the shop's network: said, with what to do.
+    out = notes(_config(tmp_path, port, None, None, listen=f"0.0.0.0:{port}"))
+    assert "over plain HTTP: the installer token(s) cross the network in clear" in out, out
+    assert "dashboard.tls_cert_file" in out
+    # On loopback only, nothing crosses the network.
+    assert "plain HTTP" not in notes(_config(tmp_path, port, None, None))
+    # A certificate near its end, and one past it.
+    soon, soon_key = _openssl_cert(tmp_path, days=5, name="soon")
+    out = notes(_config(tmp_path, port, soon, soon_key))
+    assert "day(s) left; replace it" in out, out
+    old, old_key = _expired_cert(tmp_path)
+    out = notes(_config(tmp_path, port, old, old_key))
+    assert f"the dashboard's certificate {old} expired on" in out, out
+    # The key for the unit alone (LoadCredential=): the certificate is checked, the key at start.
+    cert, _ = _openssl_cert(tmp_path)
+    out = notes(_config(tmp_path, port, cert, None))
+    assert "key is to come from the unit's credential visita-dashboard-key" in out, out
+    assert f"serves HTTPS with {cert}, for visita-gw.local, 127.0.0.1" in out, out
+
+
+def test_the_unit_can_hand_over_certificate_and_key_as_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = _openssl_cert(tmp_path)
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert DashboardConfig().tls() is None  # neither: plain HTTP
+    (creds / "visita-dashboard-key").write_bytes(key.read_bytes())
+    with pytest.raises(ValueError, match="a TLS key but no certificate"):
+        DashboardConfig().tls()
+    tls = DashboardConfig(tls_cert_file=str(cert)).tls()  # the certificate in the config, the key from systemd
+    assert tls is not None and tls.key == str(creds / "visita-dashboard-key")
+    (creds / "visita-dashboard-cert").write_bytes(cert.read_bytes())
+    tls = DashboardConfig().tls()
+    assert tls is not None and tls.cert == str(creds / "visita-dashboard-cert")
+    assert DashboardConfig().tls_cert() == (
+        str(creds / "visita-dashboard-cert"),
+        "systemd credential visita-dashboard-cert",
+    )
