@@ -444,8 +444,10 @@ def _gateway_call(
     if args.url:
         base = args.url.rstrip("/")
         # Publicly trusted certificates, plus the one this gateway serves and the one given, with host names checked.
+        context = ssl.create_default_context()
         try:
-            context = ssl.create_default_context(cafile=args.cafile)
+            if args.cafile:
+                context.load_verify_locations(args.cafile)
         except (OSError, ssl.SSLError) as e:
             raise UsageError(f"--cafile {args.cafile}: cannot be used: {e}; give a PEM certificate") from None
         if cert is not None:
