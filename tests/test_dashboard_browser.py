@@ -374,11 +374,30 @@ def test_survey_page_records_spots_where_the_installer_taps_and_applies_the_map(
             page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
             x, y = (round(v * 2) / 2 for v in rx["position"])
             expect(page.get_by_test_id("candidate")).to_have_text(f"({x:g}, {y:g}) m")
+            expect(page.get_by_test_id("x")).to_have_value(f"{x:g}")
+            expect(page.get_by_test_id("y")).to_have_value(f"{y:g}")
 
-    # Tap where the tag is and record 5 s (at 10x, half a second): the spot appears with what each receiver heard.
+    # Coordinates typed in (a spot measured with a tape) are the spot as well, marked on the plan; half of them is none.
+    page.get_by_test_id("x").fill("20.3")
+    page.get_by_test_id("y").fill("6")
+    expect(page.get_by_test_id("candidate")).to_have_text("(20.3, 6) m")
+    mark = page.locator(".plan-candidate")
+    assert (mark.get_attribute("cx"), mark.get_attribute("cy")) == ("20.3", "6")
+    expect(page.get_by_test_id("record")).to_be_enabled()
+    page.get_by_test_id("y").fill("")
+    expect(page.get_by_test_id("candidate")).to_have_text("tap the plan or type x and y")
+    expect(page.get_by_test_id("record")).to_be_disabled()
+    expect(page.locator(".plan-candidate")).to_have_count(0)
+
+    # Tap where the tag is (the second spot typed) and record 5 s (at 10x, half a second): the spot appears with
+    # what each receiver heard.
     page.get_by_test_id("seconds").select_option("5")
     for n, (x, y) in enumerate([(14.0, 4.0), (18.0, 8.0)], start=1):
-        tap_plan(page, x, y)
+        if n == 1:
+            tap_plan(page, x, y)
+        else:
+            page.get_by_test_id("x").fill(f"{x:g}")
+            page.get_by_test_id("y").fill(f"{y:g}")
         expect(page.get_by_test_id("candidate")).to_have_text(f"({x:g}, {y:g}) m")
         page.get_by_test_id("record").click()
         expect(page.locator('[data-testid="spots"] li[data-index]')).to_have_count(n, timeout=15_000)

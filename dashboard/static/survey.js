@@ -13,7 +13,7 @@ const $ = (id) => document.getElementById(id);
 
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
 let plan = null; // GET /api/v1/survey/plan
-let candidate = null; // [x, y] where the installer tapped
+let candidate = null; // [x, y] where the installer tapped, or typed
 let status = null; // the last GET /api/v1/survey (or the answer of a change)
 let busy = false; // a request that changes something is on its way: nothing else may start
 let changes = 0; // counts changes, so that a poll sent before one cannot overwrite its answer
@@ -127,8 +127,20 @@ $("plan").addEventListener("click", (ev) => {
   if (!ctm || !plan) return;
   const p = new DOMPoint(ev.clientX, ev.clientY).matrixTransform(ctm.inverse());
   candidate = [Math.round(p.x / GRID_M) * GRID_M, Math.round(p.y / GRID_M) * GRID_M];
+  $("x").value = String(candidate[0]);
+  $("y").value = String(candidate[1]);
   render();
 });
+
+/** Typed coordinates (a spot measured with a tape) are the candidate once both are numbers. */
+for (const id of ["x", "y"]) {
+  $(id).addEventListener("input", () => {
+    const x = $("x").valueAsNumber;
+    const y = $("y").valueAsNumber;
+    candidate = Number.isFinite(x) && Number.isFinite(y) ? [x, y] : null;
+    render();
+  });
+}
 
 function heardBy(packets) {
   return Object.values(packets).filter((n) => n >= plan.min_packets).length;
@@ -159,7 +171,7 @@ function packetsText(packets) {
 
 function render() {
   drawSpots();
-  $("candidate").textContent = candidate ? `${where(candidate[0], candidate[1])} m` : "tap the plan";
+  $("candidate").textContent = candidate ? `${where(candidate[0], candidate[1])} m` : "tap the plan or type x and y";
   const run = status && status.running;
   $("record").disabled = busy || !candidate || Boolean(run);
   $("apply").disabled = busy || Boolean(run) || !status || status.spots.length === 0;
