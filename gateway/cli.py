@@ -31,6 +31,8 @@ from gateway.identity import BeaconRegistry
 from gateway.points import load_rules, rules_in_force
 
 if TYPE_CHECKING:
+    import ssl
+
     from firmware_sim.scenario import Scenario
     from sensors.nodes import NodesSource
 
@@ -437,36 +439,10 @@ def _gateway_call(
     import urllib.error
     import urllib.request
 
-    from gateway.config import parse_listen, read_secret
+    from gateway.config import read_secret
 
     settings = load_settings(args.config)
-    cert = settings.dashboard.tls_cert()
-    if args.url:
-        base = args.url.rstrip("/")
-        # Publicly trusted certificates, plus the one this gateway serves and the one given, with host names checked.
-        context = ssl.create_default_context()
-        try:
-            if args.cafile:
-                context.load_verify_locations(args.cafile)
-        except (OSError, ssl.SSLError) as e:
-            raise UsageError(f"--cafile {args.cafile}: cannot be used: {e}; give a PEM certificate") from None
-        if cert is not None:
-            context.load_verify_locations(cert[0])
-    else:
-        if settings.dashboard.listen == "off":
-            raise UsageError(f"the config says dashboard.listen = off: the {role} API needs the dashboard; use --url")
-        host, port = parse_listen(settings.dashboard.listen)
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
-        scheme = "https" if cert else "http"
-        base = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-        # This machine's own gateway: the certificate it is configured with is the one to expect (pinned), whatever
-        # names it is for.
-        try:
-            context = ssl.create_default_context(cafile=cert[0] if cert else None)
-        except (OSError, ssl.SSLError) as e:
-            raise UsageError(f"{cert[1] if cert else 'the system certificates'}: cannot be used: {e}") from None
-        context.check_hostname = False
-    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate trusted as it is, not only a CA
+    base, context, pinned = _gateway_address(args, settings, role)
     try:
         if args.token_file:
             token = read_secret(str(args.token_file), f"visita-{role}-token", "--token-file")
@@ -496,14 +472,84 @@ def _gateway_call(
         raise GatewayCallError(f"{e.code}: {message}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLCertVerificationError) and pinned:
+            raise GatewayCallError(
+                f"the gateway at {base} serves a certificate other than dashboard.tls_cert_file {pinned} "
+                f"({reason.verify_message}): after changing the certificate, restart the gateway (systemctl restart "
+                "visita)"
+            ) from None
         if isinstance(reason, ssl.SSLCertVerificationError):
             raise GatewayCallError(
                 f"the gateway at {base} presents a certificate this machine does not trust ({reason.verify_message}):"
                 " pass --cafile with the gateway's certificate (dashboard.tls_cert_file there)"
             ) from None
+        if isinstance(reason, ssl.SSLError):
+            raise GatewayCallError(
+                f"the gateway at {base} does not speak HTTPS ({reason}): if dashboard.tls_cert_file was set since it "
+                "started, restart it (systemctl restart visita)"
+            ) from None
+        if base.startswith("http:") and isinstance(reason, ConnectionResetError):
+            raise GatewayCallError(
+                f"the gateway at {base} hung up without an answer ({reason}): if it serves HTTPS, name its "
+                "certificate in the config's dashboard.tls_cert_file, or use --url https://…"
+            ) from None
         raise GatewayCallError(
             f"no gateway answers at {base} ({reason}): is it running? (systemctl status visita)"
         ) from None
+
+
+def _gateway_address(args: argparse.Namespace, settings: Settings, role: str) -> tuple[str, ssl.SSLContext, str]:
+    """The running gateway's base URL and the TLS context to reach it with, and the certificate file it is pinned to
+    ("" unless it is this machine's own gateway over HTTPS). UsageError when the token would cross a network in clear
+    or a certificate cannot be used."""
+    import re
+    import ssl
+    from urllib.parse import urlsplit
+
+    from gateway.config import is_loopback, parse_listen
+
+    cert = settings.dashboard.tls_cert_file
+    if args.url:
+        base = args.url.rstrip("/")
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"--url {args.url}: not an http(s) address such as https://visita-gw.local:8443")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise UsageError(
+                f"--url {args.url}: plain HTTP would send the {role} token across the network in clear; use https:// "
+                "(docs/install.md, HTTPS), or a tunnel (ssh -L 8080:127.0.0.1:8080 pi@gateway, then --url "
+                "http://127.0.0.1:8080)"
+            )
+        # Publicly trusted certificates, plus the one given and the one this machine's gateway serves, names checked.
+        context = ssl.create_default_context()
+        for path, what in ((args.cafile, "--cafile"), (cert, "dashboard.tls_cert_file")):
+            try:
+                if path:
+                    context.load_verify_locations(path)
+            except (OSError, ssl.SSLError) as e:
+                raise UsageError(f"{what} {path}: cannot be used: {e}; give a PEM certificate") from None
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate trusted as it is, not only a CA
+        return base, context, ""
+    if settings.dashboard.listen == "off":
+        raise UsageError(f"the config says dashboard.listen = off: the {role} API needs the dashboard; use --url")
+    host, port = parse_listen(settings.dashboard.listen)
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    scheme = "https" if cert else "http"
+    base = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+    context = ssl.create_default_context()
+    if cert:
+        # This machine's own gateway: expect exactly the certificate it is configured with, the first in the file,
+        # whatever names it is for. Not the rest of a chain: a CA there would vouch for every certificate it issued.
+        try:
+            first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", Path(cert).read_text(), re.S)
+            if first is None:
+                raise ValueError("no '-----BEGIN CERTIFICATE-----' block")
+            context = ssl.create_default_context(cadata=first.group(0))
+        except (OSError, ValueError, ssl.SSLError) as e:
+            raise UsageError(f"dashboard.tls_cert_file {cert}: cannot be used: {e}") from None
+        context.check_hostname = False
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return base, context, cert
 
 
 class GatewayCallError(Exception):
@@ -736,8 +782,11 @@ def _dashboard_notes(settings: Settings) -> list[str]:
         tokens = [role for role, t in (("installer", dash.installer_token()), ("support", dash.support_token())) if t]
         # The key may be for the unit alone (LoadCredential=): then the certificate is what can be checked here.
         key_elsewhere = dash.tls_cert_file and not dash.tls_key_file and not os.environ.get("CREDENTIALS_DIRECTORY")
-        if not key_elsewhere:
-            tls, notes = dash.tls(), []
+        notes: list[str] = []
+        if dash.listen == "off":  # not served: the gateway does not load them either
+            tls = None
+        elif not key_elsewhere:
+            tls = dash.tls()
         else:
             tls = load_tls((dash.tls_cert_file, "dashboard.tls_cert_file"), None)
             notes = [

@@ -287,16 +287,6 @@ def read_secret(path: str, credential: str, setting: str) -> str | None:
     return lines[0] if lines else ""
 
 
-def _tls_file(path: str, setting: str, credential: str) -> tuple[str, str] | None:
-    """The file a TLS setting names, else systemd's credential of that name when the unit provides it."""
-    if path:
-        return path, setting
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and os.path.exists(os.path.join(creds, credential)):
-        return os.path.join(creds, credential), f"systemd credential {credential}"
-    return None
-
-
 @dataclass(frozen=True)
 class DashboardTls:
     """A certificate and key the dashboard can serve HTTPS with (`load_tls`)."""
@@ -354,12 +344,25 @@ def load_tls(cert: tuple[str, str], key: tuple[str, str] | None) -> DashboardTls
         ) from None
     spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     if private.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
-        raise ValueError(f"{key_setting} {key_path}: not the key of the certificate {cert_path} ({cert_setting})")
+        raise ValueError(
+            f"{key_setting} {key_path}: not the key of the certificate {cert_path} ({cert_setting}); where that file "
+            "holds a chain, the gateway's own certificate comes first"
+        )
     try:  # what uvicorn will do with them
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
     except (ssl.SSLError, OSError) as e:
         raise ValueError(f"{cert_setting} {cert_path}, {key_setting} {key_path}: cannot be served: {e}") from None
     return DashboardTls(cert_path, key_path, certificate.not_valid_after_utc, names)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address, or a name) is this machine only: what is sent there does not cross a network."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 TLS_EXPIRY_WARNING_DAYS = 30
@@ -369,7 +372,6 @@ TLS_EXPIRY_WARNING_DAYS = 30
 def serving_notes(listen: str, tls: DashboardTls | None, tokens: list[str]) -> list[tuple[int, str]]:
     """What an operator should know about how the dashboard is served, as (logging level, message): the certificate
     and its end, or `tokens` (the roles that have one) that would cross the network in clear."""
-    import ipaddress
     import logging
 
     if listen == "off":
@@ -388,12 +390,7 @@ def serving_notes(listen: str, tls: DashboardTls | None, tokens: list[str]) -> l
         if left.days < TLS_EXPIRY_WARNING_DAYS:
             return [(logging.WARNING, f"the dashboard serves HTTPS with {until}: {left.days} day(s) left; replace it")]
         return [(logging.INFO, f"the dashboard serves HTTPS with {until}")]
-    host = parse_listen(listen)[0]
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if tokens and not loopback:
+    if tokens and not is_loopback(parse_listen(listen)[0]):
         return [
             (
                 logging.WARNING,
@@ -441,8 +438,7 @@ class DashboardConfig(Strict):
         default="",
         description="PEM certificate (its chain after it) to serve the dashboard and API over HTTPS, so that the "
         "installer and support tokens do not cross the shop's network in clear; `visita survey` and `visita points "
-        "explain` on this machine then expect it. Empty means $CREDENTIALS_DIRECTORY/visita-dashboard-cert when "
-        "systemd provides it, else plain HTTP.",
+        "explain` on this machine then expect exactly it (its first certificate). Empty: plain HTTP.",
     )
     tls_key_file: str = Field(
         default="",
@@ -450,29 +446,34 @@ class DashboardConfig(Strict):
         "$CREDENTIALS_DIRECTORY/visita-dashboard-key, the way to hand it to the unit (docs/install.md, HTTPS).",
     )
 
-    def tls_cert(self) -> tuple[str, str] | None:
-        """(path, where it was configured) of the dashboard's certificate, or None: enough for a client on this
-        machine to know that the dashboard speaks HTTPS and which certificate to expect."""
-        return _tls_file(self.tls_cert_file, "dashboard.tls_cert_file", "visita-dashboard-cert")
+    def tls_key(self) -> tuple[str, str] | None:
+        """(path, where it was configured) of the dashboard's TLS key: the setting's file, else systemd's credential
+        visita-dashboard-key when the unit provides it; None when neither."""
+        if self.tls_key_file:
+            return self.tls_key_file, "dashboard.tls_key_file"
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds and os.path.exists(os.path.join(creds, "visita-dashboard-key")):
+            return os.path.join(creds, "visita-dashboard-key"), "systemd credential visita-dashboard-key"
+        return None
 
     def tls(self) -> DashboardTls | None:
         """The HTTPS certificate and key, checked; None for plain HTTP. ValueError naming the setting (or systemd
         credential) and the file when they cannot be served."""
-        cert = self.tls_cert()
-        key = _tls_file(self.tls_key_file, "dashboard.tls_key_file", "visita-dashboard-key")
-        if cert is None and key is None:
+        key = self.tls_key()
+        if not self.tls_cert_file:
+            if key is not None:
+                raise ValueError(
+                    f"{key[1]} is set but dashboard.tls_cert_file is not: name the key's certificate there (the CLI "
+                    "on this machine reads it from the config), or drop the key"
+                )
             return None
-        if cert is None:
-            raise ValueError(
-                "the dashboard has a TLS key but no certificate: set dashboard.tls_cert_file (or give the unit the "
-                "credential visita-dashboard-cert)"
-            )
         if key is None:
             raise ValueError(
-                f"{cert[1]} {cert[0]} has no key: set dashboard.tls_key_file, or give the unit the credential "
-                "visita-dashboard-key (LoadCredential=visita-dashboard-key:/etc/visita/dashboard.key)"
+                f"dashboard.tls_cert_file {self.tls_cert_file} has no key: set dashboard.tls_key_file, or give the "
+                "unit the credential visita-dashboard-key "
+                "(LoadCredential=visita-dashboard-key:/etc/visita/dashboard.key)"
             )
-        return load_tls(cert, key)
+        return load_tls((self.tls_cert_file, "dashboard.tls_cert_file"), key)
 
     def installer_token(self) -> str | None:
         """The installer token, or None when none is configured. ValueError when it is unreadable or too short."""

@@ -663,6 +663,10 @@ class _QuietServer:
         self.server.should_exit = True
 
 
+TLS_RECHECK_S = 86_400.0
+"""How often a running gateway looks again at its certificate's end (the start-up log says it first)."""
+
+
 def bind(listen: str) -> socket.socket:
     """A listening socket for the dashboard; OSError names the address."""
     host, port = parse_listen(listen)
@@ -805,6 +809,7 @@ async def run(
     systemd.ready(f"running; dashboard {listen}, mqtt {mqtt_url}")
     freezer = GcFreezer()
     clock_steps = clock.steps
+    tls_check = time.monotonic() + TLS_RECHECK_S
     try:
         while not stop.is_set():
             now = clock.now()
@@ -820,6 +825,11 @@ async def run(
             gw.step(now)
             freezer.tick()
             systemd.alive()
+            if tls is not None and time.monotonic() >= tls_check:  # a gateway runs for months: say it again daily
+                tls_check = time.monotonic() + TLS_RECHECK_S
+                for level, message in serving_notes(listen, tls, []):
+                    if level >= logging.WARNING:
+                        log.log(level, "%s", message)
             if final:
                 break
             with contextlib.suppress(TimeoutError):

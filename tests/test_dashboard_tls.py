@@ -5,15 +5,21 @@ that cannot be served are refused at start and by `config check`, naming the fil
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import http.server
+import ipaddress
 import json
 import signal
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from conftest import VISITA, free_port
@@ -167,7 +173,7 @@ def test_certificates_and_keys_that_cannot_be_served_are_refused_naming_the_file
     msg = refused(tmp_path / "nope.crt", key)
     assert f"dashboard.tls_cert_file {tmp_path / 'nope.crt'}: cannot be read" in msg, msg
     msg = refused(None, key)
-    assert "a TLS key but no certificate" in msg, msg
+    assert "dashboard.tls_key_file is set but dashboard.tls_cert_file is not" in msg, msg
     msg = refused(cert, None)
     assert f"{cert} has no key" in msg and "LoadCredential=visita-dashboard-key" in msg, msg
 
@@ -225,25 +231,129 @@ def test_config_check_says_how_the_dashboard_is_served(tmp_path: Path, monkeypat
     out = notes(_config(tmp_path, port, cert, None))
     assert "key is to come from the unit's credential visita-dashboard-key" in out, out
     assert f"serves HTTPS with {cert}, for visita-gw.local, 127.0.0.1" in out, out
+    # Not served (listen = "off"): the gateway does not load the certificate, and config check does not ask for it.
+    out = notes(_config(tmp_path, port, tmp_path / "gone.crt", tmp_path / "gone.key", listen="off"))
+    assert "HTTPS" not in out and "plain HTTP" not in out, out
 
 
-def test_the_unit_can_hand_over_certificate_and_key_as_credentials(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_unit_can_hand_over_the_key_as_a_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cert, key = _openssl_cert(tmp_path)
     creds = tmp_path / "credentials"
     creds.mkdir()
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     assert DashboardConfig().tls() is None  # neither: plain HTTP
     (creds / "visita-dashboard-key").write_bytes(key.read_bytes())
-    with pytest.raises(ValueError, match="a TLS key but no certificate"):
+    # A key without a certificate in the config would be served where the CLI expects plain HTTP: refused.
+    with pytest.raises(
+        ValueError, match=r"systemd credential visita-dashboard-key is set but dashboard\.tls_cert_file"
+    ):
         DashboardConfig().tls()
     tls = DashboardConfig(tls_cert_file=str(cert)).tls()  # the certificate in the config, the key from systemd
-    assert tls is not None and tls.key == str(creds / "visita-dashboard-key")
-    (creds / "visita-dashboard-cert").write_bytes(cert.read_bytes())
-    tls = DashboardConfig().tls()
-    assert tls is not None and tls.cert == str(creds / "visita-dashboard-cert")
-    assert DashboardConfig().tls_cert() == (
-        str(creds / "visita-dashboard-cert"),
-        "systemd credential visita-dashboard-cert",
+    assert tls is not None and (tls.cert, tls.key) == (str(cert), str(creds / "visita-dashboard-key"))
+
+
+class _Catcher(http.server.BaseHTTPRequestHandler):
+    """A server that is not the gateway: it records the Authorization header of every request it gets."""
+
+    heard: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.heard.append(self.headers.get("Authorization", ""))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"spots": []}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _catcher(cert: Path | None, key: Path | None) -> Iterator[int]:
+    """A catching server on a free loopback port, over HTTPS with `cert` and `key` or plain HTTP."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Catcher)
+    if cert is not None and key is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _issue(where: Path, name: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None) -> tuple[Path, Path]:
+    """A certificate for `name` (and 127.0.0.1) issued by `ca`, or a CA of its own when `ca` is None."""
+    private = _key(where / f"{name}.key")
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca[0].subject if ca else subject)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=90))
+        .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
     )
+    if ca is not None:
+        san = [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    built = builder.sign(ca[1] if ca else private, hashes.SHA256())
+    (where / f"{name}.crt").write_bytes(built.public_bytes(serialization.Encoding.PEM))
+    return where / f"{name}.crt", where / f"{name}.key"
+
+
+def test_the_cli_sends_its_token_only_to_the_configured_certificate(tmp_path: Path) -> None:
+    """`visita survey` on the gateway's machine trusts the configured certificate alone: not another self-signed one,
+    not another certificate of the CA in its chain; and no token goes to another host over plain HTTP."""
+    ca_crt, ca_key = _issue(tmp_path, "store-ca", None)
+    ca = (
+        x509.load_pem_x509_certificate(ca_crt.read_bytes()),
+        serialization.load_pem_private_key(ca_key.read_bytes(), None),
+    )
+    assert isinstance(ca[1], ec.EllipticCurvePrivateKey)
+    ours, _ = _issue(tmp_path, "visita-gw", (ca[0], ca[1]))
+    chain = tmp_path / "chain.crt"
+    chain.write_bytes(ours.read_bytes() + ca_crt.read_bytes())  # the gateway's certificate, then its CA's
+    printer, printer_key = _issue(tmp_path, "printer", (ca[0], ca[1]))
+    stranger, stranger_key = _openssl_cert(tmp_path, name="stranger")
+    _Catcher.heard.clear()
+
+    def survey(port: int, cert: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return _cli("survey", "status", "--config", str(_config(tmp_path, port, cert, None)), *extra)
+
+    for fake, fake_key in ((printer, printer_key), (stranger, stranger_key)):
+        with _catcher(fake, fake_key) as port:
+            r = survey(port, chain)
+        assert r.returncode == 1, r.stderr
+        assert f"serves a certificate other than dashboard.tls_cert_file {chain}" in r.stderr, r.stderr
+        assert "systemctl restart visita" in r.stderr
+    assert _Catcher.heard == [], "the installer token went to a server with another certificate"
+
+    # The configured certificate itself is accepted, chain and all (the catcher stands in for the gateway).
+    with _catcher(chain, tmp_path / "visita-gw.key") as port:
+        r = survey(port, chain, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"spots": []}, r.stderr
+    assert _Catcher.heard == [f"Bearer {TOKEN}"]
+
+    # A gateway still on plain HTTP (the certificate set since it started) is named as such, token unsent.
+    with _catcher(None, None) as port:
+        r = survey(port, chain)
+    assert r.returncode == 1 and "does not speak HTTPS" in r.stderr and "restart" in r.stderr, r.stderr
+    assert len(_Catcher.heard) == 1
+
+    # Plain HTTP to another host: refused before anything is sent. A configured certificate that cannot be read: named.
+    token = tmp_path / "installer-token"
+    r = _cli("survey", "status", "--url", "http://192.0.2.10:8080", "--token-file", str(token))
+    assert r.returncode == 2 and "plain HTTP would send the installer token across the network" in r.stderr, r.stderr
+    gone = tmp_path / "gone.crt"
+    cfg = _config(tmp_path, free_port(), gone, None)
+    r = _cli("survey", "status", "--config", str(cfg), "--url", "https://127.0.0.1:9", "--token-file", str(token))
+    assert r.returncode == 2 and f"dashboard.tls_cert_file {gone}: cannot be used" in r.stderr, r.stderr
+    r = _cli("survey", "status", "--config", str(cfg))
+    assert r.returncode == 2 and f"dashboard.tls_cert_file {gone}: cannot be used" in r.stderr, r.stderr
