@@ -153,6 +153,10 @@ class Status(BaseModel):
     checkins: dict[str, Any] = Field(description="App check-ins accepted, and refused by reason.")
     store: dict[str, Any] = Field(description="Database file, outbox depth, commits.")
     uplink: dict[str, Any] = Field(description="MQTT broker connection and outbox delivery.")
+    dashboard: dict[str, Any] = Field(
+        description="How this API is served: `https`, and the certificate's end (`certificate_until`, ISO 8601 UTC) "
+        "and `certificate_names` (dashboard.tls_cert_file, docs/install.md)."
+    )
 
 
 class CheckinAward(BaseModel):

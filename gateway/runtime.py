@@ -188,6 +188,8 @@ class Gateway:
         """The installer endpoints' bearer token (set by `run` from the config); None: those endpoints are off."""
         self.support_token: str | None = None
         """Support staff's bearer token for the points explanations (set by `run`); None: that endpoint is off."""
+        self.dashboard_tls: DashboardTls | None = None
+        """The certificate the dashboard serves HTTPS with (set by `run`); None: plain HTTP."""
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
         self.tracker = VisitTracker(settings.gateway, visits_cfg)
         self.linker = HandoverLinker(settings.plan.doors) if settings.visits.handover else None
@@ -526,6 +528,11 @@ class Gateway:
             "checkins": self.checkins.diagnostics(),
             "store": self.store.diagnostics(),
             "uplink": self.uplink.diagnostics() if self.uplink else {"broker": "off"},
+            "dashboard": {
+                "https": self.dashboard_tls is not None,
+                "certificate_until": self.dashboard_tls.not_after.isoformat() if self.dashboard_tls else None,
+                "certificate_names": self.dashboard_tls.names if self.dashboard_tls else [],
+            },
             **({"nodes": self.nodes.diagnostics()} if self.nodes is not None else {}),
         }
 
@@ -742,7 +749,7 @@ async def run(
     try:
         gw.installer_token = settings.dashboard.installer_token()
         gw.support_token = settings.dashboard.support_token()
-        tls = settings.dashboard.tls() if listen != "off" else None
+        gw.dashboard_tls = tls = settings.dashboard.tls() if listen != "off" else None
     except ValueError as e:
         store.close()
         raise StartupError(str(e)) from None

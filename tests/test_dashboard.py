@@ -242,6 +242,7 @@ def test_status_reports_every_stage(run: SimRun) -> None:
     assert s["adverts"] == s["source"]["adverts"] == s["decoder"]["total"] > 10_000
     assert s["source"]["source"] == "sim"
     assert s["uplink"] == {"broker": "off"}
+    assert s["dashboard"] == {"https": False, "certificate_until": None, "certificate_names": []}
     occupancy = run.get("/api/v1/footfall")["occupancy"]
     staff_inside = sum(1 for v in run.get("/api/v1/visits?limit=500") if v["open"] and v["classification"] == "staff")
     assert s["visits"]["open_visits"] == occupancy + staff_inside

@@ -88,6 +88,10 @@ def test_the_dashboard_serves_https_and_the_cli_expects_its_certificate(tmp_path
                 assert time.monotonic() < deadline, "the gateway did not answer over HTTPS within 30 s"
                 time.sleep(0.2)
         assert health["status"] == "ok"
+        served = _https(f"{base}/api/v1/status", cert)["dashboard"]
+        assert served["https"] is True and served["certificate_names"] == ["visita-gw.local", "127.0.0.1"], served
+        until = dt.datetime.fromisoformat(str(served["certificate_until"]))
+        assert 820 <= (until - dt.datetime.now(dt.UTC)).days <= 825, served
         # Plain HTTP gets no answer from the HTTPS port.
         with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
