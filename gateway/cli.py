@@ -473,21 +473,19 @@ def _gateway_call(
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         if isinstance(reason, ssl.SSLCertVerificationError) and pinned:
-            raise GatewayCallError(
-                f"the gateway at {base} serves a certificate other than dashboard.tls_cert_file {pinned} "
-                f"({reason.verify_message}): after changing the certificate, restart the gateway (systemctl restart "
-                "visita)"
-            ) from None
+            raise GatewayCallError(_pin_failure(base, pinned, reason)) from None
         if isinstance(reason, ssl.SSLCertVerificationError):
             raise GatewayCallError(
                 f"the gateway at {base} presents a certificate this machine does not trust ({reason.verify_message}):"
                 " pass --cafile with the gateway's certificate (dashboard.tls_cert_file there)"
             ) from None
-        if isinstance(reason, ssl.SSLError):
+        if isinstance(reason, ssl.SSLError) and reason.reason == "WRONG_VERSION_NUMBER":
             raise GatewayCallError(
                 f"the gateway at {base} does not speak HTTPS ({reason}): if dashboard.tls_cert_file was set since it "
                 "started, restart it (systemctl restart visita)"
             ) from None
+        if isinstance(reason, ssl.SSLError):
+            raise GatewayCallError(f"the TLS handshake with the gateway at {base} failed: {reason}") from None
         if base.startswith("http:") and isinstance(reason, ConnectionResetError):
             raise GatewayCallError(
                 f"the gateway at {base} hung up without an answer ({reason}): if it serves HTTPS, name its "
@@ -502,7 +500,6 @@ def _gateway_address(args: argparse.Namespace, settings: Settings, role: str) ->
     """The running gateway's base URL and the TLS context to reach it with, and the certificate file it is pinned to
     ("" unless it is this machine's own gateway over HTTPS). UsageError when the token would cross a network in clear
     or a certificate cannot be used."""
-    import re
     import ssl
     from urllib.parse import urlsplit
 
@@ -511,8 +508,12 @@ def _gateway_address(args: argparse.Namespace, settings: Settings, role: str) ->
     cert = settings.dashboard.tls_cert_file
     if args.url:
         base = args.url.rstrip("/")
-        parts = urlsplit(base)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(base)
+            _ = parts.port  # a port that is not a number raises here
+        except ValueError as e:
+            raise UsageError(f"--url {args.url}: {e}; give an address such as https://visita-gw.local:8443") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username is not None:
             raise UsageError(f"--url {args.url}: not an http(s) address such as https://visita-gw.local:8443")
         if parts.scheme == "http" and not is_loopback(parts.hostname):
             raise UsageError(
@@ -522,12 +523,13 @@ def _gateway_address(args: argparse.Namespace, settings: Settings, role: str) ->
             )
         # Publicly trusted certificates, plus the one given and the one this machine's gateway serves, names checked.
         context = ssl.create_default_context()
-        for path, what in ((args.cafile, "--cafile"), (cert, "dashboard.tls_cert_file")):
-            try:
-                if path:
-                    context.load_verify_locations(path)
-            except (OSError, ssl.SSLError) as e:
-                raise UsageError(f"{what} {path}: cannot be used: {e}; give a PEM certificate") from None
+        try:
+            if args.cafile:
+                context.load_verify_locations(args.cafile)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError(f"--cafile {args.cafile}: cannot be used: {e}; give a PEM certificate") from None
+        if cert:
+            context.load_verify_locations(cadata=_own_certificate(cert))
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate trusted as it is, not only a CA
         return base, context, ""
     if settings.dashboard.listen == "off":
@@ -536,20 +538,67 @@ def _gateway_address(args: argparse.Namespace, settings: Settings, role: str) ->
     host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     scheme = "https" if cert else "http"
     base = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-    context = ssl.create_default_context()
-    if cert:
-        # This machine's own gateway: expect exactly the certificate it is configured with, the first in the file,
-        # whatever names it is for. Not the rest of a chain: a CA there would vouch for every certificate it issued.
-        try:
-            first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", Path(cert).read_text(), re.S)
-            if first is None:
-                raise ValueError("no '-----BEGIN CERTIFICATE-----' block")
-            context = ssl.create_default_context(cadata=first.group(0))
-        except (OSError, ValueError, ssl.SSLError) as e:
-            raise UsageError(f"dashboard.tls_cert_file {cert}: cannot be used: {e}") from None
-        context.check_hostname = False
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if not cert:
+        if not is_loopback(host) and not _is_own_address(host):
+            raise UsageError(
+                f"dashboard.listen {settings.dashboard.listen}: {host} is not this machine, and plain HTTP would send "
+                f"the {role} token there in clear; use an address of this machine, or HTTPS (docs/install.md)"
+            )
+        return base, ssl.create_default_context(), ""
+    # This machine's own gateway: expect exactly the certificate it is configured with, whatever names it is for.
+    context = ssl.create_default_context(cadata=_own_certificate(cert))
+    context.check_hostname = False
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return base, context, cert
+
+
+def _own_certificate(cert: str) -> str:
+    """The first certificate in the file `dashboard.tls_cert_file` names (PEM): this gateway's own, and only it. Not
+    the rest of a chain: a CA there would vouch for every certificate it issued. UsageError when it cannot be read."""
+    import re
+
+    try:
+        first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", Path(cert).read_text(), re.S)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"dashboard.tls_cert_file {cert}: cannot be used: {e}") from None
+    if first is None:
+        raise UsageError(f"dashboard.tls_cert_file {cert}: cannot be used: no '-----BEGIN CERTIFICATE-----' block")
+    return first.group(0)
+
+
+def _is_own_address(host: str) -> bool:
+    """Whether `host` is an address this machine can listen on (so that a connection there stays on it)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((addr[0], 0))
+            except OSError:
+                return False
+    return bool(infos)
+
+
+def _pin_failure(base: str, pinned: str, e: ssl.SSLCertVerificationError) -> str:
+    """What to do when this machine's gateway does not present the configured certificate as valid."""
+    if e.verify_code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+        return (
+            f"the gateway at {base} serves dashboard.tls_cert_file {pinned}, which has expired: make a new one and "
+            "restart the gateway (docs/install.md, HTTPS)"
+        )
+    if e.verify_code == 9:  # X509_V_ERR_CERT_NOT_YET_VALID
+        return (
+            f"the gateway at {base} serves dashboard.tls_cert_file {pinned}, which is not valid yet by this machine's "
+            "clock: check the clock (timedatectl; a Pi has no real-time clock before NTP)"
+        )
+    return (
+        f"the gateway at {base} serves a certificate other than dashboard.tls_cert_file {pinned} ({e.verify_message}):"
+        " after changing the certificate, restart the gateway (systemctl restart visita)"
+    )
 
 
 class GatewayCallError(Exception):

@@ -356,13 +356,20 @@ def load_tls(cert: tuple[str, str], key: tuple[str, str] | None) -> DashboardTls
 
 
 def is_loopback(host: str) -> bool:
-    """Whether `host` (an address, or a name) is this machine only: what is sent there does not cross a network."""
+    """Whether `host` (an address, or a name this machine resolves, such as a Pi's own name in /etc/hosts) is this
+    machine only: what is sent there does not cross a network."""
     import ipaddress
+    import socket
 
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
-        return host == "localhost"
+        pass
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in found)
 
 
 TLS_EXPIRY_WARNING_DAYS = 30

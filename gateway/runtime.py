@@ -30,6 +30,7 @@ from gateway.config import (
     DashboardTls,
     Settings,
     default_data_dir,
+    load_tls,
     parse_listen,
     parse_mqtt_url,
     serving_notes,
@@ -674,6 +675,28 @@ TLS_RECHECK_S = 86_400.0
 """How often a running gateway looks again at its certificate's end (the start-up log says it first)."""
 
 
+def recheck_certificate(listen: str, tls: DashboardTls) -> None:
+    """Log what needs doing about the certificate the dashboard serves: its end near or past, or a file replaced
+    since the start (the new one is served only after a restart)."""
+    try:
+        on_disk = load_tls((tls.cert, "dashboard.tls_cert_file"), None)
+    except ValueError as e:
+        on_disk = None
+        log.warning("the dashboard's certificate cannot be read again (%s); it serves the one read at start", e)
+    if on_disk is not None and on_disk.not_after != tls.not_after:
+        log.warning(
+            "%s was replaced since the start (the new certificate ends %s), but the dashboard serves the old one "
+            "(ends %s) until the gateway restarts: systemctl restart visita",
+            tls.cert,
+            on_disk.not_after.date(),
+            tls.not_after.date(),
+        )
+        return
+    for level, message in serving_notes(listen, tls, []):
+        if level >= logging.WARNING:
+            log.log(level, "%s", message)
+
+
 def bind(listen: str) -> socket.socket:
     """A listening socket for the dashboard; OSError names the address."""
     host, port = parse_listen(listen)
@@ -834,9 +857,7 @@ async def run(
             systemd.alive()
             if tls is not None and time.monotonic() >= tls_check:  # a gateway runs for months: say it again daily
                 tls_check = time.monotonic() + TLS_RECHECK_S
-                for level, message in serving_notes(listen, tls, []):
-                    if level >= logging.WARNING:
-                        log.log(level, "%s", message)
+                recheck_certificate(listen, tls)
             if final:
                 break
             with contextlib.suppress(TimeoutError):

@@ -10,6 +10,7 @@ import datetime as dt
 import http.server
 import ipaddress
 import json
+import logging
 import signal
 import ssl
 import subprocess
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from firmware_sim.scenario import beacon_subject_id, load_scenario
 from gateway.config import DashboardConfig, load_tls
+from gateway.runtime import recheck_certificate
 
 TOKEN = "installer-token-for-tests-0123456789"
 
@@ -289,8 +291,11 @@ def _catcher(cert: Path | None, key: Path | None) -> Iterator[int]:
         server.server_close()
 
 
-def _issue(where: Path, name: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None) -> tuple[Path, Path]:
-    """A certificate for `name` (and 127.0.0.1) issued by `ca`, or a CA of its own when `ca` is None."""
+def _issue(
+    where: Path, name: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None, loopback: bool = True
+) -> tuple[Path, Path]:
+    """A certificate for `name` (and 127.0.0.1 with `loopback`) issued by `ca`, or a CA of its own when `ca` is
+    None."""
     private = _key(where / f"{name}.key")
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
@@ -305,7 +310,8 @@ def _issue(where: Path, name: str, ca: tuple[x509.Certificate, ec.EllipticCurveP
         .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
     )
     if ca is not None:
-        san = [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        san: list[x509.GeneralName] = [x509.DNSName(name)]
+        san += [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if loopback else []
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
     built = builder.sign(ca[1] if ca else private, hashes.SHA256())
     (where / f"{name}.crt").write_bytes(built.public_bytes(serialization.Encoding.PEM))
@@ -321,7 +327,7 @@ def test_the_cli_sends_its_token_only_to_the_configured_certificate(tmp_path: Pa
         serialization.load_pem_private_key(ca_key.read_bytes(), None),
     )
     assert isinstance(ca[1], ec.EllipticCurvePrivateKey)
-    ours, _ = _issue(tmp_path, "visita-gw", (ca[0], ca[1]))
+    ours, _ = _issue(tmp_path, "visita-gw", (ca[0], ca[1]), loopback=False)  # not for 127.0.0.1: names not checked
     chain = tmp_path / "chain.crt"
     chain.write_bytes(ours.read_bytes() + ca_crt.read_bytes())  # the gateway's certificate, then its CA's
     printer, printer_key = _issue(tmp_path, "printer", (ca[0], ca[1]))
@@ -361,3 +367,50 @@ def test_the_cli_sends_its_token_only_to_the_configured_certificate(tmp_path: Pa
     assert r.returncode == 2 and f"dashboard.tls_cert_file {gone}: cannot be used" in r.stderr, r.stderr
     r = _cli("survey", "status", "--config", str(cfg))
     assert r.returncode == 2 and f"dashboard.tls_cert_file {gone}: cannot be used" in r.stderr, r.stderr
+    for bad in ("http://127.0.0.1:abc", "http://[::1", "http://evil.example:80@127.0.0.1:8080"):
+        r = _cli("survey", "status", "--url", bad, "--token-file", str(token))
+        assert r.returncode == 2 and f"--url {bad}:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+    # With --url on this machine the configured chain's CA vouches for nothing either (names are checked there, and
+    # the printer's certificate is for 127.0.0.1).
+    with _catcher(printer, printer_key) as port:
+        r = _cli(
+            "survey",
+            "status",
+            "--config",
+            str(_config(tmp_path, port, chain, None)),
+            "--url",
+            f"https://127.0.0.1:{port}",
+        )
+    assert r.returncode == 1 and "does not trust" in r.stderr, r.stderr
+    assert len(_Catcher.heard) == 1
+
+
+def test_an_expired_certificate_is_named_by_the_cli_and_by_the_daily_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, old_key = _expired_cert(tmp_path)
+    with _catcher(old, old_key) as port:
+        r = _cli("survey", "status", "--config", str(_config(tmp_path, port, old, None)))
+    assert r.returncode == 1 and f"serves dashboard.tls_cert_file {old}, which has expired" in r.stderr, r.stderr
+
+    # The running gateway's daily look at its certificate: past its end; then a file replaced but not yet served.
+    tls = load_tls((str(old), "dashboard.tls_cert_file"), (str(old_key), "dashboard.tls_key_file"))
+    with caplog.at_level(logging.INFO, logger="visita.runtime"):
+        recheck_certificate("0.0.0.0:8443", tls)
+    assert [(r.levelno, r.getMessage().split(" expired on")[0]) for r in caplog.records] == [
+        (logging.ERROR, f"the dashboard's certificate {old}")
+    ]
+    caplog.clear()
+    new, _ = _openssl_cert(tmp_path)
+    old.write_bytes(new.read_bytes())
+    with caplog.at_level(logging.INFO, logger="visita.runtime"):
+        recheck_certificate("0.0.0.0:8443", tls)
+    (rec,) = caplog.records
+    assert rec.levelno == logging.WARNING and "was replaced since the start" in rec.getMessage(), rec.getMessage()
+    assert "systemctl restart visita" in rec.getMessage()
+    caplog.clear()
+    fresh = load_tls((str(new), "c"), None)
+    with caplog.at_level(logging.INFO, logger="visita.runtime"):
+        recheck_certificate("0.0.0.0:8443", fresh)
+    assert caplog.records == [], "a certificate far from its end is not logged again every day"
