@@ -3,17 +3,25 @@
 Counts follow the visit tracker's changes: an entry is a visit that started, an exit one that
 ended, a pass-by a session that ended without ever qualifying. Staff are counted apart and
 never in occupancy or entries.
+
+Today's counts, the last hour's entries and the minute in progress are kept in the store (`state`, `restore`):
+a restart goes on counting where it stopped, and the minute it stopped in is published once, when it closes (or
+at the first update after a restart in a later minute, without filling the minutes the gateway was down with
+zeros it did not count). Open visits are not kept: the tracker starts without any (a clean stop ends them all).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from gateway.days import LocalDays
 from gateway.model import VisitChange
+
+log = logging.getLogger("visita.footfall")
 
 QUIET_GAP_S = 3600.0
 """A run of quiet minutes (nothing entered, left or passed) longer than this is not filled minute by minute: the
@@ -41,10 +49,67 @@ class Footfall:
         self._today = {"visitors": 0, "passbys": 0, "staff": 0}
         self._minute: _Minute | None = None
         self._now = 0.0
+        self._restored: dict[str, Any] | None = None
+
+    def state(self) -> dict[str, Any]:
+        """What `restore` needs after a restart (JSON types)."""
+        return {
+            "day": self._day,
+            "today": dict(self._today),
+            "entries": list(self._entries),
+            "minute": None if self._minute is None else asdict(self._minute),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take up a `state` kept before a restart; it applies at the first `update` (whose time says whether it is
+        still the same day and minute). A state that is not the shape `state` writes is logged and ignored."""
+        number = (int, float)
+        try:
+            minute = state["minute"]
+            ok = (
+                isinstance(state["day"], str)
+                and set(state["today"]) == set(self._today)
+                and all(type(n) is int for n in state["today"].values())
+                and all(isinstance(t, number) for t in state["entries"])
+                and (
+                    minute is None
+                    or (
+                        set(minute) == {f.name for f in fields(_Minute)}
+                        and all(isinstance(minute[k], number) for k in ("start", "dwell_sum_s"))
+                        and all(type(minute[k]) is int for k in ("entries", "exits", "passbys"))
+                    )
+                )
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            ok, why = False, f"{type(e).__name__} {e}"
+        else:
+            why = "unexpected values"
+        if not ok:
+            log.warning("footfall counts kept before the restart are not usable (%s): counting from zero", why)
+            return
+        self._restored = state
+
+    def _take_restored(self, now: float) -> list[dict[str, Any]]:
+        """Apply a restored state at the first update: today's counts when it is still that day, the minute in
+        progress when it is still that minute, else that minute closed now (returned) and counting from `now`."""
+        state, self._restored = self._restored, None
+        assert state is not None
+        if state["day"] == self._days.day(now):
+            self._day = state["day"]
+            self._today = {k: int(v) for k, v in state["today"].items()}
+            self._entries = deque(t for t in state["entries"] if t >= now - 3600)
+        minute = state["minute"]
+        if minute is None:
+            return []
+        m = _Minute(**minute)
+        if m.start == now - now % 60:
+            self._minute = m
+            return []
+        return [self._aggregate(m)] if m.entries or m.exits or m.passbys else []
 
     def update(self, changes: Sequence[VisitChange], now: float) -> list[dict[str, Any]]:
         """Fold in changes; returns the aggregates of every minute that closed before `now`."""
-        closed: list[dict[str, Any]] = []
+        closed: list[dict[str, Any]] = self._take_restored(now) if self._restored is not None else []
         self._now = max(self._now, now)
         for c in sorted(changes, key=lambda c: c.ts):
             closed += self._roll(c.ts)
@@ -86,18 +151,20 @@ class Footfall:
             if start - m.start > QUIET_GAP_S and not (m.entries or m.exits or m.passbys):
                 self._minute = _Minute(start - QUIET_GAP_S)
                 continue
-            out.append(
-                {
-                    "minute": m.start,
-                    "entries": m.entries,
-                    "exits": m.exits,
-                    "passbys": m.passbys,
-                    "occupancy": len(self._open),
-                    "mean_dwell_s": round(m.dwell_sum_s / m.exits, 1) if m.exits else None,
-                }
-            )
+            out.append(self._aggregate(m))
             self._minute = _Minute(m.start + 60)
         return out
+
+    def _aggregate(self, m: _Minute) -> dict[str, Any]:
+        """A closed minute, as `footfall.minute` carries it."""
+        return {
+            "minute": m.start,
+            "entries": m.entries,
+            "exits": m.exits,
+            "passbys": m.passbys,
+            "occupancy": len(self._open),
+            "mean_dwell_s": round(m.dwell_sum_s / m.exits, 1) if m.exits else None,
+        }
 
     def snapshot(self) -> dict[str, Any]:
         """Occupancy now, entries in the last hour, today's visitors / pass-bys / staff."""

@@ -197,6 +197,9 @@ class Gateway:
         since = ledger_since(rules, store.history_days())
         self.points = PointsEngine(rules, days, store.awards(since), members.tier, members.known, since)
         self.footfall = Footfall(days)
+        kept = store.footfall_state()
+        if kept is not None:  # today's counts and the minute in progress before a restart
+            self.footfall.restore(kept)
         self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
         self.uplink: Uplink | None = None
         self.downlink: Downlink | None = None
@@ -265,12 +268,13 @@ class Gateway:
         minutes = self.footfall.update(changes, now)
         events = [e for c in changes if (e := self.events.from_change(c)) is not None]
         events += [self.events.from_award(a) for a in awards]
-        events += [self.events.make("footfall.minute", m["minute"] + 60, m) for m in minutes]
+        events += self._minute_events(minutes)
         finished = [c.visit for c in changes if c.kind == "ended" and c.visit.classification != "pass-by"]
         self._put_checkins()
         self.store.put_events(events)
         self.store.put_awards(awards)
         self.store.put_visits(finished)
+        self.store.put_footfall(self.footfall.state())
         if self.uplink is not None:
             self.store.ack_events(self.uplink.take_acks())
         self._commit()  # stored before anything is offered to the broker
@@ -340,8 +344,13 @@ class Gateway:
         if events:
             self.store.put_events(events)
             self.store.put_awards(awards)
+            self.store.put_footfall(self.footfall.state())
             self._checkin_events, self._checkin_awards = [], []
         return events
+
+    def _minute_events(self, minutes: list[dict[str, Any]]) -> list[Event]:
+        """`footfall.minute` events for the minutes `Footfall.update` closed."""
+        return [self.events.make("footfall.minute", m["minute"] + 60, m) for m in minutes]
 
     def _apply_checkin(self, body: bytes) -> dict[str, Any]:
         now = max(self.clock(), self.now)
@@ -355,7 +364,9 @@ class Gateway:
         visit = changes[0].visit if changes else self.tracker.open_visit(subject)
         assert visit is not None  # a check-in always leaves its subject's visit open
         awards = self.points.evaluate(changes) + self.points.evaluate_open([visit], now)
-        events = [e for ch in changes if (e := self.events.from_change(ch)) is not None]
+        # Footfall counts a checked-in visitor like any other (the minutes it closes come first: they are older).
+        events = self._minute_events(self.footfall.update(changes, now))
+        events += [e for ch in changes if (e := self.events.from_change(ch)) is not None]
         accepted = {
             "member": c.member,
             "visit_id": visit.visit_id,

@@ -96,7 +96,7 @@ rewriting the outbox at every tick."""
 DROP_ORDER = ("footfall.minute", "zone.changed")
 """Event types the outbox bound may drop, first to last. Visits and awards are never dropped."""
 
-_OUTBOX, _JOURNAL, _META = "outbox", "journal", "meta"
+_OUTBOX, _JOURNAL, _META, _FOOTFALL = "outbox", "journal", "meta", "footfall"
 CHUNK = 1000
 """Events per outbox table (``outbox.<seq // CHUNK>``): a tick touches the newest chunk and the
 oldest, and the storage reuses the JSON text of every other chunk, so a long backlog is not
@@ -580,6 +580,12 @@ class Store:
                 except (KeyError, TypeError, ValueError) as e:
                     raise bad(name, doc_id, e) from e
 
+        self._footfall: dict[str, Any] | None = None
+        for doc_id, rec in docs(_FOOTFALL):
+            if doc_id != 1 or not isinstance(rec.get("state"), dict):
+                raise _CorruptFileError(f"table {_FOOTFALL!r} document {doc_id} is malformed")
+            self._footfall = rec["state"]
+
         for doc_id, rec in docs(_META):
             value = rec.get("last_seq")
             if doc_id != _META_DOC_ID or not isinstance(value, int) or value < 0:
@@ -885,6 +891,20 @@ class Store:
             self._last_seq = top
             self._meta.upsert(Document({"last_seq": top}, doc_id=_META_DOC_ID))
         self._enforce_bound()
+
+    def put_footfall(self, state: dict[str, Any]) -> None:
+        """Keep the footfall counters' state (`Footfall.state`) with the next commit, so that a restart goes on
+        counting today where it stopped and publishes the minute it was in once. Not a reason to write by itself:
+        the minute events that change it are."""
+        self._require_open()
+        if state == self._footfall:
+            return
+        self._footfall = _plain(state, "the footfall state")
+        self._db.table(_FOOTFALL).upsert(Document({"state": self._footfall}, doc_id=1))
+
+    def footfall_state(self) -> dict[str, Any] | None:
+        """The footfall state kept by `put_footfall`, as last committed or put; None when there is none."""
+        return self._footfall
 
     def _chunk(self, chunk: int) -> Table:
         return self._db.table(f"{_OUTBOX}.{chunk}")

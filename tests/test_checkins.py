@@ -111,6 +111,38 @@ def test_accepted_check_in_opens_a_visit_awards_and_publishes_in_order(gw: Gatew
         assert KEYS["m-1"].hex() not in text and "sig" not in e.data and "nonce" not in e.data
 
 
+def test_a_checked_in_visitor_counts_in_footfall_and_the_counts_survive_a_restart(tmp_path: Path) -> None:
+    clock = Clock(NOW)
+    gw = gateway(tmp_path / "data", clock)
+    with TestClient(create_app(gw)) as client:
+        assert post(client, body()).status_code == 201
+        snap = client.get("/api/v1/footfall").json()
+    assert (snap["occupancy"], snap["entries_last_hour"], snap["visitors_today"]) == (1, 1, 1), snap
+    gw.step(NOW + 61)  # the check-in's minute closes: its entry is in it
+    gw.end_visits(NOW + 61)  # a clean stop ends the visit
+    clock.t = NOW + 62
+    gw.store.commit(force=True)
+    minutes = [e.data for e in gw.store.pending_events() if e.type == "footfall.minute"]
+    assert [(m["minute"], m["entries"]) for m in minutes] == [(NOW - NOW % 60, 1)], minutes
+    gw.store.close()
+    gw.checkins.close()
+
+    # Restarted the same minute: today's visitor is still counted, and no minute is published twice.
+    again = gateway(tmp_path / "data", clock)
+    try:
+        assert again.footfall.snapshot()["visitors_today"] == 0  # applied at the first step, whose time says the day
+        again.step(NOW + 62)
+        assert again.footfall.snapshot()["visitors_today"] == 1
+        again.step(NOW + 200)
+        published = [e.data["minute"] for e in again.store.pending_events() if e.type == "footfall.minute"]
+        assert len(published) == len(set(published)), f"a minute published twice: {published}"
+        exits = {e.data["minute"]: e.data["exits"] for e in again.store.pending_events() if e.type == "footfall.minute"}
+        assert sum(exits.values()) == 1, exits
+    finally:
+        again.store.close()
+        again.checkins.close()
+
+
 @pytest.mark.parametrize(
     ("make", "status", "reason", "field"),
     [

@@ -183,3 +183,45 @@ def test_an_end_without_a_start_seen_is_not_an_exit() -> None:
     t0 = 1_764_000_000.0
     out = f.update([chg("ended", t0 + 10, visit("old", t0 - 600, t0, "visitor", t0 + 10))], t0 + 70)
     assert sum(m["exits"] for m in out) == 0 and f.snapshot()["occupancy"] == 0
+
+
+def test_a_restart_in_the_same_minute_goes_on_counting_and_publishes_that_minute_once() -> None:
+    days = LocalDays("Europe/Berlin")
+    f = Footfall(days)
+    before = run(f, hand_built_morning(), at(10, 0, 0), at(10, 6, 30))
+    kept = f.state()
+    # A new process, the same day and minute: today's counts go on, the minute in progress closes once.
+    g = Footfall(days)
+    g.restore(kept)
+    assert g.update([], at(10, 6, 40)) == []
+    snap = g.snapshot()
+    assert (snap["visitors_today"], snap["passbys_today"], snap["staff_today"]) == (2, 2, 1)
+    assert snap["entries_last_hour"] == 2 and snap["occupancy"] == 0, "open visits are not kept: the tracker restarts"
+    after = g.update([], at(10, 7, 0))
+    assert [m["minute"] for m in after] == [at(10, 6)]
+    assert after[0]["exits"] == 1, "v2's exit (10:06:20) was counted before the restart, published with its minute"
+    assert at(10, 6) not in [m["minute"] for m in before]
+
+
+def test_a_restart_in_a_later_minute_publishes_the_stopped_minute_at_once_and_no_zeros_for_the_gap() -> None:
+    days = LocalDays("Europe/Berlin")
+    f = Footfall(days)
+    run(f, hand_built_morning(), at(10, 0, 0), at(10, 6, 30))
+    g = Footfall(days)
+    g.restore(f.state())
+    out = g.update([], at(10, 40, 5))
+    assert [(m["minute"], m["exits"]) for m in out] == [(at(10, 6), 1)], out
+    assert [m["minute"] for m in g.update([], at(10, 42, 0))] == [at(10, 40), at(10, 41)]
+    # The next day: today's counts start from zero.
+    h = Footfall(days)
+    h.restore(g.state())
+    h.update([], at(9, 0, 0, day=16))
+    assert h.snapshot()["visitors_today"] == 0 and h.snapshot()["day"] == "2026-06-16"
+
+
+def test_a_kept_state_that_is_not_footfalls_is_ignored_with_a_warning(caplog: Any) -> None:
+    for bad in ({"day": 3}, {"day": "2026-06-15", "today": [], "entries": [], "minute": None}, []):
+        f = Footfall(LocalDays("Europe/Berlin"))
+        f.restore(bad)  # type: ignore[arg-type]
+        assert f.update([], at(10, 0, 30)) == [] and f.snapshot()["visitors_today"] == 0
+    assert sum("not usable" in r.getMessage() for r in caplog.records) == 3
