@@ -26,6 +26,7 @@ from gateway.config import (
     parse_duration,
     parse_listen,
     parse_mqtt_url,
+    redact_url,
 )
 from gateway.identity import BeaconRegistry
 from gateway.points import load_rules, rules_in_force
@@ -96,8 +97,18 @@ def _mqtt(text: str) -> str:
         try:
             parse_mqtt_url(text)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+            raise argparse.ArgumentTypeError(f"{redact_url(text)!r}: {e}") from None
     return text
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value}: a seed is a whole number from 0 to 2**63 - 1")
+    return value
 
 
 def add_mqtt_flags(p: argparse.ArgumentParser) -> None:
@@ -217,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--nodes: an ESPresense node's room and the plan receiver it is (repeatable; default: the room's name)",
     )
     run.add_argument("--scenario", default="default", metavar="NAME|FILE", help="simulator scenario (default: default)")
-    run.add_argument("--seed", type=int, default=1, metavar="N", help="simulator seed (default: 1)")
+    run.add_argument("--seed", type=_seed, default=1, metavar="N", help="simulator seed (default: 1)")
     run.add_argument(
         "--speed",
         type=_speed,
@@ -245,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sim.add_argument("scenario", metavar="SCENARIO", help="a shipped scenario's name or a scenario file")
-    sim.add_argument("--seed", type=int, default=1, metavar="N", help="random seed (default: 1)")
+    sim.add_argument("--seed", type=_seed, default=1, metavar="N", help="random seed (default: 1)")
     sim.add_argument(
         "--duration", type=_duration, metavar="DURATION", help="e.g. 2h (default: 1h; with --bluez: until stopped)"
     )
@@ -300,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ev.add_argument("scenario", metavar="SCENARIO", help="a shipped scenario's name or a scenario file")
-    ev.add_argument("--seed", type=int, default=1, metavar="N", help="random seed (default: 1)")
+    ev.add_argument("--seed", type=_seed, default=1, metavar="N", help="random seed (default: 1)")
     ev.add_argument(
         "--duration",
         type=_duration,

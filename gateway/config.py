@@ -9,6 +9,7 @@ Nothing is loaded at import time: call `load_settings`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import ssl
@@ -21,15 +22,22 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 """Store, gateway, zone and receiver ids: lowercase, digits, '-' and '_'; safe in MQTT topics and URLs."""
 
 Id = Annotated[str, Field(pattern=ID_PATTERN)]
 
-Point = Annotated[tuple[float, float], Field(strict=False)]
-"""[x, y] in metres on the store plan (a TOML array of two numbers)."""
+
+def _finite(p: tuple[float, float]) -> tuple[float, float]:
+    if not all(math.isfinite(v) for v in p):
+        raise ValueError("coordinates must be finite numbers (metres), not nan or inf")
+    return p
+
+
+Point = Annotated[tuple[float, float], Field(strict=False), AfterValidator(_finite)]
+"""[x, y] in metres on the store plan (a TOML array of two finite numbers)."""
 
 
 class ConfigError(Exception):
@@ -184,6 +192,11 @@ class PlanConfig(Strict):
         for i, z in enumerate(self.zones):
             if z.polygon and len(z.polygon) < 3:
                 problems.append(f"zones[{i}].polygon: give at least three corners (or none)")
+            elif z.polygon and _area(z.polygon) < 0.01:
+                problems.append(
+                    f"zones[{i}].polygon: its corners enclose no area (all on one line or one point); give the "
+                    "zone's outline, corner by corner"
+                )
         if all(z.outside for z in self.zones):
             problems.append("zones: every zone is outside; at least one zone must be inside the store")
         if problems:
@@ -206,6 +219,12 @@ class PlanConfig(Strict):
     def has_geometry(self) -> bool:
         """True when every zone has a polygon and every receiver a position (the HMM estimator needs both)."""
         return all(z.polygon for z in self.zones) and all(r.position is not None for r in self.receivers)
+
+
+def _area(polygon: list[tuple[float, float]]) -> float:
+    """The area a polygon's corners enclose, m² (shoelace)."""
+    edges = zip(polygon, polygon[1:] + polygon[:1], strict=True)
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in edges)) / 2
 
 
 # --------------------------------------------------------------------------- sections
@@ -663,6 +682,15 @@ class Settings(Strict):
     survey: SurveyConfig = Field(default_factory=SurveyConfig)
     points: PointsConfig = Field(default_factory=PointsConfig)
 
+    @model_validator(mode="after")
+    def _estimator_needs(self) -> Settings:
+        if self.estimate.method == "hmm" and not self.plan.has_geometry():
+            raise ValueError(
+                'estimate.method = "hmm" needs the plan\'s geometry: a polygon for every zone and a position for every '
+                'receiver; give them, or use "auto" (the baseline without them)'
+            )
+        return self
+
     @field_validator("timezone")
     @classmethod
     def _tz(cls, v: str) -> str:
@@ -686,6 +714,11 @@ class MqttUrl:
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def redact_url(text: str) -> str:
+    """`text` with the user name and password of any URL in it replaced by *** (for messages and logs)."""
+    return re.sub(r"//[^/@\s]*@", "//***@", text)
 
 
 def parse_mqtt_url(url: str) -> MqttUrl:
@@ -811,6 +844,8 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
         elif e["type"] == "string_pattern_mismatch":
             msg = "must be lowercase letters, digits, '-' or '_' (at most 64), starting with a letter or digit"
         value = e.get("input")
+        if isinstance(value, str):
+            value = redact_url(value)
         if isinstance(value, (dict, list)) or key == "":
             lines.append(f"{source}: {key or '(top level)'}: {msg}")
         else:
@@ -858,6 +893,20 @@ def load_settings(path: Path | None) -> Settings:
         # A relative rules path means "next to the config file", wherever visita was started.
         points = settings.points.model_copy(update={"rules": str(path.parent / rules)})
         settings = settings.model_copy(update={"points": points})
+
+    def near(section: BaseModel, *names: str) -> Any:
+        """`section` with its relative file settings `names` resolved next to the config file."""
+        found = {n: str(path.parent / v) for n in names if (v := getattr(section, n)) and not Path(v).is_absolute()}
+        return section.model_copy(update=found) if found else section
+
+    settings = settings.model_copy(
+        update={
+            "dashboard": near(
+                settings.dashboard, "installer_token_file", "support_token_file", "tls_cert_file", "tls_key_file"
+            ),
+            "mqtt": near(settings.mqtt, "ca", "cert", "key", "password_file"),
+        }
+    )
     beacons = [
         b.model_copy(update={"eid": b.eid.model_copy(update={"key_file": str(path.parent / b.eid.key_file)})})
         if b.eid is not None and b.eid.key_file and not Path(b.eid.key_file).is_absolute()

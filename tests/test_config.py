@@ -80,7 +80,21 @@ def test_no_file_means_the_demo_store() -> None:
         ("[mqtt]\nkeepalive_s = 0\n", "visita.toml: mqtt.keepalive_s = 0: Input should be greater than or equal to 5"),
         ('[mqtt]\nkeepalive_s = "30"\n', "visita.toml: mqtt.keepalive_s = '30': Input should be a valid integer"),
         ('[mqtt]\nurl = "http://x"\n', "visita.toml: mqtt.url = 'http://x': must be mqtt://HOST[:PORT]"),
-        ('[mqtt]\nurl = "mqtt://u:p@x"\n', "must not hold a user name or password"),
+        ('[mqtt]\nurl = "mqtt://u:p@x"\n', "mqtt.url = 'mqtt://***@x': must not hold a user name or password"),
+        (
+            '[plan]\nzones = [{ id = "a", polygon = [[0, 0], [nan, 1], [1, 1]] }]\n'
+            'receivers = [{ id = "r", zone = "a" }]\n',
+            "plan.zones[0].polygon[1]: coordinates must be finite numbers (metres), not nan or inf",
+        ),
+        (
+            '[plan]\nzones = [{ id = "a", polygon = [[0, 0], [1, 1], [2, 2]] }]\n'
+            'receivers = [{ id = "r", zone = "a" }]\n',
+            "zones[0].polygon: its corners enclose no area",
+        ),
+        (
+            '[estimate]\nmethod = "hmm"\n[plan]\nzones = [{ id = "a" }]\nreceivers = [{ id = "r", zone = "a" }]\n',
+            'estimate.method = "hmm" needs the plan\'s geometry',
+        ),
         ('[mqtt]\nurl = "mqtt://x:99999"\n', "visita.toml: mqtt.url = 'mqtt://x:99999': port must be 1..65535"),
         ('store = "Main Street!"\n', "visita.toml: store = 'Main Street!': must be lowercase letters, digits"),
         ('timezone = "Mars/Olympus"\n', "visita.toml: timezone = 'Mars/Olympus': unknown time zone"),
@@ -112,6 +126,29 @@ def test_every_problem_gets_its_own_line(tmp_path: Path) -> None:
     lines = problems(path)
     assert len(lines) == 3
     assert all(line.startswith(f"{path}: ") for line in lines)
+
+
+def test_the_password_of_a_url_is_never_echoed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(write(tmp_path, '[mqtt]\nurl = "mqtt://u:hunter2@x"\n'))]) == 2
+    with pytest.raises(SystemExit):
+        main(["run", "--sim", "--mqtt", "mqtts://u:hunter2@x:8883"])
+    out = capsys.readouterr()
+    assert "hunter2" not in out.out + out.err and out.err.count("***@x") == 2, out.err
+
+
+def test_relative_secret_and_certificate_files_are_found_next_to_the_config(tmp_path: Path) -> None:
+    sub = tmp_path / "etc"
+    sub.mkdir()
+    cfg = write(
+        sub,
+        '[mqtt]\nca = "ca.pem"\npassword_file = "/abs/pw"\n[dashboard]\ninstaller_token_file = "tok"\n'
+        'support_token_file = "support"\ntls_cert_file = "tls/d.crt"\ntls_key_file = "tls/d.key"\n',
+    )
+    s = load_settings(cfg)
+    assert (s.mqtt.ca, s.mqtt.password_file) == (str(sub / "ca.pem"), "/abs/pw")
+    d = s.dashboard
+    assert (d.installer_token_file, d.support_token_file) == (str(sub / "tok"), str(sub / "support"))
+    assert (d.tls_cert_file, d.tls_key_file) == (str(sub / "tls/d.crt"), str(sub / "tls/d.key"))
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -218,6 +255,8 @@ def test_run_plan_must_match_the_scenario(tmp_path: Path, capsys: pytest.Capture
         (["--until", "soon"], "is not a duration"),
         (["--mqtt", "tcp://x"], "must be mqtt://HOST[:PORT]"),
         (["--dashboard", "localhost"], "must be HOST:PORT"),
+        (["--seed", "-1"], "a seed is a whole number from 0"),
+        (["--mqtt", "mqtt://user:secret@x"], "'mqtt://***@x': must not hold a user name or password"),
     ],
 )
 def test_bad_options_exit_2(args: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
