@@ -62,6 +62,7 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
         parse_rules,
         rules_from_file,
         save_backend_rules,
+        unknown_zone_problems,
     )
 
     body = {k: v for k, v in payload.items() if k != "id"}
@@ -77,6 +78,9 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
             rules, source = rules_from_file(gw.settings.points.rules_path())
         else:
             rules = parse_rules(body, "cmd/rules")
+        unknown = unknown_zone_problems(rules, [z.id for z in gw.settings.plan.zones], "cmd/rules")
+        if unknown:
+            raise ConfigError(unknown)
     except ConfigError as e:
         raise CommandRefused("; ".join(e.problems)) from None
     # Built completely (the ledger replayed into it) before it replaces the old engine.

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from importlib import resources
@@ -143,6 +143,15 @@ class StreakRule(_RuleBase):
     points: int = Field(ge=1, le=100_000, description="Points granted.")
     min_dwell_s: float = Field(default=0, ge=0, le=86_400, description="Dwell inside before this visit counts, s.")
 
+    @model_validator(mode="after")
+    def _possible(self) -> StreakRule:
+        if self.visits > self.days:
+            raise ValueError(
+                f"visits = {self.visits} within days = {self.days} can never happen: visits count one per day "
+                "(three check-ins in an afternoon are one); give days at least as many as visits"
+            )
+        return self
+
 
 Rule = Annotated[
     VisitRule | CheckinRule | DwellBonusRule | ZoneBonusRule | FirstVisitRule | StreakRule,
@@ -234,6 +243,16 @@ def parse_rules(data: dict[str, Any], source: str) -> RuleSet:
     except ConfigError as e:
         raise ConfigError([_name_rule(line, data) for line in e.problems]) from None
     return rules
+
+
+def unknown_zone_problems(rules: RuleSet, zone_ids: Collection[str], source: str) -> list[str]:
+    """One line per zone bonus whose zone the store plan does not have (it could never award anything)."""
+    return [
+        f"{source}: rules[{i}] (id {r.id!r}).zone = {r.zone!r}: no such zone in the store plan "
+        f"(zones: {', '.join(zone_ids)})"
+        for i, r in enumerate(rules.rules)
+        if isinstance(r, ZoneBonusRule) and r.zone not in zone_ids
+    ]
 
 
 BACKEND_RULES_FILE = "rules-from-backend.json"

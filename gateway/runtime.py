@@ -53,6 +53,7 @@ from gateway.points import (
     ledger_since,
     rules_from_file,
     rules_in_force,
+    unknown_zone_problems,
 )
 from gateway.sdnotify import Notifier
 from gateway.store import PendingCommit, Store
@@ -777,6 +778,14 @@ async def run(
     except KeyStoreError as e:
         store.close()
         raise StartupError(str(e)) from None
+    unknown = unknown_zone_problems(rules, [z.id for z in settings.plan.zones], rules_source)
+    if unknown and rules_source.startswith("sent by the backend"):
+        # Valid for the plan they were sent for; the plan changed since. They stay in force until the backend sends
+        # others (the bonus cannot award anything meanwhile).
+        log.warning("points rules: %s", "; ".join(unknown))
+    elif unknown:
+        store.close()
+        raise StartupError("; ".join(unknown))
     gw = Gateway(settings, store, source, members, rules, staff)
     gw.rules_source = rules_source
     log.info("points rules: %s (%d rules)", rules_source, len(rules.rules))

@@ -163,6 +163,35 @@ def test_rules_file_is_checked_and_found_next_to_the_config(tmp_path: Path, caps
     assert "rules.toml: rules[0] (id 'visit').points = -5: Input should be greater than or equal to 1" in err
 
 
+def test_a_zone_bonus_for_a_zone_the_plan_lacks_is_refused_by_config_check_and_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "rules.toml").write_text('[[rules]]\nid = "promo"\nkind = "zone_bonus"\nzone = "nowhere"\npoints = 5\n')
+    cfg = write(tmp_path, '[points]\nrules = "rules.toml"\n')
+    says = f"{tmp_path / 'rules.toml'}: rules[0] (id 'promo').zone = 'nowhere': no such zone in the store plan"
+    assert main(["config", "check", str(cfg)]) == 2
+    assert says in capsys.readouterr().err
+    r = subprocess.run(
+        [
+            *VISITA,
+            "run",
+            "--sim",
+            "--config",
+            str(cfg),
+            "--mqtt",
+            "off",
+            "--dashboard",
+            "off",
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and says in r.stderr, r.stderr
+
+
 def test_config_check_ok_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = write(tmp_path, GOOD)
     assert main(["config", "check", str(cfg)]) == 0

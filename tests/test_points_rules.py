@@ -166,12 +166,14 @@ def test_rules_file_errors_name_the_rule_and_field(tmp_path: Path) -> None:
     f.write_text(
         '[[rules]]\nid = "hh"\nkind = "visit"\npoints = 1\nwhen = { start = "18:00", end = "16:00" }\n'
         '[[rules]]\nid = "s"\nkind = "streak"\nvisits = 1\ndays = 7\npoints = 5\n'
+        '[[rules]]\nid = "never"\nkind = "streak"\nvisits = 5\ndays = 2\npoints = 5\n'
     )
     with pytest.raises(ConfigError) as e:
         load_rules(f)
     text = "\n".join(e.value.problems)
     assert "rules[0] (id 'hh').when" in text and "must be before end" in text
     assert "rules[1] (id 's').visits = 1" in text
+    assert "rules[2] (id 'never')" in text and "visits = 5 within days = 2 can never happen" in text, text
 
 
 def test_every_rule_kind_and_field_is_documented() -> None:

@@ -102,6 +102,10 @@ def test_a_refused_rules_command_changes_nothing_in_memory_or_on_disk(
         ({"from_file": "yes"}, '"from_file" must be true or false'),
         ({"from_file": 1}, '"from_file" must be true or false'),
         ({"from_file": True, **BACKEND}, '"from_file" goes alone; drop rules'),
+        (
+            {"rules": [{"id": "promo", "kind": "zone_bonus", "zone": "nowhere", "points": 5}]},
+            r"cmd/rules: rules\[0\] \(id 'promo'\)\.zone = 'nowhere': no such zone in the store plan \(zones: ",
+        ),
     ]
     for payload, says in refused:
         with pytest.raises(CommandRefused, match=says):
