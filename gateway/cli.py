@@ -796,6 +796,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             f"{result['removed']:,} removed): {result['vault']} holds {result['members']:,}, version "
             f"{result['version']}, encrypted with {result['vault_key']}"
         )
+        if result["unreadable_vault_kept_at"]:
+            print(f"the vault that could not be read is kept at {result['unreadable_vault_kept_at']}")
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,9 @@ class MemberSet:
     """Every member."""
 
 
+REPLACE_HINT = "replace it with the members' keys: visita keys import FILE --replace (it is kept aside)"
+
+
 class KeyVault:
     """The encrypted member key file of one data directory."""
 
@@ -176,14 +180,14 @@ class KeyVault:
         key, source = vault_key(self.data_dir, create=False)
         blob = self.path.read_bytes()
         if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + _NONCE + 16:
-            raise KeyStoreError(f"{self.path} is not a Visita member vault; import the keys again")
+            raise KeyStoreError(f"{self.path} is not a Visita member vault; {REPLACE_HINT}")
         nonce, sealed = blob[len(_MAGIC) : len(_MAGIC) + _NONCE], blob[len(_MAGIC) + _NONCE :]
         try:
             plain = AESGCM(key).decrypt(nonce, sealed, _MAGIC)
         except InvalidTag:
             raise KeyStoreError(
                 f"{self.path} does not decrypt with {source}: the vault was changed or the key is another "
-                "gateway's; import the keys again"
+                f"gateway's; {REPLACE_HINT}"
             ) from None
         data = json.loads(plain)
         members = tuple(MemberKey(r, bytes.fromhex(k), t) for r, k, t in data["members"])
@@ -208,7 +212,16 @@ def import_keys(data_dir: Path, text: str, source: str, *, replace: bool = False
     """`visita keys import`: validate every line first, then merge (or replace) and save; all or nothing."""
     new = parse_key_lines(text, source)
     vault = KeyVault(data_dir)
-    old = vault.load()
+    aside: Path | None = None
+    try:
+        old = vault.load()
+    except KeyStoreError:
+        if not replace or not vault.exists():
+            raise
+        # Nothing of it is kept, so nothing of it needs reading: it is moved aside, and counts start afresh.
+        aside = vault.path.with_name(f"{vault.path.name}.unreadable-{int(time.time())}")
+        vault.path.replace(aside)
+        old = MemberSet(0, ())
     known = {m.member: m for m in old.members}
     added = sum(1 for m in new if m.member not in known)
     changed = sum(1 for m in new if m.member in known and known[m.member] != m)
@@ -226,6 +239,7 @@ def import_keys(data_dir: Path, text: str, source: str, *, replace: bool = False
         "version": result.version,
         "vault": str(vault.path),
         "vault_key": where,
+        "unreadable_vault_kept_at": str(aside) if aside else None,
     }
 
 

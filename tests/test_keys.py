@@ -116,6 +116,29 @@ def test_a_readable_key_file_a_changed_vault_and_a_lost_key_are_refused(tmp_path
         KeyVault(tmp_path).load()
 
 
+def test_an_unreadable_vault_is_replaced_by_import_replace_as_its_message_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import_keys(tmp_path, lines(KEYS), "k")
+    vault = tmp_path / VAULT_FILE
+    damaged = vault.read_bytes() + b"x"
+    vault.write_bytes(damaged)
+    keys = tmp_path / "keys.jsonl"
+    keys.write_text(lines(KEYS))
+    # A merge needs the old members: refused, and the message names the way out.
+    assert main(["keys", "import", str(keys), "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "does not decrypt" in err and "visita keys import FILE --replace" in err, err
+    assert vault.read_bytes() == damaged
+    # --replace needs none of them: the unreadable vault is kept aside and the new one holds the file's members.
+    assert main(["keys", "import", str(keys), "--data-dir", str(tmp_path), "--replace", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["members"] == len(KEYS) and out["version"] == 1 and out["removed"] == 0
+    kept = Path(out["unreadable_vault_kept_at"])
+    assert kept.parent == tmp_path and kept.read_bytes() == damaged
+    assert {m.member for m in KeyVault(tmp_path).load().members} == set(KEYS)
+
+
 def test_the_systemd_credential_is_the_vault_key_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()
