@@ -13,6 +13,7 @@ member or an anonymous phone.
 
 from __future__ import annotations
 
+import json
 import sys
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -207,8 +208,17 @@ class ValidationProblem(BaseModel):
 
 def _problem_line(err: dict[str, Any]) -> str:
     """One line per problem: what, where and what is allowed."""
+    kind = err.get("type")
+    if kind == "json_invalid":
+        why = err.get("ctx", {}).get("error", "cannot be parsed")
+        return f"the request body is not valid JSON ({why}): send a JSON object"
     where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body")) or "request"
-    shown = f"{where} = {err['input']!s}" if "input" in err else where
+    if kind == "missing":
+        return f"{where}: required, and missing from the request"
+    value = err.get("input")
+    in_body = tuple(err.get("loc", ()))[:1] == ("body",)
+    text = json.dumps(value) if in_body else str(value)  # a body's values as JSON spells them (true, null)
+    shown = where if "input" not in err or isinstance(value, (dict, list)) else f"{where} = {text}"
     if where == "limit":
         return f"{shown}: must be a whole number from 1 to {VISITS_MAX}"
     return f"{shown}: {err.get('msg', 'invalid')}"

@@ -838,7 +838,7 @@ def _backend_rules_notes(settings: Settings, data_dir: Path | None) -> list[str]
     return [f"the rules in force are not the file's but those {source} ({len(rules.rules)} rules)"]
 
 
-def _dashboard_notes(settings: Settings) -> list[str]:
+def _dashboard_notes(settings: Settings, source: str) -> list[str]:
     """Check the dashboard's tokens and certificate as the gateway will load them (ConfigError when it would not
     start); notes on how it is served."""
     import os
@@ -862,7 +862,7 @@ def _dashboard_notes(settings: Settings) -> list[str]:
                 "the gateway starts"
             ]
     except ValueError as e:
-        raise ConfigError([str(e)]) from None
+        raise ConfigError([f"{source}: {e}"]) from None
     return notes + [message for _, message in serving_notes(dash.listen, tls, tokens)]
 
 
@@ -889,7 +889,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.file)
     rules = _check_rules(settings)
     BeaconRegistry(settings.plan.beacons)  # the EID beacons' key files can be read
-    dashboard = _dashboard_notes(settings)  # its tokens and certificate can be used
+    dashboard = _dashboard_notes(settings, str(args.file))  # its tokens and certificate can be used
     plan = settings.plan
     if args.json:
         data = settings.model_dump(mode="json")

@@ -838,6 +838,9 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
         if e["type"] == "extra_forbidden":
             allowed = _field_names(model, loc[:-1])
             msg = "unknown key" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
+        elif e["type"] == "missing" and loc and isinstance(loc[-1], int):
+            lines.append(f"{source}: {dotted(loc[:-1])}: too few items (no item [{loc[-1]}]; a point is [x, y])")
+            continue
         elif e["type"] == "missing":
             lines.append(f"{source}: {key}: required key is missing")
             continue
@@ -849,7 +852,8 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
         if isinstance(value, (dict, list)) or key == "":
             lines.append(f"{source}: {key or '(top level)'}: {msg}")
         else:
-            lines.append(f"{source}: {key} = {value!r}: {msg}")
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML spells it
+            lines.append(f"{source}: {key} = {shown}: {msg}")
     return lines
 
 

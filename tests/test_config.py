@@ -114,6 +114,9 @@ def test_no_file_means_the_demo_store() -> None:
         ),
         ('[plan]\nzones = [{ id = "a" }]\n', "visita.toml: plan.receivers: required key is missing"),
         ("store = \n", "visita.toml: not valid TOML: "),
+        ("[plan]\ndoors = [[1]]\n", "visita.toml: plan.doors[0]: too few items (no item [1]; a point is [x, y])"),
+        ("[visits]\nhandover = 3\n", "visita.toml: visits.handover = 3: Input should be a valid boolean"),
+        ("[mqtt]\nkeepalive_s = true\n", "visita.toml: mqtt.keepalive_s = true: "),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, text: str, expected: str) -> None:

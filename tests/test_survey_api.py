@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest import VISITA, free_port
 
 from firmware_sim.scenario import beacon_subject_id, load_scenario
@@ -119,6 +120,20 @@ def test_installer_records_spots_applies_the_map_and_it_survives_a_restart(tmp_p
         assert r.returncode == 0 and len(json.loads(r.stdout)["spots"]) == 1
         r = _survey(port, token, "discard", "5")
         assert r.returncode == 1 and "404" in r.stderr
+        # A malformed request gets a line that says what was wrong and where.
+        for body, says in (
+            (b"garbage", "the request body is not valid JSON ("),
+            (b'{"x": 5}', "y: required, and missing from the request"),
+            (b'{"x": "five", "y": 1}', 'x = "five": '),
+        ):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/survey/spots", data=body, method="POST")
+            req.add_header("Authorization", f"Bearer {TOKEN}")
+            req.add_header("Content-Type", "application/json")
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=5)
+            assert e.value.code == 422
+            message = json.loads(e.value.read())["message"]
+            assert message.startswith(says), message
         # One spot at a time, and nothing is applied while one records.
         r = _survey(port, token, "spot", "14", "4", "--seconds", "60", "--no-wait")
         assert r.returncode == 0 and "recording at (14, 4)" in r.stdout, r.stderr
