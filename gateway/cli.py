@@ -616,11 +616,14 @@ class GatewayCallError(Exception):
     """The running gateway refused a request, or did not answer."""
 
 
+def _print_recording(run: dict[str, Any]) -> None:
+    heard = ", ".join(f"{rx} {n}" for rx, n in sorted(run["packets"].items())) or "nothing yet"
+    print(f"recording at ({run['x']:g}, {run['y']:g}) in {run['zone']}: {run['seconds_left']:.0f} s left; {heard}")
+
+
 def _print_survey(status: dict[str, Any]) -> None:
-    run = status.get("running")
-    if run:
-        heard = ", ".join(f"{rx} {n}" for rx, n in sorted(run["packets"].items())) or "nothing yet"
-        print(f"recording at ({run['x']:g}, {run['y']:g}) in {run['zone']}: {run['seconds_left']:.0f} s left; {heard}")
+    if status.get("running"):
+        _print_recording(status["running"])
     spots = status.get("spots", [])
     print(f"{len(spots)} spot(s) recorded with {status['transmitter']}")
     for sp in spots:
@@ -650,7 +653,7 @@ def cmd_survey(args: argparse.Namespace) -> int:
             out = _gateway_call(args, "POST", "/api/v1/survey/spots", body)
             while not args.no_wait and out.get("running"):
                 if not args.json:
-                    _print_survey({**out, "spots": [], "applied": None, "transmitter": out["transmitter"]})
+                    _print_recording(out["running"])  # the whole survey once it has ended
                 _time.sleep(min(2.0, max(0.5, out["running"]["seconds_left"])))
                 out = _gateway_call(args, "GET", "/api/v1/survey")
     except GatewayCallError as e:

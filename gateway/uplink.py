@@ -341,7 +341,12 @@ class Uplink:
         client.publish(topic(birth.store, birth.gateway, "status"), birth.payload(), QOS, retain=True)
         if self._on_command is not None:
             client.subscribe(f"{self._prefix}cmd/+", qos=QOS)
-        log.info("MQTT connected to %s; %d event(s) waiting to be sent", self._url, self.pending())
+        # Only what was handed over is known here; the rest of the outbox (/api/v1/status → store.outbox_depth) follows.
+        log.info(
+            "MQTT connected to %s; sending the outbox (%d event(s) handed over and not yet acknowledged first)",
+            self._url,
+            self.pending(),
+        )
         self._outage_reported = False
         self._last_error = ""
         self.pump()
