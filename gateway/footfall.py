@@ -91,7 +91,8 @@ class Footfall:
 
     def _take_restored(self, now: float) -> list[dict[str, Any]]:
         """Apply a restored state at the first update: today's counts when it is still that day, the minute in
-        progress when it is still that minute, else that minute closed now (returned) and counting from `now`."""
+        progress when it is still that minute (or later), else that minute closed now (returned) and counting from
+        `now`."""
         state, self._restored = self._restored, None
         assert state is not None
         if state["day"] == self._days.day(now):
@@ -102,7 +103,7 @@ class Footfall:
         if minute is None:
             return []
         m = _Minute(**minute)
-        if m.start == now - now % 60:
+        if m.start >= now - now % 60:  # the same minute (or a clock that went back): it goes on and closes once
             self._minute = m
             return []
         return [self._aggregate(m)] if m.entries or m.exits or m.passbys else []

@@ -46,6 +46,7 @@ from gateway.identity import BeaconRegistry, Identifier, MemberDirectory
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
 from gateway.model import Award, Event, Visit, VisitChange
 from gateway.points import (
+    BACKEND_RULES_FILE,
     BackendRulesDamaged,
     PointsEngine,
     RuleSet,
@@ -779,7 +780,7 @@ async def run(
         store.close()
         raise StartupError(str(e)) from None
     unknown = unknown_zone_problems(rules, [z.id for z in settings.plan.zones], rules_source)
-    if unknown and rules_source.startswith("sent by the backend"):
+    if unknown and (data_dir / BACKEND_RULES_FILE).exists():
         # Valid for the plan they were sent for; the plan changed since. They stay in force until the backend sends
         # others (the bonus cannot award anything meanwhile).
         log.warning("points rules: %s", "; ".join(unknown))

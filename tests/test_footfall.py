@@ -212,6 +212,11 @@ def test_a_restart_in_a_later_minute_publishes_the_stopped_minute_at_once_and_no
     out = g.update([], at(10, 40, 5))
     assert [(m["minute"], m["exits"]) for m in out] == [(at(10, 6), 1)], out
     assert [m["minute"] for m in g.update([], at(10, 42, 0))] == [at(10, 40), at(10, 41)]
+    # A clock that went back across the restart: the kept minute goes on and is published once, when it closes.
+    back = Footfall(days)
+    back.restore(f.state())
+    assert back.update([], at(10, 5, 0)) == []
+    assert [m["minute"] for m in back.update([], at(10, 7, 0))] == [at(10, 6)]
     # The next day: today's counts start from zero.
     h = Footfall(days)
     h.restore(g.state())

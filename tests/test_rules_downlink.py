@@ -22,7 +22,7 @@ from gateway.config import ConfigError, Settings
 from gateway.downlink import CommandRefused, _rules
 from gateway.identity import MemberDirectory
 from gateway.model import Visit
-from gateway.points import BACKEND_RULES_FILE, BackendRulesDamaged, load_rules, rules_in_force
+from gateway.points import BACKEND_RULES_FILE, BackendRulesDamaged, load_rules, rules_in_force, save_backend_rules
 from gateway.runtime import Gateway
 from gateway.store import Store
 from sensors.sim import SimSource
@@ -206,3 +206,15 @@ def test_a_gateway_with_damaged_backend_rules_starts_on_the_rules_file_and_keeps
     assert aside.read_text() == "{half a fil" and not (data / BACKEND_RULES_FILE).exists()
     assert "built-in rules, because the backend's kept rules could not be used" in r.stderr, r.stderr
     assert f"moved to {aside}" in r.stderr
+
+
+def test_backend_rules_for_a_zone_the_plan_has_lost_stay_in_force_with_a_warning(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    gone = {"rules": [{"id": "promo", "kind": "zone_bonus", "zone": "old-promo-corner", "points": 5}]}
+    assert save_backend_rules(data, gone, 1_780_000_000.0, "r9")
+    args = [*VISITA, "run", "--sim", "--speed", "60", "--until", "2m", "--mqtt", "off", "--dashboard", "off"]
+    r = subprocess.run([*args, "--data-dir", str(data)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "WARNING" in r.stderr and "rules[0] (id 'promo').zone = 'old-promo-corner': no such zone" in r.stderr
+    assert (data / BACKEND_RULES_FILE).exists(), "the backend's rules are kept until it sends others"
