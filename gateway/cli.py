@@ -806,12 +806,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def _check_rules(settings: Settings) -> str:
     """Validate the rules file the settings name, against the plan too; returns a one-line description."""
-    from gateway.points import unknown_zone_problems
+    from gateway.points import dead_rule_problems
 
     path = settings.points.rules_path()
     rules = load_rules(path)
     source = str(path) if path else "built-in rules"
-    problems = unknown_zone_problems(rules, [z.id for z in settings.plan.zones], source)
+    problems = dead_rule_problems(rules, [z.id for z in settings.plan.zones], source)
     if problems:
         raise ConfigError(problems)
     return f"built-in rules ({len(rules.rules)})" if path is None else f"{path} ({len(rules.rules)} rules)"

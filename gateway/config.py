@@ -718,7 +718,7 @@ class MqttUrl:
 
 def redact_url(text: str) -> str:
     """`text` with the user name and password of any URL in it replaced by *** (for messages and logs)."""
-    return re.sub(r"//[^/@\s]*@", "//***@", text)
+    return re.sub(r"//[^/\s]*@", "//***@", text)  # up to the last @ of the address, as urlsplit reads it
 
 
 def parse_mqtt_url(url: str) -> MqttUrl:

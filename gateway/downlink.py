@@ -57,12 +57,12 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     from gateway.points import (
         PointsEngine,
         backend_rules_source,
+        dead_rule_problems,
         drop_backend_rules,
         ledger_since,
         parse_rules,
         rules_from_file,
         save_backend_rules,
-        unknown_zone_problems,
     )
 
     body = {k: v for k, v in payload.items() if k != "id"}
@@ -78,9 +78,9 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
             rules, source = rules_from_file(gw.settings.points.rules_path())
         else:
             rules = parse_rules(body, "cmd/rules")
-        unknown = unknown_zone_problems(rules, [z.id for z in gw.settings.plan.zones], "cmd/rules")
-        if unknown:
-            raise ConfigError(unknown)
+        dead = dead_rule_problems(rules, [z.id for z in gw.settings.plan.zones], "cmd/rules")
+        if dead:
+            raise ConfigError(dead)
     except ConfigError as e:
         raise CommandRefused("; ".join(e.problems)) from None
     # Built completely (the ledger replayed into it) before it replaces the old engine.

@@ -52,12 +52,17 @@ class Footfall:
         self._restored: dict[str, Any] | None = None
 
     def state(self) -> dict[str, Any]:
-        """What `restore` needs after a restart (JSON types)."""
+        """What `restore` needs after a restart (JSON types): the last hour's entries as [minute, count] pairs (at
+        most 60, however busy the store), and the occupancy the minute in progress would close with now."""
+        per_minute: dict[float, int] = {}
+        for t in self._entries:
+            per_minute[t - t % 60] = per_minute.get(t - t % 60, 0) + 1
         return {
             "day": self._day,
             "today": dict(self._today),
-            "entries": list(self._entries),
+            "entries": [[m, n] for m, n in per_minute.items()],
             "minute": None if self._minute is None else asdict(self._minute),
+            "occupancy": len(self._open),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -70,7 +75,8 @@ class Footfall:
                 isinstance(state["day"], str)
                 and set(state["today"]) == set(self._today)
                 and all(type(n) is int for n in state["today"].values())
-                and all(isinstance(t, number) for t in state["entries"])
+                and all(isinstance(m, number) and type(n) is int for m, n in state["entries"])
+                and type(state["occupancy"]) is int
                 and (
                     minute is None
                     or (
@@ -80,7 +86,7 @@ class Footfall:
                     )
                 )
             )
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             ok, why = False, f"{type(e).__name__} {e}"
         else:
             why = "unexpected values"
@@ -98,15 +104,20 @@ class Footfall:
         if state["day"] == self._days.day(now):
             self._day = state["day"]
             self._today = {k: int(v) for k, v in state["today"].items()}
-            self._entries = deque(t for t in state["entries"] if t >= now - 3600)
+        # The last hour's entries whatever the day (a restart just after midnight still had them).
+        self._entries = deque(m for m, n in sorted(state["entries"]) for _ in range(n) if m >= now - 3600)
         minute = state["minute"]
         if minute is None:
             return []
         m = _Minute(**minute)
-        if m.start >= now - now % 60:  # the same minute (or a clock that went back): it goes on and closes once
+        here = now - now % 60
+        if here <= m.start <= here + 60:  # the same minute (a clock a little behind): it goes on and closes once
             self._minute = m
             return []
-        return [self._aggregate(m)] if m.entries or m.exits or m.passbys else []
+        # Another minute: published now, with the occupancy it had. Where the clock went back further (a Pi without
+        # a real-time clock), counting goes on from `now` and a later minute of the same value may come again.
+        aggregate = {**self._aggregate(m), "occupancy": int(state["occupancy"])}
+        return [aggregate] if m.entries or m.exits or m.passbys else []
 
     def update(self, changes: Sequence[VisitChange], now: float) -> list[dict[str, Any]]:
         """Fold in changes; returns the aggregates of every minute that closed before `now`."""

@@ -156,6 +156,10 @@ class MemberSet:
     """Every member."""
 
 
+class VaultUnreadable(KeyStoreError):
+    """The vault file is not one, or does not decrypt with the vault key: what `keys import --replace` replaces."""
+
+
 REPLACE_HINT = "replace it with the members' keys: visita keys import FILE --replace (it is kept aside)"
 
 
@@ -180,12 +184,12 @@ class KeyVault:
         key, source = vault_key(self.data_dir, create=False)
         blob = self.path.read_bytes()
         if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + _NONCE + 16:
-            raise KeyStoreError(f"{self.path} is not a Visita member vault; {REPLACE_HINT}")
+            raise VaultUnreadable(f"{self.path} is not a Visita member vault; {REPLACE_HINT}")
         nonce, sealed = blob[len(_MAGIC) : len(_MAGIC) + _NONCE], blob[len(_MAGIC) + _NONCE :]
         try:
             plain = AESGCM(key).decrypt(nonce, sealed, _MAGIC)
         except InvalidTag:
-            raise KeyStoreError(
+            raise VaultUnreadable(
                 f"{self.path} does not decrypt with {source}: the vault was changed or the key is another "
                 f"gateway's; {REPLACE_HINT}"
             ) from None
@@ -215,11 +219,16 @@ def import_keys(data_dir: Path, text: str, source: str, *, replace: bool = False
     aside: Path | None = None
     try:
         old = vault.load()
-    except KeyStoreError:
-        if not replace or not vault.exists():
+    except VaultUnreadable:
+        if not replace:
             raise
-        # Nothing of it is kept, so nothing of it needs reading: it is moved aside, and counts start afresh.
-        aside = vault.path.with_name(f"{vault.path.name}.unreadable-{int(time.time())}")
+        # Nothing of it is kept, so nothing of it needs reading: once the key to write the new one is known to be
+        # usable, it is moved aside, and counts start afresh. A key problem (missing, readable by others) is not this.
+        vault_key(vault.data_dir, create=True)
+        aside = vault.path.with_name(f"{vault.path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
         vault.path.replace(aside)
         old = MemberSet(0, ())
     known = {m.member: m for m in old.members}

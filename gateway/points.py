@@ -143,15 +143,6 @@ class StreakRule(_RuleBase):
     points: int = Field(ge=1, le=100_000, description="Points granted.")
     min_dwell_s: float = Field(default=0, ge=0, le=86_400, description="Dwell inside before this visit counts, s.")
 
-    @model_validator(mode="after")
-    def _possible(self) -> StreakRule:
-        if self.visits > self.days:
-            raise ValueError(
-                f"visits = {self.visits} within days = {self.days} can never happen: visits count one per day "
-                "(three check-ins in an afternoon are one); give days at least as many as visits"
-            )
-        return self
-
 
 Rule = Annotated[
     VisitRule | CheckinRule | DwellBonusRule | ZoneBonusRule | FirstVisitRule | StreakRule,
@@ -245,14 +236,22 @@ def parse_rules(data: dict[str, Any], source: str) -> RuleSet:
     return rules
 
 
-def unknown_zone_problems(rules: RuleSet, zone_ids: Collection[str], source: str) -> list[str]:
-    """One line per zone bonus whose zone the store plan does not have (it could never award anything)."""
-    return [
-        f"{source}: rules[{i}] (id {r.id!r}).zone = {r.zone!r}: no such zone in the store plan "
-        f"(zones: {', '.join(zone_ids)})"
-        for i, r in enumerate(rules.rules)
-        if isinstance(r, ZoneBonusRule) and r.zone not in zone_ids
-    ]
+def dead_rule_problems(rules: RuleSet, zone_ids: Collection[str], source: str) -> list[str]:
+    """One line per rule that could never award anything: a zone bonus for a zone the store plan does not have, a
+    streak of more visits than days. Not refused by `parse_rules` itself, so that rules the backend sent before a
+    plan change or by an older version still load (`visita run` warns about them; config check and cmd/rules
+    refuse them)."""
+    out: list[str] = []
+    for i, r in enumerate(rules.rules):
+        where = f"{source}: rules[{i}] (id {r.id!r})"
+        if isinstance(r, ZoneBonusRule) and r.zone not in zone_ids:
+            out.append(f"{where}.zone = {r.zone!r}: no such zone in the store plan (zones: {', '.join(zone_ids)})")
+        if isinstance(r, StreakRule) and r.visits > r.days:
+            out.append(
+                f"{where}: visits = {r.visits} within days = {r.days} can never happen: visits count one per day "
+                "(three check-ins in an afternoon are one); give days at least as many as visits"
+            )
+    return out
 
 
 BACKEND_RULES_FILE = "rules-from-backend.json"

@@ -50,11 +50,11 @@ from gateway.points import (
     BackendRulesDamaged,
     PointsEngine,
     RuleSet,
+    dead_rule_problems,
     explain_member,
     ledger_since,
     rules_from_file,
     rules_in_force,
-    unknown_zone_problems,
 )
 from gateway.sdnotify import Notifier
 from gateway.store import PendingCommit, Store
@@ -199,6 +199,9 @@ class Gateway:
         since = ledger_since(rules, store.history_days())
         self.points = PointsEngine(rules, days, store.awards(since), members.tier, members.known, since)
         self.footfall = Footfall(days)
+        self._footfall_later: list[VisitChange] = []
+        """Check-ins' visit changes, counted by footfall once the pipeline's time reaches them (in order with the
+        radio's: a check-in during a catch-up is dated ahead of the data)."""
         kept = store.footfall_state()
         if kept is not None:  # today's counts and the minute in progress before a restart
             self.footfall.restore(kept)
@@ -262,15 +265,17 @@ class Gateway:
         so no visit is left started-but-never-ended for the backend and dwell bonuses are granted."""
         self.now = now
         changes = self.tracker.update([], now + self.settings.visits.absence_timeout_s + 1.0)
-        return self._conclude(changes, now)
+        return self._conclude(changes, now, stopping=True)
 
-    def _conclude(self, changes: list[VisitChange], now: float) -> list[Event]:
+    def _conclude(self, changes: list[VisitChange], now: float, stopping: bool = False) -> list[Event]:
         """Visit changes → points → footfall → events → store (one commit) → uplink."""
         awards = self.points.evaluate(changes) + self.points.evaluate_open(self.tracker.changed_visits(), now)
-        minutes = self.footfall.update(changes, now)
+        due = [c for c in self._footfall_later if c.ts <= now or stopping]
+        self._footfall_later = [c for c in self._footfall_later if c.ts > now and not stopping]
+        minutes = self.footfall.update(due + changes, now)
         events = [e for c in changes if (e := self.events.from_change(c)) is not None]
         events += [self.events.from_award(a) for a in awards]
-        events += self._minute_events(minutes)
+        events += [self.events.make("footfall.minute", m["minute"] + 60, m) for m in minutes]
         finished = [c.visit for c in changes if c.kind == "ended" and c.visit.classification != "pass-by"]
         self._put_checkins()
         self.store.put_events(events)
@@ -346,13 +351,8 @@ class Gateway:
         if events:
             self.store.put_events(events)
             self.store.put_awards(awards)
-            self.store.put_footfall(self.footfall.state())
             self._checkin_events, self._checkin_awards = [], []
         return events
-
-    def _minute_events(self, minutes: list[dict[str, Any]]) -> list[Event]:
-        """`footfall.minute` events for the minutes `Footfall.update` closed."""
-        return [self.events.make("footfall.minute", m["minute"] + 60, m) for m in minutes]
 
     def _apply_checkin(self, body: bytes) -> dict[str, Any]:
         now = max(self.clock(), self.now)
@@ -366,9 +366,8 @@ class Gateway:
         visit = changes[0].visit if changes else self.tracker.open_visit(subject)
         assert visit is not None  # a check-in always leaves its subject's visit open
         awards = self.points.evaluate(changes) + self.points.evaluate_open([visit], now)
-        # Footfall counts a checked-in visitor like any other (the minutes it closes come first: they are older).
-        events = self._minute_events(self.footfall.update(changes, now))
-        events += [e for ch in changes if (e := self.events.from_change(ch)) is not None]
+        self._footfall_later += changes  # footfall counts a checked-in visitor like any other, at the next tick
+        events = [e for ch in changes if (e := self.events.from_change(ch)) is not None]
         accepted = {
             "member": c.member,
             "visit_id": visit.visit_id,
@@ -779,14 +778,14 @@ async def run(
     except KeyStoreError as e:
         store.close()
         raise StartupError(str(e)) from None
-    unknown = unknown_zone_problems(rules, [z.id for z in settings.plan.zones], rules_source)
-    if unknown and (data_dir / BACKEND_RULES_FILE).exists():
-        # Valid for the plan they were sent for; the plan changed since. They stay in force until the backend sends
-        # others (the bonus cannot award anything meanwhile).
-        log.warning("points rules: %s", "; ".join(unknown))
-    elif unknown:
+    dead = dead_rule_problems(rules, [z.id for z in settings.plan.zones], rules_source)
+    if dead and (data_dir / BACKEND_RULES_FILE).exists():
+        # Accepted when the backend sent them (for another plan, or by an older version): they stay in force until it
+        # sends others, and the rules that cannot award anything are said.
+        log.warning("points rules: %s", "; ".join(dead))
+    elif dead:
         store.close()
-        raise StartupError("; ".join(unknown))
+        raise StartupError("; ".join(dead))
     gw = Gateway(settings, store, source, members, rules, staff)
     gw.rules_source = rules_source
     log.info("points rules: %s (%d rules)", rules_source, len(rules.rules))

@@ -580,11 +580,13 @@ class Store:
                 except (KeyError, TypeError, ValueError) as e:
                     raise bad(name, doc_id, e) from e
 
-        self._footfall: dict[str, Any] | None = None
-        for doc_id, rec in docs(_FOOTFALL):
-            if doc_id != 1 or not isinstance(rec.get("state"), dict):
-                raise _CorruptFileError(f"table {_FOOTFALL!r} document {doc_id} is malformed")
-            self._footfall = rec["state"]
+        self._footfall: dict[str, Any] | None = None  # as on disk (or about to be)
+        self._footfall_next: dict[str, Any] | None = None  # as last put
+        for doc_id, rec in docs(_FOOTFALL):  # counters, not records: a bad one is not worth the hot file
+            if doc_id == 1 and isinstance(rec.get("state"), dict):
+                self._footfall = rec["state"]
+            else:
+                _log.warning("footfall state in %s is malformed; counting from zero", self._path)
 
         for doc_id, rec in docs(_META):
             value = rec.get("last_seq")
@@ -893,18 +895,24 @@ class Store:
         self._enforce_bound()
 
     def put_footfall(self, state: dict[str, Any]) -> None:
-        """Keep the footfall counters' state (`Footfall.state`) with the next commit, so that a restart goes on
-        counting today where it stopped and publishes the minute it was in once. Not a reason to write by itself:
-        the minute events that change it are."""
+        """Keep the footfall counters' state (`Footfall.state`), so that a restart goes on counting today where it
+        stopped and publishes the minute it was in once. It rides along with the next write that happens anyway
+        (the minute events that close a minute make one) and with the last one at `close`: a pass-by alone does
+        not cost a write of the hot file."""
         self._require_open()
-        if state == self._footfall:
+        self._footfall_next = state
+
+    def footfall_state(self) -> dict[str, Any] | None:
+        """The footfall state kept by `put_footfall`, as last put or read at start; None when there is none."""
+        return self._footfall_next if self._footfall_next is not None else self._footfall
+
+    def _take_footfall(self, force: bool) -> None:
+        """Into the snapshot about to be written: the footfall state, when it changed and a write happens anyway."""
+        state = self._footfall_next
+        if state is None or state == self._footfall or not (force or self._disk.dirty):
             return
         self._footfall = _plain(state, "the footfall state")
         self._db.table(_FOOTFALL).upsert(Document({"state": self._footfall}, doc_id=1))
-
-    def footfall_state(self) -> dict[str, Any] | None:
-        """The footfall state kept by `put_footfall`, as last committed or put; None when there is none."""
-        return self._footfall
 
     def _chunk(self, chunk: int) -> Table:
         return self._db.table(f"{_OUTBOX}.{chunk}")
@@ -1060,6 +1068,7 @@ class Store:
         self._require_open()
         if not (force or self._must_write or self._disk_full) and time.monotonic() - self._last_write < ACK_COMMIT_S:
             return None  # acks only, written recently: they ride along with the next write
+        self._take_footfall(force or self._must_write)
         roll = self._journal.all() if len(self._journal) >= ROLL_EVERY and not self._disk_full else []
         # Only records in this very write may reach a day file, after it: the event announcing each is then
         # on disk first. The cleared journal is written by the next commit.

@@ -217,6 +217,12 @@ def test_a_restart_in_a_later_minute_publishes_the_stopped_minute_at_once_and_no
     back.restore(f.state())
     assert back.update([], at(10, 5, 0)) == []
     assert [m["minute"] for m in back.update([], at(10, 7, 0))] == [at(10, 6)]
+    # A clock far behind (a Pi without a real-time clock after a power cut): the kept minute is published at once,
+    # not left open to swallow every minute until the clock gets there.
+    far = Footfall(days)
+    far.restore(f.state())
+    assert [m["minute"] for m in far.update([], at(9, 20, 0))] == [at(10, 6)]
+    assert [m["minute"] for m in far.update([], at(9, 22, 0))] == [at(9, 20), at(9, 21)]
     # The next day: today's counts start from zero.
     h = Footfall(days)
     h.restore(g.state())

@@ -137,6 +137,17 @@ def test_an_unreadable_vault_is_replaced_by_import_replace_as_its_message_says(
     kept = Path(out["unreadable_vault_kept_at"])
     assert kept.parent == tmp_path and kept.read_bytes() == damaged
     assert {m.member for m in KeyVault(tmp_path).load().members} == set(KEYS)
+    # A vault key others may read is a key problem, not an unreadable vault: --replace leaves the vault where it is.
+    good = vault.read_bytes()
+    os.chmod(tmp_path / KEY_FILE, 0o644)
+    assert main(["keys", "import", str(keys), "--data-dir", str(tmp_path), "--replace"]) == 1
+    assert "chmod 600" in capsys.readouterr().err and vault.read_bytes() == good
+    # Two replacements in the same second keep both unreadable vaults.
+    os.chmod(tmp_path / KEY_FILE, 0o600)
+    for _ in range(2):
+        vault.write_bytes(damaged)
+        assert main(["keys", "import", str(keys), "--data-dir", str(tmp_path), "--replace"]) == 0
+    assert len(list(tmp_path.glob(VAULT_FILE + ".unreadable-*"))) == 3
 
 
 def test_the_systemd_credential_is_the_vault_key_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ from test_points import NOON, change, engine, local, rules, visit
 from gateway.config import ConfigError
 from gateway.days import LocalDays
 from gateway.model import Visit, ZoneSegment
-from gateway.points import RULE_KINDS, PointsEngine, load_rules
+from gateway.points import RULE_KINDS, PointsEngine, dead_rule_problems, load_rules, parse_rules
 
 DOCS = Path(__file__).parent.parent / "docs"
 
@@ -166,14 +166,30 @@ def test_rules_file_errors_name_the_rule_and_field(tmp_path: Path) -> None:
     f.write_text(
         '[[rules]]\nid = "hh"\nkind = "visit"\npoints = 1\nwhen = { start = "18:00", end = "16:00" }\n'
         '[[rules]]\nid = "s"\nkind = "streak"\nvisits = 1\ndays = 7\npoints = 5\n'
-        '[[rules]]\nid = "never"\nkind = "streak"\nvisits = 5\ndays = 2\npoints = 5\n'
     )
     with pytest.raises(ConfigError) as e:
         load_rules(f)
     text = "\n".join(e.value.problems)
     assert "rules[0] (id 'hh').when" in text and "must be before end" in text
     assert "rules[1] (id 's').visits = 1" in text
-    assert "rules[2] (id 'never')" in text and "visits = 5 within days = 2 can never happen" in text, text
+
+
+def test_rules_that_could_never_award_anything_are_named() -> None:
+    rules = parse_rules(
+        {
+            "rules": [
+                {"id": "never", "kind": "streak", "visits": 5, "days": 2, "points": 5},
+                {"id": "promo", "kind": "zone_bonus", "zone": "nowhere", "points": 5},
+                {"id": "fine", "kind": "streak", "visits": 2, "days": 2, "points": 5},
+            ]
+        },
+        "r.toml",
+    )
+    assert dead_rule_problems(rules, ["entrance", "produce"], "r.toml") == [
+        "r.toml: rules[0] (id 'never'): visits = 5 within days = 2 can never happen: visits count one per day "
+        "(three check-ins in an afternoon are one); give days at least as many as visits",
+        "r.toml: rules[1] (id 'promo').zone = 'nowhere': no such zone in the store plan (zones: entrance, produce)",
+    ]
 
 
 def test_every_rule_kind_and_field_is_documented() -> None:

@@ -774,3 +774,36 @@ def test_the_reused_text_of_tables_and_documents_is_what_a_full_serialisation_wr
         s.commit(force=True)
         data = s._disk.read()
         assert (data_dir / "visita.json").read_bytes() == json.dumps(data, separators=(",", ":")).encode()
+
+
+def test_footfall_state_rides_along_with_writes_and_a_bad_one_costs_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(tmp_path)
+    s.put_events([event(1)])
+    assert s.commit()
+    writes = s.diagnostics()["commits"]
+    # A changed footfall state alone (a pass-by, no event) does not write the hot file, however long ago the last
+    # write was; it is what the store answers all the same.
+    s.put_footfall({"day": "2026-06-15", "n": 1})
+    monkeypatch.setattr(store_mod, "ACK_COMMIT_S", 0.0)
+    assert s.commit() and s.diagnostics()["commits"] == writes
+    assert s.footfall_state() == {"day": "2026-06-15", "n": 1}
+    # The next write takes it along; so does the last one at close.
+    s.put_events([event(2)])
+    assert s.commit() and s.diagnostics()["commits"] == writes + 1
+    s.put_footfall({"day": "2026-06-15", "n": 2})
+    s.close()
+    again = Store(tmp_path)
+    assert again.footfall_state() == {"day": "2026-06-15", "n": 2}
+    again.close()
+    # A malformed footfall document is ignored with a warning; the outbox and the rest stay.
+    hot = tmp_path / store_mod.HOT_FILE
+    data = json.loads(hot.read_text())
+    data["footfall"] = {"1": {"state": "nonsense"}}
+    hot.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        third = Store(tmp_path)
+    assert third.footfall_state() is None and third.last_seq() == 2 and len(third.pending_events()) == 2
+    assert any("footfall state" in r.getMessage() and "malformed" in r.getMessage() for r in caplog.records)
+    third.close()
