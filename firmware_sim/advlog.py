@@ -199,6 +199,31 @@ class LogWriter:
         self.close()
 
 
+def _header_problem(header: dict[str, Any]) -> str | None:
+    """What is wrong with the values of an advert log's header that its readers use, or None."""
+
+    def whole(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if "start_ms" not in header or "receivers" not in header:
+        return f"no {'start_ms' if 'start_ms' not in header else 'receivers'!r}"
+    if not whole(header["start_ms"]):
+        return f"start_ms = {header['start_ms']!r}: must be a whole number of milliseconds"
+    receivers = header["receivers"]
+    if not isinstance(receivers, list) or not all(isinstance(r, str) for r in receivers):
+        return "receivers: must be a list of receiver ids"
+    end = header.get("end", header["start_ms"] / 1000)
+    if isinstance(end, bool) or not isinstance(end, int | float) or not end >= header["start_ms"] / 1000:
+        return f"end = {end!r}: must be a time (UNIX seconds) not before the start"
+    staff = header.get("staff", [])
+    if not isinstance(staff, list) or not all(isinstance(r, str) for r in staff):
+        return "staff: must be a list of member refs"
+    for key in ("seed", "members"):
+        if key in header and not whole(header[key]):
+            return f"{key} = {header[key]!r}: must be a whole number"
+    return None
+
+
 class AdvertLog:
     """Reads an advert log as a stream: the header at once, records chunk by chunk."""
 
@@ -226,10 +251,10 @@ class AdvertLog:
         if header.get("version") != VERSION:
             self.close()
             raise LogError(f"{path}: advert log version {header.get('version')!r}; this Visita reads version {VERSION}")
-        for key in ("start_ms", "receivers"):
-            if key not in header:
-                self.close()
-                raise LogError(f"{path}: header has no {key!r}")
+        problem = _header_problem(header)
+        if problem is not None:
+            self.close()
+            raise LogError(f"{path}: header: {problem}; the log is damaged: simulate or record it again")
         self.header: dict[str, Any] = header
         self.start_ms = int(header["start_ms"])
 

@@ -1140,6 +1140,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from datetime import datetime
     from zoneinfo import ZoneInfo
 
+    from firmware_sim.advlog import MAX_SPAN_MS
     from firmware_sim.record import record
     from firmware_sim.scenario import load_scenario
 
@@ -1154,6 +1155,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if args.bluez:
         return _sim_bluez(args, scenario, start)
     duration = 3600.0 if args.duration is None else args.duration
+    if duration * 1000 > MAX_SPAN_MS:
+        raise UsageError(f"--duration {_span(duration)}: an advert log spans at most 49.7 days (2**32 ms)")
     last = [time.monotonic()]
 
     def progress(done: float, adverts: int) -> None:

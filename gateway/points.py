@@ -173,10 +173,17 @@ class Presence(Strict):
     )
 
 
+MAX_RULES = 100
+"""Rules in one set: every visit is judged by each of them, on the loop that also serves the dashboard (20,000
+rules from `cmd/rules` stalled a gateway)."""
+
+
 class RuleSet(Strict):
     """A rules file."""
 
-    rules: list[Rule] = Field(min_length=1, description="The rules, applied in order.")
+    rules: list[Rule] = Field(
+        min_length=1, max_length=MAX_RULES, description=f"The rules, applied in order (at most {MAX_RULES})."
+    )
     tiers: dict[str, float] = Field(
         default_factory=dict, description="Points multiplier by member tier (from the backend), e.g. gold = 2.0."
     )

@@ -52,11 +52,17 @@ MAX_PAYLOAD = 512 * 1024
 """Largest message parsed, bytes; an ESPresense report is about 300."""
 MAX_BATCH = 10_000
 """Most sightings one gateway batch may carry."""
+MAX_BATCH_PAYLOAD = 2 << 20
+"""Largest gateway batch parsed, bytes: MAX_BATCH rows of about 65 bytes (a beacon's subject up to 160) fit."""
 
 _HEX12 = re.compile(r"[0-9a-f]{12}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ROOM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_SUBJECT = re.compile(r"(beacon|member|anon):[0-9A-Za-z:._-]{1,160}")
+_SUBJECT = re.compile(r"anon:[0-9a-f]{16}|member:[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}|beacon:[0-9a-z:._-]{1,160}")
+"""What a Visita gateway's identity stage makes of an advert (gateway/identity.py): a salted anonymous id, a member
+ref, a beacon's id. Nothing else: a peer must not hand this gateway an address under one of these prefixes."""
+_ADDRESS = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}(?![0-9A-Fa-f])")
+"""A Bluetooth (or other MAC) address anywhere in a subject: refused whatever its prefix."""
 _RECEIVER = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 DEFAULT_ACCEPT = ("iBeacon:", "altBeacon:", "eddy:", "apple:", "samsung:", "md:ffff:", "irk:")
@@ -272,7 +278,7 @@ def parse_batch(topic: str, payload: bytes, store: str) -> Batch | None:
     parts = topic.split("/")
     if len(parts) != 5 or parts[:3] != ["visita", "v1", store] or parts[4] != "sightings":
         return None
-    if len(payload) > MAX_PAYLOAD:
+    if len(payload) > MAX_BATCH_PAYLOAD:
         return None
     try:
         doc = json.loads(payload)
@@ -294,7 +300,7 @@ def parse_batch(topic: str, payload: bytes, store: str) -> Batch | None:
             return None
         if not isinstance(receiver, str) or not _RECEIVER.fullmatch(receiver):
             return None
-        if not isinstance(subject, str) or not _SUBJECT.fullmatch(subject):
+        if not isinstance(subject, str) or not _SUBJECT.fullmatch(subject) or _ADDRESS.search(subject):
             return None
         r, f = _int_in(rssi, -127, 20), _int_in(ref, -127, 20)
         if r is None or f is None:

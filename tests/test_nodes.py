@@ -26,6 +26,7 @@ from gateway.decode import Decoder
 from gateway.identity import Identifier, MemberDirectory
 from gateway.model import Advert, Sighting
 from sensors.nodes import (
+    MAX_BATCH,
     NodesOptions,
     NodesSource,
     PeerClock,
@@ -124,7 +125,11 @@ def test_espresense_decoder_never_raises(payload: bytes, device: str) -> None:
 
 
 def test_batch_round_trip_and_rejects() -> None:
-    sightings = [Sighting(T0 + 0.25, "rx-2", "member:m-1", -61, -59), Sighting(T0 + 0.5, "rx-2", "anon:ab12", -80, -59)]
+    sightings = [
+        Sighting(T0 + 0.25, "rx-2", "member:m-1", -61, -59),
+        Sighting(T0 + 0.5, "rx-2", "anon:0123456789abcdef", -80, -59),
+        Sighting(T0 + 0.75, "rx-2", "beacon:f7826da6-4fa2-4e98-8024-bc5b71e0893e:1:2", -70, -59),
+    ]
     payload = encode_batch("gw-2", 7, T0 + 1, sightings)
     batch = parse_batch("visita/v1/s1/gw-2/sightings", payload, "s1")
     assert batch is not None and batch.gateway == "gw-2" and batch.seq == 7 and batch.sent == T0 + 1
@@ -137,11 +142,25 @@ def test_batch_round_trip_and_rejects() -> None:
         ("seq", "7"),
         ("sent", None),
         ("sightings", [[T0, "rx-2", "AA:BB:CC:DD:EE:FF", -60, -59]]),  # an address is not a subject
+        ("sightings", [[T0, "rx-2", "anon:C0:FF:EE:12:34:56", -60, -59]]),  # nor under a subject's prefix
+        ("sightings", [[T0, "rx-2", "member:c0-ff-ee-12-34-56", -60, -59]]),
+        ("sightings", [[T0, "rx-2", "beacon:c0:ff:ee:12:34:56", -60, -59]]),
+        ("sightings", [[T0, "rx-2", "anon:ab12", -60, -59]]),  # not what a gateway makes of an address
         ("sightings", [[T0, "RX 2", "anon:ab", -60, -59]]),
         ("sightings", [[T0, "rx-2", "anon:ab", -60]]),
     ]:
         bad = json.dumps({**doc, key: value}).encode()
         assert parse_batch("visita/v1/s1/gw-2/sightings", bad, "s1") is None, (key, value)
+
+
+def test_a_full_batch_of_real_rows_fits_the_payload_limit() -> None:
+    rows = [
+        Sighting(T0 + i / 1000, "rx-checkout", f"beacon:f7826da6-4fa2-4e98-8024-bc5b71e0893e:{i}:{i}", -70, -59)
+        for i in range(MAX_BATCH)
+    ]
+    payload = encode_batch("gw-2", 1, T0 + 20, rows)
+    batch = parse_batch("visita/v1/s1/gw-2/sightings", payload, "s1")
+    assert batch is not None and len(batch.sightings) == MAX_BATCH, len(payload)
 
 
 @settings(max_examples=200, deadline=None)

@@ -122,6 +122,23 @@ def test_damaged_logs_say_what_is_wrong(tmp_path: Path, recorded: tuple[Path, fl
         AdvertLog(newer)
     with pytest.raises(LogError, match="cannot be read"):
         AdvertLog(tmp_path / "missing.vlog.gz")
+    # Header values its readers use, each named (they were tracebacks in the replay).
+    header = json.loads(raw.split(b"\n", 1)[0])
+    for key, value, says in (
+        ("start_ms", "x", "start_ms = 'x': must be a whole number of milliseconds"),
+        ("end", None, "end = None: must be a time"),
+        ("end", header["start_ms"] / 1000 - 10, f"end = {header['start_ms'] / 1000 - 10!r}: must be a time"),
+        ("seed", "abc", "seed = 'abc': must be a whole number"),
+        ("staff", "staff-1", "staff: must be a list of member refs"),
+        ("receivers", "rx-1", "receivers: must be a list of receiver ids"),
+    ):
+        bad = tmp_path / f"bad-{key}.vlog.gz"
+        bad.write_bytes(gzip.compress(json.dumps({**header, key: value}).encode() + b"\n" + raw.split(b"\n", 1)[1]))
+        with pytest.raises(LogError) as e:
+            AdvertLog(bad)
+        assert f"{bad}: header: {says}" in str(e.value), str(e.value)
+        r = subprocess.run([*VISITA, "replay", str(bad)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_the_data_driven_clock_moves_by_its_step_per_reading() -> None:

@@ -103,6 +103,10 @@ def test_a_refused_rules_command_changes_nothing_in_memory_or_on_disk(
         ({"from_file": 1}, '"from_file" must be true or false'),
         ({"from_file": True, **BACKEND}, '"from_file" goes alone; drop rules'),
         (
+            {"rules": [{"id": f"r{i}", "kind": "visit", "points": 1} for i in range(101)]},
+            r"cmd/rules: rules: List should have at most 100 items",
+        ),
+        (
             {"rules": [{"id": "promo", "kind": "zone_bonus", "zone": "nowhere", "points": 5}]},
             r"cmd/rules: rules\[0\] \(id 'promo'\)\.zone = 'nowhere': no such zone in the store plan \(zones: ",
         ),

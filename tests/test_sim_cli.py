@@ -58,6 +58,8 @@ def test_sim_without_out_writes_nothing_and_bad_options_exit_2(tmp_path: Path) -
         (["--start", "noon"], "visita sim: --start 'noon': use an ISO date and time such as 2025-03-03T08:00"),
         (["--duration", "soon"], "'soon' is not a duration"),
         (["--speed", "0"], "must be more than 0"),
+        (["--duration", "50d", "--out", str(tmp_path / "long")], "an advert log spans at most 49.7 days"),
+        (["--seed", "-1"], "a seed is a whole number from 0"),
     ):
         proc = subprocess.run([*VISITA, "sim", "small-shop", *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
