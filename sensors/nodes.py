@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import re
+import statistics
 import threading
 import time
 from collections import OrderedDict, deque
@@ -313,13 +314,19 @@ def parse_batch(topic: str, payload: bytes, store: str) -> Batch | None:
 
 
 class PeerClock:
-    """A peer gateway's clock offset: the smallest (arrival - sent) over its last batches.
+    """A peer gateway's clock offset: the smallest (arrival - sent) over its last batches, among those within
+    `JITTER_S` below their median.
 
     Transit only ever adds delay, so the minimum is the offset plus the shortest transit
-    (milliseconds on a store's LAN); outliers from a slow broker cannot pull it. The correction
+    (milliseconds on a store's LAN); outliers from a slow broker cannot pull it. Nor can one batch stamped far in
+    the future (a peer's clock that jumped, then was put right): below the median by more than any transit varies,
+    it is not taken, where a plain minimum kept it for the next `samples` batches and dropped the peer's good
+    readings as late. A real change of the peer's clock (NTP) takes over once it holds the median. The correction
     is bounded by `max_offset_s`: a peer whose clock is further off is still placed within that
     bound, and the clamp is counted, because its readings are then at best roughly placed.
     """
+
+    JITTER_S = 2.0
 
     def __init__(self, samples: int, max_offset_s: float) -> None:
         self._samples: deque[float] = deque(maxlen=samples)
@@ -333,15 +340,16 @@ class PeerClock:
     @property
     def offset(self) -> float:
         """Seconds to add to the peer's timestamps (0 before the first batch)."""
-        if not self._samples:
-            return 0.0
-        raw = min(self._samples)
-        return max(-self._max, min(self._max, raw))
+        raw = self.measured
+        return 0.0 if raw is None else max(-self._max, min(self._max, raw))
 
     @property
     def measured(self) -> float | None:
         """The unclamped estimate, for diagnostics."""
-        return min(self._samples) if self._samples else None
+        if not self._samples:
+            return None
+        floor = statistics.median_high(self._samples) - self.JITTER_S
+        return min(x for x in self._samples if x >= floor)
 
 
 # --------------------------------------------------------------------------- the source

@@ -180,6 +180,17 @@ def test_peer_clock_takes_the_fastest_transit_and_is_bounded() -> None:
     assert far.offset == 60 and far.measured == 3600
 
 
+def test_one_batch_stamped_far_off_does_not_move_a_peers_clock_but_a_real_change_does() -> None:
+    c = PeerClock(samples=8, max_offset_s=120)
+    for i in range(6):
+        c.observe(T0 + i + 0.05, T0 + i)  # in step, 50 ms transit
+    c.observe(T0 + 6.05, T0 + 100_000)  # one batch from a clock that jumped a day ahead, then was put right
+    assert c.offset == pytest.approx(0.05), "a lone outlier would have dropped the peer's good readings as late"
+    for i in range(7, 12):  # NTP moved the peer's clock 10 s back for good: it takes over once it holds the median
+        c.observe(T0 + i + 0.05, T0 + i - 10)
+    assert c.offset == pytest.approx(10.05)
+
+
 # --------------------------------------------------------------------------- the source, without a broker
 
 
@@ -422,7 +433,8 @@ def test_peer_batches_resent_are_dropped_and_a_far_clock_is_clamped(caplog: pyte
     # Moved back by the bound (60 s), then never later than their arrival: all at T0.
     assert [s.ts for s in out] == [T0] * 3
     peer = src.diagnostics()["nodes"]["gateway:gw-2"]
-    assert peer["clock_offset_s"] == -60 and peer["clock_offset_measured_s"] == pytest.approx(-3700)
+    # The restarted batch's 100 s more is one sample against two: not taken (PeerClock.JITTER_S).
+    assert peer["clock_offset_s"] == -60 and peer["clock_offset_measured_s"] == pytest.approx(-3600.1)
     assert peer["clock_clamped"] == 3 and peer["duplicate_batches"] == 1 and peer["batches"] == 3
     assert caplog.text.count("more than max_offset_s") == 1
 
