@@ -550,7 +550,7 @@ def _gateway_address(args: argparse.Namespace, settings: Settings, role: str) ->
     scheme = "https" if cert else "http"
     base = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
     if not cert:
-        if not is_loopback(host) and not _is_own_address(host):
+        if not _is_own_address(host):  # loopback included
             raise UsageError(
                 f"dashboard.listen {settings.dashboard.listen}: {host} is not this machine, and plain HTTP would send "
                 f"the {role} token there in clear; use an address of this machine, or HTTPS (docs/install.md)"
