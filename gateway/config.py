@@ -650,6 +650,13 @@ class VisitsConfig(Strict):
         le=3600,
         description="Of the inside time, this much must be sure (no place outside explains the signals), s.",
     )
+    resume_within_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=3600,
+        description="A member's visit open when the gateway stopped or lost power goes on after a restart within "
+        "this long; otherwise it ends at its last sighting, s (docs/events.md, 'Restarts').",
+    )
     staff: list[str] = Field(default_factory=list, description="Member refs of staff; their visits are 'staff'.")
     handover: bool = Field(
         default=True,

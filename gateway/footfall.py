@@ -7,7 +7,8 @@ never in occupancy or entries.
 Today's counts, the last hour's entries and the minute in progress are kept in the store (`state`, `restore`):
 a restart goes on counting where it stopped, and the minute it stopped in is published once, when it closes (or
 at the first update after a restart in a later minute, without filling the minutes the gateway was down with
-zeros it did not count). Open visits are not kept: the tracker starts without any (a clean stop ends them all).
+zeros it did not count). The open visits a restart takes up (gateway/visits.py) are counted as open again
+(`reopen`), so occupancy goes on and their ends count as exits.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class Footfall:
 
     def state(self) -> dict[str, Any]:
         """What `restore` needs after a restart (JSON types): the last hour's entries as [minute, count] pairs (at
-        most 60, however busy the store), and the occupancy the minute in progress would close with now."""
+        most 60, however busy the store), and the occupancy the minute in progress would close with now. A state
+        restored and not applied yet is returned as it came."""
+        if self._restored is not None:
+            return self._restored
         per_minute: dict[float, int] = {}
         for t in self._entries:
             per_minute[t - t % 60] = per_minute.get(t - t % 60, 0) + 1
@@ -94,6 +98,11 @@ class Footfall:
             log.warning("footfall counts kept before the restart are not usable (%s): counting from zero", why)
             return
         self._restored = state
+
+    def reopen(self, visit_ids: Sequence[str]) -> None:
+        """Visits open before a restart that the visit tracker took up again: open, as they were (their start was
+        counted then); their end counts as an exit."""
+        self._open.update(visit_ids)
 
     def _take_restored(self, now: float) -> list[dict[str, Any]]:
         """Apply a restored state at the first update: today's counts when it is still that day, the minute in

@@ -202,9 +202,12 @@ class Gateway:
         self._footfall_later: list[VisitChange] = []
         """Check-ins' visit changes, counted by footfall once the pipeline's time reaches them (in order with the
         radio's: a check-in during a catch-up is dated ahead of the data)."""
-        kept = store.footfall_state()
-        if kept is not None:  # today's counts and the minute in progress before a restart
-            self.footfall.restore(kept)
+        kept = store.kept() or {}
+        if isinstance(kept.get("footfall"), dict):  # today's counts and the minute in progress before a restart
+            self.footfall.restore(kept["footfall"])
+        self._kept_visits: dict[str, Any] | None = kept.get("visits") if isinstance(kept.get("visits"), dict) else None
+        """The open visits kept before a restart, until `resume` takes them up."""
+        store.keep(self._kept_state)
         self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
         self.uplink: Uplink | None = None
         self.downlink: Downlink | None = None
@@ -251,7 +254,8 @@ class Gateway:
             sightings += self.nodes.poll_sightings(now, self.identifier.remote_subject)
         if self.survey_recorder is not None:
             self.survey_recorder.observe(sightings)
-        changes = link_subjects(self.estimator, self.tracker, self.linker, self.identifier.take_links())
+        changes = self._resume(now)
+        changes += link_subjects(self.estimator, self.tracker, self.linker, self.identifier.take_links())
         estimates = self.estimator.update(sightings, now)
         changes += self.tracker.update(estimates, now)
         if self.linker is not None:
@@ -260,12 +264,37 @@ class Gateway:
                 changes += self.tracker.link(link)
         return self._conclude(changes, now)
 
-    def end_visits(self, now: float) -> list[Event]:
-        """A clean stop: end every open session at its last sighting, as the absence timeout would have,
-        so no visit is left started-but-never-ended for the backend and dwell bonuses are granted."""
+    def _resume(self, now: float) -> list[VisitChange]:
+        """Before the first tick, check-in or stop after a start: the visits open before the restart, taken up
+        (VisitTracker.restore). Members' go on, counted as open by footfall; the others end at their last sighting
+        (returned, for points, footfall and events like any other change)."""
+        kept, self._kept_visits = self._kept_visits, None
+        if kept is None:
+            return []
+        changes = self.tracker.restore(kept, now)
+        self.footfall.reopen(
+            [v.visit_id for v in self.tracker.open_visits() if v.classification == "visitor"]
+            + [c.visit.visit_id for c in changes if c.visit.classification == "visitor"]
+        )
+        resumed = self.tracker.diagnostics()["resumed"]
+        if resumed or changes:
+            log.info("visits open before the restart: %d go on, %d ended at their last sighting", resumed, len(changes))
+        return changes
+
+    def end_visits(self, now: float, *, restart: bool = False) -> list[Event]:
+        """A clean stop. The data is over (`restart` false: `--until`, a replay's end): every open session ends at
+        its last sighting, as the absence timeout would have, so no visit is left started-but-never-ended and dwell
+        bonuses are granted. A restart will follow (a signal): members' visits are kept for it (`resume`), the
+        others end now."""
         self.now = now
-        changes = self.tracker.update([], now + self.settings.visits.absence_timeout_s + 1.0)
+        changes = self._resume(now)
+        changes += self.tracker.end_for_restart(now) if restart else self.tracker.end_all(now)
         return self._conclude(changes, now, stopping=True)
+
+    def _kept_state(self) -> dict[str, Any]:
+        """What the store keeps across restarts, in each write (Store.keep): footfall's counts, the open visits."""
+        visits = self._kept_visits if self._kept_visits is not None else self.tracker.state()
+        return {"footfall": self.footfall.state(), "visits": visits}
 
     def _conclude(self, changes: list[VisitChange], now: float, stopping: bool = False) -> list[Event]:
         """Visit changes → points → footfall → events → store (one commit) → uplink."""
@@ -273,6 +302,8 @@ class Gateway:
         due = [c for c in self._footfall_later if c.ts <= now or stopping]
         self._footfall_later = [c for c in self._footfall_later if c.ts > now and not stopping]
         minutes = self.footfall.update(due + changes, now)
+        if due:  # counted without an event of their own: a restart must find them counted, as the tracker has them
+            self.store.keep_now()
         events = [e for c in changes if (e := self.events.from_change(c)) is not None]
         events += [self.events.from_award(a) for a in awards]
         events += [self.events.make("footfall.minute", m["minute"] + 60, m) for m in minutes]
@@ -281,7 +312,6 @@ class Gateway:
         self.store.put_events(events)
         self.store.put_awards(awards)
         self.store.put_visits(finished)
-        self.store.put_footfall(self.footfall.state())
         if self.uplink is not None:
             self.store.ack_events(self.uplink.take_acks())
         self._commit()  # stored before anything is offered to the broker
@@ -361,10 +391,12 @@ class Gateway:
         beacon, proof = self.beacons.claim(c.beacon, now)  # only a current EID proves the phone heard it
         self.checkins.count_beacon(proof)
         zone = beacon.zone if beacon is not None else None
+        resumed = self._resume(now)
         changes = self.tracker.checkin(subject, now, zone)
         # A new visit comes with its change; only a check-in that joins an open one looks it up.
         visit = changes[0].visit if changes else self.tracker.open_visit(subject)
         assert visit is not None  # a check-in always leaves its subject's visit open
+        changes = resumed + changes
         awards = self.points.evaluate(changes) + self.points.evaluate_open([visit], now)
         self._footfall_later += changes  # footfall counts a checked-in visitor like any other, at the next tick
         events = [e for ch in changes if (e := self.events.from_change(ch)) is not None]
@@ -882,7 +914,8 @@ async def run(
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), opts.tick_s)
-        gw.end_visits(gw.now)  # stored and queued before the outbox is flushed below
+        # Stored and queued before the outbox is flushed below. Stopped by a signal, a restart will follow.
+        gw.end_visits(gw.now, restart=stop.is_set())
         await writer.drain()
         writer.raise_error()
     except Exception:

@@ -59,7 +59,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,7 +96,9 @@ rewriting the outbox at every tick."""
 DROP_ORDER = ("footfall.minute", "zone.changed")
 """Event types the outbox bound may drop, first to last. Visits and awards are never dropped."""
 
-_OUTBOX, _JOURNAL, _META, _FOOTFALL = "outbox", "journal", "meta", "footfall"
+_OUTBOX, _JOURNAL, _META, _KEPT = "outbox", "journal", "meta", "kept"
+_FOOTFALL = "footfall"
+"""Where earlier versions kept the footfall state alone (read as the kept state's "footfall")."""
 CHUNK = 1000
 """Events per outbox table (``outbox.<seq // CHUNK>``): a tick touches the newest chunk and the
 oldest, and the storage reuses the JSON text of every other chunk, so a long backlog is not
@@ -382,6 +384,7 @@ class Store:
         self._history_lines = 0
         self._must_write = False  # changes that must be on disk before anything is published
         self._last_write = 0.0
+        self._keep: Callable[[], dict[str, Any]] | None = None
 
         self._dir_fd = self._open_dir()
         try:
@@ -580,13 +583,15 @@ class Store:
                 except (KeyError, TypeError, ValueError) as e:
                     raise bad(name, doc_id, e) from e
 
-        self._footfall: dict[str, Any] | None = None  # as on disk (or about to be)
-        self._footfall_next: dict[str, Any] | None = None  # as last put
-        for doc_id, rec in docs(_FOOTFALL):  # counters, not records: a bad one is not worth the hot file
-            if doc_id == 1 and isinstance(rec.get("state"), dict):
-                self._footfall = rec["state"]
-            else:
-                _log.warning("footfall state in %s is malformed; counting from zero", self._path)
+        self._kept: dict[str, Any] | None = None  # as on disk (or about to be)
+        for name in (_FOOTFALL, _KEPT):  # state, not records: a bad one is not worth the hot file
+            for doc_id, rec in docs(name):
+                if doc_id == 1 and isinstance(rec.get("state"), dict):
+                    self._kept = {"footfall": rec["state"]} if name == _FOOTFALL else rec["state"]
+                else:
+                    _log.warning(
+                        "the state kept in %s is malformed; today's counts and open visits start afresh", self._path
+                    )
 
         for doc_id, rec in docs(_META):
             value = rec.get("last_seq")
@@ -894,25 +899,35 @@ class Store:
             self._meta.upsert(Document({"last_seq": top}, doc_id=_META_DOC_ID))
         self._enforce_bound()
 
-    def put_footfall(self, state: dict[str, Any]) -> None:
-        """Keep the footfall counters' state (`Footfall.state`), so that a restart goes on counting today where it
-        stopped and publishes the minute it was in once. It rides along with the next write that happens anyway
-        (the minute events that close a minute make one) and with the last one at `close`: a pass-by alone does
-        not cost a write of the hot file."""
+    def keep(self, provider: Callable[[], dict[str, Any]]) -> None:
+        """What the runtime keeps across restarts and power losses (today's footfall counts, the open visits).
+
+        `provider` is asked at every write that happens anyway (new events make one; the footfall minute at least
+        once a minute) and at `close`, and its answer goes into that same atomic write, with the events it goes
+        with: a restart reads a state that matches the events on disk. It costs no write of its own.
+        """
         self._require_open()
-        self._footfall_next = state
+        self._keep = provider
 
-    def footfall_state(self) -> dict[str, Any] | None:
-        """The footfall state kept by `put_footfall`, as last put or read at start; None when there is none."""
-        return self._footfall_next if self._footfall_next is not None else self._footfall
+    def keep_now(self) -> None:
+        """The state `keep` asks for changed in a way a restart must see, without an event to write with it (a
+        check-in's visit counted by footfall at a later tick): the next commit writes it all the same."""
+        self._require_open()
+        self._must_write = True
 
-    def _take_footfall(self, force: bool) -> None:
-        """Into the snapshot about to be written: the footfall state, when it changed and a write happens anyway."""
-        state = self._footfall_next
-        if state is None or state == self._footfall or not (force or self._disk.dirty):
+    def kept(self) -> dict[str, Any] | None:
+        """The state `keep`'s provider gave at the last write (this run's, or at start the one before the restart);
+        None when there is none."""
+        return self._kept
+
+    def _take_kept(self, force: bool) -> None:
+        """Into the snapshot about to be written, when a write happens anyway: the state `keep` asks for."""
+        if self._keep is None or not (force or self._disk.dirty):
             return
-        self._footfall = _plain(state, "the footfall state")
-        self._db.table(_FOOTFALL).upsert(Document({"state": self._footfall}, doc_id=1))
+        self._kept = _plain(self._keep(), "the state kept across restarts")
+        self._db.table(_KEPT).upsert(Document({"state": self._kept}, doc_id=1))
+        if _FOOTFALL in self._db.tables():
+            self._db.drop_table(_FOOTFALL)
 
     def _chunk(self, chunk: int) -> Table:
         return self._db.table(f"{_OUTBOX}.{chunk}")
@@ -1068,7 +1083,7 @@ class Store:
         self._require_open()
         if not (force or self._must_write or self._disk_full) and time.monotonic() - self._last_write < ACK_COMMIT_S:
             return None  # acks only, written recently: they ride along with the next write
-        self._take_footfall(force or self._must_write)
+        self._take_kept(force or self._must_write)
         roll = self._journal.all() if len(self._journal) >= ROLL_EVERY and not self._disk_full else []
         # Only records in this very write may reach a day file, after it: the event announcing each is then
         # on disk first. The cleared journal is written by the next commit.

@@ -10,6 +10,10 @@ estimate closes the current zone segment, so time outside never counts toward a 
 the next inside estimate opens a new segment. A session ends when the subject has not been
 heard for `absence_timeout_s`. Staff are members on the staff list.
 
+Sessions outlive the process (`state`, `restore`): a member's visit open when the gateway stopped or lost power
+goes on after a restart within `resume_within_s`, with the same visit id; every other open visit ends at its last
+sighting then (an anonymous subject's hash changes with the restart: nothing would ever join it again).
+
 Everything follows from the estimates' own times, never from when they were handed over, so the
 runtime's tick size does not change a visit.
 """
@@ -17,13 +21,16 @@ runtime's tick size does not change a visit.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.config import VisitsConfig
 from gateway.model import Classification, SubjectLink, Visit, VisitChange, VisitSource, ZoneEstimate, ZoneSegment
+
+log = logging.getLogger("visita.visits")
 
 
 @dataclass(slots=True)
@@ -84,6 +91,49 @@ class _Session:
     aliases: list[str] = field(default_factory=list)  # other subjects linked into this session
     movement: _Movement = field(default_factory=_Movement)
     sure_s: float = 0.0  # the part of inside_s() ended by a sure estimate (ZoneEstimate.sure; None counts as sure)
+    resumed: float = 0.0  # when a restart took it up: absence counts from then (the gateway heard nothing while down)
+
+    def state(self) -> dict[str, Any]:
+        """This session as `_Session.from_state` reads it (JSON types)."""
+        return {
+            "subject": self.subject,
+            "visit_id": self.visit_id,
+            "first": self.first,
+            "last": self.last,
+            "segments": [[g.zone, g.entered, g.left, g.closed] for g in self.segments],
+            "qualified": self.qualified,
+            "ble": self.ble,
+            "checked_in": self.checked_in,
+            "sure_s": self.sure_s,
+            "moved_m": self.movement.moved,
+        }
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> _Session:
+        """A session kept by `state`; KeyError, TypeError or ValueError when `d` is not what `state` writes."""
+        number = (int, float)
+        ok = (
+            isinstance(d["subject"], str)
+            and isinstance(d["visit_id"], str)
+            and all(isinstance(d[k], number) and math.isfinite(d[k]) for k in ("first", "last", "sure_s", "moved_m"))
+            and all(type(d[k]) is bool for k in ("qualified", "ble", "checked_in"))
+            and all(
+                isinstance(z, str) and isinstance(a, number) and isinstance(b, number) and type(c) is bool
+                for z, a, b, c in d["segments"]
+            )
+        )
+        if not ok:
+            raise ValueError(f"session {str(d.get('visit_id'))[:24]!r} has values of the wrong type")
+        s = cls(d["subject"], float(d["first"]), float(d["last"]), d["visit_id"])
+        s.segments = [_Seg(z, float(a), float(b), c) for z, a, b, c in d["segments"]]
+        s.qualified, s.ble, s.checked_in = d["qualified"], d["ble"], d["checked_in"]
+        s.sure_s, s.movement.moved = float(d["sure_s"]), float(d["moved_m"])
+        return s
+
+    def resumable(self) -> bool:
+        """Whether a restart can go on with it: a member's (the same subject after the restart) with inside time or a
+        check-in behind it. Anonymous subjects' hashes change with the restart."""
+        return self.subject.startswith("member:") and (self.qualified or bool(self.segments))
 
     def inside_s(self) -> float:
         return sum(g.left - g.entered for g in self.segments)
@@ -105,6 +155,8 @@ class VisitTracker:
         self._alias: dict[str, str] = {}  # a subject linked into another's session -> that session's key
         self._staff_not_visits = 0
         self._links = {"merged": 0, "joined": 0, "unmerged": 0, "ignored": 0}
+        self._now = 0.0  # the newest time an update, check-in or link brought
+        self._resumed = 0  # sessions a restart went on with
 
     def _visit_id(self, subject: str, started: float) -> str:
         # Derived, not random: a replay of the same data yields the same ids.
@@ -162,9 +214,17 @@ class VisitTracker:
             if not s.qualified and s.qualifies(self._cfg):
                 s.qualified = True
                 changes.append(VisitChange("started", e.ts, self._snapshot(s, None)))
+        self._now = max(self._now, now)
         deadline = now - self._cfg.absence_timeout_s
-        for key in [k for k, s in self._sessions.items() if s.last < deadline]:
+        changes += self._end([k for k, s in self._sessions.items() if max(s.last, s.resumed) < deadline])
+        return changes
+
+    def _end(self, keys: Sequence[str]) -> list[VisitChange]:
+        """End these sessions at their last sighting."""
+        changes: list[VisitChange] = []
+        for key in keys:
             s = self._sessions.pop(key)
+            self._changed.discard(key)
             for alias in s.aliases:
                 self._alias.pop(alias, None)
             if not s.qualified and s.subject in self._staff:
@@ -175,6 +235,60 @@ class VisitTracker:
             # Sessions that never qualified end too (as pass-by), so footfall can count them.
             changes.append(VisitChange("ended", s.last, self._snapshot(s, s.last)))
         return changes
+
+    def end_all(self, now: float) -> list[VisitChange]:
+        """End every session at its last sighting, as the absence timeout would have (the data is over)."""
+        self._now = max(self._now, now)
+        return self._end(list(self._sessions))
+
+    def end_for_restart(self, now: float) -> list[VisitChange]:
+        """A stop that a restart will follow: end the sessions a restart could not go on with (`_Session.resumable`);
+        the others stay in `state`."""
+        self._now = max(self._now, now)
+        return self._end([k for k, s in self._sessions.items() if not s.resumable()])
+
+    def state(self) -> dict[str, Any]:
+        """What `restore` needs after a restart or a power loss (JSON types): the sessions that are visits or could
+        still become one. Stored in the same write as the events these sessions made, so a restart neither repeats
+        a `started` nor loses an `ended`."""
+        kept = [s.state() for s in self._sessions.values() if s.qualified or s.resumable()]
+        return {"as_of": self._now, "sessions": kept}
+
+    def restore(self, state: dict[str, Any], now: float) -> list[VisitChange]:
+        """Take up the sessions `state` kept before a restart, at `now` (before any estimate after the restart).
+
+        A member's session goes on when the state is at most `resume_within_s` old: its visit id stays, absence is
+        counted from `now` (the gateway heard nothing while it was down) and, heard again, the time in between is
+        the dwell of the zone it was in. Every other ends at its last sighting (returned): anonymous subjects get
+        new hashes after a restart, and after a longer outage nobody can tell whether the shopper stayed. A state
+        that is not the shape `state` writes is logged and dropped (its visits are left open, never doubled).
+        """
+        try:
+            as_of = state["as_of"]
+            if not isinstance(as_of, (int, float)) or not math.isfinite(as_of):
+                raise ValueError(f"as_of = {as_of!r}")
+            sessions = [_Session.from_state(d) for d in state["sessions"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            log.warning(
+                "open visits kept before the restart are not usable (%s: %s); they stay open", type(e).__name__, e
+            )
+            return []
+        fresh = 0 <= now - as_of <= self._cfg.resume_within_s
+        ending: list[str] = []
+        for s in sessions:
+            go_on = fresh and s.resumable() and s.subject not in self._sessions  # a member has one session to go on
+            key = s.subject if go_on else s.visit_id  # an ending one's key only has to be unique
+            if key in self._sessions:
+                continue  # the same visit is open already (restored twice)
+            self._sessions[key] = s
+            if go_on:
+                s.resumed = now
+                self._resumed += 1
+                self._changed.add(key)
+            else:
+                ending.append(key)
+        self._now = max(self._now, now)
+        return self._end(ending)
 
     def checkin(self, subject: str, ts: float, zone: str | None = None) -> list[VisitChange]:
         """A verified app check-in of `subject` at `ts`: proof of presence, so the session is a visit at once.
@@ -190,6 +304,7 @@ class VisitTracker:
             self._sessions[key] = s
         s.last = max(s.last, ts)
         s.checked_in = True
+        self._now = max(self._now, ts)
         self._changed.add(key)
         if zone is not None and not s.segments:
             s.segments.append(_Seg(zone, ts, ts))
@@ -289,6 +404,7 @@ class VisitTracker:
             "sessions": len(self._sessions),
             "open_visits": sum(1 for s in self._sessions.values() if s.qualified),
             "staff_not_visits": self._staff_not_visits,
+            "resumed": self._resumed,
             **{f"links_{k}": v for k, v in self._links.items()},
         }
 

@@ -8,6 +8,7 @@ import asyncio
 import errno
 import json
 import secrets
+import shutil
 import threading
 import time
 import warnings
@@ -146,6 +147,57 @@ def test_a_checked_in_visitor_counts_in_footfall_and_the_counts_survive_a_restar
     finally:
         again.store.close()
         again.checkins.close()
+
+
+def _visit_events(data: Path) -> list[tuple[str, str]]:
+    """(type, visit id) of every visit event in a stopped gateway's outbox, in order."""
+    return [(r["type"], r["data"]["visit_id"]) for kind in ("visit.started", "visit.ended") for r in
+            _pending_event_records(data, kind)]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["stop", "power loss"])
+def test_a_members_visit_goes_on_across_a_restart_once_started_once_ended_once_awarded(
+    tmp_path: Path, how: str
+) -> None:
+    clock = Clock(NOW)
+    data = tmp_path / "data"
+    gw = gateway(data, clock)
+    with TestClient(create_app(gw)) as client:
+        visit_id = post(client, body()).json()["visit_id"]
+    gw.step(NOW + 1)
+    assert gw.footfall.snapshot()["occupancy"] == 1
+    if how == "stop":  # SIGTERM: a restart follows, the member's visit is kept for it
+        gw.end_visits(NOW + 2, restart=True)
+        gw.store.close()
+    else:  # the power goes: only what the last write put on disk is there
+        gw.step(NOW + 2)
+        data = tmp_path / "after-power-loss"
+        shutil.copytree(tmp_path / "data", data)
+        gw.store.close()
+    gw.checkins.close()
+    assert _visit_events(data) == [("visit.started", visit_id)]
+
+    clock.t = NOW + 30  # back 28 s later
+    again = gateway(data, clock)
+    try:
+        again.step(NOW + 30)
+        assert [v.visit_id for v in again.tracker.open_visits()] == [visit_id]
+        snap = again.footfall.snapshot()
+        assert (snap["occupancy"], snap["visitors_today"]) == (1, 1), snap
+        with TestClient(create_app(again)) as client:  # checking in again joins the same visit: no new points
+            got = post(client, body(ts=clock.t)).json()
+        assert (got["visit_id"], got["awarded"]) == (visit_id, [])
+        again.step(NOW + 200)  # not heard since: it ends, once, where it was last heard
+        assert again.footfall.snapshot()["occupancy"] == 0
+    finally:
+        again.store.close()
+        again.checkins.close()
+    assert _visit_events(data) == [("visit.started", visit_id), ("visit.ended", visit_id)]
+    (ended,) = _pending_event_records(data, "visit.ended")
+    assert ended["data"]["ended"] == ended["data"]["started"] + 30, ended  # the check-ins at NOW and NOW + 30
+    with Store(data) as store:
+        per_rule = Counter(a.rule for a in store.awards() if a.visit_id == visit_id)
+    assert set(per_rule.values()) == {1}, per_rule
 
 
 def _pending_event_records(data: Path, kind: str) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from typing import Any
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -776,34 +777,60 @@ def test_the_reused_text_of_tables_and_documents_is_what_a_full_serialisation_wr
         assert (data_dir / "visita.json").read_bytes() == json.dumps(data, separators=(",", ":")).encode()
 
 
-def test_footfall_state_rides_along_with_writes_and_a_bad_one_costs_nothing_else(
+def test_kept_state_rides_along_with_writes_and_a_bad_one_costs_nothing_else(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = Store(tmp_path)
+    state: dict[str, Any] = {"footfall": {"day": "2026-06-15", "n": 1}, "visits": {"sessions": []}}
+    asked: list[int] = []
+
+    def provider() -> dict[str, Any]:
+        asked.append(1)
+        return state
+
+    s.keep(provider)
     s.put_events([event(1)])
-    assert s.commit()
+    assert s.commit() and s.kept() == state and len(asked) == 1  # asked for the write the event made
     writes = s.diagnostics()["commits"]
-    # A changed footfall state alone (a pass-by, no event) does not write the hot file, however long ago the last
-    # write was; it is what the store answers all the same.
-    s.put_footfall({"day": "2026-06-15", "n": 1})
+    # A changed state alone (a pass-by, no event) does not write the hot file, however long ago the last write was;
+    # the provider is not even asked.
+    state["footfall"]["n"] = 2
     monkeypatch.setattr(store_mod, "ACK_COMMIT_S", 0.0)
-    assert s.commit() and s.diagnostics()["commits"] == writes
-    assert s.footfall_state() == {"day": "2026-06-15", "n": 1}
-    # The next write takes it along; so does the last one at close.
+    assert s.commit() and s.diagnostics()["commits"] == writes and len(asked) == 1
+    # The next write takes it along, a copy (a change after it is not on disk); so does the last one at close.
     s.put_events([event(2)])
-    assert s.commit() and s.diagnostics()["commits"] == writes + 1
-    s.put_footfall({"day": "2026-06-15", "n": 2})
+    assert s.commit() and s.diagnostics()["commits"] == writes + 1 and s.kept() == state
+    state["footfall"]["n"] = 3
+    assert s.kept() != state
     s.close()
     again = Store(tmp_path)
-    assert again.footfall_state() == {"day": "2026-06-15", "n": 2}
+    assert again.kept() == {"footfall": {"day": "2026-06-15", "n": 3}, "visits": {"sessions": []}}
     again.close()
-    # A malformed footfall document is ignored with a warning; the outbox and the rest stay.
+    # A malformed kept document is ignored with a warning; the outbox and the rest stay.
     hot = tmp_path / store_mod.HOT_FILE
     data = json.loads(hot.read_text())
-    data["footfall"] = {"1": {"state": "nonsense"}}
+    data["kept"] = {"1": {"state": "nonsense"}}
     hot.write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING):
         third = Store(tmp_path)
-    assert third.footfall_state() is None and third.last_seq() == 2 and len(third.pending_events()) == 2
-    assert any("footfall state" in r.getMessage() and "malformed" in r.getMessage() for r in caplog.records)
+    assert third.kept() is None and third.last_seq() == 2 and len(third.pending_events()) == 2
+    assert any("state kept" in r.getMessage() and "malformed" in r.getMessage() for r in caplog.records)
     third.close()
+
+
+def test_the_footfall_state_of_the_earlier_layout_is_read_and_replaced(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    s.put_events([event(1)])
+    s.close()
+    hot = tmp_path / store_mod.HOT_FILE
+    data = json.loads(hot.read_text())
+    data.pop("kept", None)
+    data["footfall"] = {"1": {"state": {"day": "2026-06-15", "n": 7}}}
+    hot.write_text(json.dumps(data))
+    again = Store(tmp_path)
+    assert again.kept() == {"footfall": {"day": "2026-06-15", "n": 7}}
+    again.keep(lambda: {"footfall": {"day": "2026-06-15", "n": 8}})
+    again.put_events([event(2)])
+    again.close()
+    written = json.loads(hot.read_text())
+    assert "footfall" not in written and written["kept"]["1"]["state"]["footfall"]["n"] == 8

@@ -381,3 +381,113 @@ def test_a_merged_session_keeps_the_larger_movement_of_its_two_addresses() -> No
     out = t.update([at(200, 55, 5, subject=new)] + [at(s, 55, 5, subject=new) for s in range(201, 420)], T0 + 420)
     started = [c.visit for c in out if c.kind == "started"]
     assert started and started[0].moved_m is not None and started[0].moved_m > 30, started
+
+
+# --------------------------------------------------------------------------- restarts (state, restore)
+
+MEMBER = "member:m-00017"
+
+
+def _member_visit_then_stop(until: float = 120) -> tuple[VisitTracker, list[VisitChange]]:
+    """A member inside the produce zone from 10 s on, heard every 2 s until `until`, and an anonymous visitor in the
+    bakery; then a stop that a restart will follow."""
+    t = tracker()
+    script: dict[float, list[ZoneEstimate]] = {}
+    for s in range(10, int(until) + 1, 2):
+        script[float(s)] = [inside(s, "produce", MEMBER), inside(s, "bakery")]
+    changes = run(t, script, until=until)
+    changes += t.end_for_restart(T0 + until)
+    return t, changes
+
+
+def test_a_members_visit_goes_on_across_a_restart_with_its_id_and_ends_once() -> None:
+    before, changes = _member_visit_then_stop()
+    started = {c.visit.subject: c.visit.visit_id for c in changes if c.kind == "started"}
+    # The anonymous visitor ends at the stop (its hash is new after a restart); the member's visit does not.
+    assert [(c.kind, c.visit.subject, c.ts - T0) for c in changes if c.kind == "ended"] == [("ended", SHOPPER, 120)]
+    state = before.state()
+    assert [d["subject"] for d in state["sessions"]] == [MEMBER]
+
+    after = tracker()
+    assert after.restore(state, T0 + 150) == []  # down for 30 s
+    assert after.diagnostics()["resumed"] == 1
+    (visit,) = after.open_visits()
+    assert visit.visit_id == started[MEMBER] and visit.dwell_s == 110
+    # Absence counts from the restart: nothing heard by 150 + 60 would end it; heard at 170 in the same zone, the
+    # 50 s the gateway was not listening are the zone's dwell, and no second start is reported.
+    assert after.update([], T0 + 209) == []
+    script = {float(s): [inside(s, "produce", MEMBER)] for s in range(170, 200, 2)}
+    changes = run(after, script, until=300)
+    assert [(c.kind, c.visit.visit_id, c.ts - T0) for c in changes] == [("ended", started[MEMBER], 198)]
+    assert changes[0].visit.zone_dwell() == {"produce": 188} and changes[0].visit.started == T0 + 10
+
+
+def test_a_kept_visit_ends_at_its_last_sighting_when_the_restart_comes_too_late_or_the_clock_went_back() -> None:
+    before, _ = _member_visit_then_stop()
+    for now in (120 + CFG.resume_within_s + 1, 100):
+        after = tracker()
+        (change,) = after.restore(before.state(), T0 + now)
+        assert (change.kind, change.ts, change.visit.subject, change.visit.classification) == (
+            "ended",
+            T0 + 120,
+            MEMBER,
+            "visitor",
+        )
+        assert after.open_visits() == [] and after.diagnostics()["resumed"] == 0
+
+
+def test_after_a_power_loss_an_anonymous_visit_ends_at_its_last_sighting_and_a_member_goes_on() -> None:
+    t = tracker()
+    script = {float(s): [inside(s, "produce", MEMBER), inside(s, "bakery")] for s in range(10, 121, 2)}
+    run(t, script, until=120)
+    state = t.state()  # what the last write before the power loss held: no stop ended anything
+    assert sorted(d["subject"] for d in state["sessions"]) == sorted([MEMBER, SHOPPER])
+    after = tracker()
+    changes = after.restore(state, T0 + 140)
+    assert [(c.kind, c.visit.subject, c.ts - T0) for c in changes] == [("ended", SHOPPER, 120)]
+    assert [v.subject for v in after.open_visits()] == [MEMBER]
+
+
+def test_a_member_not_yet_a_visit_keeps_its_inside_time_and_one_heard_only_outside_is_not_kept() -> None:
+    t = tracker()
+    walker = "member:m-00023"
+    script = {float(s): [inside(s, "produce", MEMBER), outside(s, walker)] for s in range(10, 31, 2)}
+    changes = run(t, script, until=30) + t.end_for_restart(T0 + 30)
+    assert [(c.kind, c.visit.subject, c.visit.classification) for c in changes] == [("ended", walker, "pass-by")]
+    after = tracker()
+    assert after.restore(t.state(), T0 + 35) == []
+    script = {float(s): [inside(s, "produce", MEMBER)] for s in range(36, 60, 2)}
+    (started,) = run(after, script, until=60)
+    assert started.kind == "started" and started.visit.started == T0 + 10  # 20 s before + 26 s after the restart
+
+
+def test_a_member_with_two_open_visits_goes_on_with_one_and_the_other_ends() -> None:
+    t = tracker()
+    run(t, {float(s): [inside(s, "produce", MEMBER)] for s in range(10, 81, 2)}, until=80)
+    state = t.state()
+    (kept,) = state["sessions"]
+    state["sessions"].append({**kept, "visit_id": "another-visit"})  # kept twice under one subject: never made so
+    after = tracker()
+    (ended,) = after.restore(state, T0 + 90)
+    assert ended.kind == "ended" and ended.visit.visit_id == "another-visit"
+    assert [v.visit_id for v in after.open_visits()] == [kept["visit_id"]]
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"sessions": []},
+        {"as_of": "soon", "sessions": []},
+        {"as_of": T0, "sessions": [{"subject": MEMBER}]},
+        {"as_of": T0, "sessions": "none"},
+        {"as_of": T0, "sessions": [{**_member_visit_then_stop()[0].state()["sessions"][0], "segments": [["a", 1]]}]},
+        {"as_of": T0, "sessions": [{**_member_visit_then_stop()[0].state()["sessions"][0], "qualified": 1}]},
+    ],
+)
+def test_a_kept_state_that_is_not_what_state_writes_is_dropped_with_a_warning(
+    state: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    after = tracker()
+    with caplog.at_level("WARNING", logger="visita.visits"):
+        assert after.restore(state, T0 + 130) == []
+    assert after.open_visits() == [] and "not usable" in caplog.text
