@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
 import subprocess
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 from conftest import VISITA, Broker, Subscriber, free_port
 
+from firmware_sim.world import member_keys
 from gateway.store import Store
+from sensors.checkins import sign
 
 MAC = re.compile(r"(?i)\b(?:[0-9a-f]{2}:){5}[0-9a-f]{2}\b")
 ENVELOPE_KEYS = {"schema", "id", "ts", "store", "gateway", "seq", "data"}
@@ -165,3 +170,62 @@ def test_unreachable_broker_keeps_running_and_next_start_sends_the_backlog(broke
     seqs = wait_for_seqs(sub, n2)
     sub.close()
     assert seqs == list(range(1, n2 + 1)), "the first run's backlog and the second run's events all arrive"
+
+
+def _checkin(port: int, member: str, key: bytes) -> dict[str, object]:
+    obj: dict[str, object] = {
+        "member": member,
+        "store": "demo-store",
+        "ts": int(time.time()),
+        "nonce": os.urandom(16).hex(),
+    }
+    obj["sig"] = sign(key, obj)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1/checkins", json.dumps(obj).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 201
+        answer: dict[str, object] = json.loads(r.read())
+    return answer
+
+
+def test_a_members_visit_goes_on_across_a_sigterm_restart_and_ends_once(broker: Broker, tmp_path: Path) -> None:
+    member, key = next(iter(member_keys(1, 400, 2).items()))
+    data, port = tmp_path / "data", free_port()
+    sub = Subscriber(broker, client_id="restart-subscriber")
+
+    def gateway(*extra: str) -> subprocess.Popen[str]:
+        args = [*VISITA, "run", "--sim", "--mqtt", broker.url, "--dashboard", f"127.0.0.1:{port}", "--data-dir"]
+        proc = subprocess.Popen([*args, str(data), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the banner is printed once the store is open and the dashboard listens
+            if line.startswith("Ctrl-C stops"):
+                return proc
+        raise AssertionError(f"the gateway exited before its banner: {proc.communicate()[0]}")
+
+    first = gateway()
+    try:
+        visit_id = str(_checkin(port, member, key)["visit_id"])
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, out
+    second = gateway("--until", "5s")  # the same real time (speed 1): back within visits.resume_within_s
+    out = second.communicate(timeout=60)[0]
+    assert second.returncode == 0, out
+    assert "visits open before the restart: 1 go on" in out, out
+
+    deadline = time.monotonic() + 30
+
+    def mine() -> list[tuple[str, str]]:
+        return sorted({(str(p["id"]), str(p["schema"])) for p in stream(sub).values()
+                       if isinstance(p["data"], dict) and p["data"].get("visit_id") == visit_id})  # fmt: skip
+
+    while len([s for _, s in mine() if s == "visita.visit.ended/1"]) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sub.close()
+    kinds = [s for _, s in mine()]
+    assert kinds.count("visita.visit.started/1") == 1 and kinds.count("visita.visit.ended/1") == 1, kinds
+    awards = [p["data"] for p in stream(sub).values() if p["schema"] == "visita.points.awarded/1"]
+    rules = [a["rule"] for a in awards if isinstance(a, dict) and a["visit_id"] == visit_id]
+    assert sorted(rules) == sorted(set(rules)) and "checkin" in rules, rules

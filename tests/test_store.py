@@ -12,9 +12,9 @@ import stat
 import subprocess
 import sys
 import time
-from typing import Any
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
