@@ -22,7 +22,9 @@ Tables in the hot file `<data_dir>/visita.json`:
 - ``outbox.<n>``: events not yet acknowledged by the broker, document id = seq, in chunks of
   CHUNK seqs (n = seq // CHUNK; a single ``outbox`` table of an older file is split at open);
 - ``journal``: awards and visits not yet appended to their day file;
-- ``meta``: one document with ``last_seq``, so the sequence survives an empty outbox.
+- ``meta``: one document with ``last_seq``, so the sequence survives an empty outbox;
+- ``kept``: one document with the runtime's state across restarts (`keep`: footfall's counts, the open visits),
+  written with the events it goes with.
 
 A crash between the append to a day file and the commit that clears the journal leaves a
 record in both: the open finds it in the day file and drops it from the journal (records
