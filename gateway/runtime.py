@@ -205,8 +205,10 @@ class Gateway:
         kept = store.kept() or {}
         if isinstance(kept.get("footfall"), dict):  # today's counts and the minute in progress before a restart
             self.footfall.restore(kept["footfall"])
-        self._kept_visits: dict[str, Any] | None = kept.get("visits") if isinstance(kept.get("visits"), dict) else None
-        """The open visits kept before a restart, until `resume` takes them up."""
+        as_of = kept.get("visits_as_of")
+        self._visits_as_of: float | None = float(as_of) if isinstance(as_of, (int, float)) else None
+        """What data time the open visits kept before a restart are as of (None: unknown, or taken up: `_resume`)."""
+        self._resumed = False
         store.keep(self._kept_state)
         self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
         self.uplink: Uplink | None = None
@@ -268,10 +270,13 @@ class Gateway:
         """Before the first tick, check-in or stop after a start: the visits open before the restart, taken up
         (VisitTracker.restore). Members' go on, counted as open by footfall; the others end at their last sighting
         (returned, for points, footfall and events like any other change)."""
-        kept, self._kept_visits = self._kept_visits, None
-        if kept is None:
+        if self._resumed:
             return []
-        changes = self.tracker.restore(kept, now)
+        self._resumed = True
+        kept = self.store.open_visits()
+        if not kept:
+            return []
+        changes = self.tracker.restore(kept, self._visits_as_of, now)
         self.footfall.reopen(
             [v.visit_id for v in self.tracker.open_visits() if v.classification == "visitor"]
             + [c.visit.visit_id for c in changes if c.visit.classification == "visitor"]
@@ -292,9 +297,15 @@ class Gateway:
         return self._conclude(changes, now, stopping=True)
 
     def _kept_state(self) -> dict[str, Any]:
-        """What the store keeps across restarts, in each write (Store.keep): footfall's counts, the open visits."""
-        visits = self._kept_visits if self._kept_visits is not None else self.tracker.state()
-        return {"footfall": self.footfall.state(), "visits": visits}
+        """What the store keeps across restarts in each write (Store.keep): footfall's counts, and what time the open
+        visits (Store.put_open_visits) are as of."""
+        as_of = self.tracker.now if self._resumed else self._visits_as_of
+        return {"footfall": self.footfall.state(), "visits_as_of": as_of}
+
+    def _keep_visits(self, now: float, everything: bool = False) -> None:
+        """Hand the store the open visits that changed (VisitTracker.take_kept), for the commit of their events."""
+        kept, ended = self.tracker.take_kept(now, everything)
+        self.store.put_open_visits(kept, ended)
 
     def _conclude(self, changes: list[VisitChange], now: float, stopping: bool = False) -> list[Event]:
         """Visit changes → points → footfall → events → store (one commit) → uplink."""
@@ -309,6 +320,7 @@ class Gateway:
         events += [self.events.make("footfall.minute", m["minute"] + 60, m) for m in minutes]
         finished = [c.visit for c in changes if c.kind == "ended" and c.visit.classification != "pass-by"]
         self._put_checkins()
+        self._keep_visits(now, everything=stopping)
         self.store.put_events(events)
         self.store.put_awards(awards)
         self.store.put_visits(finished)
@@ -381,6 +393,7 @@ class Gateway:
         if events:
             self.store.put_events(events)
             self.store.put_awards(awards)
+            self._keep_visits(self.tracker.now)  # the visits they opened or joined, in the same write
             self._checkin_events, self._checkin_awards = [], []
         return events
 

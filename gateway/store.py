@@ -23,8 +23,10 @@ Tables in the hot file `<data_dir>/visita.json`:
   CHUNK seqs (n = seq // CHUNK; a single ``outbox`` table of an older file is split at open);
 - ``journal``: awards and visits not yet appended to their day file;
 - ``meta``: one document with ``last_seq``, so the sequence survives an empty outbox;
-- ``kept``: one document with the runtime's state across restarts (`keep`: footfall's counts, the open visits),
-  written with the events it goes with.
+- ``kept``: one document with the runtime's state across restarts (`keep`: footfall's counts and what time the
+  open visits are as of), written with the events it goes with;
+- ``open_visits``: one document per open visit (`put_open_visits`), replaced when the visit changes, removed in
+  the write that holds its end.
 
 A crash between the append to a day file and the commit that clears the journal leaves a
 record in both: the open finds it in the day file and drops it from the journal (records
@@ -61,7 +63,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,7 +100,7 @@ rewriting the outbox at every tick."""
 DROP_ORDER = ("footfall.minute", "zone.changed")
 """Event types the outbox bound may drop, first to last. Visits and awards are never dropped."""
 
-_OUTBOX, _JOURNAL, _META, _KEPT = "outbox", "journal", "meta", "kept"
+_OUTBOX, _JOURNAL, _META, _KEPT, _OPEN = "outbox", "journal", "meta", "kept", "open_visits"
 _FOOTFALL = "footfall"
 """Where earlier versions kept the footfall state alone (read as the kept state's "footfall")."""
 CHUNK = 1000
@@ -287,11 +289,11 @@ class _AtomicJSONStorage(Storage):
         return ("{" + ",".join(parts) + "}").encode("ascii")
 
     def _table_text(self, name: str, table: dict[str, Any], docs: dict[str, dict[str, tuple[Any, str]]]) -> str:
-        """One table as JSON. Outbox and journal documents are only ever inserted and removed, never changed
-        in place, and TinyDB keeps a document's dict across operations: their text is reused the same way
+        """One table as JSON. Outbox, journal and open-visit documents are only ever inserted and removed, never
+        changed in place, and TinyDB keeps a document's dict across operations: their text is reused the same way
         (a check-in's commit encodes its own few events, not the thousand in the newest outbox chunk)."""
         # ASCII-only output (json's default): encoding can never fail, whatever the strings.
-        if not (name == _JOURNAL or name.startswith(_OUTBOX + ".")):
+        if not (name in (_JOURNAL, _OPEN) or name.startswith(_OUTBOX + ".")):
             return json.dumps(table, separators=(",", ":"))
         old = self._docs.get(name, {})
         new: dict[str, tuple[Any, str]] = {}
@@ -396,6 +398,7 @@ class Store:
             assert isinstance(disk, _AtomicJSONStorage)
             self._disk = disk
             self._journal: Table = self._db.table(_JOURNAL)
+            self._open: Table = self._db.table(_OPEN)
             self._meta: Table = self._db.table(_META)
             self._load()
         except BaseException:
@@ -586,6 +589,13 @@ class Store:
                     raise bad(name, doc_id, e) from e
 
         self._kept: dict[str, Any] | None = None  # as on disk (or about to be)
+        self._open_ids: dict[str, int] = {}  # visit id -> its document in the open-visits table
+        for doc_id, rec in docs(_OPEN):  # state too: a bad one is left out (its visit never ends), with a warning
+            visit = rec.get("visit")
+            if isinstance(visit, dict) and isinstance(visit.get("visit_id"), str):
+                self._open_ids[visit["visit_id"]] = doc_id
+            else:
+                _log.warning("open visit document %d in %s is malformed; left out", doc_id, self._path)
         for name in (_FOOTFALL, _KEPT):  # state, not records: a bad one is not worth the hot file
             for doc_id, rec in docs(name):
                 if doc_id == 1 and isinstance(rec.get("state"), dict):
@@ -910,6 +920,26 @@ class Store:
         """
         self._require_open()
         self._keep = provider
+
+    def put_open_visits(self, visits: Sequence[dict[str, Any]], ended: Iterable[str]) -> None:
+        """Keep these open visits (each a dict with its `visit_id`, as VisitTracker.take_kept gives them; one kept
+        before under the same id is replaced) and forget the `ended` ones. They are written with the next commit,
+        together with the events of those starts and ends: a restart reads the visits that were open as of the
+        events on disk (`open_visits`)."""
+        self._require_open()
+        docs = {v["visit_id"]: _plain({"visit": v}, f"open visit {v['visit_id']}") for v in visits}
+        gone = [i for vid in {*ended, *docs} if (i := self._open_ids.pop(vid, None)) is not None]
+        if gone:
+            self._open.remove(doc_ids=gone)
+        if docs:
+            ids = self._open.insert_multiple(docs.values())
+            self._open_ids.update(zip(docs, ids, strict=True))
+        if gone or docs:
+            self._must_write = True
+
+    def open_visits(self) -> list[dict[str, Any]]:
+        """The open visits kept by `put_open_visits` (at start: as of the last write before the restart)."""
+        return [self._open.get(doc_id=i)["visit"] for i in self._open_ids.values()]  # type: ignore[index]
 
     def keep_now(self) -> None:
         """The state `keep` asks for changed in a way a restart must see, without an event to write with it (a

@@ -10,7 +10,7 @@ estimate closes the current zone segment, so time outside never counts toward a 
 the next inside estimate opens a new segment. A session ends when the subject has not been
 heard for `absence_timeout_s`. Staff are members on the staff list.
 
-Sessions outlive the process (`state`, `restore`): a member's visit open when the gateway stopped or lost power
+Visits outlive the process (`take_kept`, `restore`): a member's visit open when the gateway stopped or lost power
 goes on after a restart within `resume_within_s`, with the same visit id; every other open visit ends at its last
 sighting then (an anonymous subject's hash changes with the restart: nothing would ever join it again).
 
@@ -40,6 +40,10 @@ class _Seg:
     left: float
     closed: bool = False  # the subject stepped outside after it: the next inside estimate opens a new one
 
+
+KEEP_REFRESH_S = 60.0
+"""An open visit is handed to the store at its start, whenever it enters a zone, and at least this often (its dwell
+so far), so that a power loss costs a visit at most this much of its dwell."""
 
 MOVE_SMOOTHING_S = 30.0
 """Time constant of the smoothed position that `moved_m` is measured on: a phone lying still wanders a few
@@ -92,6 +96,7 @@ class _Session:
     movement: _Movement = field(default_factory=_Movement)
     sure_s: float = 0.0  # the part of inside_s() ended by a sure estimate (ZoneEstimate.sure; None counts as sure)
     resumed: float = 0.0  # when a restart took it up: absence counts from then (the gateway heard nothing while down)
+    kept_at: float = 0.0  # data time it was last handed to the store (`take_kept`)
 
     def state(self) -> dict[str, Any]:
         """This session as `_Session.from_state` reads it (JSON types)."""
@@ -131,9 +136,9 @@ class _Session:
         return s
 
     def resumable(self) -> bool:
-        """Whether a restart can go on with it: a member's (the same subject after the restart) with inside time or a
-        check-in behind it. Anonymous subjects' hashes change with the restart."""
-        return self.subject.startswith("member:") and (self.qualified or bool(self.segments))
+        """Whether a restart can go on with it: a member's visit (the same subject after the restart). Anonymous
+        subjects' hashes change with the restart."""
+        return self.qualified and self.subject.startswith("member:")
 
     def inside_s(self) -> float:
         return sum(g.left - g.entered for g in self.segments)
@@ -157,6 +162,9 @@ class VisitTracker:
         self._links = {"merged": 0, "joined": 0, "unmerged": 0, "ignored": 0}
         self._now = 0.0  # the newest time an update, check-in or link brought
         self._resumed = 0  # sessions a restart went on with
+        self._keep: set[str] = set()  # session keys of visits the store should have anew (`take_kept`)
+        self._gone: list[str] = []  # visit ids of visits ended since `take_kept`
+        self._refresh_next = 0.0
 
     def _visit_id(self, subject: str, started: float) -> str:
         # Derived, not random: a replay of the same data yields the same ids.
@@ -204,16 +212,19 @@ class VisitTracker:
                 s.segments.append(_Seg(e.zone, e.ts, e.ts))
                 if last is not None and s.qualified:
                     changes.append(VisitChange("zone", e.ts, self._snapshot(s, None), last.zone))
+                    self._keep.add(key)
             elif last.zone != e.zone:
                 last.left = max(last.left, e.ts)
                 s.segments.append(_Seg(e.zone, e.ts, e.ts))
                 if s.qualified:
                     changes.append(VisitChange("zone", e.ts, self._snapshot(s, None), last.zone))
+                    self._keep.add(key)
             else:
                 last.left = max(last.left, e.ts)
             if not s.qualified and s.qualifies(self._cfg):
                 s.qualified = True
                 changes.append(VisitChange("started", e.ts, self._snapshot(s, None)))
+                self._keep.add(key)
         self._now = max(self._now, now)
         deadline = now - self._cfg.absence_timeout_s
         changes += self._end([k for k, s in self._sessions.items() if max(s.last, s.resumed) < deadline])
@@ -225,6 +236,9 @@ class VisitTracker:
         for key in keys:
             s = self._sessions.pop(key)
             self._changed.discard(key)
+            self._keep.discard(key)
+            if s.qualified:
+                self._gone.append(s.visit_id)
             for alias in s.aliases:
                 self._alias.pop(alias, None)
             if not s.qualified and s.subject in self._staff:
@@ -242,38 +256,51 @@ class VisitTracker:
         return self._end(list(self._sessions))
 
     def end_for_restart(self, now: float) -> list[VisitChange]:
-        """A stop that a restart will follow: end the sessions a restart could not go on with (`_Session.resumable`);
-        the others stay in `state`."""
+        """A stop that a restart will follow: end the sessions a restart could not go on with (all but members'
+        visits, `_Session.resumable`); the others are kept (`take_kept`)."""
         self._now = max(self._now, now)
         return self._end([k for k, s in self._sessions.items() if not s.resumable()])
 
-    def state(self) -> dict[str, Any]:
-        """What `restore` needs after a restart or a power loss (JSON types): the sessions that are visits or could
-        still become one. Stored in the same write as the events these sessions made, so a restart neither repeats
-        a `started` nor loses an `ended`."""
-        kept = [s.state() for s in self._sessions.values() if s.qualified or s.resumable()]
-        return {"as_of": self._now, "sessions": kept}
+    @property
+    def now(self) -> float:
+        """The newest data time an update, check-in or link brought: what the kept visits are as of."""
+        return self._now
 
-    def restore(self, state: dict[str, Any], now: float) -> list[VisitChange]:
-        """Take up the sessions `state` kept before a restart, at `now` (before any estimate after the restart).
+    def take_kept(self, now: float, everything: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+        """What the store should keep of the open visits since the last call (`restore` reads it after a restart or
+        a power loss): each visit at its start, when it enters a zone or a link or check-in changes it, and at least
+        every KEEP_REFRESH_S (`everything`: each one now); and the ids of the visits that ended. Stored in the same
+        write as the events of those starts and ends, so a restart neither repeats a `started` nor loses an
+        `ended`."""
+        if everything or now >= self._refresh_next:
+            self._refresh_next = now + KEEP_REFRESH_S / 6
+            self._keep.update(k for k, s in self._sessions.items() if everything or now - s.kept_at >= KEEP_REFRESH_S)
+        kept: list[dict[str, Any]] = []
+        for key in self._keep:
+            s = self._sessions.get(key)
+            if s is not None and s.qualified:
+                s.kept_at = now
+                kept.append(s.state())
+        gone, self._gone, self._keep = self._gone, [], set()
+        return kept, gone
 
-        A member's session goes on when the state is at most `resume_within_s` old: its visit id stays, absence is
-        counted from `now` (the gateway heard nothing while it was down) and, heard again, the time in between is
-        the dwell of the zone it was in. Every other ends at its last sighting (returned): anonymous subjects get
-        new hashes after a restart, and after a longer outage nobody can tell whether the shopper stayed. A state
-        that is not the shape `state` writes is logged and dropped (its visits are left open, never doubled).
+    def restore(self, kept: Sequence[dict[str, Any]], as_of: float | None, now: float) -> list[VisitChange]:
+        """Take up the visits `take_kept` gave before a restart (as of data time `as_of`; None: unknown), at `now`,
+        before any estimate after the restart.
+
+        A member's visit goes on when `as_of` is at most `resume_within_s` before `now`: its visit id stays,
+        absence is counted from `now` (the gateway heard nothing while it was down) and, heard again, the time in
+        between is the dwell of the zone it was in. Every other ends at its last sighting (returned): anonymous
+        subjects get new hashes after a restart, and after a longer outage nobody can tell whether the shopper
+        stayed. A kept visit that is not what `take_kept` writes is logged and left out.
         """
-        try:
-            as_of = state["as_of"]
-            if not isinstance(as_of, (int, float)) or not math.isfinite(as_of):
-                raise ValueError(f"as_of = {as_of!r}")
-            sessions = [_Session.from_state(d) for d in state["sessions"]]
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            log.warning(
-                "open visits kept before the restart are not usable (%s: %s); they stay open", type(e).__name__, e
-            )
-            return []
-        fresh = 0 <= now - as_of <= self._cfg.resume_within_s
+        sessions: list[_Session] = []
+        for d in kept:
+            try:
+                sessions.append(_Session.from_state(d))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                log.warning("an open visit kept before the restart is not usable (%s: %s)", type(e).__name__, e)
+        fresh = as_of is not None and 0 <= now - as_of <= self._cfg.resume_within_s
         ending: list[str] = []
         for s in sessions:
             go_on = fresh and s.resumable() and s.subject not in self._sessions  # a member has one session to go on
@@ -282,7 +309,7 @@ class VisitTracker:
                 continue  # the same visit is open already (restored twice)
             self._sessions[key] = s
             if go_on:
-                s.resumed = now
+                s.resumed = s.kept_at = now
                 self._resumed += 1
                 self._changed.add(key)
             else:
@@ -308,6 +335,7 @@ class VisitTracker:
         self._changed.add(key)
         if zone is not None and not s.segments:
             s.segments.append(_Seg(zone, ts, ts))
+        self._keep.add(key)
         if s.qualified:
             return []
         s.qualified = True
@@ -337,6 +365,7 @@ class VisitTracker:
             if other.startswith("member:"):
                 s.subject = other
                 self._changed.add(key)  # now a member's visit: the rules look at it again
+                self._keep.add(key)
             self._links["joined"] += 1
             return []
         if so.qualified and sn.qualified:
@@ -358,6 +387,7 @@ class VisitTracker:
         if gone.movement.moved > keep.movement.moved:  # each address's own track; the larger says the phone moved
             keep.movement.moved = gone.movement.moved
         self._changed.add(keep_key)
+        self._keep.add(keep_key)
         self._links["merged"] += 1
         ts = max(link.ts, keep.last)
         if keep.qualified:

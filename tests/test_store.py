@@ -834,3 +834,28 @@ def test_the_footfall_state_of_the_earlier_layout_is_read_and_replaced(tmp_path:
     again.close()
     written = json.loads(hot.read_text())
     assert "footfall" not in written and written["kept"]["1"]["state"]["footfall"]["n"] == 8
+
+
+def test_open_visits_are_replaced_by_id_forgotten_with_their_end_and_read_back_after_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(tmp_path)
+    s.put_open_visits([{"visit_id": "a", "last": 1}, {"visit_id": "b", "last": 1}], [])
+    s.put_open_visits([{"visit_id": "a", "last": 2}], ["b"])
+    assert s.open_visits() == [{"visit_id": "a", "last": 2}]
+    assert s.commit()  # written though no event came with them
+    s.put_open_visits([{"visit_id": "c", "last": 3}], [])
+    s.close()
+    again = Store(tmp_path)
+    assert sorted(v["visit_id"] for v in again.open_visits()) == ["a", "c"]
+    again.put_open_visits([], ["a", "never-kept"])
+    again.close()
+    # A malformed document is left out with a warning; the rest stays.
+    hot = tmp_path / store_mod.HOT_FILE
+    data = json.loads(hot.read_text())
+    data["open_visits"]["99"] = {"visit": "nonsense"}
+    hot.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        third = Store(tmp_path)
+    assert [v["visit_id"] for v in third.open_visits()] == ["c"] and "malformed" in caplog.text
+    third.close()

@@ -383,33 +383,59 @@ def test_a_merged_session_keeps_the_larger_movement_of_its_two_addresses() -> No
     assert started and started[0].moved_m is not None and started[0].moved_m > 30, started
 
 
-# --------------------------------------------------------------------------- restarts (state, restore)
+# --------------------------------------------------------------------------- restarts (take_kept, restore)
 
 MEMBER = "member:m-00017"
 
 
-def _member_visit_then_stop(until: float = 120) -> tuple[VisitTracker, list[VisitChange]]:
+class Kept:
+    """What a store holds of a tracker's open visits (`take_kept` applied call after call), and as of when."""
+
+    def __init__(self) -> None:
+        self.visits: dict[str, dict[str, object]] = {}
+        self.as_of = 0.0
+
+    def take(self, t: VisitTracker, now: float, everything: bool = False) -> None:
+        kept, ended = t.take_kept(now, everything)
+        self.visits.update((str(v["visit_id"]), v) for v in kept)
+        for visit_id in ended:
+            self.visits.pop(visit_id, None)
+        self.as_of = t.now
+
+
+def run_kept(
+    t: VisitTracker, kept: Kept, script: dict[float, list[ZoneEstimate]], start: float, until: float
+) -> list[VisitChange]:
+    """`run` from `start`, the store taking what the tracker keeps after every tick."""
+    out: list[VisitChange] = []
+    for i in range(round(start), round(until) + 1):
+        out += t.update(script.get(float(i), []), T0 + i)
+        kept.take(t, T0 + i)
+    return out
+
+
+def _member_visit_then_stop(until: float = 120) -> tuple[Kept, list[VisitChange]]:
     """A member inside the produce zone from 10 s on, heard every 2 s until `until`, and an anonymous visitor in the
     bakery; then a stop that a restart will follow."""
-    t = tracker()
+    t, kept = tracker(), Kept()
     script: dict[float, list[ZoneEstimate]] = {}
     for s in range(10, int(until) + 1, 2):
         script[float(s)] = [inside(s, "produce", MEMBER), inside(s, "bakery")]
-    changes = run(t, script, until=until)
+    changes = run_kept(t, kept, script, 0, until)
     changes += t.end_for_restart(T0 + until)
-    return t, changes
+    kept.take(t, T0 + until, everything=True)
+    return kept, changes
 
 
 def test_a_members_visit_goes_on_across_a_restart_with_its_id_and_ends_once() -> None:
-    before, changes = _member_visit_then_stop()
+    kept, changes = _member_visit_then_stop()
     started = {c.visit.subject: c.visit.visit_id for c in changes if c.kind == "started"}
     # The anonymous visitor ends at the stop (its hash is new after a restart); the member's visit does not.
     assert [(c.kind, c.visit.subject, c.ts - T0) for c in changes if c.kind == "ended"] == [("ended", SHOPPER, 120)]
-    state = before.state()
-    assert [d["subject"] for d in state["sessions"]] == [MEMBER]
+    assert [v["subject"] for v in kept.visits.values()] == [MEMBER] and kept.as_of == T0 + 120
 
     after = tracker()
-    assert after.restore(state, T0 + 150) == []  # down for 30 s
+    assert after.restore(list(kept.visits.values()), kept.as_of, T0 + 150) == []  # down for 30 s
     assert after.diagnostics()["resumed"] == 1
     (visit,) = after.open_visits()
     assert visit.visit_id == started[MEMBER] and visit.dwell_s == 110
@@ -420,13 +446,14 @@ def test_a_members_visit_goes_on_across_a_restart_with_its_id_and_ends_once() ->
     changes = run(after, script, until=300)
     assert [(c.kind, c.visit.visit_id, c.ts - T0) for c in changes] == [("ended", started[MEMBER], 198)]
     assert changes[0].visit.zone_dwell() == {"produce": 188} and changes[0].visit.started == T0 + 10
+    assert after.take_kept(T0 + 300) == ([], [started[MEMBER]])  # the store forgets it with its end
 
 
 def test_a_kept_visit_ends_at_its_last_sighting_when_the_restart_comes_too_late_or_the_clock_went_back() -> None:
-    before, _ = _member_visit_then_stop()
-    for now in (120 + CFG.resume_within_s + 1, 100):
+    kept, _ = _member_visit_then_stop()
+    for now, as_of in ((120 + CFG.resume_within_s + 1, kept.as_of), (100, kept.as_of), (130, None)):
         after = tracker()
-        (change,) = after.restore(before.state(), T0 + now)
+        (change,) = after.restore(list(kept.visits.values()), as_of, T0 + now)
         assert (change.kind, change.ts, change.visit.subject, change.visit.classification) == (
             "ended",
             T0 + 120,
@@ -437,57 +464,47 @@ def test_a_kept_visit_ends_at_its_last_sighting_when_the_restart_comes_too_late_
 
 
 def test_after_a_power_loss_an_anonymous_visit_ends_at_its_last_sighting_and_a_member_goes_on() -> None:
-    t = tracker()
-    script = {float(s): [inside(s, "produce", MEMBER), inside(s, "bakery")] for s in range(10, 121, 2)}
-    run(t, script, until=120)
-    state = t.state()  # what the last write before the power loss held: no stop ended anything
-    assert sorted(d["subject"] for d in state["sessions"]) == sorted([MEMBER, SHOPPER])
+    t, kept = tracker(), Kept()
+    script = {float(s): [inside(s, "produce", MEMBER), inside(s, "bakery")] for s in range(10, 111, 2)}
+    run_kept(t, kept, script, 0, 110)  # then the power goes: no stop ended anything
+    assert sorted(str(v["subject"]) for v in kept.visits.values()) == sorted([MEMBER, SHOPPER])
+    # Kept at their start (56 s), not every second: a power loss costs at most KEEP_REFRESH_S of dwell.
+    assert {v["last"] for v in kept.visits.values()} == {T0 + 56}
     after = tracker()
-    changes = after.restore(state, T0 + 140)
-    assert [(c.kind, c.visit.subject, c.ts - T0) for c in changes] == [("ended", SHOPPER, 120)]
+    changes = after.restore(list(kept.visits.values()), kept.as_of, T0 + 140)
+    assert [(c.kind, c.visit.subject, c.ts - T0) for c in changes] == [("ended", SHOPPER, 56)]
     assert [v.subject for v in after.open_visits()] == [MEMBER]
 
 
-def test_a_member_not_yet_a_visit_keeps_its_inside_time_and_one_heard_only_outside_is_not_kept() -> None:
+def test_open_visits_are_kept_at_their_start_each_zone_they_enter_and_every_minute() -> None:
     t = tracker()
-    walker = "member:m-00023"
-    script = {float(s): [inside(s, "produce", MEMBER), outside(s, walker)] for s in range(10, 31, 2)}
-    changes = run(t, script, until=30) + t.end_for_restart(T0 + 30)
-    assert [(c.kind, c.visit.subject, c.visit.classification) for c in changes] == [("ended", walker, "pass-by")]
-    after = tracker()
-    assert after.restore(t.state(), T0 + 35) == []
-    script = {float(s): [inside(s, "produce", MEMBER)] for s in range(36, 60, 2)}
-    (started,) = run(after, script, until=60)
-    assert started.kind == "started" and started.visit.started == T0 + 10  # 20 s before + 26 s after the restart
+    taken: list[tuple[float, float]] = []  # (tick, the kept visit's last sighting) whenever the tracker hands it over
+    script = {float(s): [inside(s, "produce" if s < 150 else "bakery", MEMBER)] for s in range(10, 300, 2)}
+    for i in range(300):
+        t.update(script.get(float(i), []), T0 + i)
+        visits, ended = t.take_kept(T0 + i)
+        taken += [(i, float(v["last"]) - T0) for v in visits]  # type: ignore[arg-type]
+        assert ended == []
+    assert [i for i, _ in taken] == [56, 120, 150, 210, 270], taken  # started, a minute on, bakery, each minute
+    assert all(last == i for i, last in taken)
 
 
-def test_a_member_with_two_open_visits_goes_on_with_one_and_the_other_ends() -> None:
-    t = tracker()
-    run(t, {float(s): [inside(s, "produce", MEMBER)] for s in range(10, 81, 2)}, until=80)
-    state = t.state()
-    (kept,) = state["sessions"]
-    state["sessions"].append({**kept, "visit_id": "another-visit"})  # kept twice under one subject: never made so
-    after = tracker()
-    (ended,) = after.restore(state, T0 + 90)
-    assert ended.kind == "ended" and ended.visit.visit_id == "another-visit"
-    assert [v.visit_id for v in after.open_visits()] == [kept["visit_id"]]
-
-
-@pytest.mark.parametrize(
-    "state",
-    [
-        {"sessions": []},
-        {"as_of": "soon", "sessions": []},
-        {"as_of": T0, "sessions": [{"subject": MEMBER}]},
-        {"as_of": T0, "sessions": "none"},
-        {"as_of": T0, "sessions": [{**_member_visit_then_stop()[0].state()["sessions"][0], "segments": [["a", 1]]}]},
-        {"as_of": T0, "sessions": [{**_member_visit_then_stop()[0].state()["sessions"][0], "qualified": 1}]},
-    ],
-)
-def test_a_kept_state_that_is_not_what_state_writes_is_dropped_with_a_warning(
-    state: dict[str, object], caplog: pytest.LogCaptureFixture
+def test_a_kept_visit_that_is_not_what_take_kept_writes_is_left_out_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    kept, _ = _member_visit_then_stop()
+    (good,) = kept.visits.values()
+    bad = [{"subject": MEMBER}, {**good, "segments": [["a", 1]]}, {**good, "qualified": 1}, {**good, "last": "x"}]
     after = tracker()
     with caplog.at_level("WARNING", logger="visita.visits"):
-        assert after.restore(state, T0 + 130) == []
-    assert after.open_visits() == [] and "not usable" in caplog.text
+        assert after.restore([*bad, good], kept.as_of, T0 + 130) == []
+    assert len(after.open_visits()) == 1 and caplog.text.count("not usable") == len(bad)
+
+
+def test_a_member_with_two_kept_visits_goes_on_with_one_and_the_other_ends() -> None:
+    kept, _ = _member_visit_then_stop()
+    (good,) = kept.visits.values()
+    after = tracker()
+    (ended,) = after.restore([good, {**good, "visit_id": "another-visit"}], kept.as_of, T0 + 130)
+    assert ended.kind == "ended" and ended.visit.visit_id == "another-visit"
+    assert [v.visit_id for v in after.open_visits()] == [good["visit_id"]]
