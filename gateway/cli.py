@@ -1089,7 +1089,10 @@ def _nodes_source(
             raise UsageError(
                 f"--room {item}: give ROOM=RECEIVER with a receiver of the store plan ({', '.join(sorted(plan_rx))})"
             )
-        rooms[room] = rx
+        if rooms.setdefault(room.lower(), rx) != rx:
+            raise UsageError(
+                f"--room {item}: room {room} is mapped to {rooms[room.lower()]} already (rooms match in any case)"
+            )
     password = None
     if uplink and settings.mqtt.username:
         try:

@@ -103,7 +103,8 @@ class NodesOptions:
     gateway: str = "gw"
     """This gateway's id: its own batches are not taken back."""
     rooms: Mapping[str, str] = field(default_factory=dict)
-    """ESPresense room (the topic's last level) → plan receiver id; unmapped rooms are used as they are."""
+    """ESPresense room (the topic's last level, matched whatever its case) → plan receiver id; unmapped rooms are
+    used as receiver ids, lowercased."""
     accept: tuple[str, ...] = DEFAULT_ACCEPT
     """ESPresense id prefixes taken; others are counted and dropped."""
     espresense: bool = True
@@ -134,9 +135,15 @@ class NodesOptions:
                 problems.append(f"{name} = {getattr(self, name)}: must be more than 0")
         if self.buffer_max < 1 or self.max_nodes < 1 or self.offset_samples < 1:
             problems.append("buffer_max, max_nodes and offset_samples must be at least 1")
+        lowered: dict[str, str] = {}
         for room, rx in self.rooms.items():
             if not _RECEIVER.fullmatch(rx):
                 problems.append(f"rooms[{room!r}] = {rx!r}: not a receiver id (lowercase, digits, - and _)")
+            if not _ROOM.fullmatch(room):
+                problems.append(f"rooms[{room!r}]: not an ESPresense room name (letters, digits, _ . -, at most 64)")
+            if lowered.setdefault(room.lower(), rx) != rx:
+                problems.append(f"rooms[{room!r}]: the same room as another one, mapped to another receiver")
+        object.__setattr__(self, "rooms", lowered)  # rooms match whatever their case
         if not (self.espresense or self.peers):
             problems.append("espresense and peers are both off: nothing to take")
         if problems:
@@ -198,7 +205,8 @@ def parse_espresense(
     rooms: Mapping[str, str],
     accept: Iterable[str] = DEFAULT_ACCEPT,
 ) -> Reading | str:
-    """A Reading from one ESPresense report, or the reason it is not taken (a short word, never data).
+    """A Reading from one ESPresense report, or the reason it is not taken (a short word, never data). `rooms`: as
+    NodesOptions.rooms has them (lowercase rooms).
 
     Reasons: "malformed" (not a report), "ignored" (an id kind not in `accept`), "no-address"
     (a phone's report without a usable `mac`).
@@ -222,7 +230,7 @@ def parse_espresense(
     ref = _int_in(doc.get("rssi@1m"), -127, 20)
     if rssi is None:
         return "malformed"
-    receiver = rooms.get(room, room.lower())
+    receiver = rooms.get(room.lower(), room.lower())
     if not any(device_id.startswith(p) for p in accept):
         return "ignored"
     beacon = espresense_beacon(device_id)

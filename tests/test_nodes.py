@@ -76,6 +76,24 @@ def test_ibeacon_and_altbeacon_ids_become_beacon_subjects() -> None:
     assert espresense_beacon(f"iBeacon:{UUID}-70000-1") is None
 
 
+def test_rooms_match_whatever_their_case_and_one_room_maps_to_one_receiver() -> None:
+    opts = NodesOptions(rooms={"Front": "rx-entrance", "TILLS": "rx-checkout"})
+    assert opts.rooms == {"front": "rx-entrance", "tills": "rx-checkout"}
+    for room, rx in (
+        ("front", "rx-entrance"),
+        ("FRONT", "rx-entrance"),
+        ("Tills", "rx-checkout"),
+        ("Rx-Produce", "rx-produce"),
+    ):
+        r = parse_espresense(f"espresense/devices/apple:1005:9-26/{room}", report("apple:1005:9-26"), T0, opts.rooms)
+        assert isinstance(r, Reading) and r.receiver == rx, room
+    with pytest.raises(ValueError, match="the same room as another one"):
+        NodesOptions(rooms={"front": "rx-entrance", "Front": "rx-checkout"})
+    with pytest.raises(ValueError, match="not an ESPresense room name"):
+        NodesOptions(rooms={"front door": "rx-entrance"})
+    assert NodesOptions(rooms={"front": "rx-entrance", "Front": "rx-entrance"}).rooms == {"front": "rx-entrance"}
+
+
 def test_eddystone_uid_id_loses_espresense_duplicated_byte() -> None:
     namespace, instance = "00112233445566778899", "aabbccddeeff"
     # ESPresense writes frame bytes 2..6 then 6..11: the namespace's fifth byte appears twice.
@@ -379,7 +397,7 @@ def test_visita_run_with_nodes_only_feeds_the_pipeline(broker: Broker, publisher
         "run",
         "--nodes",
         "--room",
-        "front=rx-entrance",
+        "Front=rx-entrance",  # rooms match whatever their case: the node publishes "front"
         "--mqtt",
         broker.url,
         "--dashboard",
