@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -807,6 +807,25 @@ def _field_names(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str
     return None
 
 
+def _union_tags(model: type[BaseModel], loc: tuple[str | int, ...], tag: str) -> list[str]:
+    """The values `tag` may take in the tagged union of items found at `loc` (a rule's kinds), or []."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fld = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if fld is None:
+            return []
+        current = fld.annotation
+    while get_origin(current) in (list, Annotated):  # list[Annotated[A | B | ..., Field(discriminator=tag)]]
+        current = get_args(current)[0]
+    out: list[str] = []
+    for member in get_args(current):
+        fld = member.model_fields.get(tag) if isinstance(member, type) and issubclass(member, BaseModel) else None
+        out += [str(v) for v in get_args(fld.annotation)] if fld is not None else []
+    return out
+
+
 def dotted(loc: tuple[str | int, ...]) -> str:
     """('plan', 'zones', 2, 'id') → 'plan.zones[2].id'."""
     out = ""
@@ -853,6 +872,16 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
             continue
         elif e["type"] == "string_pattern_mismatch":
             msg = "must be lowercase letters, digits, '-' or '_' (at most 64), starting with a letter or digit"
+        elif e["type"] in ("union_tag_not_found", "union_tag_invalid"):  # a tagged union's tag (a rule's kind)
+            tag = str(e.get("ctx", {}).get("discriminator", "kind")).strip("'")
+            where = f"{source}: {dotted((*loc, tag))}"
+            if e["type"] == "union_tag_not_found":
+                tags = _union_tags(model, loc, tag)
+                lines.append(f"{where}: required key is missing" + (f" (one of: {', '.join(tags)})" if tags else ""))
+            else:
+                expected = str(e.get("ctx", {}).get("expected_tags", "")).replace("'", "")
+                lines.append(f"{where} = {e['ctx']['tag']!r}: unknown (one of: {expected})")
+            continue
         value = e.get("input")
         if isinstance(value, str):
             value = redact_url(value)

@@ -174,6 +174,18 @@ def test_rules_file_errors_name_the_rule_and_field(tmp_path: Path) -> None:
     assert "rules[1] (id 's').visits = 1" in text
 
 
+def test_a_rule_without_a_kind_or_of_an_unknown_kind_gets_the_kinds_there_are(tmp_path: Path) -> None:
+    f = tmp_path / "rules.toml"
+    f.write_text('[[rules]]\nid = "a"\npoints = 1\n[[rules]]\nid = "b"\nkind = "vist"\npoints = 1\n')
+    with pytest.raises(ConfigError) as e:
+        load_rules(f)
+    kinds = "one of: visit, checkin, dwell_bonus, zone_bonus, first_visit, streak"
+    assert e.value.problems == [
+        f"{f}: rules[0] (id 'a').kind: required key is missing ({kinds})",
+        f"{f}: rules[1] (id 'b').kind = 'vist': unknown ({kinds})",
+    ]
+
+
 def test_rules_that_could_never_award_anything_are_named() -> None:
     rules = parse_rules(
         {
