@@ -9,6 +9,7 @@ Nothing is loaded at import time: call `load_settings`.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import os
 import re
@@ -885,6 +886,12 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
         value = e.get("input")
         if isinstance(value, str):
             value = redact_url(value)
+        if isinstance(value, (dt.date, dt.time)):  # TOML's own dates and times (datetime is a date)
+            value = value.isoformat()
+            if e["type"] == "string_type":
+                msg = f'a TOML date or time where text is expected: put it in quotes, {loc[-1]} = "{value}"'
+            lines.append(f"{source}: {key} = {value}: {msg}")
+            continue
         if isinstance(value, (dict, list)) or key == "":
             lines.append(f"{source}: {key or '(top level)'}: {msg}")
         else:

@@ -117,6 +117,11 @@ def test_no_file_means_the_demo_store() -> None:
         ("[plan]\ndoors = [[1]]\n", "visita.toml: plan.doors[0]: too few items (no item [1]; a point is [x, y])"),
         ("[visits]\nhandover = 3\n", "visita.toml: visits.handover = 3: Input should be a valid boolean"),
         ("[mqtt]\nkeepalive_s = true\n", "visita.toml: mqtt.keepalive_s = true: "),
+        (
+            "timezone = 2026-01-01\n",
+            'visita.toml: timezone = 2026-01-01: a TOML date or time where text is expected: put it in quotes, '
+            'timezone = "2026-01-01"',
+        ),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, text: str, expected: str) -> None:
