@@ -294,7 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="at full speed, data time per pipeline tick (default: 1; the live gateway ticks every 0.1 s of wall time)",
     )
     replay.add_argument("--config", type=Path, metavar="FILE", help="config file (default: the log's scenario's plan)")
-    replay.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the store here (default: a temporary one)")
+    replay.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep the store here (default: a temporary one); one holding data from after the log's start is refused",
+    )
     replay.add_argument("--mqtt", type=_mqtt, default="off", metavar="URL|off", help="broker URL (default: off)")
     replay.add_argument("--dashboard", type=_listen, default="off", metavar="HOST:PORT|off", help="(default: off)")
     replay.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log detail")
@@ -1258,6 +1263,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             dashboard=args.dashboard,
             until_s=span,
             tick_s=0.1 if args.speed else 0.0,
+            recorded=True,
         )
         wall0 = time.monotonic()
         try:

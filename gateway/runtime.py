@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,6 +146,8 @@ class RunOptions:
     """How long a stop waits for the broker to acknowledge what is queued."""
     temporary_data: bool = False
     """The data directory is thrown away after the run (a replay without --data-dir)."""
+    recorded: bool = False
+    """The source is a recording (a replay): data the directory already holds is refused, not published again."""
 
 
 class Gateway:
@@ -209,6 +212,9 @@ class Gateway:
         self._visits_as_of: float | None = float(as_of) if isinstance(as_of, (int, float)) else None
         """What data time the open visits kept before a restart are as of (None: unknown, or taken up: `_resume`)."""
         self._resumed = False
+        until = kept.get("data_until")
+        self._data_until: float | None = float(until) if isinstance(until, (int, float)) else None
+        """The pipeline's data time at the last write before the restart (a replay refuses to go over it again)."""
         store.keep(self._kept_state)
         self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
         self.uplink: Uplink | None = None
@@ -300,7 +306,8 @@ class Gateway:
         """What the store keeps across restarts in each write (Store.keep): footfall's counts, and what time the open
         visits (Store.put_open_visits) are as of."""
         as_of = self.tracker.now if self._resumed else self._visits_as_of
-        return {"footfall": self.footfall.state(), "visits_as_of": as_of}
+        held = max(self._data_until or 0.0, self.now) or None
+        return {"footfall": self.footfall.state(), "visits_as_of": as_of, "data_until": held}
 
     def _keep_visits(self, now: float, everything: bool = False) -> None:
         """Hand the store the open visits that changed (VisitTracker.take_kept), for the commit of their events."""
@@ -794,6 +801,15 @@ async def run(
         outbox_max=settings.storage.outbox_max,
         full_disk_outbox_max=settings.storage.full_disk_outbox_max,
     )
+    held = (store.kept() or {}).get("data_until")
+    if opts.recorded and isinstance(held, (int, float)) and clock.start < held:
+        store.close()
+        at = datetime.fromtimestamp
+        raise StartupError(
+            f"{data_dir} already holds data up to {at(held, UTC).isoformat(timespec='seconds')}, and this recording "
+            f"starts at {at(clock.start, UTC).isoformat(timespec='seconds')}: replaying it there again would publish "
+            "its visits and footfall a second time. Give another --data-dir (or none: a temporary one)"
+        )
     rules_file = settings.points.rules_path()
     try:  # the backend's rules (cmd/rules) if it sent any, else the rules file's; read once the directory is ours
         rules, rules_source = rules_in_force(rules_file, data_dir)

@@ -204,6 +204,16 @@ def test_visita_sim_writes_a_log_that_visita_replay_turns_into_visits(tmp_path: 
     assert visits and all(v.ended is not None and v.classification in ("visitor", "staff") for v in visits)
     members = {p["member"] for p in truth if p["type"] == "person" and p["has_app"]}
     assert {v.member for v in visits if v.member} <= members | {"staff-1"}, "members resolved from the log's seed"
+    # The same log again into the same directory: refused, not its visits published a second time.
+    with Store(data) as store:
+        seq = store.last_seq()
+    again = subprocess.run(
+        [*VISITA, "replay", str(out / LOG_NAME), "--data-dir", str(data)], capture_output=True, text=True, timeout=180
+    )
+    assert again.returncode == 1 and f"{data} already holds data up to" in again.stderr, again.stderr
+    assert "Give another --data-dir" in again.stderr
+    with Store(data) as store:
+        assert store.last_seq() == seq
 
 
 def test_replay_refuses_a_bad_log_with_one_line(tmp_path: Path) -> None:
