@@ -198,6 +198,14 @@ class PlanConfig(Strict):
                     f"zones[{i}].polygon: its corners enclose no area (all on one line or one point); give the "
                     "zone's outline, corner by corner"
                 )
+            elif z.polygon and (cross := _self_crossing(z.polygon)) is not None:
+                e1, e2 = cross
+                n = len(z.polygon)
+                problems.append(
+                    f"zones[{i}].polygon: its outline crosses itself (the edge from corner {e1} to {(e1 + 1) % n} "
+                    f"crosses the edge from corner {e2} to {(e2 + 1) % n}, counting from 0); give the corners in "
+                    "order around the zone"
+                )
         if all(z.outside for z in self.zones):
             problems.append("zones: every zone is outside; at least one zone must be inside the store")
         if problems:
@@ -220,6 +228,27 @@ class PlanConfig(Strict):
     def has_geometry(self) -> bool:
         """True when every zone has a polygon and every receiver a position (the HMM estimator needs both)."""
         return all(z.polygon for z in self.zones) and all(r.position is not None for r in self.receivers)
+
+
+def _self_crossing(polygon: list[tuple[float, float]]) -> tuple[int, int] | None:
+    """The first two edges of a polygon that cross (edge i runs from corner i to the next), or None. Edges that
+    only touch at a shared corner, or run along each other, are not counted."""
+
+    def side(p: tuple[float, float], q: tuple[float, float], r: tuple[float, float]) -> float:
+        return (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+
+    n = len(polygon)
+    edges = [(polygon[i], polygon[(i + 1) % n]) for i in range(n)]
+    for i in range(n):
+        for j in range(i + 2, n):
+            if i == 0 and j == n - 1:
+                continue  # the first and the last edge share corner 0
+            (p1, p2), (q1, q2) = edges[i], edges[j]
+            d1, d2 = side(q1, q2, p1), side(q1, q2, p2)
+            d3, d4 = side(p1, p2, q1), side(p1, p2, q2)
+            if d1 * d2 < 0 and d3 * d4 < 0:
+                return i, j
+    return None
 
 
 def _area(polygon: list[tuple[float, float]]) -> float:

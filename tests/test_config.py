@@ -92,6 +92,12 @@ def test_no_file_means_the_demo_store() -> None:
             "zones[0].polygon: its corners enclose no area",
         ),
         (
+            '[plan]\nzones = [{ id = "a", polygon = [[0, 0], [10, 10], [10, 0], [0, 20]] }]\n'
+            'receivers = [{ id = "r", zone = "a" }]\n',
+            "zones[0].polygon: its outline crosses itself (the edge from corner 0 to 1 crosses the edge from corner 2 "
+            "to 3, counting from 0); give the corners in order around the zone",
+        ),
+        (
             '[estimate]\nmethod = "hmm"\n[plan]\nzones = [{ id = "a" }]\nreceivers = [{ id = "r", zone = "a" }]\n',
             'estimate.method = "hmm" needs the plan\'s geometry',
         ),
@@ -119,7 +125,7 @@ def test_no_file_means_the_demo_store() -> None:
         ("[mqtt]\nkeepalive_s = true\n", "visita.toml: mqtt.keepalive_s = true: "),
         (
             "timezone = 2026-01-01\n",
-            'visita.toml: timezone = 2026-01-01: a TOML date or time where text is expected: put it in quotes, '
+            "visita.toml: timezone = 2026-01-01: a TOML date or time where text is expected: put it in quotes, "
             'timezone = "2026-01-01"',
         ),
     ],
