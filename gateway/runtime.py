@@ -970,7 +970,8 @@ async def run(
             await asyncio.to_thread(gw.uplink.stop, max(0.0, flush_end - time.monotonic()))
             store.ack_events(gw.uplink.take_acks())
         queued = len(store.pending_events())
-        store.close()
+        lost = store.close()  # events a full disk kept from being written are lost with the process
+        queued -= lost
         gw.checkins.close()
         if server is not None and server_task is not None:
             server.stop()
@@ -985,6 +986,7 @@ async def run(
                 if queued and opts.temporary_data
                 else (" (sent at next start)" if queued else "")
             )
+            + (f", {lost} not written (disk full) and lost" if lost else "")
             + f"; today {snap['visitors_today']} visits, {snap['passbys_today']} pass-bys",
             flush=True,
         )

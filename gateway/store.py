@@ -1173,20 +1173,25 @@ class Store:
                 " then ".join(DROP_ORDER),
             )
 
-    def close(self) -> None:
-        """Commit, roll the journal to the day files, commit again, then release the files and the lock. Idempotent."""
+    def close(self) -> int:
+        """Commit, roll the journal to the day files, commit again, then release the files and the lock. Idempotent.
+
+        Returns how many events could not be written (a full disk): they are lost, never having been published."""
         if self._closed:
-            return
+            return 0
+        lost = 0
         try:
             if self.commit(force=True):
                 self._roll()
             if not self.commit(force=True):
+                lost = max(0, self._last_seq - self._committed_seq)
                 _log.error(
                     "disk full at stop: %d event(s) and %d history record(s) not written to %s are lost",
-                    max(0, self._last_seq - self._committed_seq),
+                    lost,
                     len(self._journal),
                     self._dir,
                 )
+            return lost
         finally:
             self._closed = True
             self._db.close()

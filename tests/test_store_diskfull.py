@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -105,3 +107,32 @@ def test_disk_full_keeps_running_says_so_once_and_recovers(small_disk: Path, bro
     sub.close()
     assert seqs == set(range(1, n + 1)), f"missing: {sorted(set(range(1, n + 1)) - seqs)[:20]}"
     assert ", 0 still queued" in out
+
+
+def test_a_stop_on_a_full_disk_says_which_events_are_lost_and_which_wait(small_disk: Path, tmp_path: Path) -> None:
+    data = small_disk / "data"
+    args = [
+        *VISITA, "run", "--sim", "--scenario", "small-shop", "--speed", "600", "--until", "2h",
+        "--mqtt", "off", "--dashboard", "off", "--data-dir", str(data),
+    ]  # fmt: skip
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert _wait(lambda: (data / "visita.json").exists(), 30), log.read_text()
+        time.sleep(1)
+        _fill(small_disk / "filler")
+        assert _wait(lambda: "disk full" in log.read_text(), 20), log.read_text()
+        time.sleep(1)  # events made meanwhile are held in memory only
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    m = re.search(
+        r"(\d+) still queued in the outbox \(sent at next start\), (\d+) not written \(disk full\) and lost", out
+    )
+    assert m, out + log.read_text()
+    (small_disk / "filler").unlink()
+    with Store(data) as s:
+        assert len(s.pending_events()) == int(m.group(1))  # what the summary says waits is what waits
