@@ -419,23 +419,28 @@ class Uplink:
     def _settle(self, event: Event, reason: ReasonCode) -> None:
         """Record a PUBACK (caller holds the lock)."""
         if reason.is_failure:
-            # The broker refused it (an ACL): keep it stored, pause, and try again later.
+            # The broker refused it (an ACL): keep it stored, pause, and try again later, in seq order (refusals of
+            # a window come back one by one; each goes back before the queued events of higher seq).
             self._refused += 1
-            error = f"broker refused {event.type} seq {event.seq}: {reason}"
-            self._queue.appendleft(event)
-            self._refusal_backoff = min(60.0, max(1.0, self._refusal_backoff * 2))
-            self._paused_until = time.monotonic() + self._refusal_backoff
-            if error.split(" seq ")[0] != self._last_error.split(" seq ")[0]:
-                log.error(
-                    "MQTT broker %s %s; check the broker's ACL for %s# (retrying in %.0f s)",
-                    self._url,
-                    error,
-                    self._prefix,
-                    self._refusal_backoff,
-                )
-            self._last_error = error
+            error = f"refused {event.type} seq {event.seq}: {reason}"
+            at = next((i for i, q in enumerate(self._queue) if (q.seq or 0) > (event.seq or 0)), len(self._queue))
+            self._queue.insert(at, event)
+            now = time.monotonic()
+            if now >= self._paused_until:  # the first refusal of this round: one pause per round, longer each time
+                self._refusal_backoff = min(60.0, max(1.0, self._refusal_backoff * 2))
+                self._paused_until = now + self._refusal_backoff
+                if error.split(" seq ")[0] != self._last_error.removeprefix(f"broker {self._url} ").split(" seq ")[0]:
+                    log.error(
+                        "MQTT broker %s %s; check the broker's ACL for %s# (retrying in %.0f s)",
+                        self._url,
+                        error,
+                        self._prefix,
+                        self._refusal_backoff,
+                    )
+                self._last_error = f"broker {self._url} {error}"
             return
-        self._refusal_backoff = 0.0
+        if time.monotonic() >= self._paused_until:  # acknowledged after a pause, not within the refused window
+            self._refusal_backoff = 0.0
         self._acked.append(event.id)
         self._published += 1
 

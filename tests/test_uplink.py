@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import MqttConfig, parse_mqtt_url
 from gateway.events import EventFactory
@@ -63,3 +65,28 @@ def test_offer_takes_only_events_after_the_cursor_in_order() -> None:
     assert up.offer(events[1:4]) == 1 and up.cursor == 4, "already offered ones are skipped"
     assert up.pending() == 4
     assert up.room() == 0, "nothing is fed while disconnected"
+
+
+def test_refused_events_go_back_in_seq_order_and_one_window_of_refusals_is_one_pause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker refuses a window of publishes (an ACL): their PUBACKs come one by one, lowest seq first."""
+    up, factory = _uplink()
+    events: list[Event] = [factory.make("zone.changed", 1.0, {}) for _ in range(6)]
+    up.offer(events)  # disconnected: all queued
+    window = [up._queue.popleft() for _ in range(4)]  # seqs 1-4 handed to paho, 5-6 still queued
+    refused = ReasonCode(PacketTypes.PUBACK, "Not authorized")
+    with caplog.at_level("ERROR", logger="visita.uplink"), up._lock:
+        for ev in window[:3]:  # seqs 1, 2, 3 refused; 4 acknowledged
+            up._settle(ev, refused)
+        up._settle(window[3], ReasonCode(PacketTypes.PUBACK, "Success"))
+    assert [e.seq for e in up._queue] == [1, 2, 3, 5, 6], "retried in seq order, ahead of what waits"
+    assert up._refusal_backoff == 1.0, "one pause for the window, not one doubling per refused PUBACK"
+    assert len(caplog.records) == 1 and "refused zone.changed seq 1" in caplog.text
+    assert "broker" not in caplog.records[0].getMessage().split(" refused ")[0].removeprefix("MQTT broker ")
+    # The next round refused again: the pause doubles once.
+    up._paused_until = 0.0
+    with up._lock:
+        for _ in range(3):
+            up._settle(up._queue.popleft(), refused)
+    assert up._refusal_backoff == 2.0 and [e.seq for e in up._queue] == [1, 2, 3, 5, 6]
