@@ -61,6 +61,11 @@ EARLY_PUBACK_S = 5.0
 """How long a PUBACK that beat publish() returning its mid may wait to be matched, s."""
 
 
+QUICK_DROP_S = 5.0
+"""A connection the broker drops within this long of accepting it counts as a quick drop; three in a row mean
+another client with the same client id is most likely taking the session over each time (a copied config)."""
+
+
 class Uplink:
     """Publishes events with QoS 1 and reports which ones the broker acknowledged."""
 
@@ -95,6 +100,10 @@ class Uplink:
         self._refusal_backoff = 0.0
         self._attempt = 0
         self._connects = 0
+        self._client_id = client_id
+        self._connected_at = 0.0
+        self._quick_drops = 0  # connections in a row the broker dropped within QUICK_DROP_S
+        self._taken_over_said = False
         self.cursor = 0
         """Highest seq offered so far (the feed asks the store for events after it)."""
         self._tokens = float(cfg.max_rate)
@@ -335,6 +344,7 @@ class Uplink:
             return
         self._attempt = 0
         self._connects += 1
+        self._connected_at = time.monotonic()
         self._client.reconnect_delay_set(self._cfg.backoff_min_s, self._cfg.backoff_max_s)  # type: ignore[arg-type]
         self._connected.set()
         birth = self._status(True)
@@ -373,6 +383,19 @@ class Uplink:
     ) -> None:
         was = self.connected
         self._connected.clear()
+        if was:
+            quick = time.monotonic() - self._connected_at < QUICK_DROP_S
+            self._quick_drops = self._quick_drops + 1 if quick else 0
+            if (self._quick_drops >= 3 or str(reason) == "Session taken over") and not self._taken_over_said:
+                self._taken_over_said = True  # once: the drops go on as long as the other client does
+                log.error(
+                    "MQTT broker %s drops this gateway's connection right after it is made (%s): most likely another "
+                    "client uses the same client id %r, such as a second gateway with the same store and gateway ids "
+                    "(a copied config or SD card); give each gateway its own `gateway` id, or set mqtt.client_id",
+                    self._url,
+                    reason,
+                    self._client_id,
+                )
         if was and reason.is_failure:
             self._report_outage(f"dropped the connection: {reason}")
         elif not was and self._url.tls:

@@ -118,3 +118,19 @@ def test_bridge_from_store_broker_to_cloud_survives_a_link_outage(tmp_path: Path
     finally:
         store.stop()
         cloud.stop()
+
+
+def test_two_gateways_with_the_same_ids_are_told_to_take_their_own(broker: Broker, tmp_path: Path) -> None:
+    """A copied config: both gateways connect as visita-demo-store-gw-1 and the broker drops each for the other."""
+    procs = [
+        subprocess.Popen(
+            _run(broker.url, tmp_path / f"data-{i}", "15m", "60"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    told = [e for e in errs if "most likely another client uses the same client id 'visita-demo-store-gw-1'" in e]
+    assert told, errs
+    assert all(e.count("same client id") <= 1 for e in errs), "said once, not at every drop"
