@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from gateway.days import LocalDays
-from gateway.model import VisitChange
+from gateway.model import Visit, VisitChange
 
 log = logging.getLogger("visita.footfall")
 
@@ -51,6 +51,7 @@ class Footfall:
         self._minute: _Minute | None = None
         self._now = 0.0
         self._restored: dict[str, Any] | None = None
+        self._reopened: list[Visit] = []  # visits a restart took up, for the restored state to count (`reopen`)
 
     def state(self) -> dict[str, Any]:
         """What `restore` needs after a restart (JSON types): the last hour's entries as [minute, count] pairs (at
@@ -67,6 +68,7 @@ class Footfall:
             "entries": [[m, n] for m, n in per_minute.items()],
             "minute": None if self._minute is None else asdict(self._minute),
             "occupancy": len(self._open),
+            "open": sorted(self._open),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -81,6 +83,7 @@ class Footfall:
                 and all(type(n) is int for n in state["today"].values())
                 and all(isinstance(m, number) and type(n) is int for m, n in state["entries"])
                 and type(state["occupancy"]) is int
+                and (state.get("open") is None or all(isinstance(v, str) for v in state["open"]))
                 and (
                     minute is None
                     or (
@@ -99,10 +102,14 @@ class Footfall:
             return
         self._restored = state
 
-    def reopen(self, visit_ids: Sequence[str]) -> None:
-        """Visits open before a restart that the visit tracker took up again: open, as they were (their start was
-        counted then); their end counts as an exit."""
-        self._open.update(visit_ids)
+    def reopen(self, visits: Sequence[Visit]) -> None:
+        """Visits open before a restart that the visit tracker took up again (including those it ends at once): open,
+        as they were, so their end counts as an exit. One whose start the kept counts do not hold (a power loss came
+        between its start and the write of the counts) is counted as an entry when the restored state applies."""
+        if self._restored is None:
+            self._open.update(v.visit_id for v in visits)
+        else:
+            self._reopened += visits
 
     def _take_restored(self, now: float) -> list[dict[str, Any]]:
         """Apply a restored state at the first update: today's counts when it is still that day, the minute in
@@ -110,23 +117,33 @@ class Footfall:
         `now`."""
         state, self._restored = self._restored, None
         assert state is not None
-        if state["day"] == self._days.day(now):
-            self._day = state["day"]
+        self._day = self._days.day(now)
+        if state["day"] == self._day:
             self._today = {k: int(v) for k, v in state["today"].items()}
         # The last hour's entries whatever the day (a restart just after midnight still had them).
         self._entries = deque(m for m, n in sorted(state["entries"]) for _ in range(n) if m >= now - 3600)
         minute = state["minute"]
-        if minute is None:
-            return []
-        m = _Minute(**minute)
+        m = None if minute is None else _Minute(**minute)
         here = now - now % 60
-        if here <= m.start <= here + 60:  # the same minute (a clock a little behind): it goes on and closes once
+        out: list[dict[str, Any]] = []
+        if m is not None and here <= m.start <= here + 60:  # the same minute (a clock a little behind): it goes on
             self._minute = m
-            return []
-        # Another minute: published now, with the occupancy it had. Where the clock went back further (a Pi without
-        # a real-time clock), counting goes on from `now` and a later minute of the same value may come again.
-        aggregate = {**self._aggregate(m), "occupancy": int(state["occupancy"])}
-        return [aggregate] if m.entries or m.exits or m.passbys else []
+        else:
+            # Another minute: published now, with the occupancy it had; counting goes on from this minute (ends dated
+            # before it, as a restart's are, count in it: the minute kept is never opened again). Where the clock
+            # went back further (a Pi without a real-time clock), a later minute of the same value may come again.
+            if m is not None and (m.entries or m.exits or m.passbys):
+                out.append({**self._aggregate(m), "occupancy": int(state["occupancy"])})
+            self._minute = _Minute(here)
+        counted = None if state.get("open") is None else set(state["open"])
+        for v in self._reopened:
+            if counted is not None and v.visit_id not in counted:
+                self._entries.append(v.started)
+                self._today["visitors"] += 1
+                self._minute.entries += 1
+            self._open.add(v.visit_id)
+        self._reopened = []
+        return out
 
     def update(self, changes: Sequence[VisitChange], now: float) -> list[dict[str, Any]]:
         """Fold in changes; returns the aggregates of every minute that closed before `now`."""

@@ -262,8 +262,8 @@ class Gateway:
             sightings += self.nodes.poll_sightings(now, self.identifier.remote_subject)
         if self.survey_recorder is not None:
             self.survey_recorder.observe(sightings)
-        changes = self._resume(now)
-        changes += link_subjects(self.estimator, self.tracker, self.linker, self.identifier.take_links())
+        self.resume(now)
+        changes = link_subjects(self.estimator, self.tracker, self.linker, self.identifier.take_links())
         estimates = self.estimator.update(sightings, now)
         changes += self.tracker.update(estimates, now)
         if self.linker is not None:
@@ -272,25 +272,24 @@ class Gateway:
                 changes += self.tracker.link(link)
         return self._conclude(changes, now)
 
-    def _resume(self, now: float) -> list[VisitChange]:
-        """Before the first tick, check-in or stop after a start: the visits open before the restart, taken up
-        (VisitTracker.restore). Members' go on, counted as open by footfall; the others end at their last sighting
-        (returned, for points, footfall and events like any other change)."""
+    def resume(self, now: float) -> None:
+        """At start (`run` calls it before serving anything; the first tick, check-in or stop otherwise): take up
+        the visits open before the restart (VisitTracker.restore). Members' go on, counted as open by footfall; the
+        others end at their last sighting now, with their points, events and history like any other end."""
         if self._resumed:
-            return []
+            return
         self._resumed = True
         kept = self.store.open_visits()
         if not kept:
-            return []
+            return
         changes = self.tracker.restore(kept, self._visits_as_of, now)
         self.footfall.reopen(
-            [v.visit_id for v in self.tracker.open_visits() if v.classification == "visitor"]
-            + [c.visit.visit_id for c in changes if c.visit.classification == "visitor"]
+            [v for v in self.tracker.open_visits() if v.classification == "visitor"]
+            + [c.visit for c in changes if c.visit.classification == "visitor"]
         )
         resumed = self.tracker.diagnostics()["resumed"]
-        if resumed or changes:
-            log.info("visits open before the restart: %d go on, %d ended at their last sighting", resumed, len(changes))
-        return changes
+        log.info("visits open before the restart: %d go on, %d ended at their last sighting", resumed, len(changes))
+        self._conclude(changes, now)
 
     def end_visits(self, now: float, *, restart: bool = False) -> list[Event]:
         """A clean stop. The data is over (`restart` false: `--until`, a replay's end): every open session ends at
@@ -298,14 +297,14 @@ class Gateway:
         bonuses are granted. A restart will follow (a signal): members' visits are kept for it (`resume`), the
         others end now."""
         self.now = now
-        changes = self._resume(now)
-        changes += self.tracker.end_for_restart(now) if restart else self.tracker.end_all(now)
+        self.resume(now)
+        changes = self.tracker.end_for_restart(now) if restart else self.tracker.end_all(now)
         return self._conclude(changes, now, stopping=True)
 
     def _kept_state(self) -> dict[str, Any]:
         """What the store keeps across restarts in each write (Store.keep): footfall's counts, and what time the open
         visits (Store.put_open_visits) are as of."""
-        as_of = self.tracker.now if self._resumed else self._visits_as_of
+        as_of = self.tracker.now if self._resumed else self._visits_as_of  # not taken up yet: as they were
         held = max(self._data_until or 0.0, self.now) or None
         return {"footfall": self.footfall.state(), "visits_as_of": as_of, "data_until": held}
 
@@ -411,12 +410,11 @@ class Gateway:
         beacon, proof = self.beacons.claim(c.beacon, now)  # only a current EID proves the phone heard it
         self.checkins.count_beacon(proof)
         zone = beacon.zone if beacon is not None else None
-        resumed = self._resume(now)
+        self.resume(now)
         changes = self.tracker.checkin(subject, now, zone)
         # A new visit comes with its change; only a check-in that joins an open one looks it up.
         visit = changes[0].visit if changes else self.tracker.open_visit(subject)
         assert visit is not None  # a check-in always leaves its subject's visit open
-        changes = resumed + changes
         awards = self.points.evaluate(changes) + self.points.evaluate_open([visit], now)
         self._footfall_later += changes  # footfall counts a checked-in visitor like any other, at the next tick
         events = [e for ch in changes if (e := self.events.from_change(ch)) is not None]
@@ -904,6 +902,7 @@ async def run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    gw.resume(clock.now())  # the visits open before a restart, before any check-in, advert or stop is taken
     server = _QuietServer(create_app(gw), sock, tls) if sock is not None else None
     server_task = asyncio.create_task(server.serve()) if server else None
     pending = store.pending_events()
@@ -943,8 +942,10 @@ async def run(
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), opts.tick_s)
-        # Stored and queued before the outbox is flushed below. Stopped by a signal, a restart will follow.
-        gw.end_visits(gw.now, restart=stop.is_set())
+        # Stored and queued before the outbox is flushed below. Stopped by a signal, a restart will follow (members'
+        # visits are kept for it, unless visits.resume_within_s is 0). Stopped before the first tick: the start's time.
+        keep = stop.is_set() and settings.visits.resume_within_s > 0
+        gw.end_visits(gw.now or gw.tracker.now or clock.start, restart=keep)
         await writer.drain()
         writer.raise_error()
     except Exception:

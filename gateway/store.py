@@ -401,6 +401,8 @@ class Store:
             self._open: Table = self._db.table(_OPEN)
             self._meta: Table = self._db.table(_META)
             self._load()
+            if self._open_bad:
+                self._open.remove(doc_ids=self._open_bad)
         except BaseException:
             self._release_dir()
             raise
@@ -590,12 +592,14 @@ class Store:
 
         self._kept: dict[str, Any] | None = None  # as on disk (or about to be)
         self._open_ids: dict[str, int] = {}  # visit id -> its document in the open-visits table
+        self._open_bad: list[int] = []  # documents that are not open visits, removed once the tables are open
         for doc_id, rec in docs(_OPEN):  # state too: a bad one is left out (its visit never ends), with a warning
             visit = rec.get("visit")
             if isinstance(visit, dict) and isinstance(visit.get("visit_id"), str):
                 self._open_ids[visit["visit_id"]] = doc_id
             else:
-                _log.warning("open visit document %d in %s is malformed; left out", doc_id, self._path)
+                _log.warning("open visit document %d in %s is malformed; dropped", doc_id, self._path)
+                self._open_bad.append(doc_id)
         for name in (_FOOTFALL, _KEPT):  # state, not records: a bad one is not worth the hot file
             for doc_id, rec in docs(name):
                 if doc_id == 1 and isinstance(rec.get("state"), dict):

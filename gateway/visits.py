@@ -97,6 +97,7 @@ class _Session:
     sure_s: float = 0.0  # the part of inside_s() ended by a sure estimate (ZoneEstimate.sure; None counts as sure)
     resumed: float = 0.0  # when a restart took it up: absence counts from then (the gateway heard nothing while down)
     kept_at: float = 0.0  # data time it was last handed to the store (`take_kept`)
+    kept_last: float = 0.0  # its last sighting then
 
     def state(self) -> dict[str, Any]:
         """This session as `_Session.from_state` reads it (JSON types)."""
@@ -159,7 +160,7 @@ class VisitTracker:
         self._changed: set[str] = set()  # session keys whose session changed since `changed_visits`
         self._alias: dict[str, str] = {}  # a subject linked into another's session -> that session's key
         self._staff_not_visits = 0
-        self._links = {"merged": 0, "joined": 0, "unmerged": 0, "ignored": 0}
+        self._links = {"merged": 0, "joined": 0, "unmerged": 0, "ignored": 0, "ended_stale": 0}
         self._now = 0.0  # the newest time an update, check-in or link brought
         self._resumed = 0  # sessions a restart went on with
         self._keep: set[str] = set()  # session keys of visits the store should have anew (`take_kept`)
@@ -274,12 +275,16 @@ class VisitTracker:
         `ended`."""
         if everything or now >= self._refresh_next:
             self._refresh_next = now + KEEP_REFRESH_S / 6
-            self._keep.update(k for k, s in self._sessions.items() if everything or now - s.kept_at >= KEEP_REFRESH_S)
+            self._keep.update(
+                k
+                for k, s in self._sessions.items()
+                if everything or (now - s.kept_at >= KEEP_REFRESH_S and s.last > s.kept_last)  # heard since
+            )
         kept: list[dict[str, Any]] = []
         for key in self._keep:
             s = self._sessions.get(key)
             if s is not None and s.qualified:
-                s.kept_at = now
+                s.kept_at, s.kept_last = now, s.last
                 kept.append(s.state())
         gone, self._gone, self._keep = self._gone, [], set()
         return kept, gone
@@ -309,7 +314,8 @@ class VisitTracker:
                 continue  # the same visit is open already (restored twice)
             self._sessions[key] = s
             if go_on:
-                s.resumed = s.kept_at = now
+                s.resumed, s.kept_last = now, s.last
+                s.kept_at = now - KEEP_REFRESH_S * (int(s.visit_id[:4], 16) % 64) / 64  # staggered refreshes
                 self._resumed += 1
                 self._changed.add(key)
             else:
@@ -369,8 +375,23 @@ class VisitTracker:
             self._links["joined"] += 1
             return []
         if so.qualified and sn.qualified:
-            self._links["unmerged"] += 1
-            return []
+            stale = next((k for k, x in ((ko, so), (kn, sn)) if x.resumed and x.last < x.resumed), None)
+            if stale is None:
+                self._links["unmerged"] += 1
+                return []
+            # A visit a restart took up, not heard since, while the phone's new address made a visit of its own
+            # before its member frame came (the address-to-member map does not outlive the process): the old one
+            # ends where it was last heard, the new one goes on as the member's.
+            live_key, live = (kn, sn) if stale == ko else (ko, so)
+            gone = self._sessions[stale]
+            ended = self._end([stale])
+            if gone.subject.startswith("member:"):
+                live.subject = gone.subject
+            self._alias_into(stale, live_key, live)
+            self._changed.add(live_key)
+            self._keep.add(live_key)
+            self._links["ended_stale"] += 1
+            return ended
         keep_key, keep, gone_key, gone = (kn, sn, ko, so) if sn.qualified else (ko, so, kn, sn)
         was_zone = keep.segments[-1].zone if keep.segments else None
         del self._sessions[gone_key]

@@ -164,13 +164,12 @@ def test_a_members_visit_goes_on_across_a_restart_once_started_once_ended_once_a
     gw = gateway(data, clock)
     with TestClient(create_app(gw)) as client:
         visit_id = post(client, body()).json()["visit_id"]
-    gw.step(NOW + 1)
-    assert gw.footfall.snapshot()["occupancy"] == 1
     if how == "stop":  # SIGTERM: a restart follows, the member's visit is kept for it
+        gw.step(NOW + 1)
+        assert gw.footfall.snapshot()["occupancy"] == 1
         gw.end_visits(NOW + 2, restart=True)
         gw.store.close()
-    else:  # the power goes: only what the last write put on disk is there
-        gw.step(NOW + 2)
+    else:  # the power goes right after the check-in's write, before footfall counted it at a tick
         data = tmp_path / "after-power-loss"
         shutil.copytree(tmp_path / "data", data)
         gw.store.close()
@@ -198,6 +197,30 @@ def test_a_members_visit_goes_on_across_a_restart_once_started_once_ended_once_a
     with Store(data) as store:
         per_rule = Counter(a.rule for a in store.awards() if a.visit_id == visit_id)
     assert set(per_rule.values()) == {1}, per_rule
+
+
+def test_visits_a_late_restart_ends_are_stored_and_no_check_in_is_told_their_points(tmp_path: Path) -> None:
+    clock = Clock(NOW)
+    gw = gateway(tmp_path / "data", clock)
+    with TestClient(create_app(gw)) as client:
+        first = post(client, body("m-2")).json()
+    gw.step(NOW + 700)  # m-2 checked in 11 minutes ago and was not heard since: still open (check-ins' timeout)
+    gw.end_visits(NOW + 700, restart=True)
+    gw.store.close()
+    gw.checkins.close()
+
+    clock.t = NOW + 700 + Settings().visits.resume_within_s + 60  # back too late: m-2's visit ends at the start
+    again = gateway(tmp_path / "data", clock)
+    try:
+        with TestClient(create_app(again)) as client:
+            got = post(client, body("m-1", ts=clock.t)).json()
+        assert {a["rule"] for a in got["awarded"]} == {"checkin", "visit"}, "only m-1's own points"
+        assert got["points_today"] == sum(a["points"] for a in got["awarded"])
+        ended = [v.visit_id for v in again.store.visits_of("member:m-2")]
+        assert ended == [first["visit_id"]], "the ended visit is in the history, for points explain and the dashboard"
+    finally:
+        again.store.close()
+        again.checkins.close()
 
 
 def _pending_event_records(data: Path, kind: str) -> list[dict[str, Any]]:

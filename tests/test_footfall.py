@@ -196,7 +196,7 @@ def test_a_restart_in_the_same_minute_goes_on_counting_and_publishes_that_minute
     assert g.update([], at(10, 6, 40)) == []
     snap = g.snapshot()
     assert (snap["visitors_today"], snap["passbys_today"], snap["staff_today"]) == (2, 2, 1)
-    assert snap["entries_last_hour"] == 2 and snap["occupancy"] == 0, "open visits are not kept: the tracker restarts"
+    assert snap["entries_last_hour"] == 2 and snap["occupancy"] == 0, "open visits come back only through reopen"
     after = g.update([], at(10, 7, 0))
     assert [m["minute"] for m in after] == [at(10, 6)]
     assert after[0]["exits"] == 1, "v2's exit (10:06:20) was counted before the restart, published with its minute"
@@ -228,6 +228,30 @@ def test_a_restart_in_a_later_minute_publishes_the_stopped_minute_at_once_and_no
     h.restore(g.state())
     h.update([], at(9, 0, 0, day=16))
     assert h.snapshot()["visitors_today"] == 0 and h.snapshot()["day"] == "2026-06-16"
+
+
+def test_visits_a_restart_takes_up_stay_open_and_their_end_dated_before_it_never_reopens_the_kept_minute() -> None:
+    days = LocalDays("Europe/Berlin")
+    f = Footfall(days)
+    v = visit("a", at(10, 5, 0), at(10, 6, 10), "visitor")
+    f.update([chg("started", at(10, 5, 45), v)], at(10, 6, 15))
+    kept = f.state()  # the power goes at 10:06:15 with visit a open; the gateway is back at 10:08:30
+    uncounted = visit("b", at(10, 6, 0), at(10, 6, 12), "visitor")  # started, but its count was not written
+    g = Footfall(days)
+    g.restore(kept)
+    g.reopen([v, uncounted])
+    # The tracker ends a where it was last heard (10:06:10, in the kept minute, which had nothing and is not
+    # published): its exit counts in the minute the gateway is back in; 10:06 and 10:07 stay a gap.
+    out = g.update([chg("ended", at(10, 6, 10), visit("a", at(10, 5, 0), at(10, 6, 10), "visitor", at(10, 6, 10)))],
+                   at(10, 8, 30))  # fmt: skip
+    assert out == [], out
+    later = g.update([], at(10, 10, 0))
+    assert [(m["minute"], m["entries"], m["exits"], m["occupancy"]) for m in later] == [
+        (at(10, 8), 1, 1, 1),  # b's entry, counted when it came back; a's exit; b still inside
+        (at(10, 9), 0, 0, 1),
+    ], later
+    snap = g.snapshot()
+    assert (snap["visitors_today"], snap["occupancy"]) == (2, 1), snap
 
 
 def test_a_kept_state_that_is_not_footfalls_is_ignored_with_a_warning(caplog: Any) -> None:

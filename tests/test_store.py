@@ -859,3 +859,4 @@ def test_open_visits_are_replaced_by_id_forgotten_with_their_end_and_read_back_a
         third = Store(tmp_path)
     assert [v["visit_id"] for v in third.open_visits()] == ["c"] and "malformed" in caplog.text
     third.close()
+    assert "99" not in json.loads(hot.read_text())["open_visits"], "dropped, not warned about at every start"

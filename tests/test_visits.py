@@ -508,3 +508,22 @@ def test_a_member_with_two_kept_visits_goes_on_with_one_and_the_other_ends() -> 
     (ended,) = after.restore([good, {**good, "visit_id": "another-visit"}], kept.as_of, T0 + 130)
     assert ended.kind == "ended" and ended.visit.visit_id == "another-visit"
     assert [v.visit_id for v in after.open_visits()] == [good["visit_id"]]
+
+
+def test_a_member_heard_first_under_a_new_address_after_a_restart_keeps_one_visit_going() -> None:
+    """After a restart the address-to-member map is gone: the phone's adverts are anonymous until a member frame
+    comes, and that anonymous session may be a visit already. The kept visit, not heard since, ends where it was last
+    heard; the new one goes on as the member's. One person, one open visit."""
+    kept, _ = _member_visit_then_stop()
+    after = tracker()
+    after.restore(list(kept.visits.values()), kept.as_of, T0 + 130)
+    script = {float(s): [inside(s, "produce", WALKER)] for s in range(130, 181, 2)}
+    started = [c for s in range(130, 181) for c in after.update(script.get(float(s), []), T0 + s)]
+    assert [c.kind for c in started] == ["started"] and started[0].visit.subject == WALKER
+    changes = after.link(SubjectLink(T0 + 180, WALKER, MEMBER, "member"))
+    assert [(c.kind, c.visit.subject, c.ts - T0) for c in changes] == [("ended", MEMBER, 120)]
+    (visit,) = after.open_visits()
+    assert visit.subject == MEMBER and visit.visit_id == started[0].visit.visit_id
+    after.update([inside(182, "bakery", MEMBER)], T0 + 182)  # the member's own frames now join that visit
+    assert [[g.zone for g in v.segments] for v in after.open_visits()] == [["produce", "bakery"]]
+    assert after.diagnostics()["links_ended_stale"] == 1
