@@ -313,6 +313,18 @@ class _AtomicJSONStorage(Storage):
         pass
 
 
+_SEQ_TEXT = re.compile(rb'"(?:last_)?seq"\s*:\s*(\d{1,18})')
+
+
+def _seqs_in(path: Path) -> int:
+    """The highest event seq (or `last_seq`) written anywhere in a hot file that does not parse; 0 when none."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return 0
+    return max((int(m.group(1)) for m in _SEQ_TEXT.finditer(raw)), default=0)
+
+
 def _history_lines(docs: Iterable[dict[str, Any]]) -> dict[str, list[bytes]]:
     """Journal records as day-file lines, by day."""
     by_day: dict[str, list[bytes]] = {}
@@ -465,9 +477,11 @@ class Store:
             data = self._disk.load()
             self._build_indexes(data)
         except _CorruptFileError as e:
+            found = _seqs_in(self._path)
             self._quarantine(str(e))
             self._disk.discard()
             self._build_indexes(None)
+            self._go_on_after(found)
         except OSError as e:
             raise StoreError(f"cannot read {self._path}: {e.strerror}; fix its permissions") from e
         self._load_history()
@@ -491,6 +505,27 @@ class Store:
         for doc in self._journal.all():
             self._index_history(doc["kind"], doc["rec"])
         self._roll()
+
+    def _go_on_after(self, found: int) -> None:
+        """After a hot file that could not be used: never publish a seq again for another event. The highest seq
+        still readable in it, plus as many as the outbox can hold (the events of the part that could not be read
+        had at most that many), is where the sequence goes on: a gap, never a number used twice."""
+        if not found:
+            _log.error(
+                "no event seq could be read from the unusable store file: seqs start at 1 again, so the backend will "
+                "see numbers it has seen before, for other events (ids stay unique)"
+            )
+            return
+        self._last_seq = self._committed_seq = found + self._outbox_max
+        self._meta.upsert(Document({"last_seq": self._last_seq}, doc_id=_META_DOC_ID))
+        self._must_write = True
+        _log.warning(
+            "events go on from seq %d: the highest readable in the unusable file was %d, and up to %d more may have "
+            "been in the part that was not (a gap, never a seq used twice)",
+            self._last_seq + 1,
+            found,
+            self._outbox_max,
+        )
 
     def _quarantine(self, reason: str) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
