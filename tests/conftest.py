@@ -147,3 +147,14 @@ class Subscriber:
         """Disconnect and stop the network thread."""
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def self_signed_cert(where: Path, days: int = 825, name: str = "dashboard") -> tuple[Path, Path]:
+    """A self-signed certificate and key, made the way docs/install.md says (with 127.0.0.1 among its names)."""
+    cert, key = where / f"{name}.crt", where / f"{name}.key"
+    cmd = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    cmd += ["-days", str(days), "-subj", "/CN=visita-gw", "-addext", "subjectAltName=DNS:visita-gw.local,IP:127.0.0.1"]
+    cmd += ["-keyout", str(key), "-out", str(cert)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"openssl (Debian package openssl) failed: {r.stderr}"
+    return cert, key

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -21,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import VISITA, free_port
+from conftest import VISITA, free_port, self_signed_cert
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
 
 pytestmark = pytest.mark.browser
@@ -71,10 +72,11 @@ class Product:
     proc: subprocess.Popen[bytes]
     base: str
     log: Path
+    tls: ssl.SSLContext | None = None
 
     def get(self, path: str) -> Any:
         """GET from the running gateway; the decoded JSON."""
-        with urllib.request.urlopen(self.base + path, timeout=5) as r:
+        with urllib.request.urlopen(self.base + path, timeout=5, context=self.tls) as r:
             return json.load(r)
 
     def stop(self) -> int:
@@ -89,14 +91,15 @@ def product(tmp_path: Path) -> Iterator[Product]:
     yield from run_product(tmp_path, "60")
 
 
-def run_product(tmp_path: Path, speed: str, *extra: str) -> Iterator[Product]:
-    """`visita run --sim` at `speed` with `extra` arguments until the generator is closed."""
+def run_product(tmp_path: Path, speed: str, *extra: str, tls: ssl.SSLContext | None = None) -> Iterator[Product]:
+    """`visita run --sim` at `speed` with `extra` arguments until the generator is closed (over HTTPS, trusting
+    `tls`, when given)."""
     port = free_port()
     log = tmp_path / "visita.log"
     args = [*VISITA, "run", "--sim", "--speed", speed, "--mqtt", "off", "--dashboard", f"127.0.0.1:{port}", *extra]
     with open(log, "wb") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen([*args, "--data-dir", str(tmp_path / "data")], stdout=out, stderr=out)
-    p = Product(proc, f"http://127.0.0.1:{port}", log)
+    p = Product(proc, f"{'https' if tls else 'http'}://127.0.0.1:{port}", log, tls)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -308,17 +311,52 @@ def test_page_fits_phones_and_tablets_in_light_and_dark(
 SURVEY_TOKEN = "installer-token-for-the-survey-page-0123"
 
 
-@pytest.fixture
-def surveying(tmp_path: Path) -> Iterator[Product]:
-    """The gateway with an installer token and the entrance iBeacon (at 14, 4) as the survey tag."""
+def _survey_config(tmp_path: Path, tls: str = "") -> Path:
+    """A config with an installer token and the entrance iBeacon (at 14, 4) as the survey tag; `tls`: more lines of
+    [dashboard]."""
     from firmware_sim.scenario import beacon_subject_id, load_scenario
 
     token = tmp_path / "installer-token"
     token.write_text(SURVEY_TOKEN + "\n")
     tag = beacon_subject_id(load_scenario("default").beacons[0])
     cfg = tmp_path / "visita.toml"
-    cfg.write_text(f'[dashboard]\ninstaller_token_file = "{token}"\n\n[survey]\ntransmitter = "{tag}"\n')
-    yield from run_product(tmp_path, "10", "--config", str(cfg))
+    cfg.write_text(f'[dashboard]\ninstaller_token_file = "{token}"\n{tls}\n[survey]\ntransmitter = "{tag}"\n')
+    return cfg
+
+
+@pytest.fixture
+def surveying(tmp_path: Path) -> Iterator[Product]:
+    """The gateway with an installer token and the entrance iBeacon (at 14, 4) as the survey tag."""
+    yield from run_product(tmp_path, "10", "--config", str(_survey_config(tmp_path)))
+
+
+def test_survey_page_works_over_https(browser: Browser, tmp_path: Path) -> None:
+    """The installer's token crosses the shop's network only over HTTPS (docs/install.md): the page works there."""
+    cert, key = self_signed_cert(tmp_path)
+    cfg = _survey_config(tmp_path, f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n')
+    gen = run_product(tmp_path, "10", "--config", str(cfg), tls=ssl.create_default_context(cafile=str(cert)))
+    gw = next(gen)
+    try:
+        assert gw.base.startswith("https://") and gw.get("/healthz")["status"] == "ok"
+        page = browser.new_page(viewport={"width": 1024, "height": 768}, ignore_https_errors=True)  # self-signed
+        watch = Watch()
+        watch.attach(page)
+        page.goto(gw.base + "/survey")
+        page.get_by_test_id("token").fill(SURVEY_TOKEN)
+        page.get_by_test_id("unlock").click()
+        expect(page.get_by_test_id("plan")).to_be_visible()
+        page.get_by_test_id("seconds").select_option("5")
+        page.get_by_test_id("x").fill("14")
+        page.get_by_test_id("y").fill("4")
+        page.get_by_test_id("record").click()
+        expect(page.get_by_test_id("message")).to_contain_text("Spot (14, 4) recorded", timeout=15_000)
+        assert all(urlsplit(u).scheme == "https" for u in watch.requests if urlsplit(u).scheme != "data"), (
+            watch.requests
+        )
+        assert watch.external() == [] and watch.page_errors == [] and watch.console_errors == [], watch
+        page.close()
+    finally:
+        gen.close()
 
 
 def tap_plan(page: Page, x: float, y: float) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from conftest import VISITA, free_port
+from conftest import VISITA, free_port, self_signed_cert
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -33,17 +33,6 @@ from gateway.config import DashboardConfig, load_tls
 from gateway.runtime import recheck_certificate
 
 TOKEN = "installer-token-for-tests-0123456789"
-
-
-def _openssl_cert(where: Path, days: int = 825, name: str = "dashboard") -> tuple[Path, Path]:
-    """A self-signed certificate and key, made the way docs/install.md says (with 127.0.0.1 among its names)."""
-    cert, key = where / f"{name}.crt", where / f"{name}.key"
-    cmd = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    cmd += ["-days", str(days), "-subj", "/CN=visita-gw", "-addext", "subjectAltName=DNS:visita-gw.local,IP:127.0.0.1"]
-    cmd += ["-keyout", str(key), "-out", str(cert)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"openssl (Debian package openssl) failed: {r.stderr}"
-    return cert, key
 
 
 def _config(where: Path, port: int, cert: Path | None, key: Path | None, listen: str | None = None) -> Path:
@@ -71,7 +60,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_dashboard_serves_https_and_the_cli_expects_its_certificate(tmp_path: Path) -> None:
-    cert, key = _openssl_cert(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     port = free_port()
     cfg = _config(tmp_path, port, cert, key)
     args = [*VISITA, "run", "--sim", "--speed", "10", "--until", "2h", "--mqtt", "off", "--config", str(cfg)]
@@ -154,7 +143,7 @@ def _expired_cert(where: Path) -> tuple[Path, Path]:
 
 
 def test_certificates_and_keys_that_cannot_be_served_are_refused_naming_the_file(tmp_path: Path) -> None:
-    cert, key = _openssl_cert(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     other = tmp_path / "other.key"
     _key(other)
     locked = tmp_path / "locked.key"
@@ -226,14 +215,14 @@ def test_config_check_says_how_the_dashboard_is_served(tmp_path: Path, monkeypat
     # On loopback only, nothing crosses the network.
     assert "plain HTTP" not in notes(_config(tmp_path, port, None, None))
     # A certificate near its end, and one past it.
-    soon, soon_key = _openssl_cert(tmp_path, days=5, name="soon")
+    soon, soon_key = self_signed_cert(tmp_path, days=5, name="soon")
     out = notes(_config(tmp_path, port, soon, soon_key))
     assert "day(s) left; replace it" in out, out
     old, old_key = _expired_cert(tmp_path)
     out = notes(_config(tmp_path, port, old, old_key))
     assert f"the dashboard's certificate {old} expired on" in out, out
     # The key for the unit alone (LoadCredential=): the certificate is checked, the key at start.
-    cert, _ = _openssl_cert(tmp_path)
+    cert, _ = self_signed_cert(tmp_path)
     out = notes(_config(tmp_path, port, cert, None))
     assert "key is to come from the unit's credential visita-dashboard-key" in out, out
     assert f"serves HTTPS with {cert}, for visita-gw.local, 127.0.0.1" in out, out
@@ -243,7 +232,7 @@ def test_config_check_says_how_the_dashboard_is_served(tmp_path: Path, monkeypat
 
 
 def test_the_unit_can_hand_over_the_key_as_a_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cert, key = _openssl_cert(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     creds = tmp_path / "credentials"
     creds.mkdir()
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
@@ -331,7 +320,7 @@ def test_the_cli_sends_its_token_only_to_the_configured_certificate(tmp_path: Pa
     chain = tmp_path / "chain.crt"
     chain.write_bytes(ours.read_bytes() + ca_crt.read_bytes())  # the gateway's certificate, then its CA's
     printer, printer_key = _issue(tmp_path, "printer", (ca[0], ca[1]))
-    stranger, stranger_key = _openssl_cert(tmp_path, name="stranger")
+    stranger, stranger_key = self_signed_cert(tmp_path, name="stranger")
     _Catcher.heard.clear()
 
     def survey(port: int, cert: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -402,7 +391,7 @@ def test_an_expired_certificate_is_named_by_the_cli_and_by_the_daily_check(
         (logging.ERROR, f"the dashboard's certificate {old}")
     ]
     caplog.clear()
-    new, _ = _openssl_cert(tmp_path)
+    new, _ = self_signed_cert(tmp_path)
     old.write_bytes(new.read_bytes())
     with caplog.at_level(logging.INFO, logger="visita.runtime"):
         recheck_certificate("0.0.0.0:8443", tls)
