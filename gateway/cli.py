@@ -875,21 +875,27 @@ def _dashboard_notes(settings: Settings, source: str) -> list[str]:
 
 
 def _plan_notes(plan: PlanConfig) -> list[str]:
-    """What an installer should know about a valid plan: zones no receiver serves, a one-receiver plan."""
+    """What an installer should know about a valid plan: zones no receiver serves, a one-receiver plan, receivers
+    placed far from every zone."""
+    notes = [
+        f"receiver {rx} is placed {d:g} m outside every zone: check its position (metres from the plan's origin, "
+        "[x, y]); the estimator expects its signals from there"
+        for rx, d in plan.stray_receivers()
+    ]
     unserved = plan.unserved_zones()
     if unserved and len(plan.receivers) == 1:
-        return [
+        notes.append(
             f"one receiver tells inside from outside and near from far, not zones: all inside time counts for its "
             f"zone {plan.receivers[0].zone}, none for {', '.join(unserved)}; a receiver in each, even a cheap ESP32 "
             "node (docs/nodes.md), gives zones (docs/estimation.md)"
-        ]
-    if unserved:
-        return [
+        )
+    elif unserved:
+        notes.append(
             f"no receiver serves zone(s) {', '.join(unserved)}: they are told from their neighbours only by receivers "
             "elsewhere, and their dwell is the least accurate; a receiver in each, even a cheap ESP32 node "
             '(docs/nodes.md), helps (docs/estimation.md, "What it takes")'
-        ]
-    return []
+        )
+    return notes
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

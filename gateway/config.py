@@ -160,6 +160,10 @@ class BeaconConfig(Strict):
     )
 
 
+STRAY_RECEIVER_M = 10.0
+"""A receiver further than this outside every zone is reported by `visita config check` (PlanConfig.stray_receivers)."""
+
+
 class PlanConfig(Strict):
     """Zones, receivers and fixed beacons of the store."""
 
@@ -224,6 +228,25 @@ class PlanConfig(Strict):
         elsewhere, so their dwell is the least accurate (docs/estimation.md, "What it takes")."""
         served = {r.zone for r in self.receivers}
         return [z.id for z in self.zones if not z.outside and z.id not in served]
+
+    def stray_receivers(self, margin_m: float = STRAY_RECEIVER_M) -> list[tuple[str, float]]:
+        """Receivers placed more than `margin_m` outside every zone polygon's box, with how far: most likely a typo
+        in `position` (metres, not centimetres; x and y swapped), which would mislead the estimator everywhere."""
+        boxes = [
+            (min(x for x, _ in z.polygon), min(y for _, y in z.polygon), max(x for x, _ in z.polygon),
+             max(y for _, y in z.polygon))
+            for z in self.zones
+            if z.polygon
+        ]  # fmt: skip
+        out: list[tuple[str, float]] = []
+        for r in self.receivers:
+            if r.position is None or not boxes:
+                continue
+            x, y = r.position
+            d = min(math.hypot(max(x0 - x, 0.0, x - x1), max(y0 - y, 0.0, y - y1)) for x0, y0, x1, y1 in boxes)
+            if d > margin_m:
+                out.append((r.id, round(d, 1)))
+        return out
 
     def has_geometry(self) -> bool:
         """True when every zone has a polygon and every receiver a position (the HMM estimator needs both)."""

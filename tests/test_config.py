@@ -215,6 +215,22 @@ def test_config_check_ok_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert '"store": "berlin-mitte"' in capsys.readouterr().out
 
 
+def test_config_check_names_a_receiver_placed_far_from_every_zone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = (
+        '[plan]\nzones = [{ id = "shop", polygon = [[0, 0], [20, 0], [20, 10], [0, 10]] },'
+        ' { id = "street", outside = true, polygon = [[0, -5], [20, -5], [20, 0], [0, 0]] }]\n'
+        'receivers = [{ id = "pi", zone = "shop", position = [5, 5] },'
+        ' { id = "node-1", zone = "shop", position = [1500, 800] },'  # centimetres, not metres
+        ' { id = "node-2", zone = "shop", position = [26, 5] }]\n'  # 6 m outside: on the wall outside, fine
+    )
+    assert main(["config", "check", str(write(tmp_path, plan))]) == 0  # a note, not a problem
+    out = capsys.readouterr().out
+    assert "note: receiver node-1 is placed 1677.6 m outside every zone: check its position" in out, out
+    assert "node-2" not in out and "receiver pi" not in out
+
+
 def test_config_check_names_the_zones_no_receiver_serves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plan = GOOD.replace(
         '  { id = "shop", name = "Shop floor" },\n]\nreceivers = [{ id = "pi", zone = "shop" }]',
