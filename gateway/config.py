@@ -254,23 +254,39 @@ class PlanConfig(Strict):
 
 
 def _self_crossing(polygon: list[tuple[float, float]]) -> tuple[int, int] | None:
-    """The first two edges of a polygon that cross (edge i runs from corner i to the next), or None. Edges that
-    only touch at a shared corner, or run along each other, are not counted."""
+    """The first two edges of a polygon that cross or touch away from a shared corner (edge i runs from corner i to
+    the next), or None. A corner repeated at once (or the first one repeated at the end) is no edge; edges along one
+    line that do not overlap are fine. Orientations within a relative 1e-9 count as collinear (float noise)."""
+    idx = [i for i in range(len(polygon)) if polygon[i] != polygon[i - 1]] or [0]
+    pts = [polygon[i] for i in idx]
+    n = len(pts)
+    scale = max(max(abs(x), abs(y)) for x, y in pts) or 1.0
+    eps = 1e-9 * scale * scale
 
-    def side(p: tuple[float, float], q: tuple[float, float], r: tuple[float, float]) -> float:
-        return (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+    def side(p: tuple[float, float], q: tuple[float, float], r: tuple[float, float]) -> int:
+        v = (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+        return 0 if abs(v) <= eps else (1 if v > 0 else -1)
 
-    n = len(polygon)
-    edges = [(polygon[i], polygon[(i + 1) % n]) for i in range(n)]
+    def within(p: tuple[float, float], q: tuple[float, float], r: tuple[float, float]) -> bool:
+        """r, on the line through p and q, lies on the segment p-q."""
+        t = 1e-9 * scale
+        return min(p[0], q[0]) - t <= r[0] <= max(p[0], q[0]) + t and min(p[1], q[1]) - t <= r[1] <= max(p[1], q[1]) + t
+
     for i in range(n):
         for j in range(i + 2, n):
             if i == 0 and j == n - 1:
                 continue  # the first and the last edge share corner 0
-            (p1, p2), (q1, q2) = edges[i], edges[j]
-            d1, d2 = side(q1, q2, p1), side(q1, q2, p2)
-            d3, d4 = side(p1, p2, q1), side(p1, p2, q2)
-            if d1 * d2 < 0 and d3 * d4 < 0:
-                return i, j
+            p1, p2, q1, q2 = pts[i], pts[(i + 1) % n], pts[j], pts[(j + 1) % n]
+            d1, d2, d3, d4 = side(q1, q2, p1), side(q1, q2, p2), side(p1, p2, q1), side(p1, p2, q2)
+            crossing = d1 * d2 < 0 and d3 * d4 < 0
+            touching = (
+                (d1 == 0 and within(q1, q2, p1))
+                or (d2 == 0 and within(q1, q2, p2))
+                or (d3 == 0 and within(p1, p2, q1))
+                or (d4 == 0 and within(p1, p2, q2))
+            )
+            if crossing or touching:
+                return idx[i], idx[j]
     return None
 
 
@@ -933,7 +949,8 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
                 lines.append(f"{where}: required key is missing" + (f" (one of: {', '.join(tags)})" if tags else ""))
             else:
                 expected = str(e.get("ctx", {}).get("expected_tags", "")).replace("'", "")
-                lines.append(f"{where} = {e['ctx']['tag']!r}: unknown (one of: {expected})")
+                given = e["input"].get(tag) if isinstance(e.get("input"), dict) else e["ctx"]["tag"]
+                lines.append(f"{where} = {given!r}: unknown (one of: {expected})")
             continue
         value = e.get("input")
         if isinstance(value, str):
@@ -941,7 +958,8 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
         if isinstance(value, (dt.date, dt.time)):  # TOML's own dates and times (datetime is a date)
             value = value.isoformat()
             if e["type"] == "string_type":
-                msg = f'a TOML date or time where text is expected: put it in quotes, {loc[-1]} = "{value}"'
+                written = f'{loc[-1]} = "{value}"' if isinstance(loc[-1], str) else f'"{value}"'
+                msg = f"a TOML date or time where text is expected: put it in quotes, {written}"
             lines.append(f"{source}: {key} = {value}: {msg}")
             continue
         if isinstance(value, (dict, list)) or key == "":

@@ -143,6 +143,7 @@ class Footfall:
                 self._minute.entries += 1
             self._open.add(v.visit_id)
         self._reopened = []
+        self._entries = deque(sorted(self._entries))  # in time order, as `update` trims them
         return out
 
     def update(self, changes: Sequence[VisitChange], now: float) -> list[dict[str, Any]]:
@@ -150,7 +151,9 @@ class Footfall:
         closed: list[dict[str, Any]] = self._take_restored(now) if self._restored is not None else []
         self._now = max(self._now, now)
         for c in sorted(changes, key=lambda c: c.ts):
-            closed += self._roll(c.ts)
+            # Not past `now`: an end dated ahead of it (a restart on a clock that went back) must not publish the
+            # minutes in between.
+            closed += self._roll(min(c.ts, now))
             v = c.visit
             m = self._minute
             assert m is not None

@@ -902,7 +902,6 @@ async def run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    gw.resume(clock.now())  # the visits open before a restart, before any check-in, advert or stop is taken
     server = _QuietServer(create_app(gw), sock, tls) if sock is not None else None
     server_task = asyncio.create_task(server.serve()) if server else None
     pending = store.pending_events()
@@ -921,6 +920,7 @@ async def run(
     clock_steps = clock.steps
     tls_check = time.monotonic() + TLS_RECHECK_S
     try:
+        gw.resume(clock.start)  # the visits open before a restart (a check-in that comes first takes them up itself)
         while not stop.is_set():
             now = clock.now()
             final = end is not None and now >= end
@@ -970,9 +970,7 @@ async def run(
                 await asyncio.sleep(0.005)
             await asyncio.to_thread(gw.uplink.stop, max(0.0, flush_end - time.monotonic()))
             store.ack_events(gw.uplink.take_acks())
-        queued = len(store.pending_events())
-        lost = store.close()  # events a full disk kept from being written are lost with the process
-        queued -= lost
+        queued, lost = store.close()  # events a full disk kept from being written are lost with the process
         gw.checkins.close()
         if server is not None and server_task is not None:
             server.stop()

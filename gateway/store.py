@@ -313,16 +313,19 @@ class _AtomicJSONStorage(Storage):
         pass
 
 
-_SEQ_TEXT = re.compile(rb'"(?:last_)?seq"\s*:\s*(\d{1,18})')
+_SEQ_TEXT = re.compile(rb'"(?:last_)?seq"\s*:\s*(\d{1,16})(?![\d.eE])')
+_SEQ_MAX = 2**53 - 10**9
+"""Seqs stay below this: JSON consumers that read numbers as doubles keep every seq exact."""
 
 
 def _seqs_in(path: Path) -> int:
-    """The highest event seq (or `last_seq`) written anywhere in a hot file that does not parse; 0 when none."""
+    """The highest event seq (or `last_seq`) written anywhere in a hot file that does not parse, among plausible
+    ones (garbage digits are not a seq); 0 when none."""
     try:
         raw = path.read_bytes()
     except OSError:
         return 0
-    return max((int(m.group(1)) for m in _SEQ_TEXT.finditer(raw)), default=0)
+    return max((n for m in _SEQ_TEXT.finditer(raw) if (n := int(m.group(1))) < _SEQ_MAX), default=0)
 
 
 def _history_lines(docs: Iterable[dict[str, Any]]) -> dict[str, list[bytes]]:
@@ -346,6 +349,8 @@ class PendingCommit:
     """Day-file lines to append after the hot file (a roll of the journal), by day."""
     roll_ids: list[int]
     """Journal documents those lines are; dropped from the journal once appended."""
+    pending: int = 0
+    """Events waiting in the outbox as this payload holds them."""
     ms: float = 0.0
     error: OSError | None = None
     roll_error: OSError | None = None
@@ -401,6 +406,7 @@ class Store:
         self._must_write = False  # changes that must be on disk before anything is published
         self._last_write = 0.0
         self._keep: Callable[[], dict[str, Any]] | None = None
+        self._pending_on_disk = 0  # events waiting in the outbox as the hot file on disk holds them
 
         self._dir_fd = self._open_dir()
         try:
@@ -413,6 +419,7 @@ class Store:
             self._open: Table = self._db.table(_OPEN)
             self._meta: Table = self._db.table(_META)
             self._load()
+            self._pending_on_disk = len(self._outbox_seq)
             if self._open_bad:
                 self._open.remove(doc_ids=self._open_bad)
         except BaseException:
@@ -1159,7 +1166,10 @@ class Store:
         # Only records in this very write may reach a day file, after it: the event announcing each is then
         # on disk first. The cleared journal is written by the next commit.
         self._must_write = False
-        return PendingCommit(self._disk.prepare(), self._last_seq, _history_lines(roll), [d.doc_id for d in roll])
+        pending = len(self._outbox_seq)
+        return PendingCommit(
+            self._disk.prepare(), self._last_seq, _history_lines(roll), [d.doc_id for d in roll], pending
+        )
 
     def write_commit(self, pending: PendingCommit) -> None:
         """The disk part of a commit: the hot file, then the day files of a roll. Thread-safe; keeps an
@@ -1190,6 +1200,7 @@ class Store:
             ) from e
         if pending.payload is not None:
             self._disk.written(len(pending.payload), pending.ms)
+            self._pending_on_disk = pending.pending
         self._committed_seq = max(self._committed_seq, pending.seq)
         self._last_write = time.monotonic()
         if pending.roll_ids:
@@ -1212,25 +1223,26 @@ class Store:
                 " then ".join(DROP_ORDER),
             )
 
-    def close(self) -> int:
+    def close(self) -> tuple[int, int]:
         """Commit, roll the journal to the day files, commit again, then release the files and the lock. Idempotent.
 
-        Returns how many events could not be written (a full disk): they are lost, never having been published."""
+        Returns the events waiting in the outbox on disk (sent at the next start), and those that could not be
+        written (a full disk): lost, never having been published."""
         if self._closed:
-            return 0
-        lost = 0
+            return 0, 0
         try:
             if self.commit(force=True):
                 self._roll()
-            if not self.commit(force=True):
-                lost = max(0, self._last_seq - self._committed_seq)
-                _log.error(
-                    "disk full at stop: %d event(s) and %d history record(s) not written to %s are lost",
-                    lost,
-                    len(self._journal),
-                    self._dir,
-                )
-            return lost
+            if self.commit(force=True):
+                return len(self._outbox_seq), 0
+            lost = sum(1 for seq in self._outbox_seq.values() if seq > self._committed_seq)
+            _log.error(
+                "disk full at stop: %d event(s) and %d history record(s) not written to %s are lost",
+                lost,
+                len(self._journal),
+                self._dir,
+            )
+            return self._pending_on_disk, lost
         finally:
             self._closed = True
             self._db.close()

@@ -96,6 +96,7 @@ class Uplink:
         self._last_error = ""
         self._published = 0
         self._refused = 0
+        self._refused_kind = ""  # what the last refusal logged was about ("refused zone.changed")
         self._paused_until = 0.0  # after a refused publish (an ACL), wait before trying again
         self._refusal_backoff = 0.0
         self._attempt = 0
@@ -359,6 +360,7 @@ class Uplink:
         )
         self._outage_reported = False
         self._last_error = ""
+        self._refused_kind = ""
         self.pump()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
@@ -384,17 +386,21 @@ class Uplink:
         was = self.connected
         self._connected.clear()
         if was:
-            quick = time.monotonic() - self._connected_at < QUICK_DROP_S
+            # A broker that drops a client for another with the same client id says "Session taken over" (MQTT 5)
+            # or nothing (MQTT 3.1.1, and Mosquitto to the client it drops): three silent drops in a row, each
+            # within seconds of connecting, are that too. A drop with another reason says that reason instead.
+            silent = str(reason) in ("Unspecified error", "Success", "Normal disconnection")
+            quick = silent and time.monotonic() - self._connected_at < QUICK_DROP_S
             self._quick_drops = self._quick_drops + 1 if quick else 0
             if (self._quick_drops >= 3 or str(reason) == "Session taken over") and not self._taken_over_said:
                 self._taken_over_said = True  # once: the drops go on as long as the other client does
                 log.error(
-                    "MQTT broker %s drops this gateway's connection right after it is made (%s): most likely another "
-                    "client uses the same client id %r, such as a second gateway with the same store and gateway ids "
-                    "(a copied config or SD card); give each gateway its own `gateway` id, or set mqtt.client_id",
+                    "MQTT broker %s dropped this gateway's connection for another client with the same client id %r "
+                    "(%s): most likely a second gateway with the same store and gateway ids (a copied config or SD "
+                    "card); give each gateway its own `gateway` id, or set mqtt.client_id",
                     self._url,
-                    reason,
                     self._client_id,
+                    "session taken over" if str(reason) == "Session taken over" else "3 times within seconds",
                 )
         if was and reason.is_failure:
             self._report_outage(f"dropped the connection: {reason}")
@@ -445,14 +451,15 @@ class Uplink:
             # The broker refused it (an ACL): keep it stored, pause, and try again later, in seq order (refusals of
             # a window come back one by one; each goes back before the queued events of higher seq).
             self._refused += 1
-            error = f"refused {event.type} seq {event.seq}: {reason}"
+            kind, error = f"refused {event.type}", f"refused {event.type} seq {event.seq}: {reason}"
             at = next((i for i, q in enumerate(self._queue) if (q.seq or 0) > (event.seq or 0)), len(self._queue))
             self._queue.insert(at, event)
             now = time.monotonic()
             if now >= self._paused_until:  # the first refusal of this round: one pause per round, longer each time
                 self._refusal_backoff = min(60.0, max(1.0, self._refusal_backoff * 2))
                 self._paused_until = now + self._refusal_backoff
-                if error.split(" seq ")[0] != self._last_error.removeprefix(f"broker {self._url} ").split(" seq ")[0]:
+                if kind != self._refused_kind:
+                    self._refused_kind = kind
                     log.error(
                         "MQTT broker %s %s; check the broker's ACL for %s# (retrying in %.0f s)",
                         self._url,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -315,7 +316,7 @@ class VisitTracker:
             self._sessions[key] = s
             if go_on:
                 s.resumed, s.kept_last = now, s.last
-                s.kept_at = now - KEEP_REFRESH_S * (int(s.visit_id[:4], 16) % 64) / 64  # staggered refreshes
+                s.kept_at = now - KEEP_REFRESH_S * (zlib.crc32(s.visit_id.encode()) % 64) / 64  # staggered refreshes
                 self._resumed += 1
                 self._changed.add(key)
             else:

@@ -215,6 +215,24 @@ def test_config_check_ok_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert '"store": "berlin-mitte"' in capsys.readouterr().out
 
 
+def test_outlines_that_cross_or_touch_themselves_are_told_from_valid_ones() -> None:
+    from gateway.config import _self_crossing
+
+    valid = [
+        [(0, 0), (10, 0), (10, 10), (0, 10)],
+        [(0, 0), (10, 0), (10, 10), (0, 10), (0, 0)],  # closed by repeating the first corner
+        [(0, 0), (10, 0), (10, 0), (10, 10), (0, 10)],  # a corner given twice
+        [(0, 0), (5, 0), (10, 0), (10, 10), (0, 10)],  # a corner on a straight side
+        [(0, 0), (10, 0), (10, 5), (5, 5), (5, 10), (0, 10)],  # an L
+        # A U on a rotated plan whose two arm tops lie on one line: float noise must not make them cross.
+        [(2.3, 11.18), (11.6, 16.76), (11.6, 15.76), (12.2, 16.12), (12.2, 17.12), (16.1, 19.46), (16.1, 17.46),
+         (2.3, 9.18)],
+    ]  # fmt: skip
+    assert [_self_crossing(p) for p in valid] == [None] * len(valid)
+    assert _self_crossing([(0, 0), (10, 10), (10, 0), (0, 20)]) == (0, 2)  # a bow tie
+    assert _self_crossing([(0, 0), (2, 2), (4, 4), (4, 0), (0, 4)]) == (0, 3)  # through another side's corner
+
+
 def test_config_check_names_a_receiver_placed_far_from_every_zone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -260,3 +260,20 @@ def test_a_kept_state_that_is_not_footfalls_is_ignored_with_a_warning(caplog: An
         f.restore(bad)  # type: ignore[arg-type]
         assert f.update([], at(10, 0, 30)) == [] and f.snapshot()["visitors_today"] == 0
     assert sum("not usable" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_an_end_dated_ahead_of_the_clock_publishes_no_minutes_in_between() -> None:
+    """A restart on a clock that went back (a Pi without a real-time clock): the visits kept before it end at their
+    last sighting, which is ahead of the clock now. No minute between now and then is published."""
+    days = LocalDays("Europe/Berlin")
+    f = Footfall(days)
+    v = visit("a", at(10, 20, 0), at(10, 30, 0), "visitor")
+    f.update([chg("started", at(10, 20, 45), v)], at(10, 30, 5))
+    g = Footfall(days)
+    g.restore(f.state())
+    g.reopen([v])
+    ended = visit("a", at(10, 20, 0), at(10, 30, 0), "visitor", at(10, 30, 0))
+    out = g.update([chg("ended", at(10, 30, 0), ended)], at(10, 10, 0))  # back 20 minutes
+    assert out == [], "no minute from 10:10 to 10:29 (the kept one had nothing to publish)"
+    assert g.snapshot()["occupancy"] == 0
+    assert [m["minute"] for m in g.update([], at(10, 12, 0))] == [at(10, 10), at(10, 11)]

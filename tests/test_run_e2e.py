@@ -194,24 +194,27 @@ def test_a_members_visit_goes_on_across_a_sigterm_restart_and_ends_once(broker: 
     data, port = tmp_path / "data", free_port()
     sub = Subscriber(broker, client_id="restart-subscriber")
 
-    def gateway(*extra: str) -> subprocess.Popen[str]:
+    def gateway(*extra: str) -> tuple[subprocess.Popen[str], str]:
+        """The gateway, once its banner is printed (the store is open and the dashboard listens); what it printed."""
         args = [*VISITA, "run", "--sim", "--mqtt", broker.url, "--dashboard", f"127.0.0.1:{port}", "--data-dir"]
         proc = subprocess.Popen([*args, str(data), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
-        for line in proc.stdout:  # the banner is printed once the store is open and the dashboard listens
+        head = ""
+        for line in proc.stdout:
+            head += line
             if line.startswith("Ctrl-C stops"):
-                return proc
-        raise AssertionError(f"the gateway exited before its banner: {proc.communicate()[0]}")
+                return proc, head
+        raise AssertionError(f"the gateway exited before its banner: {head}{proc.communicate()[0]}")
 
-    first = gateway()
+    first, _ = gateway()
     try:
         visit_id = str(_checkin(port, member, key)["visit_id"])
     finally:
         first.send_signal(signal.SIGTERM)
         out, _ = first.communicate(timeout=60)
     assert first.returncode == 0, out
-    second = gateway("--until", "5s")  # the same real time (speed 1): back within visits.resume_within_s
-    out = second.communicate(timeout=60)[0]
+    second, head = gateway("--until", "5s")  # the same real time (speed 1): back within visits.resume_within_s
+    out = head + second.communicate(timeout=60)[0]
     assert second.returncode == 0, out
     assert "visits open before the restart: 1 go on" in out, out
 

@@ -661,6 +661,26 @@ def test_disk_full_keeps_running_drops_by_policy_and_recovers(
     assert len(s.sendable(0, 100)) == 6
 
 
+def test_a_close_on_a_full_disk_counts_what_waits_on_disk_and_what_is_lost(
+    open_store: Callable[..., Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = open_store(full_disk_outbox_max=10)
+    s.put_events([typed(seq, "footfall.minute") for seq in range(1, 6)])
+    assert s.commit() is True  # five events on disk
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "write_all", full)
+    for seq in range(6, 36):  # thirty more while full: the bound drops the oldest minutes, those on disk too
+        s.put_events([typed(seq, "footfall.minute" if seq % 3 else "visit.ended")])
+        assert s.commit() is False
+    in_memory = {e.seq for e in s.pending_events()}
+    assert s.close() == (5, len({q for q in in_memory if q is not None and q > 5}))
+    s = open_store()
+    assert len(s.pending_events()) == 5, "what the stop said waits is what waits"
+
+
 def test_acks_alone_are_written_at_most_every_ack_commit_s(
     open_store: Callable[..., Store], data_dir: Path, replace_spy: list[tuple[str, str]]
 ) -> None:
@@ -865,3 +885,13 @@ def test_open_visits_are_replaced_by_id_forgotten_with_their_end_and_read_back_a
     assert [v["visit_id"] for v in third.open_visits()] == ["c"] and "malformed" in caplog.text
     third.close()
     assert "99" not in json.loads(hot.read_text())["open_visits"], "dropped, not warned about at every start"
+
+
+def test_only_plausible_seqs_are_read_from_an_unusable_file(tmp_path: Path) -> None:
+    f = tmp_path / "visita.json"
+    f.write_bytes(b'{"meta":{"1":{"last_seq":41}},"outbox.0":{"40":{"seq":40,"x":"\x00\x00')
+    assert store_mod._seqs_in(f) == 41
+    f.write_bytes(b'{"outbox.0":{"7":{"seq": 7}, "8": {"seq": 1234567890123456789012345, "y": 9007199254740993')
+    assert store_mod._seqs_in(f) == 7, "garbage digits are no seq"
+    f.write_bytes(b'{"seq": 12.5e3, "seq": 3')
+    assert store_mod._seqs_in(f) == 3

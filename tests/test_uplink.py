@@ -90,3 +90,22 @@ def test_refused_events_go_back_in_seq_order_and_one_window_of_refusals_is_one_p
         for _ in range(3):
             up._settle(up._queue.popleft(), refused)
     assert up._refusal_backoff == 2.0 and [e.seq for e in up._queue] == [1, 2, 3, 5, 6]
+
+
+def test_only_silent_quick_drops_or_a_session_taken_over_are_blamed_on_a_second_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    up, _ = _uplink()
+
+    def drops(reason: str, n: int) -> int:
+        for _ in range(n):
+            up._connected.set()
+            up._connected_at = time.monotonic()
+            up._on_disconnect(up._client, None, None, ReasonCode(PacketTypes.DISCONNECT, reason), None)  # type: ignore[arg-type]
+        return caplog.text.count("same client id")
+
+    with caplog.at_level("ERROR", logger="visita.uplink"):
+        assert drops("Message rate too high", 3) == 0, "a drop that says why is not a second client"
+        assert drops("Unspecified error", 2) == 0
+        assert drops("Unspecified error", 1) == 1
+        assert drops("Unspecified error", 3) == 1, "said once"
