@@ -210,7 +210,7 @@ class Gateway:
             self.footfall.restore(kept["footfall"])
         as_of = kept.get("visits_as_of")
         self._visits_as_of: float | None = float(as_of) if isinstance(as_of, (int, float)) else None
-        """What data time the open visits kept before a restart are as of (None: unknown, or taken up: `_resume`)."""
+        """What data time the open visits kept before a restart are as of (None: unknown); used by `resume`."""
         self._resumed = False
         until = kept.get("data_until")
         self._data_until: float | None = float(until) if isinstance(until, (int, float)) else None
@@ -273,7 +273,7 @@ class Gateway:
         return self._conclude(changes, now)
 
     def resume(self, now: float) -> None:
-        """At start (`run` calls it before serving anything; the first tick, check-in or stop otherwise): take up
+        """Once, at start (`run` calls it as its loop begins; a check-in, tick or stop that comes first does): take up
         the visits open before the restart (VisitTracker.restore). Members' go on, counted as open by footfall; the
         others end at their last sighting now, with their points, events and history like any other end."""
         if self._resumed:
