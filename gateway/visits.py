@@ -43,8 +43,8 @@ class _Seg:
 
 
 KEEP_REFRESH_S = 60.0
-"""An open visit is handed to the store at its start, whenever it enters a zone, and at least this often (its dwell
-so far), so that a power loss costs a visit at most this much of its dwell."""
+"""An open visit is handed to the store at its start, whenever it enters a zone, and about this often while it is heard
+(its dwell so far), so that a power loss costs a visit little more than this of its dwell."""
 
 MOVE_SMOOTHING_S = 30.0
 """Time constant of the smoothed position that `moved_m` is measured on: a phone lying still wanders a few
@@ -298,14 +298,19 @@ class VisitTracker:
         absence is counted from `now` (the gateway heard nothing while it was down) and, heard again, the time in
         between is the dwell of the zone it was in. Every other ends at its last sighting (returned): anonymous
         subjects get new hashes after a restart, and after a longer outage nobody can tell whether the shopper
-        stayed. A kept visit that is not what `take_kept` writes is logged and left out.
+        stayed. A kept visit that is not what `take_kept` writes is logged, left out and forgotten.
         """
         sessions: list[_Session] = []
+        unusable: list[str] = []
         for d in kept:
             try:
                 sessions.append(_Session.from_state(d))
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 log.warning("an open visit kept before the restart is not usable (%s: %s)", type(e).__name__, e)
+                if isinstance(d, dict) and isinstance(d.get("visit_id"), str):
+                    unusable.append(d["visit_id"])
+        usable = {s.visit_id for s in sessions}
+        self._gone += [v for v in unusable if v not in usable]  # the store forgets them: not warned about every start
         fresh = as_of is not None and 0 <= now - as_of <= self._cfg.resume_within_s
         ending: list[str] = []
         for s in sessions:

@@ -499,6 +499,10 @@ def test_a_kept_visit_that_is_not_what_take_kept_writes_is_left_out_with_a_warni
     with caplog.at_level("WARNING", logger="visita.visits"):
         assert after.restore([*bad, good], kept.as_of, T0 + 130) == []
     assert len(after.open_visits()) == 1 and caplog.text.count("not usable") == len(bad)
+    assert after.take_kept(T0 + 130)[1] == [], "an unusable one under a usable one's id does not make it forgotten"
+    other = tracker()
+    other.restore([{**good, "visit_id": "f" * 24, "qualified": 1}, {"visit_id": 7}], kept.as_of, T0 + 130)
+    assert other.take_kept(T0 + 130)[1] == ["f" * 24], "unusable ones with an id of their own are forgotten"
 
 
 def test_a_member_with_two_kept_visits_goes_on_with_one_and_the_other_ends() -> None:
