@@ -633,9 +633,10 @@ class Store:
                     raise bad(name, doc_id, e) from e
 
         self._kept: dict[str, Any] | None = None  # as on disk (or about to be)
+        self._legacy_footfall = _FOOTFALL in tables
         self._open_ids: dict[str, int] = {}  # visit id -> its document in the open-visits table
         self._open_bad: list[int] = []  # documents that are not open visits, removed once the tables are open
-        for doc_id, rec in docs(_OPEN):  # state too: a bad one is left out (its visit never ends), with a warning
+        for doc_id, rec in docs(_OPEN):  # state too: a bad one is dropped, with a warning
             visit = rec.get("visit")
             if isinstance(visit, dict) and isinstance(visit.get("visit_id"), str):
                 self._open_ids[visit["visit_id"]] = doc_id
@@ -958,7 +959,8 @@ class Store:
         self._enforce_bound()
 
     def keep(self, provider: Callable[[], dict[str, Any]]) -> None:
-        """What the runtime keeps across restarts and power losses (today's footfall counts, the open visits).
+        """What the runtime keeps across restarts and power losses (today's footfall counts, what time the open
+        visits of `put_open_visits` are as of).
 
         `provider` is asked at every write that happens anyway (new events make one; the footfall minute at least
         once a minute) and at `close`, and its answer goes into that same atomic write, with the events it goes
@@ -1004,8 +1006,9 @@ class Store:
             return
         self._kept = _plain(self._keep(), "the state kept across restarts")
         self._db.table(_KEPT).upsert(Document({"state": self._kept}, doc_id=1))
-        if _FOOTFALL in self._db.tables():
+        if self._legacy_footfall:  # read at open (into `_kept`): the first write replaces it
             self._db.drop_table(_FOOTFALL)
+            self._legacy_footfall = False
 
     def _chunk(self, chunk: int) -> Table:
         return self._db.table(f"{_OUTBOX}.{chunk}")
