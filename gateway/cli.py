@@ -22,6 +22,7 @@ from gateway.config import (
     PlanConfig,
     Settings,
     format_errors,
+    load_sections,
     load_settings,
     parse_duration,
     parse_listen,
@@ -354,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser(
         "check",
         help="validate a config file (and its rules file) without running",
-        description="Validate a config file and the rules file it names; one line per problem; exit 2 if any. Notes "
+        description="Validate a config file and the files it names (rules, beacon keys, dashboard tokens and "
+        "certificate); one line per problem, every problem in one round; exit 2 if any. Notes "
         "say what an installer should know: unserved zones, one receiver, backend rules in force instead of the file.",
     )
     check.add_argument("file", type=Path, metavar="FILE")
@@ -809,14 +811,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_rules(settings: Settings) -> str:
-    """Validate the rules file the settings name, against the plan too; returns a one-line description."""
+def _check_rules(settings: Settings, plan: bool = True) -> str:
+    """Validate the rules file the settings name, against the plan too (unless `plan` is False: the plan is not
+    the file's); returns a one-line description."""
     from gateway.points import dead_rule_problems
 
     path = settings.points.rules_path()
     rules = load_rules(path)
     source = str(path) if path else "built-in rules"
-    problems = dead_rule_problems(rules, [z.id for z in settings.plan.zones], source)
+    problems = dead_rule_problems(rules, [z.id for z in settings.plan.zones], source) if plan else []
     if problems:
         raise ConfigError(problems)
     return f"built-in rules ({len(rules.rules)})" if path is None else f"{path} ({len(rules.rules)} rules)"
@@ -899,11 +902,31 @@ def _plan_notes(plan: PlanConfig) -> list[str]:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    """visita config check FILE."""
-    settings = load_settings(args.file)
-    rules = _check_rules(settings)
-    BeaconRegistry(settings.plan.beacons)  # the EID beacons' key files can be read
-    dashboard = _dashboard_notes(settings, str(args.file))  # its tokens and certificate can be used
+    """visita config check FILE: every problem of the file and of the files it names, in one round."""
+    problems: list[str] = []
+    try:
+        settings, bad = load_settings(args.file), set[str]()
+    except ConfigError as e:
+        settings, bad, unreached = load_sections(args.file)  # and the files the valid sections name
+        problems = e.problems + unreached
+    rules, dashboard = "", list[str]()
+    try:
+        if "points" not in bad:
+            rules = _check_rules(settings, plan="plan" not in bad)
+    except ConfigError as e:
+        problems += e.problems
+    try:
+        if "plan" not in bad:
+            BeaconRegistry(settings.plan.beacons)  # the EID beacons' key files can be read
+    except ConfigError as e:
+        problems += e.problems
+    try:
+        if "dashboard" not in bad:
+            dashboard = _dashboard_notes(settings, str(args.file))
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
     plan = settings.plan
     if args.json:
         data = settings.model_dump(mode="json")

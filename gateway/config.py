@@ -182,18 +182,10 @@ class PlanConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> PlanConfig:
-        zone_ids = [z.id for z in self.zones]
-        problems: list[str] = []
-        for kind, ids in (("zone", zone_ids), ("receiver", [r.id for r in self.receivers])):
-            dupes = sorted({i for i in ids if ids.count(i) > 1})
-            if dupes:
-                problems.append(f"duplicate {kind} id(s) {', '.join(dupes)}: every {kind} id must be unique")
-        for i, r in enumerate(self.receivers):
-            if r.zone not in zone_ids:
-                problems.append(f"receivers[{i}].zone = {r.zone!r}: no such zone (zones: {', '.join(zone_ids)})")
-        for i, b in enumerate(self.beacons):
-            if b.zone not in zone_ids:
-                problems.append(f"beacons[{i}].zone = {b.zone!r}: no such zone (zones: {', '.join(zone_ids)})")
+        problems = _id_problems(
+            [z.id for z in self.zones], [r.id for r in self.receivers], [r.zone for r in self.receivers],
+            [b.zone for b in self.beacons],
+        )  # fmt: skip
         for i, z in enumerate(self.zones):
             if z.polygon and len(z.polygon) < 3:
                 problems.append(f"zones[{i}].polygon: give at least three corners (or none)")
@@ -251,6 +243,25 @@ class PlanConfig(Strict):
     def has_geometry(self) -> bool:
         """True when every zone has a polygon and every receiver a position (the HMM estimator needs both)."""
         return all(z.polygon for z in self.zones) and all(r.position is not None for r in self.receivers)
+
+
+def _id_problems(
+    zone_ids: list[Any], receiver_ids: list[Any], receiver_zones: list[Any], beacon_zones: list[Any]
+) -> list[str]:
+    """Duplicate ids, and receivers or beacons in zones that are not in the plan (None: a value that is missing,
+    reported on its own)."""
+    problems: list[str] = []
+    for kind, ids in (("zone", zone_ids), ("receiver", receiver_ids)):
+        dupes = sorted({str(i) for i in ids if i is not None and ids.count(i) > 1})
+        if dupes:
+            problems.append(f"duplicate {kind} id(s) {', '.join(dupes)}: every {kind} id must be unique")
+    names = ", ".join(str(z) for z in zone_ids if z is not None)
+    for kind, zones in (("receivers", receiver_zones), ("beacons", beacon_zones)):
+        problems += [
+            f"{kind}[{i}].zone = {zone!r}: no such zone (zones: {names})" for i, zone in enumerate(zones)
+            if zone is not None and zone not in zone_ids
+        ]  # fmt: skip
+    return problems
 
 
 def _self_crossing(polygon: list[tuple[float, float]]) -> tuple[int, int] | None:
@@ -1004,7 +1015,55 @@ def load_settings(path: Path | None) -> Settings:
     """Settings from a TOML file, or the built-in defaults (the demo store) when `path` is None."""
     if path is None:
         return Settings()
-    settings: Settings = validate(Settings, read_toml(path), str(path))
+    return _beside(validate(Settings, read_toml(path), str(path)), path)
+
+
+def load_sections(path: Path) -> tuple[Settings, set[str], list[str]]:
+    """For a file `load_settings` refuses: the settings with each section of it that is valid on its own, the
+    names of the sections left at their defaults because they are not, and the problems `load_settings` could not
+    reach (`plan_id_problems`). So `visita config check` reports them and checks the files the valid sections name
+    (rules, certificates) in the same round."""
+    data = read_toml(path)
+    bad: set[str] = set()
+    for name in data:
+        try:
+            Settings.model_validate({name: data[name]})
+        except ValidationError:
+            bad.add(name)
+    try:
+        settings = Settings.model_validate({k: v for k, v in data.items() if k not in bad})
+    except ValidationError:  # valid one by one, not together (the estimator against the plan)
+        bad |= {"estimate", "plan"}
+        settings = Settings.model_validate({k: v for k, v in data.items() if k not in bad})
+    return _beside(settings, path), bad, plan_id_problems(data, str(path))
+
+
+def plan_id_problems(data: dict[str, Any], source: str) -> list[str]:
+    """The plan's duplicate ids and unknown zones, from the file's raw `data`, when a field of the plan is invalid
+    (pydantic then leaves out the plan-wide checks); [] otherwise, as `load_settings` reported them already."""
+    plan = data.get("plan")
+    if not isinstance(plan, dict):
+        return []
+    try:
+        PlanConfig.model_validate(plan)
+        return []
+    except ValidationError as e:
+        if any(not err["loc"] for err in e.errors()):
+            return []  # the plan-wide checks ran
+
+    def values(key: str, name: str) -> list[Any]:
+        """Each item's `name` (None where it has none, or is no table)."""
+        found = plan.get(key)
+        return [x.get(name) if isinstance(x, dict) else None for x in found] if isinstance(found, list) else []
+
+    problems = _id_problems(
+        values("zones", "id"), values("receivers", "id"), values("receivers", "zone"), values("beacons", "zone")
+    )
+    return [f"{source}: plan: {p}" for p in problems]
+
+
+def _beside(settings: Settings, path: Path) -> Settings:
+    """`settings` with the relative file paths in it resolved next to the config file at `path`."""
     rules = settings.points.rules
     if rules and not Path(rules).is_absolute():
         # A relative rules path means "next to the config file", wherever visita was started.

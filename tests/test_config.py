@@ -369,3 +369,50 @@ def test_installer_token_from_file_or_credential_and_checked(tmp_path: Path, mon
         DashboardConfig(installer_token_file=str(token)).installer_token()
     with pytest.raises(ValueError, match=r"dashboard.installer_token_file .*missing.*: cannot be read"):
         DashboardConfig(installer_token_file=str(tmp_path / "missing")).installer_token()
+
+
+def test_config_check_reports_every_problem_in_one_round(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An installer fixes a file once: the bad sections, the plan's cross-references that pydantic skips when a
+    zone is invalid, and the files that the valid sections name (rules, certificate) are all reported together."""
+    (tmp_path / "rules.toml").write_text("garbage = [\n")
+    cfg = write(
+        tmp_path,
+        """
+[mqtt]
+keepalive_s = 0
+[points]
+rules = "rules.toml"
+[dashboard]
+tls_cert_file = "missing.pem"
+tls_key_file = "missing.key"
+[plan]
+zones = [ { id = "shop", polygon = [[0, 0], [10, 0], [10, 10]] },
+          { id = "shop", outside = true, polygon = [[0, 0], [1, "x"], [3, 3]] } ]
+receivers = [ { id = "rx", zone = "till", position = [1, 1] } ]
+beacons = [ { id = "beacon:e2c56db5-dffb-48d2-b060-d0f5a71096e0:1:1", zone = "nowhere" } ]
+""",
+    )
+    assert main(["config", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"{cfg}: mqtt.keepalive_s = 0: Input should be greater than or equal to 5",
+        f"{cfg}: plan.zones[1].polygon[1][1] = 'x': Input should be a valid number",
+        f"{cfg}: plan: duplicate zone id(s) shop: every zone id must be unique",
+        f"{cfg}: plan: receivers[0].zone = 'till': no such zone (zones: shop, shop)",
+        f"{cfg}: plan: beacons[0].zone = 'nowhere': no such zone (zones: shop, shop)",
+        f"{tmp_path / 'rules.toml'}: not valid TOML: Invalid value (at end of document)",
+        f"{cfg}: dashboard.tls_cert_file {tmp_path / 'missing.pem'}: cannot be read: No such file or directory; "
+        "fix the path or its mode",
+    ], err
+    # Fixed, the same file passes: nothing above was reported twice or in place of another problem.
+    (tmp_path / "rules.toml").write_text('[[rules]]\nid = "visit"\nkind = "visit"\npoints = 5\n')
+    cfg.write_text(
+        cfg.read_text()
+        .replace("keepalive_s = 0", "keepalive_s = 30")
+        .replace('[1, "x"]', "[1, 0]")
+        .replace('id = "shop", outside', 'id = "street", outside')
+        .replace('"till"', '"shop"')
+        .replace('"nowhere"', '"shop"')
+        .replace('tls_cert_file = "missing.pem"\ntls_key_file = "missing.key"\n', "")
+    )
+    assert main(["config", "check", str(cfg)]) == 0, capsys.readouterr().err
