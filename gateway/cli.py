@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_speed,
         default=1.0,
         metavar="X",
-        help="simulated time runs X times faster (--sim, or --ble --rehearse against a sim played at X)",
+        help="simulated time runs X times faster (--sim, or --ble --rehearse against a sim played at X); a --sim "
+        "faster than the machine runs as fast as it can, and says so once",
     )
     run.add_argument(
         "--until", type=_duration, metavar="DURATION", help="stop after this much (simulated) time, e.g. 10m"

@@ -71,6 +71,13 @@ log = logging.getLogger("visita.runtime")
 RECENT_VISITS = 200
 CATCH_UP_S = 5.0
 """A tick that finds data time this far ahead of the pipeline steps there in slices of this much data time."""
+HOLD_BACK_S = 0.25
+"""A simulation more than this many wall seconds of its --speed behind goes on from where the pipeline is
+(`Clock.hold_back`): what it catches up with in one go (a stop waits for one slice of it, CATCH_UP_S) is bounded."""
+SLOW_AFTER_S = 3.0
+SLOW_SHARE = 0.8
+"""A simulation held back (`Clock.hold_back`) that has run for SLOW_AFTER_S wall seconds at under SLOW_SHARE of its
+--speed is said to be too fast for the machine (a moment's delay holds it back too, without a word)."""
 
 
 CLOCK_STEP_S = 2.0
@@ -126,6 +133,16 @@ class Clock:
                 )
             self._behind = t - wall > CLOCK_STEP_S
         return t
+
+    def hold_back(self, t: float) -> bool:
+        """Make data time `t` now and go on from there at the same speed, when this clock runs a simulation (any speed
+        but the live 1, where data time is the wall clock, and not a replay's steps): a simulation asked to run
+        faster than the machine can process it runs as fast as it can rather than building a backlog. False, and
+        nothing changed, for a live clock: real data comes when it comes and has to be caught up with."""
+        if self._follows_wall or self.step_s is not None:
+            return False
+        self._t0 = time.monotonic() - (t - self.start) / self.speed
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -919,19 +936,33 @@ async def run(
     freezer = GcFreezer()
     clock_steps = clock.steps
     tls_check = time.monotonic() + TLS_RECHECK_S
+    started, slow = time.monotonic(), False
     try:
         gw.resume(clock.start)  # the visits open before a restart (a check-in that comes first takes them up itself)
         while not stop.is_set():
-            now = clock.now()
+            now, done = clock.now(), gw.now or clock.start  # data time now, and as far as the pipeline got
+            if now - done > max(2 * CATCH_UP_S, clock.speed * HOLD_BACK_S) and clock.hold_back(done + CATCH_UP_S):
+                now = done + CATCH_UP_S  # a simulation faster than this machine: as fast as it can, no backlog
+                ran = time.monotonic() - started
+                if not slow and ran > SLOW_AFTER_S and done - clock.start < SLOW_SHARE * clock.speed * ran:
+                    slow = True
+                    log.warning(
+                        "the simulation cannot run at --speed %g on this machine: it runs as fast as the pipeline "
+                        "can (about %.0fx so far)",
+                        clock.speed,
+                        (done - clock.start) / ran,
+                    )
             final = end is not None and now >= end
             now = min(now, end) if end is not None else now
-            # Behind (the process was suspended, the machine is slow for the speed asked): catch up in slices of
-            # data time and serve the dashboard and check-ins between them. The pipeline's result does not depend
-            # on how data time is sliced. A step of the system clock (Clock.now) left no data behind: one step.
+            # Behind (a live gateway whose process was suspended or machine overloaded): catch up in slices of data
+            # time and serve the dashboard and check-ins between them. The pipeline's result does not depend on how
+            # data time is sliced. A step of the system clock (Clock.now) left no data behind: one step.
             stepped, clock_steps = clock.steps != clock_steps, clock.steps
-            while gw.now and now - gw.now > CATCH_UP_S and not stepped and not stop.is_set():
-                gw.step(gw.now + CATCH_UP_S)
+            while now - (gw.now or clock.start) > CATCH_UP_S and not stepped and not stop.is_set():
+                gw.step((gw.now or clock.start) + CATCH_UP_S)
                 await asyncio.sleep(0)
+            if stop.is_set():
+                break  # stopped while catching up: not the whole backlog in one step
             gw.step(now)
             freezer.tick()
             systemd.alive()

@@ -232,3 +232,29 @@ def test_a_members_visit_goes_on_across_a_sigterm_restart_and_ends_once(broker: 
     awards = [p["data"] for p in stream(sub).values() if p["schema"] == "visita.points.awarded/1"]
     rules = [a["rule"] for a in awards if isinstance(a, dict) and a["visit_id"] == visit_id]
     assert sorted(rules) == sorted(set(rules)) and "checkin" in rules, rules
+
+
+def test_a_simulation_faster_than_the_machine_runs_as_fast_as_it_can_and_stops_at_once(tmp_path: Path) -> None:
+    """`--speed` beyond what the pipeline can do must not build a backlog of data time: a stop would have to process
+    all of it in one step (minutes, and memory growing by the second: seen with --speed 500 on the supermarket)."""
+    args = [*VISITA, "run", "--sim", "--scenario", "supermarket", "--speed", "10000", "--until", "3h", "--mqtt", "off",
+            "--dashboard", "off", "--data-dir", str(tmp_path / "data"), "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        slow = proc.stderr.readline()  # the first warning (or nothing: the 3 h ran at full speed and it is over)
+        proc.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - stopping
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "the simulation cannot run at --speed 10000 on this machine: it runs as fast as the pipeline can" in slow
+    assert took < 15, f"the stop took {took:.0f} s"
+    assert "stopped: last event seq" in out, out
