@@ -24,9 +24,27 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
-ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+PATTERN_HINTS: dict[str, str] = {}
+"""What `format_errors` tells someone whose value does not match a field's pattern, by pattern (`pattern`)."""
+
+
+def pattern(regex: str, hint: str) -> str:
+    """`regex`, for a field's `pattern`, with what to say of a value that does not match it."""
+    PATTERN_HINTS[regex] = hint
+    return regex
+
+
+ID_PATTERN = pattern(
+    r"^[a-z0-9][a-z0-9_-]{0,63}$",
+    "must be lowercase letters, digits, '-' or '_' (at most 64), starting with a letter or digit",
+)
 """Store, gateway, zone and receiver ids: lowercase, digits, '-' and '_'; safe in MQTT topics and URLs."""
+BEACON_HINT = (
+    "beacon: and then lowercase letters, digits, ':', '.' or '-' (at most 120), the id as the gateway derives it, "
+    "e.g. beacon:<uuid>:<major>:<minor> with the UUID in lowercase"
+)
 
 Id = Annotated[str, Field(pattern=ID_PATTERN)]
 
@@ -100,7 +118,7 @@ class EidConfig(Strict):
     key: str = Field(
         default="",
         repr=False,
-        pattern=r"^(?:[0-9a-f]{32})?$",
+        pattern=pattern(r"^(?:[0-9a-f]{32})?$", "must be 32 lowercase hex digits (a 16-byte key)"),
         description="The beacon's identity key, 32 lowercase hex digits (16 bytes); prefer key_file.",
     )
     key_file: str = Field(
@@ -148,7 +166,7 @@ class BeaconConfig(Strict):
     """A fixed beacon of the store, known by its subject id."""
 
     id: str = Field(
-        pattern=r"^beacon:[0-9a-z:.-]{1,120}$",
+        pattern=pattern(r"^beacon:[0-9a-z:.-]{1,120}$", f"must be {BEACON_HINT}"),
         description="Subject id as the gateway derives it, e.g. beacon:<uuid>:<major>:<minor>.",
     )
     name: str = Field(default="", max_length=80, description="Human name.")
@@ -672,7 +690,7 @@ class SurveyConfig(Strict):
 
     transmitter: str = Field(
         default="",
-        pattern=r"^(?:beacon:[0-9a-z:.-]{1,120})?$",
+        pattern=pattern(r"^(?:beacon:[0-9a-z:.-]{1,120})?$", f"must be empty or a beacon id: {BEACON_HINT}"),
         description="Subject id of the survey tag, e.g. beacon:<uuid>:<major>:<minor>; empty: none chosen yet.",
     )
     file: str = Field(
@@ -867,21 +885,28 @@ def parse_duration(text: str) -> float:
 # --------------------------------------------------------------------------- loading
 
 
-def _field_names(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str] | None:
-    """Names of the fields of the model found at `loc` (for 'unknown key' messages)."""
+def _walk(model: type[BaseModel], loc: tuple[str | int, ...]) -> tuple[Any, FieldInfo | None]:
+    """The model (or type) found at `loc`, and the field that holds it (None: not a field of a model)."""
     current: Any = model
+    fld: FieldInfo | None = None
     for part in loc:
         if isinstance(part, int):
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
+            return None, None
         fld = current.model_fields.get(part)
         if fld is None:
-            return None
+            return None, None
         current = fld.annotation
         args = getattr(current, "__args__", None)
         if args:  # list[X] / X | None
             current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), current)
+    return current, fld
+
+
+def _field_names(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str] | None:
+    """Names of the fields of the model found at `loc` (for 'unknown key' messages)."""
+    current, _ = _walk(model, loc)
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return None
@@ -951,7 +976,8 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
             lines.append(f"{source}: {key}: required key is missing")
             continue
         elif e["type"] == "string_pattern_mismatch":
-            msg = "must be lowercase letters, digits, '-' or '_' (at most 64), starting with a letter or digit"
+            regex = str(e.get("ctx", {}).get("pattern", ""))
+            msg = PATTERN_HINTS.get(regex, f"must match the pattern {regex}")
         elif e["type"] in ("union_tag_not_found", "union_tag_invalid"):  # a tagged union's tag (a rule's kind)
             tag = str(e.get("ctx", {}).get("discriminator", "kind")).strip("'")
             where = f"{source}: {dotted((*loc, tag))}"
@@ -966,8 +992,15 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
         value = e.get("input")
         if isinstance(value, str):
             value = redact_url(value)
-        if isinstance(value, (dt.date, dt.time)):  # TOML's own dates and times (datetime is a date)
+        _, fld = _walk(model, loc)
+        if fld is not None and fld.repr is False:  # a secret (an EID beacon's key): never echoed
+            lines.append(f"{source}: {key} = (hidden): {msg}")
+            continue
+        if isinstance(value, dt.time) and not value.second and not value.microsecond:
+            value = value.isoformat(timespec="minutes")  # HH:MM, as the rules' times are written
+        elif isinstance(value, (dt.date, dt.time)):  # TOML's own dates and times (datetime is a date)
             value = value.isoformat()
+        if isinstance(value, str) and isinstance(e.get("input"), (dt.date, dt.time)):
             if e["type"] == "string_type":
                 written = f'{loc[-1]} = "{value}"' if isinstance(loc[-1], str) else f'"{value}"'
                 msg = f"a TOML date or time where text is expected: put it in quotes, {written}"

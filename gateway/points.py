@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from gateway.config import ID_PATTERN, ConfigError, Strict, read_toml, validate
+from gateway.config import ID_PATTERN, ConfigError, Strict, pattern, read_toml, validate
 from gateway.days import LocalDays
 from gateway.files import remove_durably, write_atomic
 from gateway.model import Award, Visit, VisitChange
@@ -33,7 +33,7 @@ from gateway.model import Award, Visit, VisitChange
 RuleId = Annotated[str, Field(pattern=ID_PATTERN)]
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_HHMM = r"^(?:[01]\d|2[0-3]):[0-5]\d$|^24:00$"
+_HHMM = pattern(r"^(?:[01]\d|2[0-3]):[0-5]\d$|^24:00$", "must be a local time HH:MM, from 00:00 to 24:00")
 
 
 class TimeWindow(Strict):

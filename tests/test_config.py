@@ -416,3 +416,48 @@ beacons = [ { id = "beacon:e2c56db5-dffb-48d2-b060-d0f5a71096e0:1:1", zone = "no
         .replace('tls_cert_file = "missing.pem"\ntls_key_file = "missing.key"\n', "")
     )
     assert main(["config", "check", str(cfg)]) == 0, capsys.readouterr().err
+
+
+def test_a_pattern_mismatch_says_what_that_field_allows_and_a_secret_is_never_echoed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = "9F3A0C5D7E1B2A4C6D8E0F1A2B3C4D5E"  # upper case: almost right, and a real key all the same
+    (tmp_path / "rules.toml").write_text(
+        '[[rules]]\nid = "v"\nkind = "visit"\npoints = 5\n[rules.when]\nstart = 16:00:00\nend = "25:00"\n'
+    )
+    cfg = write(
+        tmp_path,
+        f"""
+[points]
+rules = "rules.toml"
+[survey]
+transmitter = "beacon:X"
+[[plan.zones]]
+id = "sidewalk"
+outside = true
+[[plan.zones]]
+id = "shop"
+[[plan.receivers]]
+id = "hci0"
+zone = "shop"
+[[plan.beacons]]
+id = "beacon:E2C56DB5-DFFB-48D2-B060-D0F5A71096E0:1:1"
+zone = "shop"
+eid = {{ key = "{key}" }}
+""",
+    )
+    assert main(["config", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert key not in err and key.lower() not in err, err
+    beacon = "must be beacon: and then lowercase letters, digits, ':', '.' or '-' (at most 120)"
+    rule = f"{tmp_path / 'rules.toml'}: rules[0] (id 'v').when"
+    assert err.splitlines() == [
+        f"{cfg}: plan.beacons[0].id = 'beacon:E2C56DB5-DFFB-48D2-B060-D0F5A71096E0:1:1': {beacon}, the id as the "
+        "gateway derives it, e.g. beacon:<uuid>:<major>:<minor> with the UUID in lowercase",
+        f"{cfg}: plan.beacons[0].eid.key = (hidden): must be 32 lowercase hex digits (a 16-byte key)",
+        f"{cfg}: survey.transmitter = 'beacon:X': must be empty or a beacon id: {beacon[8:]}, the id as the gateway "
+        "derives it, e.g. beacon:<uuid>:<major>:<minor> with the UUID in lowercase",
+        # The quoting hint gives what the field takes (HH:MM), so following it passes.
+        f'{rule}.start = 16:00: a TOML date or time where text is expected: put it in quotes, start = "16:00"',
+        f"{rule}.end = '25:00': must be a local time HH:MM, from 00:00 to 24:00",
+    ], err
