@@ -849,13 +849,17 @@ def parse_mqtt_url(url: str) -> MqttUrl:
 
 def parse_listen(value: str) -> tuple[str, int]:
     """Parse HOST:PORT (IPv6 as [::1]:8080); ValueError says what is wrong."""
-    m = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", value)
-    if not m or not m.group(1):
-        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080, or off")
-    port = int(m.group(2))
+    if "://" in value:
+        raise ValueError(
+            "must be HOST:PORT without a scheme, e.g. 0.0.0.0:8080 (HTTPS or HTTP follows dashboard.tls_cert_file)"
+        )
+    m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+(?:%[\w.-]+)?)\]|([A-Za-z0-9.-]+)):(\d{1,5})", value)
+    if not m:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080 (a name or an address), or off")
+    port = int(m.group(3))
     if not 1 <= port <= 65535:
         raise ValueError("port must be 1..65535")
-    return m.group(1), port
+    return m.group(1) or m.group(2), port
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")

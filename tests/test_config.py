@@ -349,6 +349,19 @@ def test_parsers() -> None:
         with pytest.raises(ValueError):
             parse_duration(bad)
     assert parse_listen("[::1]:8080") == ("::1", 8080)
+    assert parse_listen("0.0.0.0:80") == ("0.0.0.0", 80) and parse_listen("visita-pi.local:8443") == (
+        "visita-pi.local",
+        8443,
+    )
+    for bad, says in (
+        ("http://127.0.0.1:8080", "without a scheme"),  # passed config check, then failed at start
+        ("127.0.0.1:8080/", "must be HOST:PORT"),
+        ("[::1:8080", "must be HOST:PORT"),
+        (":8080", "must be HOST:PORT"),
+        ("host:70000", "port must be 1..65535"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            parse_listen(bad)
     assert str(parse_mqtt_url("mqtts://h")) == "mqtts://h:8883"
     assert str(parse_mqtt_url("mqtt://h")) == "mqtt://h:1883"
 
