@@ -30,7 +30,7 @@ import numpy.typing as npt
 from firmware_sim.people import Person
 from firmware_sim.scenario import Scenario, load_scenario
 from firmware_sim.world import World
-from gateway.estimate import points_in_polygon
+from gateway.config import points_in_polygon
 
 F32 = npt.NDArray[np.float32]
 SIGMAS_M = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)

@@ -880,12 +880,16 @@ def _dashboard_notes(settings: Settings, source: str) -> list[str]:
 
 def _plan_notes(plan: PlanConfig) -> list[str]:
     """What an installer should know about a valid plan: zones no receiver serves, a one-receiver plan, receivers
-    placed far from every zone."""
-    notes = [
-        f"receiver {rx} is placed {d:g} m outside every zone: check its position (metres from the plan's origin, "
-        "[x, y]); the estimator expects its signals from there"
-        for rx, d in plan.stray_receivers()
-    ]
+    placed far from every zone, zones that overlap."""
+    notes = (
+        plan.overlap_notes()
+        + [gaps for gaps in [plan.geometry_gaps()] if gaps]
+        + [
+            f"receiver {rx} is placed {d:g} m outside every zone: check its position (metres from the plan's origin, "
+            "[x, y]); the estimator expects its signals from there"
+            for rx, d in plan.stray_receivers()
+        ]
+    )
     unserved = plan.unserved_zones()
     if unserved and len(plan.receivers) == 1:
         notes.append(

@@ -15,6 +15,7 @@ import os
 import re
 import ssl
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -23,6 +24,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
@@ -180,6 +183,12 @@ class BeaconConfig(Strict):
 
 STRAY_RECEIVER_M = 10.0
 """A receiver further than this outside every zone is reported by `visita config check` (PlanConfig.stray_receivers)."""
+OVERLAP_STEP_M = 0.25
+OVERLAP_NOTE_M2 = 1.0
+"""Zones sharing at least this much area are named by `visita config check` (PlanConfig.overlap_notes)."""
+SHADOWED_SHARE = 0.5
+"""A zone with this share of its area in zones listed before it is refused: the first zone listed takes a place in
+both (the estimator's grid), so it would get almost nothing."""
 
 
 class PlanConfig(Strict):
@@ -222,9 +231,57 @@ class PlanConfig(Strict):
                 )
         if all(z.outside for z in self.zones):
             problems.append("zones: every zone is outside; at least one zone must be inside the store")
+        if not problems:
+            for i, lost, earlier in self._overlaps():
+                if lost >= SHADOWED_SHARE:
+                    z = self.zones[i]
+                    problems.append(
+                        f"zones[{i}] ({z.id}): {100 * lost:.0f} % of it lies in {', '.join(e for e, _ in earlier)}, "
+                        f"listed before it; a place in two zones counts for the first listed, so {z.id} would get "
+                        "almost none of it: list it first, or correct the outlines"
+                    )
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _overlaps(self) -> list[tuple[int, float, list[tuple[str, float]]]]:
+        """For each zone that overlaps zones listed before it: its index, the share of its area they hold, and
+        each of them with the area (m²) it shares (sampled every OVERLAP_STEP_M)."""
+        out: list[tuple[int, float, list[tuple[str, float]]]] = []
+        step = OVERLAP_STEP_M
+        for i, z in enumerate(self.zones):
+            if not z.polygon or not any(e.polygon for e in self.zones[:i]):
+                continue
+            xs, ys = [p[0] for p in z.polygon], [p[1] for p in z.polygon]
+            gx, gy = np.meshgrid(
+                np.arange(min(xs) + step / 2, max(xs), step, dtype=np.float32),
+                np.arange(min(ys) + step / 2, max(ys), step, dtype=np.float32),
+            )
+            x, y = gx.reshape(-1), gy.reshape(-1)
+            mine = points_in_polygon(x, y, z.polygon)
+            x, y = x[mine], y[mine]
+            if not len(x):
+                continue
+            taken = np.zeros(len(x), dtype=np.bool_)
+            earlier: list[tuple[str, float]] = []
+            for e in self.zones[:i]:
+                if e.polygon:
+                    shared = points_in_polygon(x, y, e.polygon)
+                    if shared.sum() * step * step >= OVERLAP_NOTE_M2:
+                        earlier.append((e.id, float(shared.sum()) * step * step))
+                    taken |= shared
+            if earlier:
+                out.append((i, float(taken.mean()), earlier))
+        return out
+
+    def overlap_notes(self) -> list[str]:
+        """Zones overlapping zones listed before them, with less than SHADOWED_SHARE of their area (more is refused)."""
+        return [
+            f"zone {self.zones[i].id} overlaps {', '.join(f'{e} (about {a:.0f} m²)' for e, a in earlier)}, listed "
+            f"before it: places in both count for the zone listed first"
+            for i, lost, earlier in self._overlaps()
+            if lost < SHADOWED_SHARE
+        ]
 
     def zone(self, zone_id: str) -> ZoneConfig:
         """The zone with this id (KeyError if none)."""
@@ -258,6 +315,23 @@ class PlanConfig(Strict):
                 out.append((r.id, round(d, 1)))
         return out
 
+    def geometry_gaps(self) -> str | None:
+        """What a plan that gives some geometry but not all lacks (most likely an oversight: without all of it the
+        estimator is the strongest-receiver baseline, and a site survey cannot be used), or None."""
+        zones = [z.id for z in self.zones if not z.polygon]
+        receivers = [r.id for r in self.receivers if r.position is None]
+        none_given = len(zones) == len(self.zones) and len(receivers) == len(self.receivers)
+        if none_given or not (zones or receivers):
+            return None
+        lacking = ([f"zone(s) {', '.join(zones)} have no polygon"] if zones else []) + (
+            [f"receiver(s) {', '.join(receivers)} have no position"] if receivers else []
+        )
+        return (
+            f"{' and '.join(lacking)}: without a polygon for every zone and a position for every receiver the "
+            "estimator is the strongest-receiver baseline (no positions, paths or site survey); give them "
+            "(docs/config.md, [plan])"
+        )
+
     def has_geometry(self) -> bool:
         """True when every zone has a polygon and every receiver a position (the HMM estimator needs both)."""
         return all(z.polygon for z in self.zones) and all(r.position is not None for r in self.receivers)
@@ -280,6 +354,23 @@ def _id_problems(
             if zone is not None and zone not in zone_ids
         ]  # fmt: skip
     return problems
+
+
+def points_in_polygon(
+    x: npt.NDArray[np.float32], y: npt.NDArray[np.float32], polygon: Sequence[tuple[float, float]]
+) -> npt.NDArray[np.bool_]:
+    """Ray casting; a point on a lower or left edge is inside, on an upper or right edge outside."""
+    inside = np.zeros(np.shape(x), dtype=np.bool_)
+    n = len(polygon)
+    for i in range(n):
+        x1, y1 = polygon[i]
+        x2, y2 = polygon[(i + 1) % n]
+        if y1 == y2:
+            continue
+        crosses = (y1 > y) != (y2 > y)
+        x_at = (x2 - x1) * (y - y1) / (y2 - y1) + x1
+        inside ^= crosses & (x < x_at)
+    return inside
 
 
 def _self_crossing(polygon: list[tuple[float, float]]) -> tuple[int, int] | None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.config import EstimateConfig, PlanConfig
+from gateway.config import EstimateConfig, PlanConfig, points_in_polygon
 from gateway.model import Sighting, ZoneEstimate
 
 if TYPE_CHECKING:
@@ -217,21 +217,6 @@ SWITCH_MARGIN = 0.1
 """The reported zone changes when another zone's probability exceeds the current one's by this much.
 Measured on the supermarket (seeds 1-3, median zone-change delay / path edit distance): 0: 4.8 s / 17.0;
 0.1: 4.8 s / 13.3; 0.2: 5.0 s / 11.4; 0.3: 5.2 s / 9.9, zone accuracy within 0.2 points of each other."""
-
-
-def points_in_polygon(x: F32, y: F32, polygon: Sequence[tuple[float, float]]) -> npt.NDArray[np.bool_]:
-    """Ray casting; a point on a lower or left edge is inside, on an upper or right edge outside."""
-    inside = np.zeros(np.shape(x), dtype=np.bool_)
-    n = len(polygon)
-    for i in range(n):
-        x1, y1 = polygon[i]
-        x2, y2 = polygon[(i + 1) % n]
-        if y1 == y2:
-            continue
-        crosses = (y1 > y) != (y2 > y)
-        x_at = (x2 - x1) * (y - y1) / (y2 - y1) + x1
-        inside ^= crosses & (x < x_at)
-    return inside
 
 
 def wall_loss(ax: F32, ay: F32, bx: float, by: float, walls: Sequence[tuple[float, float, float, float, float]]) -> F32:

@@ -200,6 +200,8 @@ class Gateway:
                 self.survey_problem = str(e)
                 log.warning("survey map not used: %s", e)
         self.estimator = make_estimator(settings.plan, settings.estimate, self.survey_map)
+        if settings.estimate.method == "auto" and (gaps := settings.plan.geometry_gaps()):
+            log.warning("%s", gaps)
         self.survey_recorder: SurveyRecorder | None = None
         if settings.survey.transmitter:
             self.survey_recorder = SurveyRecorder(settings.plan, settings.survey.transmitter)

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.config import EstimateConfig, PlanConfig, SurveyConfig
-from gateway.estimate import REFERENCE_RSSI_1M, erfc, expected_rssi, points_in_polygon
+from gateway.config import EstimateConfig, PlanConfig, SurveyConfig, points_in_polygon
+from gateway.estimate import REFERENCE_RSSI_1M, erfc, expected_rssi
 from gateway.files import write_atomic
 from gateway.model import Sighting
 
