@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -681,7 +682,6 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
     import urllib.parse
     from zoneinfo import ZoneInfo
 
-    from gateway.config import default_data_dir
     from gateway.days import LocalDays
     from gateway.identity import MemberDirectory
     from gateway.members import KeyStoreError, load_into
@@ -689,7 +689,7 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
     from gateway.store import Store, StoreError, StoreInUse
 
     settings = load_settings(args.config)
-    data_dir = args.data_dir or Path(settings.storage.data_dir or default_data_dir())
+    data_dir = settings.storage.directory(args.data_dir)
     store: Store | None = None
     why = ""  # why the running gateway is asked rather than the data directory read
     if args.url:
@@ -830,10 +830,9 @@ def _backend_rules_notes(settings: Settings, data_dir: Path | None) -> list[str]
     """Rules the backend sent (cmd/rules), kept in the data directory, are in force instead of the file's."""
     import os
 
-    from gateway.config import default_data_dir
     from gateway.points import BACKEND_RULES_FILE
 
-    data_dir = data_dir or Path(settings.storage.data_dir or default_data_dir())
+    data_dir = settings.storage.directory(data_dir)
     path = data_dir / BACKEND_RULES_FILE
     try:
         os.stat(path)
@@ -976,6 +975,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
     if args.config is None:  # no config: the plan is the scenario's own (for `default`, the built-in plan)
         settings = settings.model_copy(update={"plan": scenario_plan(scenario)})
+    if "timezone" not in settings.model_fields_set:  # the store's days are the scenario's, unless the config says
+        settings = settings.model_copy(update={"timezone": scenario.timezone})
     plan_rx = {r.id for r in settings.plan.receivers}
     missing = [r.id for r in scenario.receivers if r.id not in plan_rx]
     if missing:
@@ -985,14 +986,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"(plan receivers: {', '.join(sorted(plan_rx))}); give a config whose [plan] matches the scenario"
             ]
         )
-    clock = Clock(args.speed)
+    # A simulation faster than real time runs ahead of the wall clock: started again on the same data directory it
+    # goes on from where that one got to, not back to now (its visits, days and counts are ahead of now).
+    held = _data_until(settings.storage.directory(args.data_dir))
+    ahead = held is not None and held > time.time()
+    clock = Clock(args.speed, start=held if ahead else None)
     world = World(scenario, args.seed, clock.start)
     members = MemberDirectory()
     members.set_members(world.member_keys)  # the simulated store's app users, as if the backend provisioned them
     banner = [
         f"Visita {__version__} · store {settings.store} · gateway {settings.gateway}",
         f"  source     simulated store {scenario.name!r} (seed {args.seed}) at {args.speed:g}x"
-        + (f", for {args.until:g} s of simulated time" if args.until else ""),
+        + (f", for {args.until:g} s of simulated time" if args.until else "")
+        + (f", going on from {_local(clock.start, settings.timezone)} (the data directory's time)" if held else ""),
     ]
     nodes = _nodes_source(args, settings, clock.now, banner)
     opts = RunOptions(data_dir=args.data_dir, mqtt=args.mqtt, dashboard=args.dashboard, until_s=args.until)
@@ -1001,6 +1007,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (StartupError, StoreError) as e:
         print(f"visita run: {e}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _data_until(data_dir: Path) -> float | None:
+    """The data time a data directory holds data up to (None: no data, or in use: `run` says so)."""
+    from gateway.store import HOT_FILE, Store, StoreError
+
+    if not (data_dir / HOT_FILE).exists():
+        return None
+    try:
+        with Store(data_dir) as store:
+            held = (store.kept() or {}).get("data_until")
+    except StoreError:
+        return None
+    return float(held) if isinstance(held, (int, float)) else None
+
+
+def _local(ts: float, timezone: str) -> str:
+    """`ts` as the store's local date and time, for people."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    return datetime.fromtimestamp(ts, ZoneInfo(timezone)).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def _ble_adapters(items: list[str] | None, defaults: list[str], plan_rx: list[str]) -> list[tuple[str, str]]:

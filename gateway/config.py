@@ -710,7 +710,9 @@ class StorageConfig(Strict):
     """Where the gateway keeps its database."""
 
     data_dir: str = Field(
-        default="", description="Data directory; empty means $XDG_STATE_HOME/visita (~/.local/state/visita)."
+        default="",
+        description="Data directory; relative: next to the config file; empty means $XDG_STATE_HOME/visita "
+        "(~/.local/state/visita).",
     )
     outbox_max: int = Field(
         default=20_000,
@@ -722,6 +724,10 @@ class StorageConfig(Strict):
     full_disk_outbox_max: int = Field(
         default=2_000, ge=10, le=1_000_000, description="The same bound while the disk is full (events in memory)."
     )
+
+    def directory(self, given: Path | None = None) -> Path:
+        """The data directory: `given` (--data-dir), else `data_dir`, else the default."""
+        return given or Path(self.data_dir or default_data_dir())
 
 
 class EstimateConfig(Strict):
@@ -1209,6 +1215,7 @@ def _beside(settings: Settings, path: Path) -> Settings:
                 settings.dashboard, "installer_token_file", "support_token_file", "tls_cert_file", "tls_key_file"
             ),
             "mqtt": near(settings.mqtt, "ca", "cert", "key", "password_file"),
+            "storage": near(settings.storage, "data_dir"),
         }
     )
     beacons = [

@@ -120,8 +120,9 @@ class Footfall:
         self._day = self._days.day(now)
         if state["day"] == self._day:
             self._today = {k: int(v) for k, v in state["today"].items()}
-        # The last hour's entries whatever the day (a restart just after midnight still had them).
-        self._entries = deque(m for m, n in sorted(state["entries"]) for _ in range(n) if m >= now - 3600)
+        # The last hour's entries whatever the day (a restart just after midnight still had them); none dated after
+        # `now` (a clock that went back across the restart): the last hour cannot hold them.
+        self._entries = deque(m for m, n in sorted(state["entries"]) for _ in range(n) if now - 3600 <= m <= now)
         minute = state["minute"]
         m = None if minute is None else _Minute(**minute)
         here = now - now % 60

@@ -30,7 +30,6 @@ from gateway.config import (
     ConfigError,
     DashboardTls,
     Settings,
-    default_data_dir,
     load_tls,
     parse_listen,
     parse_mqtt_url,
@@ -810,7 +809,7 @@ async def run(
     """
     from dashboard.app import create_app
 
-    data_dir = opts.data_dir or Path(settings.storage.data_dir or default_data_dir())
+    data_dir = settings.storage.directory(opts.data_dir)
     mqtt_url = opts.mqtt or settings.mqtt.url
     listen = opts.dashboard or settings.dashboard.listen
     store = Store(

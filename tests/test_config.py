@@ -559,3 +559,16 @@ zone = "counter"
     bare = "\n".join(line for line in plan.splitlines() if not line.startswith(("polygon", "position")))
     assert main(["config", "check", str(write(tmp_path, bare))]) == 0
     assert "no polygon" not in capsys.readouterr().out
+
+
+def test_a_relative_data_dir_is_next_to_the_config_file_like_every_other_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = write(tmp_path, '[storage]\ndata_dir = "data"\n')
+    monkeypatch.chdir("/")  # where systemd starts it
+    settings = load_settings(cfg)
+    assert settings.storage.directory() == tmp_path / "data"
+    assert settings.storage.directory(Path("/elsewhere")) == Path("/elsewhere")  # --data-dir wins
+    assert load_settings(write(tmp_path, '[storage]\ndata_dir = "/var/lib/visita"\n')).storage.directory() == Path(
+        "/var/lib/visita"
+    )

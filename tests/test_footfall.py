@@ -277,3 +277,5 @@ def test_an_end_dated_ahead_of_the_clock_publishes_no_minutes_in_between() -> No
     assert out == [], "no minute from 10:10 to 10:29 (the kept one had nothing to publish)"
     assert g.snapshot()["occupancy"] == 0
     assert [m["minute"] for m in g.update([], at(10, 12, 0))] == [at(10, 10), at(10, 11)]
+    # Nor does the last hour count an entry from the future: 10:20 is not within 09:10..10:10.
+    assert g.snapshot()["entries_last_hour"] == 0

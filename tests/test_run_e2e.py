@@ -12,6 +12,7 @@ import time
 import urllib.request
 from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from conftest import VISITA, Broker, Subscriber, free_port
 
@@ -258,3 +259,22 @@ def test_a_simulation_faster_than_the_machine_runs_as_fast_as_it_can_and_stops_a
     assert "the simulation cannot run at --speed 10000 on this machine: it runs as fast as the pipeline can" in slow
     assert took < 15, f"the stop took {took:.0f} s"
     assert "stopped: last event seq" in out, out
+
+
+def test_a_faster_than_real_time_simulation_goes_on_from_its_data_directory_in_its_scenarios_time_zone(
+    tmp_path: Path,
+) -> None:
+    """Started again on the same data directory, a --speed run went back to the wall clock: every kept visit ended,
+    the last hour counted entries from its future, and footfall minutes were published twice. It goes on from the
+    directory's data time, on the scenario's days (the supermarket is in Berlin)."""
+    args = [*VISITA, "run", "--sim", "--scenario", "supermarket", "--speed", "2000", "--mqtt", "off",
+            "--dashboard", "off", "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    first = subprocess.run([*args, "--until", "20m"], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run([*args, "--until", "1m"], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    (line,) = [x for x in second.stdout.splitlines() if x.startswith("  source")]
+    held = re.search(r"going on from (\S+ \S+) (\S+) \(the data directory's time\)", line)
+    assert held and held.group(2) in ("CET", "CEST"), line
+    # 20 simulated minutes after the first run's start, in Berlin time: ahead of the wall clock.
+    assert datetime.fromisoformat(held.group(1)).replace(tzinfo=ZoneInfo("Europe/Berlin")).timestamp() > time.time()
