@@ -334,6 +334,7 @@ class Gateway:
     def _conclude(self, changes: list[VisitChange], now: float, stopping: bool = False) -> list[Event]:
         """Visit changes → points → footfall → events → store (one commit) → uplink."""
         awards = self.points.evaluate(changes) + self.points.evaluate_open(self.tracker.changed_visits(), now)
+        self.tracker.keep({a.visit_id for a in awards})
         due = [c for c in self._footfall_later if c.ts <= now or stopping]
         self._footfall_later = [c for c in self._footfall_later if c.ts > now and not stopping]
         minutes = self.footfall.update(due + changes, now)

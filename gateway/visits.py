@@ -24,7 +24,7 @@ import hashlib
 import logging
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -267,6 +267,12 @@ class VisitTracker:
     def now(self) -> float:
         """The newest data time an update, check-in or link brought: what the kept visits are as of."""
         return self._now
+
+    def keep(self, visit_ids: Collection[str]) -> None:
+        """Have `take_kept` give these open visits as they are now: an award for one is stored in the same write as
+        the visit with the dwell that earned it (a power loss must not leave an award its visit contradicts)."""
+        if visit_ids:
+            self._keep.update(k for k, s in self._sessions.items() if s.visit_id in visit_ids)
 
     def take_kept(self, now: float, everything: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
         """What the store should keep of the open visits since the last call (`restore` reads it after a restart or

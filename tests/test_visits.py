@@ -531,3 +531,20 @@ def test_a_member_heard_first_under_a_new_address_after_a_restart_keeps_one_visi
     after.update([inside(182, "bakery", MEMBER)], T0 + 182)  # the member's own frames now join that visit
     assert [[g.zone for g in v.segments] for v in after.open_visits()] == [["produce", "bakery"]]
     assert after.diagnostics()["links_ended_stale"] == 1
+
+
+def test_an_award_has_its_visit_kept_as_it_is_in_the_same_write() -> None:
+    """A visit is kept at its start and about every minute; the points it earns in between are stored at once. A power
+    loss then left an award for 120 s inside beside a visit that ended, from what was kept, after 91 s. So the runtime
+    has the tracker keep a visit in the write of its award (`keep`)."""
+    t, kept = tracker(), Kept()
+    script = {float(s): [inside(s, "produce", MEMBER)] for s in range(10, 101, 2)}
+    run_kept(t, kept, script, 0, 99)
+    (visit_id,) = kept.visits
+    assert kept.visits[visit_id]["last"] < T0 + 90  # as of its start: not refreshed yet
+    t.update(script[100.0], T0 + 100)
+    assert t.take_kept(T0 + 100) == ([], [])  # nothing due
+    t.update([], T0 + 101)
+    t.keep({visit_id, "not-a-visit"})
+    (now,) = t.take_kept(T0 + 101)[0]
+    assert (now["visit_id"], now["last"]) == (visit_id, T0 + 100)
