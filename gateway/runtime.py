@@ -848,9 +848,9 @@ async def run(
             "the backend's next cmd/rules replaces them"
         )
         log.error("points rules: %s", rules_source)
-    except ConfigError as e:
+    except ConfigError:
         store.close()
-        raise StartupError("; ".join(e.problems)) from None
+        raise  # a config problem (exit 2: systemd does not restart for it), not the machine's
     try:
         loaded = load_into(members, data_dir)  # the encrypted member keys (docs/checkin.md)
     except KeyStoreError as e:
@@ -863,7 +863,7 @@ async def run(
         log.warning("points rules: %s", "; ".join(dead))
     elif dead:
         store.close()
-        raise StartupError("; ".join(dead))
+        raise ConfigError(dead)
     gw = Gateway(settings, store, source, members, rules, staff)
     gw.rules_source = rules_source
     log.info("points rules: %s (%d rules)", rules_source, len(rules.rules))
@@ -873,7 +873,7 @@ async def run(
         gw.dashboard_tls = tls = settings.dashboard.tls() if listen != "off" else None
     except ValueError as e:
         store.close()
-        raise StartupError(str(e)) from None
+        raise ConfigError([str(e)]) from None
     gw.member_keys = MemberKeys(members, KeyVault(data_dir))
     gw.nodes = nodes
     gw.writer = writer = CommitWriter(gw)
@@ -906,7 +906,7 @@ async def run(
             store.close()
             if sock is not None:
                 sock.close()
-            raise StartupError(str(e)) from None
+            raise ConfigError([str(e)]) from None
         gw.uplink = Uplink(settings.mqtt, url, client_id, gw.status_event, password)
         gw.downlink = Downlink(gw, gw.uplink.reply)
         lines.append(f"  mqtt       {url}  topics {topic_prefix(settings.store, settings.gateway)}#")
