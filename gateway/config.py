@@ -150,16 +150,14 @@ class EidConfig(Strict):
             return bytes.fromhex(self.key)
         path = Path(self.key_file)
         try:
-            mode = path.stat().st_mode & 0o777
+            check_private(self.key_file, f"{where}.key_file")
             text = path.read_text(encoding="ascii").strip().lower()
+        except ValueError as e:
+            raise ConfigError([str(e)]) from None
         except (OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) else "not text"
             problem = f"{where}.key_file = {self.key_file}: cannot be read ({reason}); fix the path"
             raise ConfigError([problem]) from None
-        if mode & 0o007:
-            raise ConfigError(
-                [f"{where}.key_file = {self.key_file}: mode {mode:04o} lets anyone read the key; chmod 640 it"]
-            )
         if not re.fullmatch(r"[0-9a-f]{32}", text):
             raise ConfigError([f"{where}.key_file = {self.key_file}: must hold 32 hex digits (a 16-byte key)"])
         return bytes.fromhex(text)
@@ -479,6 +477,17 @@ class MqttConfig(Strict):
         return read_secret(self.password_file, "mqtt-password", "mqtt.password_file")
 
 
+def check_private(path: str, setting: str) -> None:
+    """ValueError when others than the file's owner and group may read the secret at `path` (a key, a token, a
+    password): anyone with a login on the Pi could use it."""
+    try:
+        mode = Path(path).stat().st_mode & 0o777
+    except OSError:
+        return  # reading it says why
+    if mode & 0o007:
+        raise ValueError(f"{setting} {path}: mode {mode:04o} lets anyone on this machine read it; chmod 640 it")
+
+
 def read_secret(path: str, credential: str, setting: str) -> str | None:
     """The first line of the file `path`, or of systemd's credential `credential` when `path` is empty;
     None when neither is there. Raises ValueError naming the file and the setting when it cannot be read."""
@@ -487,6 +496,7 @@ def read_secret(path: str, credential: str, setting: str) -> str | None:
         if not creds or not os.path.exists(os.path.join(creds, credential)):
             return None
         path = os.path.join(creds, credential)
+    check_private(path, setting)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -538,6 +548,7 @@ def load_tls(cert: tuple[str, str], key: tuple[str, str] | None) -> DashboardTls
     if key is None:
         return DashboardTls(cert_path, None, certificate.not_valid_after_utc, names)
     key_path, key_setting = key
+    check_private(key_path, key_setting)
     key_pem = read(key_path, key_setting)
     try:
         private = load_pem_private_key(key_pem, password=None)

@@ -157,4 +157,5 @@ def self_signed_cert(where: Path, days: int = 825, name: str = "dashboard") -> t
     cmd += ["-keyout", str(key), "-out", str(cert)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"openssl (Debian package openssl) failed: {r.stderr}"
+    key.chmod(0o600)  # as docs/install.md says: the gateway refuses a key others may read
     return cert, key

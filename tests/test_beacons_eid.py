@@ -121,7 +121,7 @@ def test_eid_config_takes_exactly_one_key_and_a_key_file_must_be_private(tmp_pat
     path.chmod(0o640)
     assert EidConfig(key_file=str(path)).identity_key("b") == bytes.fromhex(KEY)
     path.chmod(0o644)
-    with pytest.raises(ConfigError, match="lets anyone read the key; chmod 640"):
+    with pytest.raises(ConfigError, match="lets anyone on this machine read it; chmod 640"):
         EidConfig(key_file=str(path)).identity_key("plan.beacons[0].eid")
     path.chmod(0o600)
     path.write_text("not a key\n")
@@ -156,7 +156,7 @@ def test_a_relative_key_file_is_found_next_to_the_config_and_config_check_hides_
     assert KEY not in repr(settings)
     (tmp_path / "keys" / "promo.key").chmod(0o644)
     assert main(["config", "check", str(cfg)]) == 2
-    assert "lets anyone read the key" in capsys.readouterr().err
+    assert "lets anyone on this machine read it" in capsys.readouterr().err
 
 
 def test_a_simulated_eid_beacon_is_heard_under_its_plan_id_through_the_gateway() -> None:

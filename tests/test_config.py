@@ -371,10 +371,14 @@ def test_installer_token_from_file_or_credential_and_checked(tmp_path: Path, mon
     assert DashboardConfig().installer_token() is None  # none configured: the installer endpoints are off
     token = tmp_path / "token"
     token.write_text("  0123456789abcdef0123  \nsecond line ignored\n")
+    with pytest.raises(ValueError, match=r"token: mode 0644 lets anyone on this machine read it; chmod 640 it"):
+        DashboardConfig(installer_token_file=str(token)).installer_token()
+    token.chmod(0o640)
     assert DashboardConfig(installer_token_file=str(token)).installer_token() == "0123456789abcdef0123"
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "visita-installer-token").write_text("from-systemd-credential-0001\n")
+    (creds / "visita-installer-token").chmod(0o400)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     assert DashboardConfig().installer_token() == "from-systemd-credential-0001"
     token.write_text("short\n")

@@ -318,6 +318,7 @@ def _survey_config(tmp_path: Path, tls: str = "") -> Path:
 
     token = tmp_path / "installer-token"
     token.write_text(SURVEY_TOKEN + "\n")
+    token.chmod(0o600)
     tag = beacon_subject_id(load_scenario("default").beacons[0])
     cfg = tmp_path / "visita.toml"
     cfg.write_text(f'[dashboard]\ninstaller_token_file = "{token}"\n{tls}\n[survey]\ntransmitter = "{tag}"\n')

@@ -38,6 +38,7 @@ TOKEN = "installer-token-for-tests-0123456789"
 def _config(where: Path, port: int, cert: Path | None, key: Path | None, listen: str | None = None) -> Path:
     token = where / "installer-token"
     token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     tag = beacon_subject_id(load_scenario("default").beacons[0])
     cfg = where / "visita.toml"
     text = f'[dashboard]\nlisten = "{listen or f"127.0.0.1:{port}"}"\ninstaller_token_file = "{token}"\n'
@@ -121,6 +122,7 @@ def _key(path: Path, password: bytes | None = None) -> ec.EllipticCurvePrivateKe
     private = ec.generate_private_key(ec.SECP256R1())
     crypt = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
     path.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, crypt))
+    path.chmod(0o600)
     return private
 
 
@@ -150,6 +152,7 @@ def test_certificates_and_keys_that_cannot_be_served_are_refused_naming_the_file
     _key(locked, b"passphrase")
     garbage = tmp_path / "garbage.crt"
     garbage.write_text("this is not a certificate\n")
+    garbage.chmod(0o600)  # also given as a key
 
     def refused(c: Path | None, k: Path | None) -> str:
         with pytest.raises(ValueError) as e:
@@ -239,6 +242,7 @@ def test_the_unit_can_hand_over_the_key_as_a_credential(tmp_path: Path, monkeypa
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     assert DashboardConfig().tls() is None  # neither: plain HTTP
     (creds / "visita-dashboard-key").write_bytes(key.read_bytes())
+    (creds / "visita-dashboard-key").chmod(0o400)  # as systemd's LoadCredential= leaves it
     # A key without a certificate in the config would be served where the CLI expects plain HTTP: refused.
     with pytest.raises(
         ValueError, match=r"systemd credential visita-dashboard-key is set but dashboard\.tls_cert_file"

@@ -300,6 +300,7 @@ def test_run_with_tls_and_password_flags(pki: Pki, tmp_path: Path, start_broker:
     b = start_broker([*_tls(pki), "allow_anonymous false", f"password_file {passwd}"])
     pw_file = tmp_path / "pw"
     pw_file.write_text("flag-pw\n")
+    pw_file.chmod(0o600)
     args = [
         *VISITA, "run", "--sim", "--speed", "600", "--until", "5m", "--dashboard", "off",
         "--data-dir", str(tmp_path / "data"), "--mqtt", f"mqtts://localhost:{b.port}",

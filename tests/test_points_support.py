@@ -49,6 +49,8 @@ def test_points_explain_asks_the_running_gateway_and_agrees_with_the_data_direct
     support, installer = tmp_path / "support-token", tmp_path / "installer-token"
     support.write_text(SUPPORT + "\n")
     installer.write_text(INSTALLER + "\n")
+    support.chmod(0o600)
+    installer.chmod(0o600)
     data, port = tmp_path / "data", free_port()
     cfg = tmp_path / "visita.toml"
     cfg.write_text(
@@ -97,6 +99,7 @@ def test_points_explain_asks_the_running_gateway_and_agrees_with_the_data_direct
         assert r.returncode == 2 and "no support token" in r.stderr, r.stderr
         wrong = tmp_path / "wrong"
         wrong.write_text("not-the-token-at-all\n")
+        wrong.chmod(0o600)
         r = _explain(data, member, *url, "--token-file", str(wrong))
         assert r.returncode == 1 and "401" in r.stderr and "wrong support token" in r.stderr, r.stderr
         assert _get(f"{base}/members/a%20b/points", SUPPORT) == 422

@@ -22,6 +22,7 @@ TOKEN = "installer-token-for-tests-0123456789"
 def _config(tmp_path: Path) -> tuple[Path, Path]:
     token = tmp_path / "installer-token"
     token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     tag = beacon_subject_id(load_scenario("default").beacons[0])  # the entrance iBeacon, at (14, 4)
     cfg = tmp_path / "visita.toml"
     cfg.write_text(f'[dashboard]\ninstaller_token_file = "{token}"\n\n[survey]\ntransmitter = "{tag}"\n')
@@ -76,6 +77,7 @@ def test_installer_records_spots_applies_the_map_and_it_survives_a_restart(tmp_p
             assert e.code == 401 and "Authorization: Bearer" in json.loads(e.read())["message"]
         wrong = tmp_path / "wrong"
         wrong.write_text("not-the-installer-token-at-all\n")
+        wrong.chmod(0o600)
         r = _survey(port, wrong, "status")
         assert r.returncode == 1 and "401" in r.stderr
 

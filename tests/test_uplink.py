@@ -27,10 +27,14 @@ def test_password_from_file_from_systemd_credentials_or_none(tmp_path: Path, mon
     assert MqttConfig().password() is None
     f = tmp_path / "pw"
     f.write_text("from-file\nignored\n")
+    with pytest.raises(ValueError, match="mode 0644 lets anyone on this machine read it; chmod 640 it"):
+        MqttConfig(password_file=str(f)).password()
+    f.chmod(0o600)
     assert MqttConfig(password_file=str(f)).password() == "from-file"
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "mqtt-password").write_text("from-systemd")
+    (creds / "mqtt-password").chmod(0o400)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     assert MqttConfig().password() == "from-systemd"
     assert MqttConfig(password_file=str(f)).password() == "from-file", "an explicit file wins"
