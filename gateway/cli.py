@@ -380,8 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="import member keys from JSON lines into the encrypted vault",
         description='Import JSON lines {"member": REF, "key": 64 hex digits, "tier": NAME (optional)} into '
         "DATA_DIR/members.vault (AES-256-GCM; the vault key is the systemd credential visita-vault-key or "
-        "DATA_DIR/vault.key, mode 0600). Every bad line is reported with its number and nothing is changed. "
-        "A running gateway loads the vault at its next start.",
+        "DATA_DIR/vault.key, mode 0600). Every member needs a key of its own: a key on two lines, or already "
+        "another member's in the vault, is refused. Every bad line is reported with its number and nothing is "
+        "changed (exit 2). Refused (exit 1) while a gateway runs on DATA_DIR, which holds the directory and keeps "
+        "its member set in memory: stop it, import, and start it again (it loads the vault when it starts), or "
+        "have the backend send the members with cmd/members.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

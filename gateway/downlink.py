@@ -7,7 +7,10 @@ so the backend can match them. Each command is
 - applied atomically, on the runtime's thread (the store and the pipeline are not
   thread-safe; paho's thread only queues the message);
 - answered on ``cmd_result/<name>``: ``{"id", "name", "ok": true, ...handler's fields}``
-  or ``{"id", "name", "ok": false, "error": "<reason>"}``. A refused command changed nothing.
+  or ``{"id", "name", "ok": false, "error": "<reason>"}``. A refused command changed nothing. A name no handler
+  serves is answered on ``cmd_result/unknown`` (`UNKNOWN`), its ``name`` field holding the name sent.
+- refused when its payload has a top-level field the command does not take (`only_fields`; ``id`` is every
+  command's).
 
 Who may send commands is the broker's business (its ACL on ``.../cmd/#``), not the gateway's.
 
@@ -49,6 +52,17 @@ class CommandRefused(Exception):
 Handler = Callable[["Gateway", dict[str, Any]], dict[str, Any]]
 
 
+def only_fields(payload: dict[str, Any], allowed: set[str]) -> None:
+    """Refuse a payload with a top-level field the command does not take (``id`` is every command's): a field the
+    backend thinks means something and the gateway ignores would make "ok" a lie."""
+    extra = sorted(set(payload) - allowed - {"id"})
+    if extra:
+        raise CommandRefused(
+            f"unknown field(s) {', '.join(extra)} (allowed: {', '.join(['id', *sorted(allowed - {'id'})])}); "
+            "nothing changed"
+        )
+
+
 def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     """``{"rules": [...]}``: the rules file's content as JSON; replaces the rules of the running gateway and is kept in
     the data directory, so that a restart applies it again. ``{"from_file": true}``: the config's rules file again."""
@@ -56,6 +70,7 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     from gateway.days import LocalDays
     from gateway.points import (
         PointsEngine,
+        RuleSet,
         backend_rules_source,
         dead_rule_problems,
         drop_backend_rules,
@@ -65,6 +80,7 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
         save_backend_rules,
     )
 
+    only_fields(payload, {"from_file", *RuleSet.model_fields})
     body = {k: v for k, v in payload.items() if k != "id"}
     command_id = payload.get("id") if isinstance(payload.get("id"), str) else None
     from_file = body.pop("from_file", False)
@@ -120,6 +136,7 @@ def _config(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     """``{"set": {"mqtt.max_rate": 500, ...}}``: keys of LIVE_CONFIG, validated like the config file."""
     from gateway.config import Settings
 
+    only_fields(payload, {"set"})
     changes = payload.get("set")
     if not isinstance(changes, dict) or not changes:
         raise CommandRefused('"set" must be a non-empty object of setting: value')
@@ -156,6 +173,10 @@ def _members(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
 HANDLERS: dict[str, Handler] = {"rules": _rules, "config": _config, "members": _members}
 """Command name -> handler; add an entry to serve a new command."""
 
+UNKNOWN = "unknown"
+"""Where a command whose name no handler serves is answered: ``cmd_result/unknown`` (its ``name`` field holds the
+name sent), so the gateway publishes only on the channels docs/asyncapi.yaml lists, whatever a sender makes up."""
+
 
 class Downlink:
     """Queues commands from paho's thread and applies them on the runtime's, one at a time."""
@@ -186,9 +207,6 @@ class Downlink:
         """Validate and apply one command; returns (and publishes) the result."""
         cmd_id: str | None = None
         try:
-            handler = HANDLERS.get(name)
-            if handler is None:
-                raise CommandRefused(f"unknown command {name!r} (known: {', '.join(sorted(HANDLERS))})")
             if len(payload) > MAX_PAYLOAD:
                 raise CommandRefused(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
             try:
@@ -200,7 +218,10 @@ class Downlink:
             raw_id = body.get("id")
             if raw_id is not None and not (isinstance(raw_id, str) and len(raw_id) <= 128):
                 raise CommandRefused('"id" must be a string of at most 128 characters')
-            cmd_id = raw_id
+            cmd_id = raw_id  # echoed from here on, an unknown command's too
+            handler = HANDLERS.get(name)
+            if handler is None:
+                raise CommandRefused(f"unknown command {name!r} (known: {', '.join(sorted(HANDLERS))})")
             fields = handler(self._gw, body)
         except CommandRefused as e:
             log.warning("downlink command %s refused: %s (nothing changed)", name, e)
@@ -211,5 +232,5 @@ class Downlink:
     def _answer(self, name: str, cmd_id: str | None, ok: bool, fields: dict[str, Any]) -> dict[str, Any]:
         self.counts["applied" if ok else "refused"] += 1
         result = {"id": cmd_id, "name": name, "ok": ok, **fields}
-        self._reply(name if "/" not in name else "invalid", json.dumps(result, separators=(",", ":")).encode())
+        self._reply(name if name in HANDLERS else UNKNOWN, json.dumps(result, separators=(",", ":")).encode())
         return result

@@ -89,9 +89,24 @@ def parse_member(obj: object, where: str) -> MemberKey:
 
 def parse_key_lines(text: str, source: str) -> list[MemberKey]:
     """JSON lines of members; every bad line is reported (`FILE:LINE: ...`), and any problem rejects all."""
-    out: list[MemberKey] = []
+    return [m for _, m in _numbered_key_lines(text, source)]
+
+
+def _same_key(where: str, member: str, other: str) -> str:
+    # Member tokens depend on the key alone (gateway/identity.py member_token): two members with one key are one
+    # phone to the gateway, credited to either, and removing one would leave the other unrecognised.
+    return (
+        f"{where}: member {member} has the same key as {other}: every member needs a key of its own "
+        "(the gateway tells members apart by their keys alone)"
+    )
+
+
+def _numbered_key_lines(text: str, source: str) -> list[tuple[int, MemberKey]]:
+    """`parse_key_lines` with each member's line number."""
+    out: list[tuple[int, MemberKey]] = []
     problems: list[str] = []
     seen: dict[str, int] = {}
+    keys: dict[bytes, tuple[int, str]] = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -109,8 +124,13 @@ def parse_key_lines(text: str, source: str) -> list[MemberKey]:
         if m.member in seen:
             problems.append(f"{where}: member {m.member} is already on line {seen[m.member]}")
             continue
+        if m.key in keys:
+            first, other = keys[m.key]
+            problems.append(_same_key(where, m.member, f"member {other} on line {first}"))
+            continue
         seen[m.member] = n
-        out.append(m)
+        keys[m.key] = (n, m.member)
+        out.append((n, m))
     if not out and not problems:
         problems.append(f'{source}: no members (one JSON object per line: {{"member", "key", "tier"}})')
     if problems:
@@ -212,9 +232,36 @@ class KeyVault:
         return source
 
 
+class DataDirInUse(KeyStoreError):
+    """A running gateway holds the data directory: the vault is its to write (through `cmd/members`)."""
+
+
 def import_keys(data_dir: Path, text: str, source: str, *, replace: bool = False) -> dict[str, Any]:
-    """`visita keys import`: validate every line first, then merge (or replace) and save; all or nothing."""
-    new = parse_key_lines(text, source)
+    """`visita keys import`: validate every line first, then merge (or replace) and save; all or nothing.
+
+    Holds the data directory's single-writer lock while it reads and writes the vault: a running gateway keeps its
+    member set in memory and writes it whole at the backend's next `cmd/members`, which would lose the imported
+    keys (and call another set by the same version). DataDirInUse when a gateway holds the directory.
+    """
+    from gateway.store import StoreError, StoreInUse, holding_data_dir
+
+    numbered = _numbered_key_lines(text, source)
+    try:
+        with holding_data_dir(data_dir):
+            return _import_locked(data_dir, numbered, source, replace)
+    except StoreInUse:
+        raise DataDirInUse(
+            f"{data_dir} is held by a running gateway, which keeps its member set in memory and would overwrite "
+            "these keys with it at the backend's next cmd/members; nothing was imported. Stop the gateway and import "
+            "again (it loads the vault when it starts), or have the backend send these members with cmd/members "
+            "(docs/checkin.md)"
+        ) from None
+    except StoreError as e:
+        raise KeyStoreError(str(e)) from None
+
+
+def _import_locked(data_dir: Path, numbered: list[tuple[int, MemberKey]], source: str, replace: bool) -> dict[str, Any]:
+    new = [m for _, m in numbered]
     vault = KeyVault(data_dir)
     aside: Path | None = None
     try:
@@ -232,6 +279,16 @@ def import_keys(data_dir: Path, text: str, source: str, *, replace: bool = False
         vault.path.replace(aside)
         old = MemberSet(0, ())
     known = {m.member: m for m in old.members}
+    if not replace:  # a member the file does not name keeps its key: none of the file's may be the same
+        refs = {m.member for m in new}
+        kept = {m.key: m.member for m in old.members if m.member not in refs}
+        clashes = [
+            _same_key(f"{source}:{n}", m.member, f"member {kept[m.key]} already in {vault.path}")
+            for n, m in numbered
+            if m.key in kept
+        ]
+        if clashes:
+            raise KeyImportError(clashes)
     added = sum(1 for m in new if m.member not in known)
     changed = sum(1 for m in new if m.member in known and known[m.member] != m)
     merged = {m.member: m for m in new} if replace else {**known, **{m.member: m for m in new}}
@@ -314,6 +371,9 @@ def _apply(keys: MemberKeys, payload: bytes | Mapping[str, Any]) -> dict[str, An
             raise KeyImportError(["cmd/members: payload is not JSON"]) from None
     if not isinstance(payload, Mapping):
         raise KeyImportError(["cmd/members: payload must be a JSON object"])
+    extra = sorted(set(payload) - {"id", "op", "version", "members"})
+    if extra:
+        raise KeyImportError([f"cmd/members: unknown field(s) {', '.join(extra)} (allowed: id, op, version, members)"])
     op, version, items = payload.get("op"), payload.get("version"), payload.get("members")
     current = keys.directory.version
     if op not in ("full", "add", "remove"):
@@ -344,6 +404,29 @@ def _apply(keys: MemberKeys, payload: bytes | Mapping[str, Any]) -> dict[str, An
             parsed.append(parse_member(obj, f"cmd/members: members[{i}]"))
         except KeyImportError as e:
             problems.extend(e.problems)
+    if problems:
+        raise KeyImportError(problems)
+    # Every member needs a key of its own: within the command, and (for add) against the members it leaves as
+    # they are. A member named twice is refused as well (as `visita keys import` does): which would hold is a guess.
+    first: dict[str, int] = {}
+    holder: dict[bytes, str] = {}
+    for i, m in enumerate(parsed):
+        where = f"cmd/members: members[{i}]"
+        if m.member in first:
+            problems.append(f"{where}: member {m.member} is already members[{first[m.member]}]")
+            continue
+        first[m.member] = i
+        if m.key in holder:
+            problems.append(_same_key(where, m.member, holder[m.key]))
+            continue
+        holder[m.key] = f"member {m.member} (members[{i}])"
+    if op == "add" and not problems:
+        kept = {k: r for r, k, _ in d.items() if r not in first}
+        problems += [
+            _same_key(f"cmd/members: members[{i}]", m.member, f"member {kept[m.key]}, already provisioned")
+            for i, m in enumerate(parsed)
+            if m.key in kept
+        ]
     if problems:
         raise KeyImportError(problems)
     if op == "full":

@@ -19,6 +19,7 @@ import tomllib
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
+from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -204,6 +205,17 @@ class RuleSet(Strict):
             if not 0 <= factor <= 10:
                 raise ValueError(f"tiers.{tier} = {factor}: a multiplier must be 0..10")
         return self
+
+
+def tier_points(points: int, factor: float) -> int:
+    """`points` times a tier multiplier, rounded half up (docs/rules.md, "Tier multipliers").
+
+    Computed in decimal with the multiplier as written (its shortest decimal form: ``1.15`` is 1.15, not the binary
+    float just below it), so a backend can recompute the same integer: 3 × 1.5 = 4.5 → 5, 50 × 1.15 = 57.5 → 58.
+    Python's ``round`` would round half to even (4.5 → 4) and the float product 50 * 1.15 = 57.4999… down to 57.
+    """
+    exact = Decimal(points) * Decimal(repr(float(factor)))
+    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
 
 
 LEDGER_MIN_DAYS = 9
@@ -493,7 +505,7 @@ class PointsEngine:
         tier = self._tier_of(member)
         factor = self._set.tiers.get(tier, 1.0) if tier is not None else 1.0
         if factor != 1.0:
-            points = round(points * factor)
+            points = tier_points(points, factor)
             reason += f", ×{factor:g} for tier {tier}"
             if points <= 0:
                 return 0, reason + ", which rounds to 0 points: nothing awarded"

@@ -123,6 +123,49 @@ class StoreInUse(StoreError):
     """Another Visita process (a running gateway) holds the data directory."""
 
 
+def lock_data_dir(d: Path) -> int:
+    """Create the data directory `d` if needed (mode 0700), open it and take its single-writer lock.
+
+    Returns the directory's descriptor; closing it releases the lock (so does the process's end). The lock is an
+    exclusive `flock` on the directory: a running gateway holds it for as long as it runs, and whatever else writes
+    the directory (`visita keys import`) takes it too. StoreInUse when another process holds it, StoreError when
+    the directory cannot be created, opened or locked.
+    """
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise StoreError(f"data directory {d} exists but is not a directory; {_FIX}") from e
+    except OSError as e:
+        raise StoreError(f"data directory {d} cannot be created: {e.strerror}; {_FIX}") from e
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StoreError(f"data directory {d} cannot be opened: {e.strerror}; {_FIX}") from e
+    try:
+        # Two writers would silently overwrite each other's commits.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise StoreInUse(
+            f"data directory {d} is in use by another Visita process; stop that gateway or pass --data-dir DIR"
+        ) from e
+    except OSError as e:
+        os.close(fd)
+        raise StoreError(f"data directory {d} cannot be locked: {e.strerror}; {_FIX}") from e
+    return fd
+
+
+@contextlib.contextmanager
+def holding_data_dir(d: Path) -> Iterator[None]:
+    """Hold the data directory's single-writer lock (`lock_data_dir`) for the block: for writers other than the
+    store, which must not write behind a running gateway's back."""
+    fd = lock_data_dir(Path(d))
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 class _CorruptFileError(Exception):
     """The hot file is not valid JSON or not the shape this module writes."""
 
@@ -430,29 +473,7 @@ class Store:
 
     def _open_dir(self) -> int:
         """Create the data directory if needed, open it and take the single-writer lock."""
-        d = self._dir
-        try:
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except FileExistsError as e:
-            raise StoreError(f"data directory {d} exists but is not a directory; {_FIX}") from e
-        except OSError as e:
-            raise StoreError(f"data directory {d} cannot be created: {e.strerror}; {_FIX}") from e
-        try:
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise StoreError(f"data directory {d} cannot be opened: {e.strerror}; {_FIX}") from e
-        try:
-            # Two writers would silently overwrite each other's commits.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            os.close(fd)
-            raise StoreInUse(
-                f"data directory {d} is in use by another Visita process; stop that gateway or pass --data-dir DIR"
-            ) from e
-        except OSError as e:
-            os.close(fd)
-            raise StoreError(f"data directory {d} cannot be locked: {e.strerror}; {_FIX}") from e
-        return fd
+        return lock_data_dir(self._dir)
 
     def _release_dir(self) -> None:
         with contextlib.suppress(OSError):

@@ -154,7 +154,7 @@ def parse(body: bytes) -> dict[str, Any]:
         if name not in obj:
             raise CheckinRefused("malformed", f"{name} is missing", name)
     checks: list[tuple[str, re.Pattern[str], str]] = [
-        ("member", _MEMBER, "1-64 of A-Z a-z 0-9 _ . : -"),
+        ("member", _MEMBER, "1-64 of A-Z a-z 0-9 _ . : -, starting with a letter or digit"),
         ("store", _STORE, "the store id: a-z 0-9 _ -"),
         ("nonce", _NONCE, "16-64 lowercase hex digits"),
         ("sig", _SIG, "64 lowercase hex digits (HMAC-SHA256)"),

@@ -267,6 +267,14 @@ def test_each_refusal_has_its_code_reason_and_field_is_counted_and_changes_nothi
     assert counts["accepted"] == 0 and counts["nonces"] == 0
 
 
+@pytest.mark.parametrize("ref", ["-m1", ".m1", "_m1", ":m1", "m" * 65, ""])
+def test_a_member_ref_must_start_with_a_letter_or_digit_and_the_refusal_says_so(gw: Gateway, ref: str) -> None:
+    with TestClient(create_app(gw)) as client:
+        r = post(client, body(ref))
+    assert (r.status_code, r.json()["reason"], r.json()["field"]) == (422, "malformed", "member"), r.text
+    assert "starting with a letter or digit" in r.text
+
+
 def test_an_unknown_member_and_a_bad_signature_get_the_same_answer(gw: Gateway) -> None:
     with TestClient(create_app(gw)) as client:
         unknown, forged = post(client, body("m-9")), post(client, body(key=b"\x09" * 32))

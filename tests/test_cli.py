@@ -110,3 +110,69 @@ def test_debug_logging_never_opens_the_libraries_that_log_addresses() -> None:
     ours, theirs = map(int, proc.stdout.split())
     assert ours == logging.DEBUG, "--log-level debug is for Visita's own loggers"
     assert theirs >= logging.WARNING
+
+
+@pytest.mark.broker
+def test_keys_import_is_refused_while_the_gateway_runs_so_cmd_members_cannot_lose_the_keys(
+    broker: Broker, tmp_path: Path
+) -> None:
+    import json
+    import secrets
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from gateway.members import KeyVault
+
+    config, data = tmp_path / "visita.toml", tmp_path / "data"
+    config.write_text('store = "lossdemo"\n[dashboard]\nlisten = "off"\n')
+    prefix = "visita/v1/lossdemo/gw-1/"
+    replies = Subscriber(broker, prefix + "cmd_result/+", client_id="keys-replies")
+    imported = json.dumps({"member": "m-imported", "key": secrets.token_hex(32)}) + "\n"
+    gw = subprocess.Popen(
+        [*VISITA, "run", "--nodes", "--config", str(config), "--mqtt", broker.url, "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    backend = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="keys-backend")
+    try:
+        assert gw.stdout is not None
+        assert "Visita" in gw.stdout.readline()  # the banner: the data directory is the gateway's
+        refused = subprocess.run(
+            [*VISITA, "keys", "import", "-", "--data-dir", str(data)],
+            input=imported,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        backend.connect("127.0.0.1", broker.port)
+        backend.loop_start()
+        add = {"op": "add", "version": 1, "members": [{"member": "m-backend", "key": secrets.token_hex(32)}]}
+        backend.publish(prefix + "cmd/members", json.dumps(add), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not replies.snapshot():
+            time.sleep(0.05)
+    finally:
+        backend.loop_stop()
+        backend.disconnect()
+        replies.close()
+        gw.send_signal(signal.SIGTERM)
+        _, err = gw.communicate(timeout=30)
+    assert refused.returncode == 1, refused.stderr
+    assert "held by a running gateway" in refused.stderr and "cmd/members" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    ((topic, answer, _),) = replies.snapshot()
+    assert topic == prefix + "cmd_result/members" and answer["ok"] is True, answer
+    assert gw.returncode == 0, err
+    # Stopped, the gateway no longer holds the directory: the import is applied on top of the backend's set.
+    done = subprocess.run(
+        [*VISITA, "keys", "import", "-", "--data-dir", str(data), "--json"],
+        input=imported,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    vault = KeyVault(data).load()
+    assert sorted(m.member for m in vault.members) == ["m-backend", "m-imported"] and vault.version == 2

@@ -22,6 +22,7 @@ import yaml
 from conftest import VISITA, Broker, Subscriber
 from paho.mqtt.enums import CallbackAPIVersion
 
+from gateway.downlink import HANDLERS, UNKNOWN
 from gateway.model import EVENT_TYPES
 from gateway.points import rules_in_force
 
@@ -52,6 +53,9 @@ def test_asyncapi_names_a_channel_and_a_schema_for_every_event_type() -> None:
     assert addresses["visita/v1/{store}/{gateway}/cmd_result/{name}"] == "./schemas/cmd_result.schema.json"
     for op in doc["operations"].values():
         assert op["channel"]["$ref"].removeprefix("#/channels/") in doc["channels"]
+    # The commands served, and where answers go: an unknown command's on cmd_result/unknown, a channel listed too.
+    assert doc["channels"]["command"]["parameters"]["name"]["enum"] == list(HANDLERS)
+    assert doc["channels"]["commandResult"]["parameters"]["name"]["enum"] == [*HANDLERS, UNKNOWN]
 
 
 def _rules_json() -> dict[str, Any]:
@@ -80,8 +84,10 @@ def test_every_published_payload_validates_and_commands_are_applied_or_refused(b
             ("config", json.dumps({"id": "c1", "set": {"mqtt.max_rate": 500}}).encode()),
             ("config", json.dumps({"id": "c2", "set": {"mqtt.url": "mqtt://elsewhere"}}).encode()),
             ("config", json.dumps({"id": "c3", "set": {"mqtt.max_rate": 0}}).encode()),
+            ("config", json.dumps({"id": "c8", "set": {"mqtt.health_interval_s": 5}, "extra": 1}).encode()),
             ("rules", json.dumps({"id": "r1", **_rules_json()}).encode()),
             ("rules", json.dumps({"id": "r2", "rules": [{"id": "x", "kind": "visit"}]}).encode()),
+            ("nope", json.dumps({"id": "n1"}).encode()),
             ("nope", b"{}"),
             ("config", b"not json"),
         ]
@@ -103,6 +109,8 @@ def test_every_published_payload_validates_and_commands_are_applied_or_refused(b
     for topic, payload, _ in sub.snapshot() + replies.snapshot():
         if topic.startswith(PREFIX + "cmd_result/"):
             _validator("cmd_result").validate(payload)
+            served = payload["name"] if payload["name"] in HANDLERS else UNKNOWN
+            assert topic == PREFIX + "cmd_result/" + served, (topic, payload)  # only on the channels asyncapi lists
             if payload["id"] is None:
                 anonymous.append(payload)
             results[str(payload["id"])] = payload
@@ -121,10 +129,12 @@ def test_every_published_payload_validates_and_commands_are_applied_or_refused(b
     assert results["c1"]["ok"] is True
     assert results["c2"]["ok"] is False and "cannot change mqtt.url live" in results["c2"]["error"]
     assert results["c3"]["ok"] is False and "max_rate" in results["c3"]["error"]
+    assert results["c8"]["ok"] is False and "unknown field(s) extra" in results["c8"]["error"]
+    assert results["n1"] == {"id": "n1", "name": "nope", "ok": False, "error": results["n1"]["error"]}
     assert results["r1"]["ok"] is True and "visit" in results["r1"]["rules"]
     assert results["r2"]["ok"] is False and "points" in results["r2"]["error"]
     kept, source = rules_in_force(None, tmp_path / "data")  # what the next start applies: r1's, not r2's
     assert [r.id for r in kept.rules] == results["r1"]["rules"] and "sent by the backend" in source
     assert len(anonymous) == 2 and all(p["ok"] is False for p in anonymous)
     assert {str(p["error"]).split(" ")[0] for p in anonymous} == {"unknown", "payload"}
-    assert err.count("downlink command") >= 5, err
+    assert err.count("downlink command") >= 7, err

@@ -98,6 +98,82 @@ def test_cli_import_exit_codes_and_output_never_show_a_key(tmp_path: Path, capsy
         assert k.hex() not in out.out + out.err
 
 
+def test_import_is_refused_while_a_gateway_holds_the_data_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.store import Store
+
+    keys = tmp_path / "keys.jsonl"
+    keys.write_text(lines(KEYS))
+    data = tmp_path / "data"
+    store = Store(data)  # as `visita run` holds it: its member set is in memory, cmd/members writes it whole
+    try:
+        assert main(["keys", "import", str(keys), "--data-dir", str(data)]) == 1
+        err = capsys.readouterr().err
+        assert "held by a running gateway" in err and "nothing was imported" in err, err
+        assert "Stop the gateway" in err and "cmd/members" in err, err
+        assert not (data / VAULT_FILE).exists() and not (data / KEY_FILE).exists()
+    finally:
+        store.close()
+    assert main(["keys", "import", str(keys), "--data-dir", str(data)]) == 0  # stopped: imported
+    with Store(data):  # and the import released the directory again
+        pass
+
+
+def test_a_key_on_two_lines_or_already_another_members_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    import_keys(tmp_path, lines({"m-1": KEYS["m-1"], "m-2": KEYS["m-2"]}), "first.jsonl")
+    before = (tmp_path / VAULT_FILE).read_bytes()
+    twice = lines({"m-3": KEYS["m-3"], "m-4": KEYS["m-4"], "m-5": KEYS["m-3"]})
+    with pytest.raises(KeyImportError) as e:
+        import_keys(tmp_path, twice, "twice.jsonl")
+    (problem,) = e.value.problems
+    assert problem.startswith("twice.jsonl:3: member m-5 has the same key as member m-3 on line 1"), problem
+    assert KEYS["m-3"].hex() not in problem
+    with pytest.raises(KeyImportError) as e:
+        import_keys(tmp_path, lines({"m-9": KEYS["m-2"], "m-8": KEYS["m-5"]}), "vault.jsonl")
+    (problem,) = e.value.problems
+    assert problem.startswith(f"vault.jsonl:1: member m-9 has the same key as member m-2 already in {tmp_path}"), (
+        problem
+    )
+    assert (tmp_path / VAULT_FILE).read_bytes() == before
+    # Keys may move between members when the file gives both their new keys, and --replace drops the old set.
+    import_keys(tmp_path, lines({"m-1": KEYS["m-2"], "m-2": KEYS["m-1"]}), "swap.jsonl")
+    import_keys(tmp_path, lines({"m-9": KEYS["m-2"]}), "new.jsonl", replace=True)
+    assert [(m.member, m.key) for m in KeyVault(tmp_path).load().members] == [("m-9", KEYS["m-2"])]
+
+
+def test_members_command_refuses_a_key_two_members_would_share_and_unknown_fields(tmp_path: Path) -> None:
+    d = MemberDirectory()
+    keys = MemberKeys(d, KeyVault(tmp_path))
+
+    def member(ref: str, key: str) -> dict[str, object]:
+        return {"member": ref, "key": KEYS[key].hex()}
+
+    full = {"op": "full", "version": 1, "members": [member("m-1", "m-1"), member("m-2", "m-1")]}
+    r = apply_members_command(keys, full)
+    assert not r["ok"] and "members[1]: member m-2 has the same key as member m-1 (members[0])" in r["error"]
+    assert len(d) == 0 and not (tmp_path / VAULT_FILE).exists()
+    full["members"] = [member("m-1", "m-1"), member("m-2", "m-2")]
+    assert apply_members_command(keys, full)["ok"]
+    r = apply_members_command(keys, {"op": "add", "version": 2, "members": [member("m-3", "m-2")]})
+    assert not r["ok"] and "member m-3 has the same key as member m-2, already provisioned" in r["error"]
+    r = apply_members_command(
+        keys, {"op": "add", "version": 2, "members": [member("m-3", "m-3"), member("m-3", "m-4")]}
+    )
+    assert not r["ok"] and "members[1]: member m-3 is already members[0]" in r["error"]
+    r = apply_members_command(keys, {"op": "add", "version": 2, "members": [member("m-3", "m-3")], "extra": 1})
+    assert not r["ok"] and "unknown field(s) extra" in r["error"]
+    assert d.version == 1 and sorted(r for r, _, _ in d.items()) == ["m-1", "m-2"]
+    again = MemberDirectory()
+    load_into(again, tmp_path)
+    assert again.version == 1 and len(again) == 2
+    # A key moves to another member when the same command gives its old holder a new one.
+    swap = {"op": "add", "version": 2, "members": [member("m-3", "m-2"), member("m-2", "m-5")]}
+    assert apply_members_command(keys, swap)["ok"]
+    ts = 1_780_000_000.0
+    assert d.resolve(frame(KEYS["m-2"], ts), ts) == "m-3" and d.resolve(frame(KEYS["m-5"], ts), ts) == "m-2"
+
+
 def test_a_readable_key_file_a_changed_vault_and_a_lost_key_are_refused(tmp_path: Path) -> None:
     import_keys(tmp_path, lines(KEYS), "k")
     key_file = tmp_path / KEY_FILE

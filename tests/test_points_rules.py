@@ -120,6 +120,23 @@ def test_a_tier_factor_that_rounds_an_award_to_nothing_says_so() -> None:
     assert x.awarded == 0 and "×0.4 for tier trial, which rounds to 0 points" in x.why
 
 
+@pytest.mark.parametrize(
+    ("points", "factor", "expected"),
+    [(5, 1.5, 8), (3, 1.5, 5), (1, 0.5, 1), (50, 1.15, 58), (90, 0.35, 32), (267, 0.01, 3), (7, 1.1, 8), (4, 0.3, 1)],
+)
+def test_tier_points_round_half_up_on_the_exact_decimal_product(points: int, factor: float, expected: int) -> None:
+    # 3 x 1.5 = 4.5 and round() (half to even) said 4; 50 x 1.15 is 57.4999... as floats and round() said 57.
+    rs = rules({"id": "visit", "kind": "visit", "points": points}).model_copy(update={"tiers": {"t": factor}})
+    e = PointsEngine(rs, LocalDays("Europe/Berlin"), [], lambda m: "t")
+    (a,) = e.evaluate([change("started", visit("v1", NOON, 10))])
+    assert a.points == expected, (points, factor)
+
+
+def test_the_tier_rounding_rule_is_documented() -> None:
+    doc = (DOCS / "rules.md").read_text(encoding="utf-8")
+    assert "half up" in doc and "3 × 1.5 = 4.5 → 5" in doc
+
+
 def test_tier_multiplier_and_caps() -> None:
     rs = rules(
         {"id": "visit", "kind": "visit", "points": 10, "per_day": 10, "max_points_per_day": 35},

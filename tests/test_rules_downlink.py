@@ -222,3 +222,49 @@ def test_backend_rules_for_a_zone_the_plan_has_lost_stay_in_force_with_a_warning
     assert r.returncode == 0, r.stderr
     assert "WARNING" in r.stderr and "rules[0] (id 'promo').zone = 'old-promo-corner': no such zone" in r.stderr
     assert (data / BACKEND_RULES_FILE).exists(), "the backend's rules are kept until it sends others"
+
+
+def test_every_command_refuses_a_top_level_field_it_does_not_take_and_changes_nothing(tmp_path: Path) -> None:
+    from gateway.downlink import Downlink
+    from gateway.members import KeyVault, MemberKeys
+
+    gw = start_gateway(tmp_path / "data", None)
+    gw.member_keys = MemberKeys(gw.members, KeyVault(tmp_path / "data"))
+    sent: list[tuple[str, dict[str, Any]]] = []
+    downlink = Downlink(gw, lambda name, payload: sent.append((name, json.loads(payload))))
+    settings, rules_before = gw.settings, rule_ids(gw)
+    member = {"member": "m-1", "key": "ab" * 32}
+    commands = {
+        "config": {"id": "c8", "set": {"mqtt.health_interval_s": 5}, "extra": 1},
+        "rules": {"id": "r8", **BACKEND, "extra": 1},
+        "members": {"id": "m8", "op": "full", "version": 1, "members": [member], "extra": 1},
+    }
+    try:
+        for name, payload in commands.items():
+            result = downlink.apply(name, json.dumps(payload).encode())
+            assert result["ok"] is False and "unknown field(s) extra" in result["error"], result
+            assert result["id"] == payload["id"] and sent[-1] == (name, result)
+        assert gw.settings is settings and rule_ids(gw) == rules_before
+        assert not (tmp_path / "data" / BACKEND_RULES_FILE).exists()
+        assert len(gw.members) == 0 and gw.members.version == 0
+        # Without the stray field each is applied: "id" is every command's.
+        for name, payload in commands.items():
+            assert downlink.apply(name, json.dumps({k: v for k, v in payload.items() if k != "extra"}).encode())["ok"]
+        assert gw.settings.mqtt.health_interval_s == 5 and rule_ids(gw) == ["double-visit", "long-stay"]
+    finally:
+        gw.store.close()
+
+
+def test_a_command_no_handler_serves_is_answered_on_cmd_result_unknown_with_the_name_sent(tmp_path: Path) -> None:
+    from gateway.downlink import UNKNOWN, Downlink
+
+    gw = start_gateway(tmp_path / "data", None)
+    sent: list[tuple[str, dict[str, Any]]] = []
+    downlink = Downlink(gw, lambda name, payload: sent.append((name, json.loads(payload))))
+    try:
+        result = downlink.apply("nosuch", b'{"id": "n1"}')
+    finally:
+        gw.store.close()
+    assert sent == [(UNKNOWN, result)] and UNKNOWN == "unknown"
+    assert result["id"] == "n1" and result["name"] == "nosuch" and result["ok"] is False
+    assert "unknown command 'nosuch'" in result["error"]
