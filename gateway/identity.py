@@ -311,6 +311,7 @@ class Identifier:
         self._late: dict[str, dict[str, None]] = {}  # day -> subjects
         self._carried: dict[str, dict[str, str]] = {}  # day -> {that day's subject: the next day's}
         self._carried_new: dict[str, str] = {}  # carried since `carry_over` last looked
+        self._calm, self._calm_day = (0.0, 0.0), ""  # a day's time away from both its midnights by `carry_s`
         self._beacon_by_address: dict[str, str] = {}
         # An app phone also sends the OS's own adverts (Apple Nearby Info, Samsung) from the same address:
         # they are that member, not a second, anonymous shopper. Memory only, bounded, gone when it rotates.
@@ -341,10 +342,14 @@ class Identifier:
         return "anon:" + hmac.new(salt, address.encode(), hashlib.sha256).hexdigest()[:16]
 
     def _anon(self, address: str, ts: float) -> str:
+        if self._calm[0] <= ts < self._calm[1]:  # most of the day: nothing to carry over (the fast path)
+            return self._hash(self._calm_day, address)
         day = self._days.day(ts)
         subject = self._hash(day, address)
         start, end = self._days.bounds(ts)
-        if end - ts <= self._carry_s:
+        if start + self._carry_s <= ts < end - self._carry_s:
+            self._calm, self._calm_day = (start + self._carry_s, end - self._carry_s), day
+        elif end - ts <= self._carry_s:
             carried = self._carried.get(day, {}).get(subject)
             if carried is not None:
                 return carried  # heard late (a remote receiver) from before midnight, after it was carried over
