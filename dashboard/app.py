@@ -81,9 +81,13 @@ class FootfallNow(BaseModel):
     day: str = Field(description="Store-local day the 'today' counts are for (YYYY-MM-DD); empty before data.")
     occupancy: int = Field(ge=0, description="Visitors inside now (staff excluded).")
     entries_last_hour: int = Field(ge=0, description="Visitor visits that started in the hour up to as_of.")
-    visitors_today: int = Field(ge=0, description="Visitor visits started today.")
+    visitors_today: int = Field(
+        ge=0, description="Visitor visits started today (a visit open across midnight is its first day's)."
+    )
     passbys_today: int = Field(ge=0, description="People who passed by without visiting, today.")
-    staff_today: int = Field(ge=0, description="Staff visits today.")
+    staff_today: int = Field(
+        ge=0, description="Staff visits started today (one open across midnight is its first day's)."
+    )
     zones: list[ZoneCount] = Field(description="Visitors inside now by zone, in store plan order (inside zones).")
     resolution: Literal["zones", "presence"] = Field(
         description="'zones' with several receivers; 'presence' (inside/outside only) with one."

@@ -30,3 +30,8 @@ class LocalDays:
             self._start, self._end = midnight.timestamp(), next_midnight.timestamp()
             self._day = midnight.date().isoformat()
         return self._day
+
+    def bounds(self, ts: float) -> tuple[float, float]:
+        """The local day of `ts` as UNIX seconds: its midnight and the next (23 to 25 hours later)."""
+        self.day(ts)
+        return self._start, self._end

@@ -4,6 +4,14 @@ Counts follow the visit tracker's changes: an entry is a visit that started, an 
 ended, a pass-by a session that ended without ever qualifying. Staff are counted apart and
 never in occupancy or entries.
 
+Today's counts are per store-local day, and a visit belongs to the day it began (`Visit.started`): "came in
+today" and "staff visits today" count the visits that started today, once, however long they last. A visit
+still open at midnight (a shopper, or staff on a late shift, inside across it: one visit, gateway/identity.py)
+stays in occupancy but is not counted again in the new day, so right after midnight the day's counts are 0 while
+people are inside. A visit that began just before midnight and was reported (reached `min_dwell_s`) just after it
+came in yesterday: it is not today's; yesterday's counts had closed, so no day's counts hold it (the
+`footfall.minute` of its report does). Pass-bys count on the day their session closed.
+
 Today's counts, the last hour's entries and the minute in progress are kept in the store (`state`, `restore`):
 a restart goes on counting where it stopped, and the minute it stopped in is published once, when it closes (or
 at the first update after a restart in a later minute, without filling the minutes the gateway was down with
@@ -158,13 +166,14 @@ class Footfall:
             v = c.visit
             m = self._minute
             assert m is not None
+            today = int(self._days.day(v.started) >= self._day)  # a visit is its first day's (module docstring)
             if c.kind == "started" and v.classification == "visitor":
                 self._open.add(v.visit_id)
                 self._entries.append(v.started)
-                self._today["visitors"] += 1
+                self._today["visitors"] += today
                 m.entries += 1
             elif c.kind == "started" and v.classification == "staff":
-                self._today["staff"] += 1
+                self._today["staff"] += today
             elif c.kind == "ended" and v.classification == "pass-by":
                 self._today["passbys"] += 1
                 m.passbys += 1

@@ -67,7 +67,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import groupby, pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.model import Sighting, SubjectLink, ZoneEstimate
 
@@ -184,6 +184,14 @@ class _Signal:
     events: dict[str, list[float]] = field(default_factory=dict)  # per receiver: events' times, sorted
 
 
+_V = TypeVar("_V")
+
+
+def _rename(table: dict[str, _V], old: str, new: str) -> None:
+    if old in table and new not in table:
+        table[new] = table.pop(old)
+
+
 class HandoverLinker:
     """Links a new anonymous subject to the one whose address it replaced; no I/O, time from the estimates."""
 
@@ -207,11 +215,21 @@ class HandoverLinker:
         return min((math.hypot(xy[0] - dx, xy[1] - dy) for dx, dy in self._doors), default=math.inf)
 
     def note(self, links: Sequence[SubjectLink]) -> None:
-        """Member links from the identifier: that anonymous subject went quiet because it became a member."""
+        """Links from the identifier. Member: that anonymous subject went quiet because it became a member.
+        Midnight: the subject goes on under today's name (its estimates do: the estimator relabels it), so what
+        the linker knows of it goes on too, and neither name looks like an address change to link."""
         for link in links:
+            if link.reason == "midnight":
+                self._rename(link.old, link.new)
+                continue
             s = self._subjects.get(link.old)
             if s is not None:
                 s.member = True
+
+    def _rename(self, old: str, new: str) -> None:
+        _rename(self._subjects, old, new)
+        _rename(self._signals, old, new)
+        _rename(self._inside_s, old, new)
 
     def observe(self, sightings: Sequence[Sighting]) -> None:
         """Fold in the tick's sightings (before `update` with its estimates): the RSSI pattern each address had."""

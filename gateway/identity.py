@@ -5,6 +5,11 @@ hash is keyed with a random salt that rotates every store-local day and is never
 the same phone cannot be linked across days, and an address can never be recovered from
 anything the gateway writes. Member phones become `member:<ref>` through their rotating
 token; a token the gateway cannot resolve is treated as an anonymous device.
+
+At store-local midnight the salt changes, so a phone still heard then gets a new subject. For an address heard
+on both sides of midnight, within `carry_s` of it, the identifier links yesterday's subject to today's (a
+"midnight" `SubjectLink`), so that the stages after it carry the phone's state and visit on. The link exists only
+in memory and is gone the day after: nothing stored, logged or sent holds both subjects.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -48,6 +54,12 @@ MAX_TLM_ADDRESSES = 4096
 
 MAX_MEMBER_ADDRESSES = 20_000
 """App phones' current addresses remembered to attach their OS adverts to the member (memory bound)."""
+
+MAX_LATE_SUBJECTS = 20_000
+"""Anonymous subjects heard just before midnight remembered to link across it (memory bound)."""
+
+MIDNIGHT_CARRY_S = 3600.0
+"""Default of `Identifier`'s `carry_s`: the longest absence timeout a config allows (visits.absence_timeout_s)."""
 
 
 EID_MAX_RESOLVE = 4096
@@ -284,12 +296,22 @@ class Identifier:
         days: LocalDays,
         salt_source: Callable[[], bytes] = lambda: secrets.token_bytes(32),
         beacons: BeaconRegistry | None = None,
+        carry_s: float = MIDNIGHT_CARRY_S,
     ) -> None:
+        """`carry_s`: an address heard within this long before and after midnight is linked across it; the runtime
+        gives the visits' absence timeout (a longer silence ends the visit anyway)."""
         self._members = members
         self._days = days
         self._registry = beacons
         self._salt_source = salt_source
         self._salts: dict[str, bytes] = {}  # local day -> salt, for at most the two newest days
+        self._carry_s = carry_s
+        # Across midnight, memory only, dropped with the day's salt: subjects heard in the last `carry_s` of their
+        # day (never addresses), and yesterday's subject -> today's of the addresses heard on both sides.
+        self._late: dict[str, dict[str, None]] = {}  # day -> subjects
+        self._carried: dict[str, dict[str, str]] = {}  # day -> {that day's subject: the next day's}
+        self._carried_new: dict[str, str] = {}  # carried since `carry_over` last looked
+        self._calm, self._calm_day = (0.0, 0.0), ""  # a day's time away from both its midnights by `carry_s`
         self._beacon_by_address: dict[str, str] = {}
         # An app phone also sends the OS's own adverts (Apple Nearby Info, Samsung) from the same address:
         # they are that member, not a second, anonymous shopper. Memory only, bounded, gone when it rotates.
@@ -303,10 +325,10 @@ class Identifier:
             "anonymous": 0,
             "beacon": 0,
             "telemetry": 0,
+            "midnight_links": 0,
         }
 
-    def _anon(self, address: str, ts: float) -> str:
-        day = self._days.day(ts)
+    def _hash(self, day: str, address: str) -> str:
         salt = self._salts.get(day)
         if salt is None:
             # A new salt each local day, never stored: yesterday's hashes cannot be linked to today's.
@@ -315,7 +337,50 @@ class Identifier:
             salt = self._salts[day] = self._salt_source()
             for old in sorted(self._salts)[:-2]:
                 del self._salts[old]
+                self._late.pop(old, None)
+                self._carried.pop(old, None)
         return "anon:" + hmac.new(salt, address.encode(), hashlib.sha256).hexdigest()[:16]
+
+    def _anon(self, address: str, ts: float) -> str:
+        if self._calm[0] <= ts < self._calm[1]:  # most of the day: nothing to carry over (the fast path)
+            return self._hash(self._calm_day, address)
+        day = self._days.day(ts)
+        subject = self._hash(day, address)
+        start, end = self._days.bounds(ts)
+        if start + self._carry_s <= ts < end - self._carry_s:
+            self._calm, self._calm_day = (start + self._carry_s, end - self._carry_s), day
+        elif end - ts <= self._carry_s:
+            carried = self._carried.get(day, {}).get(subject)
+            if carried is not None:
+                return carried  # heard late (a remote receiver) from before midnight, after it was carried over
+            late = self._late.setdefault(day, {})
+            if subject not in late and len(late) >= MAX_LATE_SUBJECTS:
+                del late[next(iter(late))]
+            late[subject] = None
+        elif ts - start < self._carry_s:
+            for prev, late in [(d, late) for d, late in self._late.items() if d < day and late]:
+                old = self._hash(prev, address)
+                if old in late and old != subject:  # the same subject: a constant salt (`visita eval`)
+                    # The same address just before midnight: the same phone, whose subject changed with the salt.
+                    del late[old]
+                    self._counts["midnight_links"] += 1
+                    self._carried.setdefault(prev, {})[old] = subject
+                    self._carried_new[old] = subject
+                    self._add_link(SubjectLink(ts, old, subject, "midnight"))
+        return subject
+
+    def _add_link(self, link: SubjectLink) -> None:
+        if len(self._links) >= MAX_MEMBER_ADDRESSES:  # nobody takes them (a tool that only identifies)
+            del self._links[: len(self._links) // 2]
+        self._links.append(link)
+
+    def carry_over(self, sightings: list[Sighting]) -> list[Sighting]:
+        """`sightings` with yesterday's subject of an address replaced by today's where a midnight link was made
+        since the last call: the sightings of the batch that came before the link (in time, or in order)."""
+        if not self._carried_new:
+            return sightings
+        carried, self._carried_new = self._carried_new, {}
+        return [replace(s, subject=carried[s.subject]) if s.subject in carried else s for s in sightings]
 
     def _remember_beacon(self, address: str, subject: str) -> None:
         if address not in self._beacon_by_address and len(self._beacon_by_address) >= MAX_TLM_ADDRESSES:
@@ -339,15 +404,14 @@ class Identifier:
         known[address] = ref
         # Until now this address's OS adverts were an anonymous subject: that subject is this member
         # (an iPhone whose app was in the background when it came in, or after its address changed).
-        if len(self._links) >= MAX_MEMBER_ADDRESSES:  # nobody takes them (a tool that only identifies)
-            del self._links[: len(self._links) // 2]
-        self._links.append(SubjectLink(ts, self._anon(address, ts), "member:" + ref, "member"))
+        self._add_link(SubjectLink(ts, self._anon(address, ts), "member:" + ref, "member"))
 
     def take_links(self) -> list[SubjectLink]:
-        """Links found since the last call: an anonymous subject that turned out to be a member's app phone.
+        """Links found since the last call: an anonymous subject that turned out to be a member's app phone
+        ("member"), or yesterday's subject of an address heard on both sides of midnight ("midnight").
 
-        Made for every address a member frame is first heard from; the later stages ignore the link when
-        they never saw that anonymous subject.
+        Member links are made for every address a member frame is first heard from; the later stages ignore
+        a link when they never saw (or no longer track) the old subject.
         """
         links, self._links = self._links, []
         return links
@@ -395,7 +459,7 @@ class Identifier:
                 counts["beacon"] += 1
                 self._remember_beacon(adv.address, subject)
                 out.append(Sighting(adv.ts, adv.receiver, subject, adv.rssi, ref_rssi))
-        return out
+        return self.carry_over(out)
 
     def remote_subject(self, key: str, ts: float) -> str:
         """Subject of a phone a remote receiver heard (sensors/nodes.py), from its address (or `irk:<hex>`).

@@ -201,7 +201,7 @@ class ZoneEstimate:
     outside; None when the estimator cannot tell (the baseline): the visit rule then takes inside as sure."""
 
 
-LinkReason = Literal["member", "handover"]
+LinkReason = Literal["member", "handover", "midnight"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,12 +211,16 @@ class SubjectLink:
     ts: float
     """When the link was found (data time, UNIX seconds)."""
     old: str
-    """The subject seen first (an anonymous subject for "member", the silent one for "handover")."""
+    """The subject seen first (an anonymous subject for "member", the silent one for "handover", yesterday's
+    subject of the address for "midnight")."""
     new: str
-    """The subject that continues it: the member for "member", the phone's new address for "handover"."""
+    """The subject that continues it: the member for "member", the phone's new address for "handover", today's
+    subject of the same address for "midnight"."""
     reason: LinkReason
     """member: a member frame came from an address that was anonymous until then; handover: a new anonymous
-    address took over, where and when another fell silent, with no other candidate either way."""
+    address took over, where and when another fell silent, with no other candidate either way; midnight: the
+    daily salt changed while an anonymous address was heard, so the same address has a new subject (in memory
+    only, docs/estimation.md)."""
 
 
 Classification = Literal["visitor", "pass-by", "staff"]

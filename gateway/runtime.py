@@ -186,7 +186,7 @@ class Gateway:
         self.decoder = Decoder()
         self.members = members
         self.beacons = BeaconRegistry(settings.plan.beacons)
-        self.identifier = Identifier(members, days, beacons=self.beacons)
+        self.identifier = Identifier(members, days, beacons=self.beacons, carry_s=settings.visits.absence_timeout_s)
         # The site survey (docs/survey.md): the map in use, and the installer's recorder for the survey tag.
         self.survey_path = store.path.parent / settings.survey.file
         self.survey_map: SurveyMap | None = None
@@ -278,6 +278,7 @@ class Gateway:
         sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
         if self.nodes is not None:
             sightings += self.nodes.poll_sightings(now, self.identifier.remote_subject)
+            sightings = self.identifier.carry_over(sightings)  # a midnight link a remote sighting made
         if self.survey_recorder is not None:
             self.survey_recorder.observe(sightings)
         self.resume(now)

@@ -487,9 +487,10 @@ class Notes(Protocol):
 def link_subjects(
     estimator: Relabels, tracker: VisitTracker, linker: Notes | None, links: Sequence[SubjectLink]
 ) -> list[VisitChange]:
-    """Apply the identifier's member links before the tick's sightings are estimated: the estimator carries the
-    anonymous subject's state on as the member, the tracker makes its session the member's, and the handover
-    linker knows that subject fell silent because it became a member, not because its address changed."""
+    """Apply the identifier's links before the tick's sightings are estimated: the estimator carries the old
+    subject's state on under the new name, the tracker makes the old subject's session the new one's too, and the
+    handover linker knows the old subject fell silent because it became a member (a member link) or goes on
+    under today's name (a midnight link), not because its address changed."""
     changes: list[VisitChange] = []
     for link in links:
         estimator.relabel(link.old, link.new)

@@ -279,3 +279,23 @@ def test_an_end_dated_ahead_of_the_clock_publishes_no_minutes_in_between() -> No
     assert [m["minute"] for m in g.update([], at(10, 12, 0))] == [at(10, 10), at(10, 11)]
     # Nor does the last hour count an entry from the future: 10:20 is not within 09:10..10:10.
     assert g.snapshot()["entries_last_hour"] == 0
+
+
+def test_a_visit_counts_on_the_day_it_began_and_not_again_after_midnight() -> None:
+    # Today's counts are the visits that started today: staff on a late shift and shoppers inside at midnight stay in
+    # occupancy (shoppers) but the new day's counts start at 0; one that began at 23:59:30 and reached the minimum
+    # dwell after midnight came in yesterday and is not today's either (its minute's `entries` has it).
+    f = Footfall(LocalDays("Europe/Berlin"))
+    shift = visit("shift", at(22, 0), at(23, 59), "staff")
+    shopper = visit("shop", at(23, 50), at(23, 59), "visitor")
+    f.update([chg("started", at(22, 1), shift), chg("started", at(23, 51), shopper)], at(23, 52))
+    assert (f.snapshot()["visitors_today"], f.snapshot()["staff_today"]) == (1, 1)
+    late = visit("late", at(23, 59, 30), at(0, 0, 20, day=16), "visitor")
+    out = f.update([chg("started", at(0, 0, 15, day=16), late)], at(0, 0, 20, day=16))
+    out += f.update([], at(0, 1, 0, day=16))
+    snap = f.snapshot()
+    assert (snap["day"], snap["visitors_today"], snap["staff_today"], snap["occupancy"]) == ("2026-06-16", 0, 0, 2)
+    assert [m["entries"] for m in out if m["minute"] == at(0, 0, day=16)] == [1]
+    early = visit("early", at(0, 2, day=16), at(0, 3, day=16), "visitor")
+    f.update([chg("started", at(0, 3, day=16), early)], at(0, 3, day=16))
+    assert (f.snapshot()["visitors_today"], f.snapshot()["occupancy"]) == (1, 3)

@@ -6,10 +6,11 @@ import math
 
 import pytest
 
-from gateway.config import VisitsConfig
+from gateway.config import EstimateConfig, VisitsConfig, default_plan
+from gateway.estimate import StrongestReceiver
 from gateway.handover import GAP_S, PATTERN_S, SILENCE_S, HandoverLinker, _timing_llr
 from gateway.model import Sighting, SubjectLink, VisitChange, ZoneEstimate
-from gateway.visits import VisitTracker
+from gateway.visits import VisitTracker, link_subjects
 
 T0 = 1_764_000_000.5
 DOORS = [(5.0, 0.25), (45.0, 0.25)]  # the supermarket's, on its glass front (y = 0)
@@ -409,3 +410,31 @@ def test_an_old_end_that_just_came_in_from_outside_is_not_an_inside_end() -> Non
         linker.observe(sightings)
         out += linker.update(batch, T0 + t)
     assert out == []
+
+
+def test_a_midnight_link_carries_the_subject_on_in_the_linker_and_the_tracker() -> None:
+    # The salt changed at midnight: OLD's phone goes on as NEW from 100.5 s. Another shopper's phone (OTHER) falls
+    # silent close by at the same time. NEW is OLD continued, not an address change to decide: nothing is linked
+    # to OTHER, no decision is made about NEW, and the visit goes on with its id, its subject and no second start.
+    other = "anon:00000000000000e5"
+    linker, tracker = HandoverLinker(DOORS), VisitTracker("gw-1", VisitsConfig(absence_timeout_s=60, min_dwell_s=45))
+    estimator = StrongestReceiver(default_plan(), EstimateConfig())
+    changes: list[VisitChange] = []
+    for t in range(0, 101):
+        batch = [est(t, OLD, 25.0, 18.0), est(t, other, 25.5, 18.5)]
+        changes += tracker.update(batch, T0 + t)
+        assert linker.update(batch, T0 + t) == []
+    decided = {k: v for k, v in linker.diagnostics().items() if k != "subjects"}
+    changes += link_subjects(estimator, tracker, linker, [SubjectLink(T0 + 100.5, OLD, NEW, "midnight")])
+    for t in range(101, 301):
+        batch = [est(t, NEW, 25.0, 18.0)]
+        changes += tracker.update(batch, T0 + t)
+        assert linker.update(batch, T0 + t) == []
+    changes += tracker.end_all(T0 + 301)
+    assert {k: v for k, v in linker.diagnostics().items() if k != "subjects"} == decided, "no decision about NEW"
+    mine = [c for c in changes if c.visit.subject == OLD]
+    assert [c.kind for c in mine] == ["started", "ended"]
+    assert len({c.visit.visit_id for c in mine}) == 1
+    assert mine[-1].visit.dwell_s == pytest.approx(300.0)
+    assert all(c.visit.subject != NEW for c in changes), "today's subject is in no visit"
+    assert tracker.diagnostics()["links_joined"] == 1

@@ -29,6 +29,7 @@ from gateway.model import (
     IBeacon,
     MemberFrame,
     Sighting,
+    SubjectLink,
 )
 
 ADDRESS = "C0:FF:EE:12:34:56"
@@ -151,16 +152,89 @@ def test_each_local_day_draws_a_fresh_salt_and_links_nothing_across_days() -> No
 def test_late_sighting_from_yesterday_does_not_reset_todays_salt() -> None:
     # Remote receivers deliver late and batches are not sorted: a sighting from 23:59:58 that arrives
     # after today's first ones must not make today's devices change subject in the middle of the day.
+    # (Each phone here is heard on one side of midnight only: one heard on both is carried over, below.)
     ident, _ = identifier("Europe/Berlin")
     midnight = first_second_of_next_day("Europe/Berlin", 2026, 6, 15)
-    yesterday = subject_of(ident, midnight - 30)
+    yesterday = subject_of(ident, midnight - 30, OTHER_ADDRESS)
     today = subject_of(ident, midnight + 5)
-    assert subject_of(ident, midnight - 2) == yesterday  # late, from before midnight
+    assert subject_of(ident, midnight - 2, OTHER_ADDRESS) == yesterday  # late, from before midnight
     assert subject_of(ident, midnight + 10) == today
     assert subject_of(ident, midnight + 3600) == today
     # and a whole unsorted batch across midnight resolves each sighting by its own day
-    batch = [(advert(t), PHONE) for t in (midnight + 20, midnight - 1, midnight + 21, midnight - 3)]
-    assert [s.subject for s in ident.identify(batch)] == [today, yesterday, today, yesterday]
+    batch = [(advert(t, a), PHONE) for t, a in ((midnight + 20, ADDRESS), (midnight - 1, OTHER_ADDRESS))]
+    assert [s.subject for s in ident.identify(batch)] == [today, yesterday]
+    assert ident.take_links() == []
+
+
+def test_a_phone_heard_across_midnight_is_linked_to_its_new_subject_in_memory_only() -> None:
+    ident, salts = identifier("Europe/Berlin")
+    midnight = first_second_of_next_day("Europe/Berlin", 2026, 6, 15)  # 22:00 UTC
+    before = subject_of(ident, midnight - 1.5)
+    subject_of(ident, midnight - 7200, OTHER_ADDRESS)  # heard long before midnight, then again after it: not linked
+    after = subject_of(ident, midnight + 0.5)
+    assert before != after, "the salt changed: the hash alone links nothing"
+    assert subject_of(ident, midnight + 2, OTHER_ADDRESS) != subject_of(ident, midnight - 7000, OTHER_ADDRESS)
+    assert ident.take_links() == [SubjectLink(midnight + 0.5, before, after, "midnight")]
+    assert subject_of(ident, midnight + 30) == after and ident.take_links() == [], "linked once"
+    # a remote receiver's late sighting from before midnight is today's subject now: the phone goes on under it
+    assert subject_of(ident, midnight - 1) == after
+    assert ident.diagnostics()["midnight_links"] == 1
+    assert len(salts) == 2
+
+
+def test_a_batch_across_midnight_is_all_todays_subject_once_linked() -> None:
+    # The sightings before the link in the batch too, so the estimator, which has carried the old subject's state on
+    # under the new name, does not start the old one again from nothing.
+    ident, _ = identifier("Asia/Tokyo")
+    midnight = first_second_of_next_day("Asia/Tokyo", 2026, 6, 15)
+    before = subject_of(ident, midnight - 20)
+    got = ident.identify([(advert(t), PHONE) for t in (midnight - 1, midnight + 1, midnight - 0.5)])
+    (link,) = ident.take_links()
+    assert (link.old, link.reason) == (before, "midnight")
+    assert [s.subject for s in got] == [link.new] * 3
+
+
+def test_a_remote_sighting_carried_over_after_the_batch_is_relabelled_by_carry_over() -> None:
+    ident, _ = identifier("UTC")
+    midnight = first_second_of_next_day("UTC", 2026, 6, 15)
+    before = ident.remote_subject(ADDRESS, midnight - 10)
+    late = Sighting(midnight - 1, "node-1", ident.remote_subject(ADDRESS, midnight - 1), -70, -59)
+    now = Sighting(midnight + 1, "node-1", ident.remote_subject(ADDRESS, midnight + 1), -70, -59)
+    assert late.subject == before != now.subject
+    assert [s.subject for s in ident.carry_over([late, now])] == [now.subject] * 2
+    assert ident.carry_over([late]) == [late], "once: what came after the link is labelled anew already"
+
+
+def test_the_window_is_the_carry_time_on_either_side_of_midnight() -> None:
+    source, _ = counting_salts()
+    ident = Identifier(MemberDirectory(), LocalDays("UTC"), salt_source=source, carry_s=60)
+    midnight = first_second_of_next_day("UTC", 2026, 6, 15)
+    subject_of(ident, midnight - 61)  # a minute of silence before midnight: the visit would have ended
+    subject_of(ident, midnight + 1)
+    subject_of(ident, midnight - 59, OTHER_ADDRESS)
+    subject_of(ident, midnight + 61, OTHER_ADDRESS)  # and a minute after it
+    subject_of(ident, midnight + 61, "C0:FF:EE:00:00:01")  # never heard before midnight
+    assert ident.take_links() == []
+    subject_of(ident, midnight + 59, OTHER_ADDRESS)
+    assert [lk.reason for lk in ident.take_links()] == ["midnight"]
+
+
+def test_a_constant_salt_links_nothing_at_midnight() -> None:
+    ident = Identifier(MemberDirectory(), LocalDays("UTC"), salt_source=lambda: b"s" * 32)
+    midnight = first_second_of_next_day("UTC", 2026, 6, 15)
+    assert subject_of(ident, midnight - 1) == subject_of(ident, midnight + 1)
+    assert ident.take_links() == []
+
+
+def test_a_member_is_the_same_subject_across_midnight_and_nothing_is_linked() -> None:
+    members = directory(**{"m-1": DOC_KEY})
+    ident, _ = identifier("Europe/Berlin", members)
+    midnight = first_second_of_next_day("Europe/Berlin", 2026, 6, 15)
+    ts = [midnight - 2.0, midnight + 2.0]
+    frames = [member_frame(DOC_KEY, int(t // WINDOW_S)) for t in ts]
+    got = [ident.identify([(advert(t), f), (advert(t + 0.1), PHONE)]) for t, f in zip(ts, frames, strict=True)]
+    assert {s.subject for batch in got for s in batch} == {"member:m-1"}, "the app's frame and the OS adverts alike"
+    assert all(lk.reason == "member" for lk in ident.take_links())
 
 
 def test_subject_is_keyed_by_the_salt_not_a_plain_hash_of_the_address() -> None:

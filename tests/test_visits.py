@@ -1,12 +1,24 @@
-"""Tests for gateway.visits on hand-built estimate sequences: start, zones, end, dwell, path, classification."""
+"""Tests for gateway.visits on hand-built estimate sequences: start, zones, end, dwell, path, classification; and one
+visit across store-local midnight through the whole gateway."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
 import pytest
 
-from gateway.config import VisitsConfig
-from gateway.model import SubjectLink, VisitChange, ZoneEstimate
+from firmware_sim.scenario import load_scenario
+from firmware_sim.world import World
+from gateway.config import Settings, VisitsConfig
+from gateway.identity import MemberDirectory
+from gateway.model import Event, SubjectLink, VisitChange, ZoneEstimate
+from gateway.points import load_rules
+from gateway.runtime import Gateway
+from gateway.store import Store
 from gateway.visits import VisitTracker
+from sensors.sim import SimSource
 
 T0 = 1_764_000_000.0
 SHOPPER = "anon:5a5a5a5a5a5a5a5a"
@@ -548,3 +560,54 @@ def test_an_award_has_its_visit_kept_as_it_is_in_the_same_write() -> None:
     t.keep({visit_id, "not-a-visit"})
     (now,) = t.take_kept(T0 + 101)[0]
     assert (now["visit_id"], now["last"]) == (visit_id, T0 + 100)
+
+
+# --------------------------------------------------------------------------- across store-local midnight, whole gateway
+
+
+def test_a_shopper_inside_at_store_local_midnight_keeps_one_visit_through_the_gateway(tmp_path: Path) -> None:
+    # The simulated store, the real pipeline (Gateway.step, as `visita run --sim` wires it), across a midnight in a
+    # zone that is not UTC's: the anonymous phones' salt changes at 00:00 Kathmandu time (18:15 UTC), their subjects
+    # with it. Each shopper inside then must keep one visit: one id, one start, one end, not counted again.
+    tz = "Asia/Kathmandu"
+    midnight = datetime(2026, 6, 16, tzinfo=ZoneInfo(tz)).timestamp()
+    world = World(load_scenario("default"), 1, midnight - 300)
+    members = MemberDirectory()
+    members.set_members(world.member_keys)
+    settings = Settings().model_copy(update={"timezone": tz})
+    gw = Gateway(settings, Store(tmp_path), SimSource(world), members, load_rules(None), world.staff_refs)
+    events: list[Event] = []
+    t = midnight - 300
+    while t < midnight + 150:
+        t += 5.0
+        events += gw.step(t)
+        if t == midnight - 5:
+            before = {v.visit_id: v for v in gw.tracker.open_visits()}
+    footfall = gw.footfall.snapshot()
+    gw.store.close()
+    gw.checkins.close()
+
+    assert gw.identifier.diagnostics()["midnight_links"] > 0
+    anonymous_before = [v for v in before.values() if v.subject.startswith("anon:")]
+    assert len(anonymous_before) >= 3, "shoppers with anonymous phones were inside at midnight"
+    visits: dict[str, list[Event]] = {}
+    for e in events:
+        if e.type in ("visit.started", "visit.ended", "zone.changed"):
+            visits.setdefault(str(e.data["visit_id"]), []).append(e)
+    for vid, evs in visits.items():
+        kinds = [e.type for e in evs]
+        assert kinds.count("visit.started") <= 1 and kinds.count("visit.ended") <= 1, vid
+        if vid in before:
+            # the same pseudonym throughout (yesterday's): today's subject of the phone is in nothing sent
+            assert {e.data["subject"] for e in evs} == {before[vid].subject}, vid
+    ended = {str(e.data["visit_id"]): e.data for e in events if e.type == "visit.ended"}
+    for vid, v in before.items():
+        # nobody inside at 23:59:55 left within those last 5 s: every visit open then was heard after midnight
+        assert vid not in ended or float(ended[vid]["ended"]) > midnight, (vid, v.subject)
+    started = [e.data for e in events if e.type == "visit.started" and e.data["classification"] == "visitor"]
+    assert not [v for v in started if midnight <= float(v["started"]) < midnight + 5], "no entry at midnight"
+    open_now = {v.visit_id for v in gw.tracker.open_visits()}
+    assert sum(1 for vid in before if vid in open_now) >= len(before) - 2, "still inside after midnight"
+    # counted once, on the day they came in: today's entries are the visits that started after midnight
+    assert footfall["day"] == "2026-06-16"
+    assert footfall["visitors_today"] == sum(1 for v in started if float(v["started"]) >= midnight)
