@@ -4,7 +4,8 @@
 reads the gateway's in-memory objects (the gateway process is the database's only writer).
 The page ships in `dashboard/static` and loads nothing from the internet: stores are often
 offline, and the page's Content-Security-Policy makes the browser refuse anything that is not
-served by the gateway itself. The OpenAPI page is at /docs (it alone loads Swagger UI from a CDN).
+served by the gateway itself. The OpenAPI page (/docs, Swagger UI) is served from the files the `fastapi-offline`
+package ships, for the same reason. There is no /redoc: ReDoc fetches its logo from the internet whatever it is told.
 
 Privacy: subjects are pseudonymous and stay inside the gateway. No response carries a subject
 (`member:…`, `anon:…`), a member ref or a Bluetooth address; a visit says only whether it was a
@@ -21,7 +22,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +35,15 @@ from sensors.checkins import MAX_BODY, CheckinRefused
 
 STATIC = resources.files("dashboard").joinpath("static")
 VISITS_MAX = 500
+# Swagger UI's files, as the fastapi-offline package ships them, and where they are served.
+API_UI = resources.files("fastapi_offline").joinpath("static")
+API_UI_URL = "/static/api-ui"
+
+# The OpenAPI page runs Swagger UI's inline start-up script and styles; nothing else.
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 # Everything the page needs comes from the gateway; inline scripts and styles are refused too.
 PAGE_CSP = (
@@ -68,7 +79,11 @@ class ZoneCount(BaseModel):
 
     id: str = Field(description="Zone id from the store plan.")
     name: str = Field(description="Display name of the zone (the id when the plan gives none).")
-    visitors: int = Field(ge=0, description="Open visitor visits whose current zone this is (staff excluded).")
+    visitors: int = Field(
+        ge=0,
+        description="Open visitor visits whose current zone this is (staff excluded). With resolution 'presence' "
+        "the zones are not told apart (the receiver's zone holds everyone inside): read occupancy instead.",
+    )
 
 
 class FootfallNow(BaseModel):
@@ -240,6 +255,8 @@ def _zones(gw: Gateway) -> list[ZoneCount]:
 def create_app(gateway: Gateway) -> FastAPI:
     """The dashboard app for a running gateway."""
     app = FastAPI(
+        docs_url=None,  # served below, from local files
+        redoc_url=None,
         title="Visita gateway",
         version=gateway.version,
         description="Footfall dashboard and API of one Visita gateway. People are pseudonymous: no response "
@@ -297,15 +314,21 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def visits(
         gw: GatewayDep,
         limit: Annotated[int, Query(ge=1, le=VISITS_MAX, description="How many visits at most (1..500).")] = 50,
+        state: Annotated[
+            Literal["all", "inside", "finished"],
+            Query(description="Only the visits still inside, only the finished ones, or all (inside first)."),
+        ] = "all",
     ) -> list[VisitOut]:
         """Visits still inside (newest first), then finished ones (most recently ended first).
 
-        Newest first so that a busy store's new arrivals are never cut off by `limit`.
+        Newest first so that a busy store's new arrivals are never cut off by `limit`; a store with more visitors
+        inside than `limit` lists its finished visits with `state=finished`.
         """
         known = gw.visits(sys.maxsize)  # in memory and bounded: the open visits and the recent finished ones
         inside = sorted((v for v in known if v.ended is None), key=lambda v: v.started, reverse=True)
         finished = sorted((v for v in known if v.ended is not None), key=lambda v: v.ended or 0.0, reverse=True)
-        return [VisitOut.of(v) for v in (inside + finished)[:limit]]
+        listed = {"all": inside + finished, "inside": inside, "finished": finished}[state]
+        return [VisitOut.of(v) for v in listed[:limit]]
 
     refusals: dict[int | str, dict[str, Any]] = {
         code: {"model": CheckinRefusal, "description": what}
@@ -383,5 +406,21 @@ def create_app(gateway: Gateway) -> FastAPI:
         # The installer's page (docs/survey.md); what it shows and does needs the installer token.
         return page("survey.html")
 
+    # FastAPI's own /docs loads its script from a CDN: a blank page in a store without internet.
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        html = get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} · API",
+            swagger_js_url=f"{API_UI_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{API_UI_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{API_UI_URL}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},  # else the spec goes to validator.swagger.io for a badge
+        )
+        html.headers["Content-Security-Policy"] = DOCS_CSP
+        return html
+
+    # Mounted before /static, which would otherwise take its paths.
+    app.mount(API_UI_URL, StaticFiles(directory=str(API_UI)), name="api-ui")
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app

@@ -222,6 +222,25 @@ def test_visits_default_limit_is_50(run: SimRun) -> None:
     assert len(run.get("/api/v1/visits")) == min(50, len(run.get("/api/v1/visits?limit=500")))
 
 
+def test_visits_state_lists_only_those_inside_or_only_finished_ones(run: SimRun) -> None:
+    everything = run.get("/api/v1/visits?limit=500")
+    inside = [v for v in everything if v["open"]]
+    finished = [v for v in everything if not v["open"]]
+    assert inside and finished
+    assert run.get("/api/v1/visits?state=all&limit=500") == everything
+    assert run.get("/api/v1/visits?state=inside&limit=500") == inside
+    assert run.get("/api/v1/visits?state=finished&limit=500") == finished
+    # A store with more people inside than the page lists still shows its latest finished visits.
+    assert run.get("/api/v1/visits?state=finished&limit=3") == finished[:3]
+    assert run.get(f"/api/v1/visits?state=inside&limit={len(inside) - 1}") == inside[:-1]
+
+
+def test_visits_unknown_state_is_a_clear_422(run: SimRun) -> None:
+    r = run.client.get("/api/v1/visits?state=open")
+    assert r.status_code == 422
+    assert r.json()["message"] == "state = open: Input should be 'all', 'inside' or 'finished'"
+
+
 @pytest.mark.parametrize("limit", ["0", "-3", "501", "100000", "ten", "2.5"])
 def test_visits_limit_out_of_range_is_a_clear_422(run: SimRun, limit: str) -> None:
     r = run.client.get(f"/api/v1/visits?limit={limit}")
@@ -283,14 +302,35 @@ def test_openapi_documents_every_endpoint_with_its_model(run: SimRun) -> None:
     assert ok_schema("/api/v1/visits")["items"] == {"$ref": "#/components/schemas/VisitOut"}
     bad = spec["paths"]["/api/v1/visits"]["get"]["responses"]["422"]["content"]["application/json"]["schema"]
     assert bad == {"$ref": "#/components/schemas/ValidationProblem"}
-    (limit,) = spec["paths"]["/api/v1/visits"]["get"]["parameters"]
+    limit, state = spec["paths"]["/api/v1/visits"]["get"]["parameters"]
     assert (limit["name"], limit["schema"]["minimum"], limit["schema"]["maximum"]) == ("limit", 1, 500)
+    assert (state["name"], state["schema"]["enum"], state["schema"]["default"]) == (
+        "state",
+        ["all", "inside", "finished"],
+        "all",
+    )
     health = spec["components"]["schemas"]["Health"]
     assert set(health["properties"]) == {"status", "store", "gateway", "version"}
     footfall = spec["components"]["schemas"]["FootfallNow"]["properties"]
     assert all(p.get("description") for p in footfall.values()), "every footfall field is described"
     assert "/" not in spec["paths"] and "/static" not in json.dumps(spec["paths"])
-    assert run.client.get("/docs").status_code == 200
+
+
+def test_openapi_page_is_served_from_the_gateway_alone(run: SimRun) -> None:
+    """Stores are often offline: /docs loads Swagger UI from the gateway, not from a CDN (and /redoc, which would
+    fetch ReDoc's logo from the internet, is not served)."""
+    page = run.client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "connect-src 'self'" in page.headers["content-security-policy"]
+    assert not re.search(r"(?i)(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", page.text), "a URL out of the gateway"
+    assets = re.findall(r'(?:href|src)="([^"]+)"', page.text)
+    assert len(assets) == 3, assets  # script, stylesheet, icon
+    for url in assets:
+        assert url.startswith("/static/"), url
+        r = run.client.get(url)
+        assert r.status_code == 200 and len(r.content) > 500, (url, r.status_code)
+    assert "url: '/openapi.json'" in page.text and '"validatorUrl": null' in page.text
+    assert run.client.get("/redoc").status_code == 404
 
 
 # --------------------------------------------------------------------------- the page

@@ -15,15 +15,19 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import VISITA, free_port, self_signed_cert
-from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Route, expect, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
 pytestmark = pytest.mark.browser
 
@@ -40,6 +44,8 @@ CHROMIUM_ARGS = [
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 MAC = re.compile(r"(?i)\b(?:[0-9a-f]{2}[:-]){5}[0-9a-f]{2}\b")
 DWELL = re.compile(r"^(\d+ s|\d+ min \d+ s|\d+ h \d+ min)$")
+CLOCK = re.compile(r"^\d\d:\d\d$")  # a time today
+DATED = re.compile(r"^\D.*\d.* \d\d:\d\d$")  # a time on another day: "Tue, Dec 1 20:54"
 
 # Everything the page shows, read in one go so that no redraw can fall between two figures.
 READ_PAGE = """() => {
@@ -229,14 +235,18 @@ def test_page_shows_the_live_figures_of_the_api(browser: Browser, product: Produ
     known = {v["visit_id"][:6] for v in product.get("/api/v1/visits?limit=500")}
     for row in cells:
         started, short_id, who, dwell, path, status = row["cells"]
-        assert re.fullmatch(r"\d\d:\d\d", started), row
+        assert CLOCK.match(started) or DATED.match(started), row
         assert short_id == f"#{row['id']}" and re.fullmatch(r"#[0-9a-f]{6}", short_id), row
         assert row["id"] in known, f"row {short_id} is not a visit the API knows"
-        assert who in ("Member", "Anonymous"), row
+        assert who in ("Member", "Anonymous", "Staff"), row
+        assert (who == "Staff") == ("staff · not counted" in status), row
         assert DWELL.match(dwell), row
         stops = re.sub(r" · \d+ stops$", "", path).split(" → ")
         assert stops and set(stops) <= {z["name"] for z in body["zones"]} | {"…"}, row
         assert status.startswith(("inside", "left")), row
+
+    # No broker configured (--mqtt off): nothing said about one.
+    expect(page.get_by_test_id("uplink-state")).to_be_hidden()
 
     # Nothing identifying on the page, nothing fetched from anywhere but the gateway, no errors.
     html = page.content()
@@ -305,6 +315,194 @@ def test_page_fits_phones_and_tablets_in_light_and_dark(
         assert label and page.locator(f"#{label}").inner_text().strip()
     assert page.get_by_role("status").get_attribute("aria-live") == "polite"
     assert not watch.console_errors and not watch.page_errors and not watch.external()
+    page.close()
+
+
+def test_api_page_renders_with_nothing_from_the_internet(browser: Browser, product: Product) -> None:
+    """The footer's "API" link: Swagger UI renders the gateway's OpenAPI from the gateway's own files."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    watch = Watch()
+    watch.attach(page)
+    statuses: dict[str, int] = {}
+    page.on("response", lambda r: statuses.__setitem__(r.url, r.status))
+    page.goto(product.base + "/")
+    page.get_by_role("link", name="API").click()
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("Visita gateway", timeout=10_000)
+    expect(page.locator(".opblock-summary-path", has_text="/api/v1/footfall")).to_be_visible()
+    assert urlsplit(page.url).path == "/docs"
+    assert not watch.external(), watch.external()
+    assert {urlsplit(u).path for u in statuses} >= {"/docs", "/openapi.json"}
+    assert all(code == 200 for code in statuses.values()), statuses
+    assert not watch.console_errors and not watch.page_errors, (watch.console_errors, watch.page_errors)
+    # Nothing on the page points out of the gateway either (a link followed later, a lazy image).
+    html = page.content()
+    assert not re.findall(r'(?:src|href)="(?:https?:)?//(?!127\.0\.0\.1[:/])', html)
+    page.close()
+
+
+def visit_rows(page: Page) -> list[dict[str, Any]]:
+    """Every row of Recent visits: its short id and the text of each cell as shown (hidden cells as "")."""
+    rows: list[dict[str, Any]] = page.evaluate(
+        """() => [...document.querySelectorAll('[data-testid="visit-row"]')].map((tr) =>
+             ({id: tr.dataset.visit, cells: [...tr.cells].map((td) => td.innerText.trim())}))"""
+    )
+    return rows
+
+
+def test_recent_visits_count_inside_as_inside_now_does_and_label_staff(browser: Browser, product: Product) -> None:
+    page, watch = open_page(browser, product, viewport={"width": 1280, "height": 800})
+    expect(page.get_by_test_id("conn-state")).to_have_attribute("data-state", "ok", timeout=10_000)
+    # The simulated store's staff are on shift from the start: listed, and said not to be counted.
+    staff = page.locator('[data-testid="visit-row"]', has_text="Staff")
+    expect(staff.first).to_be_visible(timeout=10_000)
+    expect(staff.first).to_contain_text("staff · not counted")
+    for _ in range(3):  # the note and the figure come from one poll: equal at every redraw
+        page.wait_for_timeout(2_000)
+        occupancy, note = page.evaluate(
+            """() => [document.querySelector('[data-testid="occupancy"]').textContent,
+                      document.getElementById('visits-note').textContent]"""
+        )
+        assert note.startswith(f"{occupancy} inside · "), (occupancy, note)
+        assert re.search(r"\b\d+ staff, not counted\b", note), note
+    assert not watch.console_errors and not watch.page_errors and not watch.external()
+    page.close()
+
+
+@contextmanager
+def rewritten_inside_visits(
+    browser: Browser, product: Product, rewrite: Callable[[list[Any]], list[Any]]
+) -> Iterator[Page]:
+    """The page, with every /api/v1/visits?state=inside answer from the gateway passed through `rewrite`."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+
+    def handle(route: Route) -> None:
+        try:
+            body = route.fetch().json()
+        except PlaywrightError:  # the gateway has stopped at the end of the test
+            route.abort()
+            return
+        route.fulfill(json=rewrite(body))
+
+    page.route(re.compile(r"/api/v1/visits\?.*state=inside"), handle)
+    try:
+        page.goto(product.base + "/")
+        yield page
+    finally:
+        page.unroute_all(behavior="ignoreErrors")
+        page.close()
+
+
+def test_a_busy_store_lists_newest_inside_and_its_latest_finished_visits(browser: Browser, product: Product) -> None:
+    def busy(body: list[Any]) -> list[Any]:
+        # More people inside than the page lists: the gateway answers as many as the page asks for (20).
+        return [dict(body[i % len(body)], visit_id=f"{i:06x}{'0' * 18}") for i in range(20)] if body else body
+
+    with rewritten_inside_visits(browser, product, busy) as page:
+        # After 20 or so simulated minutes visitors leave; their visits are listed under the 20 inside.
+        expect(page.locator('[data-testid="visit-row"]', has_text="left").first).to_be_visible(timeout=40_000)
+        note = page.locator("#visits-note")
+        expect(note).to_contain_text(re.compile(r"^\d+ inside · newest 20 listed · .*last \d+ finished$"))
+        assert page.locator('[data-testid="visit-row"]', has_text="inside").count() == 20
+
+
+def test_a_visit_from_an_earlier_day_shows_its_date(browser: Browser, product: Product) -> None:
+    def earlier(visit_id: str) -> bool:
+        return visit_id[0] in "01234567"  # about half the visits, the same ones at every poll
+
+    def two_days_older(body: list[Any]) -> list[Any]:
+        # As if they had started two days before, as a night shift's staff or a phone left in the store can.
+        return [dict(v, started=v["started"] - 2 * 86_400) if earlier(v["visit_id"]) else v for v in body]
+
+    with rewritten_inside_visits(browser, product, two_days_older) as page:
+        expect(page.get_by_test_id("visit-row").nth(5)).to_be_visible(timeout=10_000)
+        f = product.get("/api/v1/footfall")
+        rows = [r for r in visit_rows(page) if r["cells"][5].startswith("inside")]
+    assert any(earlier(r["id"]) for r in rows) and not all(earlier(r["id"]) for r in rows), rows
+    for row in rows:
+        if not earlier(row["id"]):
+            assert CLOCK.match(row["cells"][0]), row  # today's: the time alone
+            continue
+        assert DATED.match(row["cells"][0]), row
+        day = datetime.fromtimestamp(f["as_of"] - 2 * 86_400, ZoneInfo(f["timezone"])).day
+        assert re.search(rf"\b{day}\b", row["cells"][0]), (day, row)
+
+
+@pytest.fixture
+def one_receiver(tmp_path: Path) -> Iterator[Product]:
+    """The gateway over the small shop: one receiver, so presence only."""
+    yield from run_product(tmp_path, "60", "--scenario", "small-shop")
+
+
+def test_one_receiver_shows_inside_without_zones_or_paths(browser: Browser, one_receiver: Product) -> None:
+    page, watch = open_page(browser, one_receiver, viewport={"width": 1280, "height": 800})
+    expect(page.get_by_test_id("conn-state")).to_have_attribute("data-state", "ok", timeout=10_000)
+    expect(page.get_by_test_id("visit-row").first).to_be_visible(timeout=10_000)
+    f = one_receiver.get("/api/v1/footfall")
+    assert f["resolution"] == "presence" and len(f["zones"]) == 2
+    zone_names = [z["name"] for z in f["zones"]]
+
+    # One figure for the whole store, and the card says why.
+    expect(page.get_by_test_id("zones-note")).to_be_visible()
+    expect(page.get_by_test_id("zones-note")).to_have_text("one receiver: zones are not told apart")
+    zones = page.get_by_test_id("zones")
+    expect(zones.locator("li")).to_have_count(1)
+    expect(zones.locator(".zone-name")).to_have_text("Inside")
+    occupancy, inside = page.evaluate(
+        """() => [document.querySelector('[data-testid="occupancy"]').textContent,
+                  document.querySelector('[data-testid="zones"] .zone-count').textContent]"""
+    )
+    assert inside == occupancy
+    # No visit is given a path of zones.
+    expect(page.locator("#visits-table th.path")).to_be_hidden()
+    shown = page.get_by_test_id("visits").inner_text() + zones.inner_text()
+    assert not [n for n in zone_names if n in shown], shown
+    assert page.evaluate(
+        """() => [...document.querySelectorAll('#visits td.path')].every((td) => !td.checkVisibility())"""
+    )
+    assert not watch.console_errors and not watch.page_errors and not watch.external()
+    page.close()
+
+
+@pytest.fixture
+def broker_down(tmp_path: Path) -> Iterator[Product]:
+    """The gateway with a broker that never answers (nothing listens on its port)."""
+    yield from run_product(tmp_path, "60", "--mqtt", f"mqtt://127.0.0.1:{free_port()}")
+
+
+def test_broker_down_says_events_wait_in_the_outbox(browser: Browser, broker_down: Product) -> None:
+    page, watch = open_page(browser, broker_down, viewport={"width": 1280, "height": 800})
+    expect(page.get_by_test_id("conn-state")).to_have_attribute("data-state", "ok", timeout=10_000)
+    expect(page.get_by_test_id("conn-state")).to_have_text("Live")  # the figures are live all the same
+    uplink = page.get_by_test_id("uplink-state")
+    expect(uplink).to_be_visible(timeout=10_000)
+    expect(uplink).to_have_text(re.compile(r"^\s*MQTT broker unreachable · [1-9][\d,]* events? in the outbox\s*$"))
+    status = broker_down.get("/api/v1/status")
+    assert status["uplink"]["connected"] is False and status["uplink"]["last_error"]
+    queued = number(uplink.inner_text().split("·")[1].split()[0])
+    assert 0 < queued <= status["store"]["outbox_depth"]  # the outbox only grows while the broker is away
+    assert not watch.console_errors and not watch.page_errors and not watch.external()
+    page.close()
+
+
+@pytest.mark.parametrize("width", [375, 768, 1366])
+def test_header_and_cards_line_up(browser: Browser, product: Product, width: int) -> None:
+    page, _ = open_page(browser, product, viewport={"width": width, "height": 900})
+    expect(page.get_by_test_id("conn-state")).to_have_attribute("data-state", "ok", timeout=10_000)
+    box = page.evaluate(
+        """() => Object.fromEntries(['.brand h1', '#conn-state', '.top', '.kpis', '.kpis > .card'].map((sel) =>
+             [sel, [...document.querySelectorAll(sel)].map((e) => e.getBoundingClientRect().toJSON())]))"""
+    )
+    (title,), (conn,), (top,), (kpis,) = box[".brand h1"], box["#conn-state"], box[".top"], box[".kpis"]
+    if width < 640:  # a phone: the header is one column, aligned on its left edge
+        assert abs(conn["left"] - title["left"]) < 2, (conn, title)
+    else:  # beside or below the title, on the right edge (within the header's padding)
+        assert top["right"] - conn["right"] < 48, (conn, top)
+    # Every row of cards is full: the last card of each row ends where the row does.
+    rows: dict[int, list[dict[str, float]]] = {}
+    for card in box[".kpis > .card"]:
+        rows.setdefault(round(card["top"]), []).append(card)
+    for cards in rows.values():
+        assert abs(max(c["right"] for c in cards) - kpis["right"]) < 2, (width, rows)
     page.close()
 
 

@@ -6,7 +6,8 @@
 const REFRESH_MS = 2000;
 const TIMEOUT_MS = 4000; // a hung gateway must turn into "offline", not a frozen page
 const STALE_MS = 10000; // answering, but the figures have not moved for this long: say so
-const VISITS_LIMIT = 30;
+const INSIDE_LIMIT = 20; // visits still inside listed, newest first
+const FINISHED_LIMIT = 10; // and the latest finished ones, listed even when a big store has many more inside
 const PATH_SHOWN = 3; // zones shown in a visit's path before it is shortened
 
 const $ = (id) => document.getElementById(id);
@@ -16,17 +17,22 @@ const $ = (id) => document.getElementById(id);
 let timeZone; // the store's, once the gateway has said which; the tablet's until then
 let clockFmt = null;
 let dayFmt = null;
+let isoDayFmt = null; // a time's store-local day, as YYYY-MM-DD
+let today = ""; // the store-local day of the figures shown (the API's `day`)
 
 function setTimeZone(tz) {
   if (tz === timeZone && clockFmt !== null) return;
   const opts = { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" };
+  const isoOpts = { year: "numeric", month: "2-digit", day: "2-digit" };
   try {
     clockFmt = new Intl.DateTimeFormat(undefined, { ...opts, timeZone: tz });
     dayFmt = new Intl.DateTimeFormat(undefined, { weekday: "short", day: "numeric", month: "short", timeZone: "UTC" });
+    isoDayFmt = new Intl.DateTimeFormat("en-US", { ...isoOpts, timeZone: tz });
     timeZone = tz;
   } catch (err) {
     clockFmt = new Intl.DateTimeFormat(undefined, opts); // unknown zone on an old tablet: local time
     dayFmt = new Intl.DateTimeFormat(undefined, { weekday: "short", day: "numeric", month: "short" });
+    isoDayFmt = new Intl.DateTimeFormat("en-US", isoOpts);
     timeZone = tz;
   }
 }
@@ -46,6 +52,18 @@ function hhmm(ts) {
 function dayLabel(day) {
   const d = new Date(`${day}T12:00:00Z`);
   return Number.isNaN(d.getTime()) ? day : dayFmt.format(d);
+}
+
+/** The store-local day of a UNIX time in seconds, as YYYY-MM-DD. */
+function localDay(ts) {
+  const part = Object.fromEntries(isoDayFmt.formatToParts(new Date(ts * 1000)).map((p) => [p.type, p.value]));
+  return `${part.year}-${part.month}-${part.day}`;
+}
+
+/** HH:MM of a UNIX time in seconds, with its day in front when that is not the day shown ("Wed 27 May 20:54"). */
+function when(ts) {
+  const day = localDay(ts);
+  return today === "" || day === today ? hhmm(ts) : `${dayLabel(day)} ${hhmm(ts)}`;
 }
 
 /** "42 s", "4 min 12 s", "1 h 3 min". */
@@ -115,6 +133,7 @@ function renderFootfall(f) {
   $("passbys-today").textContent = fmt(f.passbys_today);
   $("staff-today").textContent = fmt(f.staff_today);
   $("day").textContent = f.day ? `· ${dayLabel(f.day)}` : "";
+  today = f.day;
 
   const seen = f.visitors_today + f.passbys_today;
   const share = seen > 0 ? (100 * f.visitors_today) / seen : 0;
@@ -139,29 +158,47 @@ function renderFootfall(f) {
   renderZones(f);
 }
 
+/** True when the gateway tells only inside from outside (one receiver): it knows no zones. */
+function presenceOnly(f) {
+  return f.resolution === "presence";
+}
+
+function zoneItem(name, visitors, max) {
+  const li = el("li", visitors === 0 ? "zone zone-empty" : "zone");
+  li.append(el("span", "zone-name", name));
+  const track = el("span", "zone-track");
+  track.setAttribute("aria-hidden", "true");
+  const fill = el("span", "zone-fill");
+  fill.style.width = `${(100 * visitors) / max}%`;
+  track.append(fill);
+  const count = el("span", "zone-count", fmt(visitors));
+  count.setAttribute("aria-label", `${visitors} ${visitors === 1 ? "visitor" : "visitors"}`);
+  li.append(track, count);
+  return li;
+}
+
 function renderZones(f) {
-  const list = $("zones");
-  const max = Math.max(1, ...f.zones.map((z) => z.visitors));
-  $("zones-note").hidden = f.resolution !== "presence";
-  const items = f.zones.map((z) => {
-    const li = el("li", z.visitors === 0 ? "zone zone-empty" : "zone");
-    li.dataset.zone = z.id;
-    li.append(el("span", "zone-name", z.name));
-    const track = el("span", "zone-track");
-    track.setAttribute("aria-hidden", "true");
-    const fill = el("span", "zone-fill");
-    fill.style.width = `${(100 * z.visitors) / max}%`;
-    track.append(fill);
-    const count = el("span", "zone-count", fmt(z.visitors));
-    count.setAttribute("aria-label", `${z.visitors} ${z.visitors === 1 ? "visitor" : "visitors"}`);
-    li.append(track, count);
-    return li;
-  });
-  if (items.length === 0) items.push(el("li", "empty", "No zones in the store plan"));
-  list.replaceChildren(...items);
+  const presence = presenceOnly(f);
+  $("zones-title").textContent = presence ? "Inside the store" : "Inside now, by zone";
+  $("zones-note").hidden = !presence;
+  let items;
+  if (presence) {
+    // One receiver hears everyone inside alike: its zone's count is the whole store, not a place in it.
+    items = [zoneItem("Inside", f.occupancy, Math.max(1, f.occupancy))];
+  } else {
+    const max = Math.max(1, ...f.zones.map((z) => z.visitors));
+    items = f.zones.map((z) => {
+      const li = zoneItem(z.name, z.visitors, max);
+      li.dataset.zone = z.id;
+      return li;
+    });
+    if (items.length === 0) items.push(el("li", "empty", "No zones in the store plan"));
+  }
+  $("zones").replaceChildren(...items);
 }
 
 const KIND = { member: "Member", anonymous: "Anonymous" };
+const STAFF = "staff";
 
 /** The zones of a path as "Entrance → … → Bakery → Checkout": the first and the last two. */
 function pathParts(path, name) {
@@ -170,11 +207,12 @@ function pathParts(path, name) {
   return [names[0], "…", ...names.slice(-(PATH_SHOWN - 1))];
 }
 
-function renderVisits(visits, zones) {
-  const names = Object.fromEntries(zones.map((z) => [z.id, z.name]));
+function renderVisits(inside, finished, f) {
+  const names = Object.fromEntries(f.zones.map((z) => [z.id, z.name]));
   const name = (id) => names[id] || id;
-  // Visits still inside first (the API already orders them so; keep it true whatever it sends).
-  const rows = [...visits.filter((v) => v.open), ...visits.filter((v) => !v.open)];
+  const presence = presenceOnly(f);
+  $("visits-table").classList.toggle("presence", presence); // no Path column: the zones are not told apart
+  const rows = [...inside, ...finished];
   const trs = rows.map((v) => {
     const tr = el("tr", v.open ? "visit open" : "visit");
     tr.dataset.testid = "visit-row";
@@ -182,13 +220,14 @@ function renderVisits(visits, zones) {
 
     const started = el("td", "time");
     started.dataset.label = "Started";
-    const t = el("time", "", hhmm(v.started));
+    const t = el("time", "", when(v.started));
     t.dateTime = new Date(v.started * 1000).toISOString();
     started.append(t);
 
     const id = el("td", "vid", `#${v.visit_id.slice(0, 6)}`);
     id.dataset.label = "Visit";
-    const who = el("td", `who who-${v.subject_kind}`, KIND[v.subject_kind] || "Unknown");
+    const staff = v.classification === STAFF;
+    const who = el("td", `who who-${staff ? STAFF : v.subject_kind}`, staff ? "Staff" : KIND[v.subject_kind] || "Unknown");
     who.dataset.label = "Who";
     const dw = el("td", "num dwell", dwell(v.dwell_s));
     dw.dataset.label = "Dwell";
@@ -204,8 +243,9 @@ function renderVisits(visits, zones) {
     const state = el("td", "state");
     state.dataset.label = "Status";
     if (v.open) state.append(el("span", "badge badge-inside", "inside"));
-    else if (v.ended !== null) state.append(el("span", "left", `left ${hhmm(v.ended)}`));
-    if (v.classification !== "visitor") state.append(el("span", `badge badge-${v.classification}`, v.classification));
+    else if (v.ended !== null) state.append(el("span", "left", `left ${when(v.ended)}`));
+    if (staff) state.append(el("span", "badge badge-staff", "staff · not counted"));
+    else if (v.classification !== "visitor") state.append(el("span", `badge badge-${v.classification}`, v.classification));
 
     tr.append(started, id, who, dw, path, state);
     return tr;
@@ -218,23 +258,44 @@ function renderVisits(visits, zones) {
     trs.push(tr);
   }
   $("visits").replaceChildren(...trs);
-  const inside = rows.filter((v) => v.open).length;
-  $("visits-note").textContent = `${inside} inside · ${rows.length - inside} finished · latest ${VISITS_LIMIT}`;
+  // "Inside" is the figure of "Inside now" (visitors; staff are not counted), whatever the list could hold.
+  const parts = [`${fmt(f.occupancy)} inside`];
+  if (inside.length >= INSIDE_LIMIT) parts.push(`newest ${inside.length} listed`);
+  const staffInside = inside.filter((v) => v.classification === STAFF).length;
+  if (staffInside > 0) parts.push(`${staffInside} staff, not counted`);
+  parts.push(finished.length > 0 ? `last ${finished.length} finished` : "none finished yet");
+  $("visits-note").textContent = parts.join(" · ");
+}
+
+function renderUplink(status) {
+  // The broker connection: shown only while it is down (nothing with MQTT off, the uplink then reports no state).
+  const up = status.uplink;
+  const box = $("uplink-state");
+  box.hidden = up.connected !== false;
+  if (box.hidden) return;
+  const queued = status.store && Number.isFinite(status.store.outbox_depth) ? status.store.outbox_depth : null;
+  const what = up.last_error ? "MQTT broker unreachable" : "Connecting to the MQTT broker";
+  const kept = queued === null ? "events kept in the outbox" : `${fmt(queued)} ${queued === 1 ? "event" : "events"} in the outbox`;
+  box.querySelector(".uplink-text").textContent = `${what} · ${kept}`;
+  box.title = up.last_error || "";
 }
 
 // ------------------------------------------------------------------ polling
 
 async function refresh() {
   try {
-    const [footfall, visits] = await Promise.all([
+    const [footfall, inside, finished, status] = await Promise.all([
       getJSON("/api/v1/footfall"),
-      getJSON(`/api/v1/visits?limit=${VISITS_LIMIT}`),
+      getJSON(`/api/v1/visits?state=inside&limit=${INSIDE_LIMIT}`),
+      getJSON(`/api/v1/visits?state=finished&limit=${FINISHED_LIMIT}`),
+      getJSON("/api/v1/status"),
     ]);
     if ($("version").textContent === "") {
       getJSON("/healthz").then((h) => ($("version").textContent = h.version), () => {});
     }
     renderFootfall(footfall);
-    renderVisits(visits, footfall.zones);
+    renderVisits(inside, finished, footfall);
+    renderUplink(status);
     const now = Date.now();
     downSince = null;
     if (footfall.as_of !== lastAsOf) {
