@@ -552,12 +552,18 @@ class Gateway:
         s = self.settings
         try:
             survey = SurveyMap(s.plan, spots, s.survey, s.estimate, rec.transmitter)
+            used = {rx: int(v["spots_used"]) for rx, v in survey.summary()["receivers"].items()}
+            if not any(used.values()):
+                raise SurveyError(
+                    f"no receiver heard the survey tag ({rec.transmitter}, survey.transmitter) at any of the "
+                    f"{len(spots)} spot(s): check that this is the id the tag sends and that it is on, discard the "
+                    "spots and record them again"
+                )
             survey.save(self.survey_path)
         except (SurveyError, OSError) as e:
             raise SurveyRefused(409, f"survey not applied: {e}") from None
         self.estimator.use_survey(survey)
         self.survey_map, self.survey_problem = survey, None
-        used = {rx: int(v["spots_used"]) for rx, v in survey.summary()["receivers"].items()}
         log.info("survey map of %d spot(s) saved to %s and in use", len(spots), self.survey_path)
         return {"file": str(self.survey_path), "spots": len(spots), "receivers": used}
 

@@ -362,3 +362,27 @@ def test_visita_eval_with_a_survey(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["eval", "mall-unit", "--duration", "1m", "--survey", "0.1"])
     assert exc.value.code == 2 and "must be 0.5..50 metres" in capsys.readouterr().err
+
+
+def test_a_survey_in_which_no_receiver_heard_the_tag_is_not_applied(tmp_path: Path) -> None:
+    """A wrong survey.transmitter id: every spot is "heard by no receiver", and the map used to be applied anyway
+    (the estimator then ran with the surveyed spread on a map that measured nothing)."""
+    from test_checkins import NoAdverts
+
+    from gateway.config import Settings, SurveyConfig
+    from gateway.identity import MemberDirectory
+    from gateway.points import load_rules
+    from gateway.runtime import Gateway, SurveyRefused
+    from gateway.store import Store
+
+    settings = Settings(survey=SurveyConfig(transmitter="beacon:no-such-tag"))
+    with Store(tmp_path) as store:
+        gw = Gateway(settings, store, NoAdverts(), MemberDirectory(), load_rules(None), [])
+        gw.step(1_790_000_000.0)
+        for x in (5.0, 15.0):
+            gw.survey_spot(x, 5.0, 5)
+            gw.step(gw.now + 6)
+        with pytest.raises(SurveyRefused, match=r"no receiver heard the survey tag \(beacon:no-such-tag") as refused:
+            gw.survey_apply()
+        assert refused.value.status == 409 and not gw.survey_path.exists() and gw.survey_map is None
+        gw.checkins.close()
