@@ -241,6 +241,8 @@ def load_rules(path: Path | None) -> RuleSet:
     if path is None:
         text = resources.files("gateway").joinpath("defaults/rules.toml").read_text(encoding="utf-8")
         data, source = tomllib.loads(text), "built-in rules"
+    elif not path.exists():
+        raise ConfigError([f"{path}: no such file (points.rules names it; a relative path is next to the config file)"])
     else:
         data, source = read_toml(path), str(path)
     return parse_rules(data, source)

@@ -576,3 +576,11 @@ def test_a_relative_data_dir_is_next_to_the_config_file_like_every_other_path(
     assert load_settings(write(tmp_path, '[storage]\ndata_dir = "/var/lib/visita"\n')).storage.directory() == Path(
         "/var/lib/visita"
     )
+
+
+def test_a_missing_rules_file_names_the_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write(tmp_path, '[points]\nrules = "rulez.toml"\n')
+    assert main(["config", "check", str(cfg)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{tmp_path / 'rulez.toml'}: no such file (points.rules names it; a relative path is next to the config file)"
+    ]
