@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from sensors.nodes import NodesSource
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+HOSTNAME_MISMATCH = 62
+"""OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH: the certificate does not name the host it was reached at."""
 
 EPILOG = """exit codes: 0 success, 1 failure while running, 2 bad usage or bad config.
 Documentation: docs/ (config.md, events.md, rules.md, frames.md, ble.md, nodes.md, scenarios.md, advert-log.md,
@@ -460,6 +462,7 @@ def _gateway_call(
     import os
     import ssl
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     from gateway.config import read_secret
@@ -497,6 +500,13 @@ def _gateway_call(
         reason = getattr(e, "reason", e)
         if isinstance(reason, ssl.SSLCertVerificationError) and pinned:
             raise GatewayCallError(_pin_failure(base, pinned, reason)) from None
+        if isinstance(reason, ssl.SSLCertVerificationError) and reason.verify_code == HOSTNAME_MISMATCH:
+            host = urllib.parse.urlsplit(base).hostname
+            raise GatewayCallError(
+                f"the gateway at {base} presents a certificate that is not for {host} ({reason.verify_message}): "
+                "use in --url a name or address the certificate carries (openssl x509 -in CERT -noout -ext "
+                "subjectAltName lists them)"
+            ) from None
         if isinstance(reason, ssl.SSLCertVerificationError):
             raise GatewayCallError(
                 f"the gateway at {base} presents a certificate this machine does not trust ({reason.verify_message}):"
