@@ -1158,7 +1158,8 @@ def _nodes_source(
     try:
         url = parse_mqtt_url(text)
     except ValueError as e:
-        raise UsageError(f"--nodes: {text!r}: {e}") from None
+        why = "must be mqtt://HOST[:PORT], the store's LAN broker" if "or off" in str(e) else str(e)
+        raise UsageError(f"--nodes: {text!r}: {why}") from None
     if url.tls:
         raise UsageError(f"--nodes {url}: TLS is not supported for remote receivers yet; use the store's LAN broker")
     plan_rx = {r.id for r in settings.plan.receivers}
