@@ -30,6 +30,7 @@ from gateway.config import (
     ConfigError,
     DashboardTls,
     Settings,
+    check_private,
     load_tls,
     parse_listen,
     parse_mqtt_url,
@@ -909,6 +910,8 @@ async def run(
         client_id = settings.mqtt.client_id or f"visita-{settings.store}-{settings.gateway}"
         try:
             password = settings.mqtt.password()
+            if settings.mqtt.key:
+                check_private(settings.mqtt.key, "mqtt.key")
         except ValueError as e:
             store.close()
             if sock is not None:

@@ -584,3 +584,17 @@ def test_a_missing_rules_file_names_the_setting(tmp_path: Path, capsys: pytest.C
     assert capsys.readouterr().err.splitlines() == [
         f"{tmp_path / 'rulez.toml'}: no such file (points.rules names it; a relative path is next to the config file)"
     ]
+
+
+def test_run_refuses_an_mqtt_client_key_others_may_read_as_a_bad_config(tmp_path: Path) -> None:
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_text("not checked before the key\n")
+    key.write_text("a private key\n")
+    key.chmod(0o644)
+    r = subprocess.run(
+        [*VISITA, "run", "--sim", "--until", "1m", "--mqtt", "mqtts://127.0.0.1:1", "--mqtt-cert", str(cert),
+         "--mqtt-key", str(key), "--dashboard", "off", "--data-dir", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert f"mqtt.key {key}: mode 0644 lets anyone on this machine read it; chmod 640 it" in r.stderr, r.stderr

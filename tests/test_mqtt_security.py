@@ -53,9 +53,11 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path, mode: int = 0o600) -> Path:
+    """The key at `mode`: the gateway refuses one others may read; the broker's own is 0644 (mosquitto's user)."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path.write_bytes(pem)
+    path.chmod(mode)
     return path
 
 
@@ -120,7 +122,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(
         ca=_write_cert(ca[1], d / "ca.pem"),
         server_cert=_write_cert(server[1], d / "server.pem"),
-        server_key=_write_key(server[0], d / "server.key"),
+        server_key=_write_key(server[0], d / "server.key", 0o644),
         client_cert=_write_cert(client[1], d / "client.pem"),
         client_key=_write_key(client[0], d / "client.key"),
         rogue_ca=_write_cert(rogue[1], d / "rogue-ca.pem"),
