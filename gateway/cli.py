@@ -391,7 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     imp.add_argument("file", type=Path, metavar="FILE", help="JSON lines, or - for standard input")
-    imp.add_argument("--data-dir", type=Path, metavar="DIR", help="data directory (default: ~/.local/state/visita)")
+    imp.add_argument(
+        "--config", type=Path, metavar="FILE", help="the gateway's config: its storage.data_dir is the data directory"
+    )
+    imp.add_argument(
+        "--data-dir", type=Path, metavar="DIR", help="data directory (default: --config's, else ~/.local/state/visita)"
+    )
     imp.add_argument("--replace", action="store_true", help="replace the whole member set instead of merging")
     imp.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
@@ -793,7 +798,6 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """visita keys import FILE: all or nothing; never prints a key."""
-    from gateway.config import default_data_dir
     from gateway.members import KeyImportError, KeyStoreError, import_keys
 
     source = "stdin" if str(args.file) == "-" else str(args.file)
@@ -801,7 +805,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         text = sys.stdin.read() if source == "stdin" else args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{source}: cannot be read: {e}") from None
-    data_dir = args.data_dir or default_data_dir()
+    data_dir = load_settings(args.config).storage.directory(args.data_dir)
     try:
         result = import_keys(data_dir, text, source, replace=args.replace)
     except KeyImportError as e:

@@ -307,3 +307,13 @@ def test_prepare_builds_the_window_after_next_in_chunks_before_it_is_needed() ->
     assert not d.ready(window - 2)
     assert d.resolve(frame(KEYS["m-5"], later + TOKEN_WINDOW_S), later) == "m-5"  # a phone one window ahead
     assert d.diagnostics()["tables_on_demand"] == 0
+
+
+def test_cli_import_finds_the_data_directory_through_the_gateways_config(tmp_path: Path) -> None:
+    """Without --data-dir the import went to ~/.local/state/visita even where the gateway's config keeps its data in
+    /var/lib/visita: imported, and never loaded (and the running gateway's lock never asked)."""
+    good, cfg = tmp_path / "good.jsonl", tmp_path / "visita.toml"
+    good.write_text(lines(KEYS))
+    cfg.write_text('[storage]\ndata_dir = "state"\n')
+    assert main(["keys", "import", str(good), "--config", str(cfg)]) == 0
+    assert (tmp_path / "state" / VAULT_FILE).exists()
