@@ -65,6 +65,11 @@ class SurveyStatus(BaseModel):
         description="The survey map the estimator uses: its file and how many spots it was fitted from; null "
         "without one."
     )
+    problem: str | None = Field(
+        default=None,
+        description="Why the survey file in the data directory is not used (made for another plan, unreadable); "
+        "null when it is, or when there is none.",
+    )
 
 
 class SurveyApplied(BaseModel):

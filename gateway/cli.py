@@ -658,6 +658,8 @@ def _print_survey(status: dict[str, Any]) -> None:
         print(f"  [{sp['index']}] ({sp['x']:g}, {sp['y']:g}) {sp['zone']}: {heard}")
     applied = status.get("applied")
     print(f"in use: {applied['file']} ({applied['spots']} spots)" if applied else "in use: no survey map")
+    if status.get("problem"):
+        print(f"not used: {status['problem']}")
 
 
 def cmd_survey(args: argparse.Namespace) -> int:

@@ -512,7 +512,13 @@ class Gateway:
         applied = None
         if self.survey_map is not None:
             applied = {"file": str(self.survey_path), "spots": len(self.survey_map.spots)}
-        return {"transmitter": rec.transmitter, "running": running, "spots": spots, "applied": applied}
+        return {
+            "transmitter": rec.transmitter,
+            "running": running,
+            "spots": spots,
+            "applied": applied,
+            "problem": self.survey_problem,
+        }
 
     def survey_spot(self, x: float, y: float, seconds: float) -> dict[str, Any]:
         """Start recording the tag at (x, y) from the current data time."""

@@ -386,3 +386,26 @@ def test_a_survey_in_which_no_receiver_heard_the_tag_is_not_applied(tmp_path: Pa
             gw.survey_apply()
         assert refused.value.status == 409 and not gw.survey_path.exists() and gw.survey_map is None
         gw.checkins.close()
+
+
+def test_survey_status_says_why_a_survey_file_is_not_used(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said only "in use: no survey map"; the reason was in /api/v1/status and the log."""
+    from test_checkins import NoAdverts
+
+    from gateway.cli import _print_survey
+    from gateway.config import Settings, SurveyConfig
+    from gateway.identity import MemberDirectory
+    from gateway.points import load_rules
+    from gateway.runtime import Gateway
+    from gateway.store import Store
+
+    (tmp_path / "survey.json").write_text("{not json")
+    settings = Settings(survey=SurveyConfig(transmitter="beacon:tag"))
+    with Store(tmp_path) as store:
+        gw = Gateway(settings, store, NoAdverts(), MemberDirectory(), load_rules(None), [])
+        status = gw.survey_status()
+        gw.checkins.close()
+    assert status["applied"] is None and status["problem"] and "survey.json" in status["problem"], status
+    _print_survey(status)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == ["in use: no survey map", f"not used: {status['problem']}"], out
