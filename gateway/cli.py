@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from sensors.nodes import NodesSource
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+AHEAD_S = 5.0
+"""A data directory whose data time is this far ahead of the wall clock came from a run faster than real time."""
 HOSTNAME_MISMATCH = 62
 """OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH: the certificate does not name the host it was reached at."""
 
@@ -948,6 +950,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             dashboard = _dashboard_notes(settings, str(args.file))
     except ConfigError as e:
         problems += e.problems
+    try:
+        if "mqtt" not in bad:
+            settings.mqtt.secrets()  # the password file and client key can be used, as `run` will
+    except ValueError as e:
+        problems.append(f"{args.file}: {e}")
     if problems:
         raise ConfigError(problems)
     plan = settings.plan
@@ -1008,8 +1015,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # A simulation faster than real time runs ahead of the wall clock: started again on the same data directory it
     # goes on from where that one got to, not back to now (its visits, days and counts are ahead of now).
     held = _data_until(settings.storage.directory(args.data_dir))
-    ahead = held is not None and held > time.time()
-    clock = Clock(args.speed, start=held if ahead else None)
+    ahead = held is not None and held > time.time() + AHEAD_S
+    clock = Clock(args.speed, start=held if ahead else None, simulation=True)
     world = World(scenario, args.seed, clock.start)
     members = MemberDirectory()
     members.set_members(world.member_keys)  # the simulated store's app users, as if the backend provisioned them
@@ -1017,7 +1024,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"Visita {__version__} · store {settings.store} · gateway {settings.gateway}",
         f"  source     simulated store {scenario.name!r} (seed {args.seed}) at {args.speed:g}x"
         + (f", for {args.until:g} s of simulated time" if args.until else "")
-        + (f", going on from {_local(clock.start, settings.timezone)} (the data directory's time)" if held else ""),
+        + (f", going on from {_local(clock.start, settings.timezone)} (the data directory's time)" if ahead else ""),
     ]
     nodes = _nodes_source(args, settings, clock.now, banner)
     opts = RunOptions(data_dir=args.data_dir, mqtt=args.mqtt, dashboard=args.dashboard, until_s=args.until)

@@ -182,6 +182,7 @@ class BeaconConfig(Strict):
 STRAY_RECEIVER_M = 10.0
 """A receiver further than this outside every zone is reported by `visita config check` (PlanConfig.stray_receivers)."""
 OVERLAP_STEP_M = 0.25
+OVERLAP_SAMPLES_MAX = 250_000
 OVERLAP_NOTE_M2 = 1.0
 """Zones sharing at least this much area are named by `visita config check` (PlanConfig.overlap_notes)."""
 SHADOWED_SHARE = 0.5
@@ -246,11 +247,12 @@ class PlanConfig(Strict):
         """For each zone that overlaps zones listed before it: its index, the share of its area they hold, and
         each of them with the area (m²) it shares (sampled every OVERLAP_STEP_M)."""
         out: list[tuple[int, float, list[tuple[str, float]]]] = []
-        step = OVERLAP_STEP_M
         for i, z in enumerate(self.zones):
             if not z.polygon or not any(e.polygon for e in self.zones[:i]):
                 continue
             xs, ys = [p[0] for p in z.polygon], [p[1] for p in z.polygon]
+            box = (max(xs) - min(xs)) * (max(ys) - min(ys))
+            step = max(OVERLAP_STEP_M, math.sqrt(box / OVERLAP_SAMPLES_MAX))  # a huge zone (a typo) sampled coarser
             gx, gy = np.meshgrid(
                 np.arange(min(xs) + step / 2, max(xs), step, dtype=np.float32),
                 np.arange(min(ys) + step / 2, max(ys), step, dtype=np.float32),
@@ -468,6 +470,12 @@ class MqttConfig(Strict):
         if self.backoff_min_s > self.backoff_max_s:
             raise ValueError("mqtt.backoff_min_s must not be above mqtt.backoff_max_s")
         return self
+
+    def secrets(self) -> str | None:
+        """`password`, once the client key is known to be private too (ValueError naming the setting and file)."""
+        if self.key:
+            check_private(self.key, "mqtt.key")
+        return self.password()
 
     def password(self) -> str | None:
         """The password from `password_file`, or systemd's credential ``mqtt-password``; None when neither.

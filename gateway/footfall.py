@@ -148,7 +148,7 @@ class Footfall:
         for v in self._reopened:
             if counted is not None and v.visit_id not in counted:
                 self._entries.append(v.started)
-                self._today["visitors"] += 1
+                self._today["visitors"] += int(self._days.day(v.started) >= self._day)  # its first day's, as in update
                 self._minute.entries += 1
             self._open.add(v.visit_id)
         self._reopened = []

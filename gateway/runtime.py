@@ -30,7 +30,6 @@ from gateway.config import (
     ConfigError,
     DashboardTls,
     Settings,
-    check_private,
     load_tls,
     parse_listen,
     parse_mqtt_url,
@@ -94,8 +93,12 @@ class Clock:
     replay driven by the data alone (`step_s`: each reading moves data time on by that much,
     whatever the wall clock says, so a recorded log plays as fast as the pipeline goes)."""
 
-    def __init__(self, speed: float = 1.0, start: float | None = None, step_s: float | None = None) -> None:
+    def __init__(
+        self, speed: float = 1.0, start: float | None = None, step_s: float | None = None, simulation: bool = False
+    ) -> None:
+        """`simulation`: the gateway drives the data itself (`visita run --sim`), so `hold_back` may slow it down."""
         self.speed = speed
+        self.simulation = simulation
         self.start = time.time() if start is None else start
         self.step_s = step_s
         self._t0 = time.monotonic()
@@ -135,12 +138,13 @@ class Clock:
         return t
 
     def hold_back(self, t: float) -> bool:
-        """Make data time `t` now and go on from there at the same speed, when this clock runs a simulation (any speed
-        but the live 1, where data time is the wall clock, and not a replay's steps): a simulation asked to run
-        faster than the machine can process it runs as fast as it can rather than building a backlog. False, and
-        nothing changed, for a live clock: real data comes when it comes and has to be caught up with."""
-        if self._follows_wall or self.step_s is not None:
-            return False
+        """Make data time `t` now and go on from there at the same speed, when this clock runs a simulation the gateway
+        drives itself (`simulation`; not a replay's steps): a simulation asked to run faster than the machine can
+        process it runs as fast as it can rather than building a backlog. False, and nothing changed, for any other
+        clock: data from a radio (live, or a rehearsal's emulated BlueZ, whose phones follow their own clock) comes
+        when it comes and has to be caught up with."""
+        if not self.simulation or self._follows_wall or self.step_s is not None:
+            return False  # at speed 1 a simulation's data time is the wall clock's (Clock.now), caught up with
         self._t0 = time.monotonic() - (t - self.start) / self.speed
         return True
 
@@ -915,9 +919,7 @@ async def run(
         url = parse_mqtt_url(mqtt_url)
         client_id = settings.mqtt.client_id or f"visita-{settings.store}-{settings.gateway}"
         try:
-            password = settings.mqtt.password()
-            if settings.mqtt.key:
-                check_private(settings.mqtt.key, "mqtt.key")
+            password = settings.mqtt.secrets()
         except ValueError as e:
             store.close()
             if sock is not None:

@@ -598,3 +598,29 @@ def test_run_refuses_an_mqtt_client_key_others_may_read_as_a_bad_config(tmp_path
     )  # fmt: skip
     assert r.returncode == 2, r.stderr
     assert f"mqtt.key {key}: mode 0644 lets anyone on this machine read it; chmod 640 it" in r.stderr, r.stderr
+    # And config check says the same, with the password file's (it said ok, then the unit failed).
+    password = tmp_path / "pw"
+    password.write_text("secret\n")
+    cfg = write(tmp_path, f'[mqtt]\ncert = "{cert}"\nkey = "{key}"\npassword_file = "{password}"\n')
+    r = subprocess.run([*VISITA, "config", "check", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"{cfg}: mqtt.key {key}: mode 0644 lets anyone on this machine read it; chmod 640 it"
+    ], r.stderr
+    key.chmod(0o600)
+    r = subprocess.run([*VISITA, "config", "check", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "mqtt.password_file" in r.stderr and "chmod 640" in r.stderr, r.stderr
+
+
+def test_a_huge_zone_from_a_typo_is_checked_without_running_out_of_memory(tmp_path: Path) -> None:
+    from gateway.config import PlanConfig
+
+    plan = PlanConfig.model_validate(
+        {
+            "zones": [
+                {"id": "street", "outside": True, "polygon": [[0, -5], [20, -5], [20, 0], [0, 0]]},
+                {"id": "shop", "polygon": [[0, 0], [4000, 0], [4000, 4000], [0, 4000]]},  # metres typed as cm
+            ],
+            "receivers": [{"id": "rx", "zone": "shop", "position": [5, 5]}],
+        }
+    )
+    assert plan.overlap_notes() == []

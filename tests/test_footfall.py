@@ -299,3 +299,17 @@ def test_a_visit_counts_on_the_day_it_began_and_not_again_after_midnight() -> No
     early = visit("early", at(0, 2, day=16), at(0, 3, day=16), "visitor")
     f.update([chg("started", at(0, 3, day=16), early)], at(0, 3, day=16))
     assert (f.snapshot()["visitors_today"], f.snapshot()["occupancy"]) == (1, 3)
+
+
+def test_a_visit_whose_entry_a_power_loss_kept_from_being_written_counts_on_the_day_it_began() -> None:
+    """The restore path counts such an entry at the restart; like `update`, not in the new day's visitors."""
+    days = LocalDays("Europe/Berlin")
+    f = Footfall(days)
+    f.update([], at(23, 56))
+    v = visit("late", at(23, 57), at(23, 58), "visitor")  # started, but the power went before the counts were written
+    g = Footfall(days)
+    g.restore(f.state())
+    g.reopen([v])
+    g.update([], at(0, 1, 0, day=16))
+    snap = g.snapshot()
+    assert (snap["day"], snap["visitors_today"], snap["occupancy"]) == ("2026-06-16", 0, 1), snap

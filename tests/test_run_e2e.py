@@ -278,3 +278,24 @@ def test_a_faster_than_real_time_simulation_goes_on_from_its_data_directory_in_i
     assert held and held.group(2) in ("CET", "CEST"), line
     # 20 simulated minutes after the first run's start, in Berlin time: ahead of the wall clock.
     assert datetime.fromisoformat(held.group(1)).replace(tzinfo=ZoneInfo("Europe/Berlin")).timestamp() > time.time()
+
+
+def test_a_clock_held_back_is_the_simulations_own_only() -> None:
+    """A rehearsal's clock follows an emulated BlueZ whose phones compute member tokens from their own time: held
+    back, its data time would drift from theirs. Only `visita run --sim`'s clock (simulation=True) is held back, and
+    not at speed 1, where data time is the wall clock."""
+    from gateway.runtime import Clock
+
+    t = time.time() - 100
+    assert Clock(60, start=t).hold_back(t + 5) is False
+    assert Clock(1).hold_back(t) is False and Clock(1, simulation=True).hold_back(t) is False
+    sim = Clock(60, start=t, simulation=True)
+    assert sim.hold_back(t + 5) is True and abs(sim.now() - (t + 5)) < 1
+
+
+def test_a_real_time_simulation_started_again_does_not_claim_to_go_on_from_the_data_directory(tmp_path: Path) -> None:
+    args = [*VISITA, "run", "--sim", "--until", "2s", "--mqtt", "off", "--dashboard", "off", "--data-dir",
+            str(tmp_path / "d")]  # fmt: skip
+    for _ in range(2):
+        r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "going on from" not in r.stdout, r.stdout
