@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from gateway.config import points_in_polygon as points_in_polygon  # one rule for zones, here and in the gateway
+
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 Bool = npt.NDArray[np.bool_]
@@ -19,25 +21,6 @@ Bool = npt.NDArray[np.bool_]
 def as_polygon(points: Sequence[tuple[float, float]]) -> F64:
     """Corners as a (k, 2) float array."""
     return np.asarray(points, dtype=np.float64).reshape(-1, 2)
-
-
-def points_in_polygon(x: F64, y: F64, polygon: F64) -> Bool:
-    """Ray casting for many points at once (same shape as x and y).
-
-    A point on the polygon's lower or left edge counts as inside, one on its upper or right edge
-    as outside, so adjacent zones sharing an edge never both claim a point.
-    """
-    inside = np.zeros(np.shape(x), dtype=np.bool_)
-    n = len(polygon)
-    for i in range(n):
-        x1, y1 = polygon[i]
-        x2, y2 = polygon[(i + 1) % n]
-        if y1 == y2:
-            continue
-        crosses = (y1 > y) != (y2 > y)
-        x_at = (x2 - x1) * (y - y1) / (y2 - y1) + x1
-        inside ^= crosses & (x < x_at)
-    return inside
 
 
 def polygon_area(polygon: F64) -> float:

@@ -117,7 +117,7 @@ def _edge_list(polygon: Sequence[tuple[float, float]]) -> list[tuple[float, floa
 
 
 def _inside(x: float, y: float, edges: list[tuple[float, float, float, float]]) -> bool:
-    """Scalar ray casting, the same rule as geometry.points_in_polygon (faster for one point)."""
+    """Scalar ray casting, the same rule as gateway.config.points_in_polygon (faster for one point)."""
     hit = False
     for x1, y1, x2, y2 in edges:
         if (y1 > y) != (y2 > y) and x < (x2 - x1) * (y - y1) / (y2 - y1) + x1:

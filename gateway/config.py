@@ -357,9 +357,15 @@ def _id_problems(
 
 
 def points_in_polygon(
-    x: npt.NDArray[np.float32], y: npt.NDArray[np.float32], polygon: Sequence[tuple[float, float]]
+    x: npt.NDArray[np.floating[Any]],
+    y: npt.NDArray[np.floating[Any]],
+    polygon: Sequence[tuple[float, float]] | npt.NDArray[np.float64],
 ) -> npt.NDArray[np.bool_]:
-    """Ray casting; a point on a lower or left edge is inside, on an upper or right edge outside."""
+    """Ray casting for many points at once (the shape of x and y), for the gateway and the simulator alike.
+
+    A point on the polygon's lower or left edge counts as inside, one on its upper or right edge as outside, so
+    adjacent zones sharing an edge never both claim a point.
+    """
     inside = np.zeros(np.shape(x), dtype=np.bool_)
     n = len(polygon)
     for i in range(n):

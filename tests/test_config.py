@@ -612,8 +612,11 @@ def test_run_refuses_an_mqtt_client_key_others_may_read_as_a_bad_config(tmp_path
 
 
 def test_a_huge_zone_from_a_typo_is_checked_without_running_out_of_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
     from gateway.config import PlanConfig
 
+    tracemalloc.start()  # numpy's arrays are traced: sampled every 0.25 m this zone took gigabytes
     plan = PlanConfig.model_validate(
         {
             "zones": [
@@ -624,3 +627,6 @@ def test_a_huge_zone_from_a_typo_is_checked_without_running_out_of_memory(tmp_pa
         }
     )
     assert plan.overlap_notes() == []
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 100_000_000, f"{peak / 1e6:.0f} MB to check one plan"
