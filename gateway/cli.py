@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -548,13 +549,14 @@ def _gateway_address(args: argparse.Namespace, settings: Settings, role: str) ->
     cert = settings.dashboard.tls_cert_file
     if args.url:
         base = args.url.rstrip("/")
+        shown = redact_url(args.url)  # a user name or password in it is never echoed
         try:
             parts = urlsplit(base)
             _ = parts.port  # a port that is not a number raises here
         except ValueError as e:
-            raise UsageError(f"--url {args.url}: {e}; give an address such as https://visita-gw.local:8443") from None
+            raise UsageError(f"--url {shown}: {e}; give an address such as https://visita-gw.local:8443") from None
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.username is not None:
-            raise UsageError(f"--url {args.url}: not an http(s) address such as https://visita-gw.local:8443")
+            raise UsageError(f"--url {shown}: not an http(s) address such as https://visita-gw.local:8443")
         if parts.scheme == "http" and not is_loopback(parts.hostname):
             raise UsageError(
                 f"--url {args.url}: plain HTTP would send the {role} token across the network in clear; use https:// "
@@ -715,7 +717,7 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
     store: Store | None = None
     why = ""  # why the running gateway is asked rather than the data directory read
     if args.url:
-        why = f"--url {args.url}"
+        why = f"--url {redact_url(args.url)}"
     else:
         try:
             here = stat.S_ISDIR(os.stat(data_dir).st_mode)
@@ -1172,7 +1174,7 @@ def _nodes_source(
         url = parse_mqtt_url(text)
     except ValueError as e:
         why = "must be mqtt://HOST[:PORT], the store's LAN broker" if "or off" in str(e) else str(e)
-        raise UsageError(f"--nodes: {text!r}: {why}") from None
+        raise UsageError(f"--nodes: {redact_url(text)!r}: {why}") from None
     if url.tls:
         raise UsageError(f"--nodes {url}: TLS is not supported for remote receivers yet; use the store's LAN broker")
     plan_rx = {r.id for r in settings.plan.receivers}
@@ -1385,6 +1387,9 @@ def main(argv: list[str] | None = None) -> int:
     # signal): --log-level is for Visita's own loggers; these stay at warnings, whatever it says.
     for chatty in THIRD_PARTY_LOGGERS:
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # bleak reads BLEAK_LOGGING when it is first imported (later, by `run --ble`) and then sets its logger to DEBUG
+    # with a handler of its own, past the levels above: every device's address would be logged.
+    os.environ.pop("BLEAK_LOGGING", None)
     try:
         if args.command == "run":
             return cmd_run(args)

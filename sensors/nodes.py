@@ -64,6 +64,9 @@ _SUBJECT = re.compile(r"anon:[0-9a-f]{16}|member:[A-Za-z0-9][A-Za-z0-9_.:-]{0,63
 ref, a beacon's id. Nothing else: a peer must not hand this gateway an address under one of these prefixes."""
 _ADDRESS = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}(?![0-9A-Fa-f])")
 """A Bluetooth (or other MAC) address anywhere in a subject: refused whatever its prefix."""
+_ADDRESS_REF = re.compile(r"member:(?:[0-9A-Fa-f]{12}|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4})")
+"""A member ref that is an address written without colons (as ESPresense's `mac`) or in dotted groups: refused, since
+a peer's `member:` rows become the `subject` and `member` of this gateway's events and history."""
 _RECEIVER = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 DEFAULT_ACCEPT = ("iBeacon:", "altBeacon:", "eddy:", "apple:", "samsung:", "md:ffff:", "irk:")
@@ -309,7 +312,12 @@ def parse_batch(topic: str, payload: bytes, store: str) -> Batch | None:
             return None
         if not isinstance(receiver, str) or not _RECEIVER.fullmatch(receiver):
             return None
-        if not isinstance(subject, str) or not _SUBJECT.fullmatch(subject) or _ADDRESS.search(subject):
+        if (
+            not isinstance(subject, str)
+            or not _SUBJECT.fullmatch(subject)
+            or _ADDRESS.search(subject)
+            or _ADDRESS_REF.fullmatch(subject)
+        ):
             return None
         r, f = _int_in(rssi, -127, 20), _int_in(ref, -127, 20)
         if r is None or f is None:

@@ -112,6 +112,37 @@ def test_debug_logging_never_opens_the_libraries_that_log_addresses() -> None:
     assert theirs >= logging.WARNING
 
 
+def test_bleak_logging_in_the_environment_does_not_reopen_bleaks_debug_log() -> None:
+    # BLEAK_LOGGING=1 (bleak's own troubleshooting switch) makes bleak set its logger to DEBUG with a handler of its
+    # own when it is imported, which `run --ble` does after the levels above are set: every address would be logged.
+    code = (
+        "import logging, os; os.environ['BLEAK_LOGGING'] = '1'; from gateway.cli import main\n"
+        "main(['run'])\n"
+        "import bleak\n"
+        "log = logging.getLogger('bleak')\n"
+        "print(log.getEffectiveLevel(), sum(not isinstance(h, logging.NullHandler) for h in log.handlers))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    level, handlers = map(int, proc.stdout.split())
+    assert level >= logging.WARNING and handlers == 0, proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--sim", "--mqtt", "off", "--nodes", "mqtt://alice:S3cretPw@127.0.0.1:1883"],
+        ["run", "--sim", "--mqtt", "off", "--nodes", "mqtts://alice:S3cretPw@127.0.0.1:8883"],
+        ["survey", "status", "--url", "http://alice:S3cretPw@127.0.0.1:8080"],
+        ["points", "explain", "m-1", "--url", "https://alice:S3cretPw@gw.local:x"],
+    ],
+)
+def test_a_password_in_a_url_option_is_never_echoed(args: list[str]) -> None:
+    proc = visita(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert "***@" in proc.stderr
+    assert "S3cretPw" not in proc.stdout + proc.stderr
+
+
 @pytest.mark.broker
 def test_keys_import_is_refused_while_the_gateway_runs_so_cmd_members_cannot_lose_the_keys(
     broker: Broker, tmp_path: Path

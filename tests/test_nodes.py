@@ -163,6 +163,9 @@ def test_batch_round_trip_and_rejects() -> None:
         ("sightings", [[T0, "rx-2", "anon:C0:FF:EE:12:34:56", -60, -59]]),  # nor under a subject's prefix
         ("sightings", [[T0, "rx-2", "member:c0-ff-ee-12-34-56", -60, -59]]),
         ("sightings", [[T0, "rx-2", "beacon:c0:ff:ee:12:34:56", -60, -59]]),
+        ("sightings", [[T0, "rx-2", "member:c0ffee123456", -60, -59]]),  # ESPresense's own way to write an address
+        ("sightings", [[T0, "rx-2", "member:C0FFEE123456", -60, -59]]),
+        ("sightings", [[T0, "rx-2", "member:c0ff.ee12.3456", -60, -59]]),
         ("sightings", [[T0, "rx-2", "anon:ab12", -60, -59]]),  # not what a gateway makes of an address
         ("sightings", [[T0, "RX 2", "anon:ab", -60, -59]]),
         ("sightings", [[T0, "rx-2", "anon:ab", -60]]),
