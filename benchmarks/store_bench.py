@@ -3,8 +3,9 @@
 The hot file holds the outbox and a short journal only; awards and visits go to per-day
 history files (appended every ROLL_EVERY records), so the cost per tick should stay flat
 whatever N is. For each size N the store is seeded with N awards and N finished visits,
-then runs ticks of the runtime's shape: put `--events-per-tick` events, ack the
-previous tick's events, add a few awards and visits, commit. Printed per size:
+`--per-day` a day (so N / per-day day files), then runs ticks of the runtime's shape: put
+`--events-per-tick` events, ack the previous tick's events, add a few awards and visits, commit.
+Printed per size:
 
 - put ms: the in-memory writes of one tick (TinyDB rebuilds a table per operation);
 - commit ms: the atomic write of one tick (serialise, write, fsync, rename, fsync dir),
@@ -12,7 +13,8 @@ previous tick's events, add a few awards and visits, commit. Printed per size:
 - µs/event: mean commit cost divided by the events, awards and visits of one tick;
 - events-only commit ms: the same for a tick that only puts and acks events (most ticks);
 - serialise ms: json.dumps of the same state alone, to split CPU from disk;
-- open ms: opening the store again (parse, check every record, build indexes);
+- open ms: opening the store again (the hot file, and the day files of the last INDEX_DAYS days or as far
+  back as `--visits-limit` visits need: it stays flat once the history is longer than that);
 - file size.
 
 Each figure is the median of `--ticks` runs. Run from the repository root:
@@ -27,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.model import Award, Event, Visit, ZoneSegment
@@ -47,21 +50,27 @@ def make_event(seq: int) -> Event:
     )
 
 
-def make_award(n: int) -> Award:
+def started(n: int, per_day: int) -> float:
+    """When record n's visit began: `per_day` visits a day, spread over 12 hours of each day."""
+    return T0 + (n // per_day) * 86_400.0 + (n % per_day) * (43_200.0 / per_day)
+
+
+def make_award(n: int, per_day: int) -> Award:
+    ts = started(n, per_day) + 600.0
     return Award(
         award_id=f"award-{n:010d}",
         member=f"m-{n % 5000:05d}",
         rule="visit-basic",
         points=10,
         visit_id=f"visit-{n:08d}",
-        ts=T0 + n,
-        day="2026-11-24",
+        ts=ts,
+        day=datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d"),
         reason="visit of at least 5 minutes",
     )
 
 
-def make_visit(n: int) -> Visit:
-    start = T0 + n
+def make_visit(n: int, per_day: int) -> Visit:
+    start = started(n, per_day)
     return Visit(
         visit_id=f"visit-{n:08d}",
         subject=f"member:m-{n % 5000:05d}",
@@ -81,13 +90,12 @@ def ms_since(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-def bench_size(root: Path, size: int, ticks: int, events_per_tick: int, visits_limit: int | None) -> dict[str, float]:
+def bench_size(root: Path, size: int, ticks: int, events_per_tick: int, limit: int, per_day: int) -> dict[str, float]:
     data_dir = root / f"n{size}"
-    limit = visits_limit or size
     store = Store(data_dir, recent_visits_limit=limit)
     t = time.perf_counter()
-    store.put_awards(make_award(n) for n in range(size))
-    store.put_visits(make_visit(n) for n in range(size))
+    store.put_awards(make_award(n, per_day) for n in range(size))
+    store.put_visits(make_visit(n, per_day) for n in range(size))
     seed_put = ms_since(t)
     t = time.perf_counter()
     store.commit()
@@ -105,8 +113,8 @@ def bench_size(root: Path, size: int, ticks: int, events_per_tick: int, visits_l
         t = time.perf_counter()
         store.put_events(events)
         store.ack_events(previous)
-        store.put_awards([make_award(extra), make_award(extra + 1)])
-        store.put_visits([make_visit(extra), make_visit(extra + 1)])
+        store.put_awards([make_award(extra, per_day), make_award(extra + 1, per_day)])
+        store.put_visits([make_visit(extra, per_day), make_visit(extra + 1, per_day)])
         puts.append(ms_since(t))
         t = time.perf_counter()
         store.commit()
@@ -124,6 +132,7 @@ def bench_size(root: Path, size: int, ticks: int, events_per_tick: int, visits_l
         events_only.append(ms_since(t))
         previous = [e.id for e in events]
     visits = store.diagnostics()["recent_visits"]
+    days = len(store.history_days())
     size_bytes = store.diagnostics()["file_size_bytes"]
     store.close()
 
@@ -139,6 +148,7 @@ def bench_size(root: Path, size: int, ticks: int, events_per_tick: int, visits_l
         opens.append(ms_since(t))
     return {
         "awards": size,
+        "days": days,
         "visits": visits,
         "file_mb": size_bytes / 1e6,
         "seed_put_ms": seed_put,
@@ -163,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--visits-limit",
         type=int,
-        help="recent_visits_limit of the store (default: the size, so the visits table holds N too)",
+        default=5000,
+        help="recent_visits_limit of the store: the visits held in memory (default: the gateway's, %(default)s)",
+    )
+    p.add_argument(
+        "--per-day",
+        type=int,
+        default=1000,
+        help="awards and visits a day in the history, which is spread over as many day files (default: %(default)s)",
     )
     p.add_argument("--ticks", type=int, default=300, help="ticks measured per size; medians are printed")
     p.add_argument("--events-per-tick", type=int, default=20, help="events put (and acked) per tick")
@@ -174,23 +191,23 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
         p.error(f"--sizes {args.sizes!r}: must be comma-separated integers")
-    if args.ticks < 1 or args.events_per_tick < 1 or any(s < 1 for s in sizes) or (args.visits_limit or 1) < 1:
-        p.error("--ticks, --events-per-tick, --visits-limit and every size must be at least 1")
+    if min(args.ticks, args.events_per_tick, args.visits_limit, args.per_day, *sizes) < 1:
+        p.error("--ticks, --events-per-tick, --visits-limit, --per-day and every size must be at least 1")
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         if not args.json:
             print(
-                f"{'awards':>7} {'visits':>7} {'file MB':>8} {'put ms':>8} {'commit ms':>10} {'mean':>6} {'µs/rec':>7} "
-                f"{'ev-only commit ms':>18} {'serialise ms':>13} {'open ms':>8}"
+                f"{'awards':>7} {'days':>5} {'visits':>7} {'file MB':>8} {'put ms':>8} {'commit ms':>10} {'mean':>6} "
+                f"{'µs/rec':>7} {'ev-only commit ms':>18} {'serialise ms':>13} {'open ms':>8}"
             )
         for size in sizes:
-            r = bench_size(root, size, args.ticks, args.events_per_tick, args.visits_limit)
+            r = bench_size(root, size, args.ticks, args.events_per_tick, args.visits_limit, args.per_day)
             if args.json:
                 print(json.dumps(r))
             else:
                 print(
-                    f"{size:>7} {r['visits']:>7.0f} {r['file_mb']:>8.2f} {r['put_ms']:>8.2f} "
+                    f"{size:>7} {r['days']:>5.0f} {r['visits']:>7.0f} {r['file_mb']:>8.2f} {r['put_ms']:>8.2f} "
                     f"{r['commit_ms']:>10.2f} {r['commit_mean_ms']:>6.2f} {r['us_per_record']:>7.1f} "
                     f"{r['events_only_commit_ms']:>18.2f} "
                     f"{r['serialise_ms']:>13.2f} {r['open_ms']:>8.1f}"

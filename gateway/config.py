@@ -749,6 +749,13 @@ class StorageConfig(Strict):
     full_disk_outbox_max: int = Field(
         default=2_000, ge=10, le=1_000_000, description="The same bound while the disk is full (events in memory)."
     )
+    history_days: int = Field(
+        default=90,
+        ge=1,
+        le=36_500,
+        description="Days of finished visits and awards kept in the data directory (history/), today included; "
+        "older days are deleted once a store-local day. Never fewer than the points rules look back on.",
+    )
 
     def directory(self, given: Path | None = None) -> Path:
         """The data directory: `given` (--data-dir), else `data_dir`, else the default."""

@@ -232,8 +232,13 @@ def ledger_since(rules: RuleSet, history_days: Sequence[str]) -> str | None:
     """
     if not history_days:
         return None
-    back = max([LEDGER_MIN_DAYS, *(r.days + 2 for r in rules.rules if isinstance(r, StreakRule))])
-    return (date.fromisoformat(max(history_days)) - timedelta(days=back)).isoformat()
+    return (date.fromisoformat(max(history_days)) - timedelta(days=ledger_days(rules))).isoformat()
+
+
+def ledger_days(rules: RuleSet) -> int:
+    """How many days of ledger the rules look back on (`ledger_since`): the longest streak's `days` plus 2, at least
+    LEDGER_MIN_DAYS. The history kept (`storage.history_days`) is never shorter."""
+    return max([LEDGER_MIN_DAYS, *(r.days + 2 for r in rules.rules if isinstance(r, StreakRule))])
 
 
 def load_rules(path: Path | None) -> RuleSet:
@@ -446,6 +451,11 @@ class PointsEngine:
     def day_points(self, member: str, day: str) -> int:
         """Points awarded to this member on this store-local day so far."""
         return self._day_points.get((member, day), 0)
+
+    @property
+    def rules(self) -> RuleSet:
+        """The rules this engine judges by."""
+        return self._set
 
     def evaluate(self, changes: Sequence[VisitChange]) -> list[Award]:
         """Awards earned by these changes that were not granted before."""

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +52,7 @@ from gateway.points import (
     RuleSet,
     dead_rule_problems,
     explain_member,
+    ledger_days,
     ledger_since,
     rules_from_file,
     rules_in_force,
@@ -259,6 +260,8 @@ class Gateway:
         self.clock: Callable[[], float] = time.time
         """Data time for check-ins between ticks (the runtime's clock; wall time by default)."""
         self._days = days
+        self._retained_day = ""
+        """The store-local day the history was last trimmed for (`_retain`)."""
         self.now = 0.0
         self.ticks = 0
         self.adverts = 0
@@ -332,6 +335,16 @@ class Gateway:
         held = max(self._data_until or 0.0, self.now) or None
         return {"footfall": self.footfall.state(), "visits_as_of": as_of, "data_until": held}
 
+    def _retain(self, now: float) -> None:
+        """Once a store-local day: the store deletes the history older than `storage.history_days`, or than the points
+        rules look back if that is longer (with this tick's commit)."""
+        today = self._days.day(now)
+        if today == self._retained_day:
+            return
+        self._retained_day = today
+        back = max(self.settings.storage.history_days - 1, ledger_days(self.points.rules))  # today is one of them
+        self.store.retain((date.fromisoformat(today) - timedelta(days=back)).isoformat())
+
     def _keep_visits(self, now: float, everything: bool = False) -> None:
         """Hand the store the open visits that changed (VisitTracker.take_kept), for the commit of their events."""
         kept, ended = self.tracker.take_kept(now, everything)
@@ -352,6 +365,7 @@ class Gateway:
         finished = [c.visit for c in changes if c.kind == "ended" and c.visit.classification != "pass-by"]
         self._put_checkins()
         self._keep_visits(now, everything=stopping)
+        self._retain(now)
         self.store.put_events(events)
         self.store.put_awards(awards)
         self.store.put_visits(finished)

@@ -15,7 +15,11 @@ so the store is shaped around that:
   at open, the journal is appended to per-day files ``history/YYYY-MM-DD.jsonl`` (one
   JSON record per line, fsynced) and only then cleared from the hot file. The hot file
   therefore holds the outbox plus at most a few hundred journal records, whatever the
-  history: the cost of a commit does not grow with the ledger.
+  history: the cost of a commit does not grow with the ledger;
+- opening reads the day files of the last INDEX_DAYS days (and older ones only as far as needed for
+  `recent_visits_limit` visits, or named by the journal), so start-up does not grow with the history either;
+- `retain(before_day)` deletes the day files of older days with the next commit (the runtime asks for it once a
+  store-local day, after `storage.history_days`).
 
 Tables in the hot file `<data_dir>/visita.json`:
 
@@ -65,7 +69,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +101,12 @@ ACK_COMMIT_S = 2.0
 """A commit whose only changes are acks writes at most this often, seconds: losing an ack in a
 crash costs a QoS 1 duplicate (same id), never an event, and a large backlog drains without
 rewriting the outbox at every tick."""
+INDEX_DAYS = 7
+"""Days of history, counted back from the newest day file, whose award ids and visits are read at open (older
+files only as far as needed to hold `recent_visits_limit` visits, or for a journal record of their day). The points
+engine reads the ledger it needs itself (`awards(since_day)`, at least 9 days) and never judges a visit older than
+that (`ledger_since`): exactly-once is its work, and the award ids indexed here only refuse a second copy of a recent
+award."""
 DROP_ORDER = ("footfall.minute", "zone.changed")
 """Event types the outbox bound may drop, first to last. Visits and awards are never dropped."""
 
@@ -394,9 +404,14 @@ class PendingCommit:
     """Journal documents those lines are; dropped from the journal once appended."""
     pending: int = 0
     """Events waiting in the outbox as this payload holds them."""
+    retain_from: str | None = None
+    """Delete the day files of days before this one ("YYYY-MM-DD") after the write (`Store.retain`)."""
     ms: float = 0.0
     error: OSError | None = None
     roll_error: OSError | None = None
+    deleted: int = 0
+    """Day files deleted for `retain_from`."""
+    retain_error: OSError | None = None
 
 
 def _visit_day(ended: float) -> str:
@@ -446,6 +461,10 @@ class Store:
         self._last_error = ""
         self._rolls = 0
         self._history_lines = 0
+        self._retain_from: str | None = None  # asked for by `retain`, done by the next commit
+        self._deleted_days = 0
+        self._named_visits: dict[str, list[dict[str, Any]]] = {}
+        """At open: the visits in the day files that the journal names, by day (`_in_history`)."""
         self._must_write = False  # changes that must be on disk before anything is published
         self._last_write = 0.0
         self._keep: Callable[[], dict[str, Any]] | None = None
@@ -530,6 +549,7 @@ class Store:
         stale = [doc.doc_id for doc in self._journal.all() if self._in_history(doc)]
         if stale:
             self._journal.remove(doc_ids=stale)
+        self._named_visits.clear()
         for doc in self._journal.all():
             self._index_history(doc["kind"], doc["rec"])
         self._roll()
@@ -729,10 +749,43 @@ class Store:
             yield kind, rec
 
     def _load_history(self) -> None:
-        for _, path in self._day_files():
-            for kind, rec in self._read_day(path, repair=True):
+        """Index the recent day files (INDEX_DAYS, else as many as `recent_visits_limit` visits need) and those the
+        journal names; cut a torn last line off any day file."""
+        files = self._day_files()
+        if not files:
+            return
+        named = {d["day"] for d in self._journal.all()} | {d["day"] for d in self._legacy}
+        first = (date.fromisoformat(files[-1][0]) - timedelta(days=INDEX_DAYS)).isoformat()
+        chosen: list[list[tuple[str, dict[str, Any]]]] = []
+        visits = 0
+        for day, path in reversed(files):
+            if day >= first or visits < self._limit or day in named:
+                records = list(self._read_day(path, repair=True))
+                visits += sum(kind == "visit" for kind, _ in records)
+                chosen.append(records)
+                if day in named:
+                    self._named_visits[day] = [rec for kind, rec in records if kind == "visit"]
+            else:
+                self._repair_tail(path)
+        for records in reversed(chosen):  # oldest first: of two records of one visit, the later one wins
+            for kind, rec in records:
                 self._index_history(kind, rec)
-                self._history_lines += 1
+            self._history_lines += len(records)
+
+    def _repair_tail(self, path: Path) -> None:
+        """Cut a torn last line off a day file that is not read at open (the next append would join it)."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() == 0:
+                    return
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e.strerror}; fix its permissions") from e
+        if torn:
+            for _ in self._read_day(path, repair=True):
+                pass
 
     def _index_history(self, kind: str, rec: dict[str, Any]) -> None:
         if kind == "award":
@@ -763,11 +816,11 @@ class Store:
             heapq.heapify(self._visits_heap)
 
     def _in_history(self, doc: dict[str, Any]) -> bool:
+        """At open: whether a journal (or legacy) record is in its day file already."""
         rec = doc["rec"]
         if doc["kind"] == "award":
             return str(rec["award_id"]) in self._award_ids
-        old = self._visits.get(str(rec["visit_id"]))
-        return bool(old == rec)
+        return rec in self._named_visits.get(doc["day"], ())
 
     def _roll(self) -> bool:
         """Append the journal to the day files (fsynced) and clear it from memory; True when done.
@@ -806,6 +859,27 @@ class Store:
         except OSError as e:
             return e
         return None
+
+    def _delete_days(self, before: str) -> int:
+        """Delete the day files of days before `before`; how many. Touches no shared state (the writer thread calls
+        it during a commit, after that commit's appends: never while a day file is being appended to)."""
+        gone = 0
+        try:
+            names = os.listdir(self._hist)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            if (m := _DAY_FILE_RE.fullmatch(name)) and m.group(1) < before:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._hist / name)
+                    gone += 1
+        if gone:
+            hist_fd = os.open(self._hist, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(hist_fd)
+            finally:
+                os.close(hist_fd)
+        return gone
 
     def _rolled(self, doc_ids: list[int], error: OSError | None) -> bool:
         """After `_append_history`: drop the appended records from the journal, or report why not."""
@@ -866,6 +940,17 @@ class Store:
         self._require_open()
         return self._last_seq
 
+    def retain(self, before_day: str) -> None:
+        """Delete the history of the days before `before_day` ("YYYY-MM-DD"): its day files go with the next commit
+        (on the thread that writes, after that commit's appends), and its visits leave the recent visits then.
+
+        Records still in the journal for those days are appended with a later roll and deleted the next time."""
+        self._require_open()
+        if not _DAY_RE.fullmatch(before_day):
+            raise ValueError(f"before_day = {before_day!r}: must be a date written YYYY-MM-DD")
+        self._retain_from = before_day
+        self._must_write = True
+
     def awards(self, since_day: str | None = None) -> list[Award]:
         """The ledger, oldest day first; with `since_day` ("YYYY-MM-DD") only awards of that day or later.
 
@@ -916,6 +1001,7 @@ class Store:
             "ledger_size": len(self._award_ids),
             "history_records": self._history_lines,
             "history_rolls": self._rolls,
+            "history_days_deleted": self._deleted_days,
             "recent_visits": len(self._visits),
             "visits_trimmed": self._visits_trimmed,
             "last_seq": self._last_seq,
@@ -1123,13 +1209,13 @@ class Store:
         """Append awards to the ledger; an award_id already present is ignored. Returns the number added."""
         self._require_open()
         added: list[dict[str, Any]] = []
-        ids: list[str] = []
+        ids: set[str] = set()
         for award in awards:
             if award.award_id in self._award_ids or award.award_id in ids:
                 continue
             rec = _plain(award_to_record(award), f"award {award.award_id}")
             added.append({"kind": "award", "day": award.day, "rec": rec})
-            ids.append(award.award_id)
+            ids.add(award.award_id)
         if added:
             self._journal.insert_multiple(added)
             self._award_ids.update(ids)
@@ -1191,8 +1277,9 @@ class Store:
         # on disk first. The cleared journal is written by the next commit.
         self._must_write = False
         pending = len(self._outbox_seq)
+        retain, self._retain_from = self._retain_from, None
         return PendingCommit(
-            self._disk.prepare(), self._last_seq, _history_lines(roll), [d.doc_id for d in roll], pending
+            self._disk.prepare(), self._last_seq, _history_lines(roll), [d.doc_id for d in roll], pending, retain
         )
 
     def write_commit(self, pending: PendingCommit) -> None:
@@ -1206,6 +1293,11 @@ class Store:
             return
         if pending.roll_ids:
             pending.roll_error = self._append_history(pending.history)
+        if pending.retain_from is not None:
+            try:
+                pending.deleted = self._delete_days(pending.retain_from)
+            except OSError as e:
+                pending.retain_error = e
 
     def finish_commit(self, pending: PendingCommit) -> bool:
         """Account for a written commit (`write_commit` done); True when it is on disk, as `commit` says."""
@@ -1229,10 +1321,30 @@ class Store:
         self._last_write = time.monotonic()
         if pending.roll_ids:
             self._rolled(pending.roll_ids, pending.roll_error)
+        if pending.retain_from is not None:
+            self._forget_before(pending.retain_from, pending.deleted, pending.retain_error)
         if self._disk_full:
             self._disk_full = False
             _log.warning("disk space is back: %s written again (%d events pending)", self._path, len(self._outbox_seq))
         return True
+
+    def _forget_before(self, before: str, deleted: int, error: OSError | None) -> None:
+        """After `retain`'s files are gone: its visits leave the recent visits."""
+        if error is not None:
+            self._retain_from = self._retain_from or before  # asked again with the next commit
+            raise StoreError(
+                f"cannot delete the history before {before} in {self._hist}: {error.strerror}; fix the permissions "
+                f"of {self._dir}"
+            ) from error
+        old = [vid for vid, rec in self._visits.items() if _visit_day(float(rec["ended"])) < before]
+        for vid in old:
+            del self._visits[vid]
+        if old:
+            self._visits_heap = [(float(r["ended"]), v) for v, r in self._visits.items()]
+            heapq.heapify(self._visits_heap)
+        self._deleted_days += deleted
+        if deleted:
+            _log.info("deleted %d day file(s) of history before %s (storage.history_days)", deleted, before)
 
     def _note_full(self, e: OSError) -> None:
         self._last_error = f"cannot write {self._dir}: {e.strerror or e}"

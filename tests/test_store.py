@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -615,6 +616,87 @@ def test_torn_history_tail_and_a_crash_before_the_journal_clear(
     assert len(day.read_text().splitlines()) == 2
 
 
+DAY_S = 86_400.0
+
+
+def history_of_days(data_dir: Path, days: int, per_day: int = 3) -> list[str]:
+    """Day files of `days` consecutive UTC days, each with `per_day` awards and visits, the way the store writes them;
+    the day names, oldest first."""
+    from gateway.model import award_to_record, visit_to_record
+
+    hist = data_dir / "history"
+    hist.mkdir(parents=True, mode=0o700)
+    names = []
+    for d in range(days):
+        ended = 1_700_000_000.0 + d * DAY_S
+        name = datetime.fromtimestamp(ended, UTC).strftime("%Y-%m-%d")
+        lines = []
+        for k in range(per_day):
+            n = d * per_day + k
+            lines.append({"kind": "award", "rec": award_to_record(award(n, name))})
+            lines.append({"kind": "visit", "rec": visit_to_record(visit(n, ended + k))})
+        (hist / f"{name}.jsonl").write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
+        names.append(name)
+    return names
+
+
+def test_opening_reads_the_recent_history_only(open_store: Callable[..., Store], data_dir: Path) -> None:
+    """Start-up does not grow with the history: a year of day files costs what INDEX_DAYS of them do."""
+    days = history_of_days(data_dir, 365)
+    s = open_store(recent_visits_limit=10)
+    d = s.diagnostics()
+    assert d["history_records"] == 2 * 3 * (store_mod.INDEX_DAYS + 1), "the last INDEX_DAYS days and the newest"
+    assert [v.visit_id for v in s.recent_visits(2)] == ["v1094", "v1093"]
+    assert s.put_awards([award(1090, days[-1])]) == 0, "a recent award id still dedupes"
+    assert len(s.awards()) == 365 * 3, "the ledger on disk is all there for whoever reads it"
+    assert len(s.awards(days[-10])) == 10 * 3
+
+
+def test_opening_reads_older_days_for_the_recent_visits_and_the_journal(
+    open_store: Callable[..., Store], data_dir: Path
+) -> None:
+    days = history_of_days(data_dir, 100)
+    s = open_store(recent_visits_limit=200)
+    assert len(s.recent_visits(1000)) == 200, "older days are read as far as the recent visits need"
+    s.close()
+    # A crash after a roll's append, before the commit that clears the journal, for a day long past (a replay):
+    # that day's file is read at open although it is old, so the record is not appended a second time.
+    first = data_dir / "history" / f"{days[0]}.jsonl"
+    s = open_store(recent_visits_limit=10)
+    s.put_visits([visit(1, 1_700_000_001.0)])  # as it is on disk already
+    s.commit()
+    hot = s.path.read_bytes()  # the journal holds it
+    s.close()  # rolled: appended
+    copies = first.read_text().count('"visit_id":"v1"')
+    s.path.write_bytes(hot)
+    s = open_store(recent_visits_limit=10)
+    s.close()
+    assert first.read_text().count('"visit_id":"v1"') == copies
+
+
+def test_a_torn_day_file_not_read_at_open_is_mended(open_store: Callable[..., Store], data_dir: Path) -> None:
+    days = history_of_days(data_dir, 100)
+    first = data_dir / "history" / f"{days[0]}.jsonl"
+    whole = first.read_bytes()
+    first.write_bytes(whole + b'{"kind":"visit","rec')  # power lost during an append
+    open_store(recent_visits_limit=10).close()
+    assert first.read_bytes() == whole, "the next append to it would have joined the torn line"
+
+
+def test_retain_deletes_old_days_with_the_next_commit(open_store: Callable[..., Store], data_dir: Path) -> None:
+    days = history_of_days(data_dir, 30)
+    s = open_store()
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        s.retain("30 days ago")
+    s.retain(days[20])
+    assert len(os.listdir(data_dir / "history")) == 30, "nothing goes before the commit"
+    assert s.commit()
+    assert sorted(os.listdir(data_dir / "history")) == [f"{d}.jsonl" for d in days[20:]]
+    assert min(v.ended or 0 for v in s.recent_visits(1000)) >= 1_700_000_000.0 + 20 * DAY_S, "their visits are gone"
+    assert s.diagnostics()["history_days_deleted"] == 20
+    assert [a.day for a in s.awards()][:1] == [days[20]]
+
+
 def test_outbox_bound_drops_aggregates_first_and_never_visits_or_awards(
     open_store: Callable[..., Store], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -895,3 +977,41 @@ def test_only_plausible_seqs_are_read_from_an_unusable_file(tmp_path: Path) -> N
     assert store_mod._seqs_in(f) == 7, "garbage digits are no seq"
     f.write_bytes(b'{"seq": 12.5e3, "seq": 3')
     assert store_mod._seqs_in(f) == 3
+
+
+@pytest.mark.parametrize(("history_days", "streak_days", "kept"), [(90, None, 90), (30, None, 30), (30, 120, 123)])
+def test_the_gateway_keeps_storage_history_days_or_what_its_rules_look_back_on(
+    tmp_path: Path, history_days: int, streak_days: int | None, kept: int
+) -> None:
+    """Once a store-local day the gateway deletes older history: it keeps `storage.history_days` (today included),
+    never fewer days than the points rules look back on (a streak's `days` plus 2, before today)."""
+    from firmware_sim.scenario import load_scenario, scenario_plan
+    from firmware_sim.world import World
+    from gateway.config import Settings
+    from gateway.identity import MemberDirectory
+    from gateway.points import load_rules
+    from gateway.runtime import Gateway
+    from sensors.sim import SimSource
+
+    data_dir = tmp_path / "data"
+    days = history_of_days(data_dir, 200)
+    rules_file = tmp_path / "rules.toml"
+    rules_file.write_text(
+        '[[rules]]\nid = "visit"\nkind = "visit"\npoints = 10\n'
+        + (f'[[rules]]\nid = "streak"\nkind = "streak"\nvisits = 3\ndays = {streak_days}\npoints = 5\n'
+           if streak_days else "")
+    )  # fmt: skip
+    scenario = load_scenario("default")
+    settings = Settings().model_copy(update={"plan": scenario_plan(scenario), "timezone": "UTC"})
+    storage = settings.storage.model_copy(update={"history_days": history_days})
+    settings = settings.model_copy(update={"storage": storage})
+    now = datetime.fromisoformat(days[-1] + "T12:00:00+00:00").timestamp()
+    store = Store(data_dir)
+    gw = Gateway(settings, store, SimSource(World(scenario, 1, now)), MemberDirectory(), load_rules(rules_file), [])
+    try:
+        gw.step(now)
+        assert sorted(os.listdir(data_dir / "history")) == [f"{d}.jsonl" for d in days[-kept:]]
+        gw.step(now + 60)  # the same day: nothing more to do
+        assert store.diagnostics()["history_days_deleted"] == 200 - kept
+    finally:
+        store.close()
