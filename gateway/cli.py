@@ -23,6 +23,7 @@ from gateway.config import (
     ConfigError,
     PlanConfig,
     Settings,
+    check_private,
     format_errors,
     load_sections,
     load_settings,
@@ -832,6 +833,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
         )
         if result["unreadable_vault_kept_at"]:
             print(f"the vault that could not be read is kept at {result['unreadable_vault_kept_at']}")
+    if source != "stdin":
+        try:
+            check_private(source, "the key file")
+        except ValueError as e:  # imported all the same (the keys are in the vault now): the file is what is open
+            print(f"visita keys import: warning: {e}, or delete it now that its keys are imported", file=sys.stderr)
     return EXIT_OK
 
 

@@ -952,7 +952,8 @@ class MqttUrl:
 
 def redact_url(text: str) -> str:
     """`text` with the user name and password of any URL in it replaced by *** (for messages and logs)."""
-    return re.sub(r"//[^/\s]*@", "//***@", text)  # up to the last @ of the address, as urlsplit reads it
+    text = re.sub(r"//[^/\s]*@", "//***@", text)  # up to the last @ of the address, as urlsplit reads it
+    return re.sub(r"(?<![\w.%+:/-])[\w.%+-]+:[^\s/@]*@", "***@", text)  # user:password@host without a scheme
 
 
 def parse_mqtt_url(url: str) -> MqttUrl:
@@ -1037,6 +1038,19 @@ def _walk(model: type[BaseModel], loc: tuple[str | int, ...]) -> tuple[Any, Fiel
     return current, fld
 
 
+def _holds_secret(current: Any) -> bool:
+    """Whether a model has a secret field (repr=False), itself or in a model it holds."""
+    if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        return False
+    for fld in current.model_fields.values():
+        if fld.repr is False:
+            return True
+        inner = fld.annotation
+        if any(_holds_secret(t) for t in (inner, *getattr(inner, "__args__", ()))):
+            return True
+    return False
+
+
 def _field_names(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str] | None:
     """Names of the fields of the model found at `loc` (for 'unknown key' messages)."""
     current, _ = _walk(model, loc)
@@ -1100,8 +1114,11 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
         key = dotted(loc)
         msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
+            # Without its value: a secret under a misspelt key (`mqtt.password = ...`) is still a secret.
             allowed = _field_names(model, loc[:-1])
-            msg = "unknown key" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
+            here = f" (allowed here: {', '.join(allowed)})" if allowed else ""
+            lines.append(f"{source}: {key}: unknown key{here}")
+            continue
         elif e["type"] == "missing" and loc and isinstance(loc[-1], int):
             lines.append(f"{source}: {dotted(loc[:-1])}: too few items (no item [{loc[-1]}]; a point is [x, y])")
             continue
@@ -1125,8 +1142,10 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
         value = e.get("input")
         if isinstance(value, str):
             value = redact_url(value)
-        _, fld = _walk(model, loc)
-        if fld is not None and fld.repr is False:  # a secret (an EID beacon's key): never echoed
+        held, fld = _walk(model, loc)
+        if (fld is not None and fld.repr is False) or _holds_secret(held):
+            # A secret (an EID beacon's key), or a plain value where a table with a secret in it belongs (`eid = "…"`):
+            # never echoed.
             lines.append(f"{source}: {key} = (hidden): {msg}")
             continue
         if isinstance(value, dt.time) and not value.second and not value.microsecond:

@@ -75,7 +75,7 @@ def test_no_file_means_the_demo_store() -> None:
     [
         (
             'store = "x"\n[mqtt]\nhots = "a"\n',
-            "visita.toml: mqtt.hots = 'a': unknown key (allowed here: url, client_id",
+            "visita.toml: mqtt.hots: unknown key (allowed here: url, client_id",
         ),
         ("[mqtt]\nkeepalive_s = 0\n", "visita.toml: mqtt.keepalive_s = 0: Input should be greater than or equal to 5"),
         ('[mqtt]\nkeepalive_s = "30"\n', "visita.toml: mqtt.keepalive_s = '30': Input should be a valid integer"),
@@ -105,7 +105,7 @@ def test_no_file_means_the_demo_store() -> None:
         ('store = "Main Street!"\n', "visita.toml: store = 'Main Street!': must be lowercase letters, digits"),
         ('timezone = "Mars/Olympus"\n', "visita.toml: timezone = 'Mars/Olympus': unknown time zone"),
         ('[dashboard]\nlisten = "8080"\n', "visita.toml: dashboard.listen = '8080': must be HOST:PORT"),
-        ("stores = 1\n", "visita.toml: stores = 1: unknown key (allowed here: store, gateway"),
+        ("stores = 1\n", "visita.toml: stores: unknown key (allowed here: store, gateway"),
         (
             '[plan]\nzones = [{ id = "a" }]\nreceivers = [{ id = "r", zone = "b" }]\n',
             "receivers[0].zone = 'b': no such zone (zones: a)",
@@ -630,3 +630,37 @@ def test_a_huge_zone_from_a_typo_is_checked_without_running_out_of_memory(tmp_pa
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 100_000_000, f"{peak / 1e6:.0f} MB to check one plan"
+
+
+SECRET_KEY = "00112233445566778899aabbccddeef1"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A secret under a key the config does not have: the key is named, its value never shown.
+        ('[mqtt]\npassword = "INLINEPW4"\n', "mqtt.password: unknown key (allowed here: url,"),
+        (
+            f'[[plan.zones]]\nid = "shop"\n[[plan.receivers]]\nid = "hci0"\nzone = "shop"\n[[plan.beacons]]\n'
+            f'id = "beacon:url-0123456789ab"\nzone = "shop"\neid = {{ identity_key = "{SECRET_KEY}" }}\n',
+            "plan.beacons[0].eid.identity_key: unknown key (allowed here: key",
+        ),
+        # A plain value where a table with a secret in it belongs.
+        (
+            f'[[plan.zones]]\nid = "shop"\n[[plan.receivers]]\nid = "hci0"\nzone = "shop"\n[[plan.beacons]]\n'
+            f'id = "beacon:url-0123456789ab"\nzone = "shop"\neid = "{SECRET_KEY}"\n',
+            "plan.beacons[0].eid = (hidden): ",
+        ),
+        # user:password@host without a scheme.
+        ('[mqtt]\nurl = "alice:CFGURLPW3@broker"\n', "mqtt.url = '***@broker': must be mqtt://HOST[:PORT]"),
+    ],
+)
+def test_config_errors_never_echo_a_secret_given_in_the_wrong_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    cfg = write(tmp_path, text)
+    assert main(["config", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    for secret in ("INLINEPW4", SECRET_KEY, "CFGURLPW3"):
+        assert secret not in err, err
+    assert expected in err, err

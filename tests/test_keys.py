@@ -96,6 +96,13 @@ def test_cli_import_exit_codes_and_output_never_show_a_key(tmp_path: Path, capsy
     assert json.loads(out.out)["members"] == 5
     for k in KEYS.values():
         assert k.hex() not in out.out + out.err
+    good.chmod(0o644)  # as a download or a copy often is
+    assert main(["keys", "import", str(good), "--data-dir", str(data)]) == 0, "imported all the same"
+    err = capsys.readouterr().err
+    assert f"warning: the key file {good}: mode 0644 lets anyone on this machine read it" in err, err
+    good.chmod(0o600)
+    assert main(["keys", "import", str(good), "--data-dir", str(data)]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_import_is_refused_while_a_gateway_holds_the_data_directory(
