@@ -338,6 +338,11 @@ class MemberKeys:
         self.vault.save(MemberSet(self.directory.version, members))
 
 
+REPLY_PROBLEMS_MAX = 20
+"""A refused `cmd/members` reply names this many problems at most, then how many more (a set of 100,000 members with
+one mistake repeated would otherwise make a reply of megabytes)."""
+
+
 def apply_members_command(keys: MemberKeys, payload: bytes | Mapping[str, Any]) -> dict[str, Any]:
     """Apply one `cmd/members` message; the result is the reply (never holds a key). Nothing changes on refusal.
 
@@ -350,7 +355,10 @@ def apply_members_command(keys: MemberKeys, payload: bytes | Mapping[str, Any]) 
         result = _apply(keys, payload)
     except KeyImportError as e:
         keys.commands["refused"] += 1
-        return {"ok": False, "version": keys.directory.version, "error": "; ".join(e.problems)}
+        shown = e.problems[:REPLY_PROBLEMS_MAX]
+        more = len(e.problems) - len(shown)
+        error = "; ".join(shown) + (f"; and {more} more problem(s) like these" if more else "")
+        return {"ok": False, "version": keys.directory.version, "error": error}
     except (KeyStoreError, OSError) as e:  # the vault is written before anything changes: refused, the gateway runs
         keys.commands["refused"] += 1
         error = (

@@ -324,3 +324,16 @@ def test_cli_import_finds_the_data_directory_through_the_gateways_config(tmp_pat
     cfg.write_text('[storage]\ndata_dir = "state"\n')
     assert main(["keys", "import", str(good), "--config", str(cfg)]) == 0
     assert (tmp_path / "state" / VAULT_FILE).exists()
+
+
+def test_a_members_command_with_thousands_of_problems_gets_a_reply_of_a_few_lines(tmp_path: Path) -> None:
+    from gateway.members import REPLY_PROBLEMS_MAX
+
+    keys = MemberKeys(MemberDirectory(), KeyVault(tmp_path))
+    one = bytes([7]) * 32
+    full = {"op": "full", "version": 1, "members": [{"member": f"m-{i}", "key": one.hex()} for i in range(5000)]}
+    r = apply_members_command(keys, full)
+    assert not r["ok"]
+    assert r["error"].count("has the same key as") == REPLY_PROBLEMS_MAX
+    assert r["error"].endswith(f"; and {4999 - REPLY_PROBLEMS_MAX} more problem(s) like these")
+    assert len(r["error"]) < 200 * REPLY_PROBLEMS_MAX
