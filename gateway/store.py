@@ -1306,6 +1306,8 @@ class Store:
         if e is not None:
             self._disk.failed()
             self._must_write = True
+            if pending.retain_from is not None:  # not done: asked again with the next commit
+                self._retain_from = self._retain_from or pending.retain_from
             if e.errno in _FULL:
                 self._note_full(e)
                 self._enforce_bound()

@@ -683,13 +683,24 @@ def test_a_torn_day_file_not_read_at_open_is_mended(open_store: Callable[..., St
     assert first.read_bytes() == whole, "the next append to it would have joined the torn line"
 
 
-def test_retain_deletes_old_days_with_the_next_commit(open_store: Callable[..., Store], data_dir: Path) -> None:
+def test_retain_deletes_old_days_with_the_next_commit(
+    open_store: Callable[..., Store], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     days = history_of_days(data_dir, 30)
     s = open_store()
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
         s.retain("30 days ago")
     s.retain(days[20])
     assert len(os.listdir(data_dir / "history")) == 30, "nothing goes before the commit"
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    s.put_events([typed(1, "visit.ended")])  # something for the hot file
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "write_all", full)
+        assert s.commit() is False
+    assert len(os.listdir(data_dir / "history")) == 30, "a commit that was not written deletes nothing"
     assert s.commit()
     assert sorted(os.listdir(data_dir / "history")) == [f"{d}.jsonl" for d in days[20:]]
     assert min(v.ended or 0 for v in s.recent_visits(1000)) >= 1_700_000_000.0 + 20 * DAY_S, "their visits are gone"
