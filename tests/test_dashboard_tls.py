@@ -361,9 +361,13 @@ def test_the_cli_sends_its_token_only_to_the_configured_certificate(tmp_path: Pa
     assert r.returncode == 2 and f"dashboard.tls_cert_file {gone}: cannot be used" in r.stderr, r.stderr
     r = _cli("survey", "status", "--config", str(cfg))
     assert r.returncode == 2 and f"dashboard.tls_cert_file {gone}: cannot be used" in r.stderr, r.stderr
-    for bad in ("http://127.0.0.1:abc", "http://[::1", "http://evil.example:80@127.0.0.1:8080"):
+    for bad, shown in (
+        ("http://127.0.0.1:abc", "http://127.0.0.1:abc"),
+        ("http://[::1", "http://[::1"),
+        ("http://evil.example:80@127.0.0.1:8080", "http://***@127.0.0.1:8080"),  # user:password@ is never echoed
+    ):
         r = _cli("survey", "status", "--url", bad, "--token-file", str(token))
-        assert r.returncode == 2 and f"--url {bad}:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert r.returncode == 2 and f"--url {shown}:" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
     # With --url on this machine the configured chain's CA vouches for nothing either (names are checked there, and
     # the printer's certificate is for 127.0.0.1).
