@@ -285,7 +285,7 @@ class Gateway:
         self.adverts += len(adverts)
         sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
         if self.nodes is not None:
-            sightings += self.nodes.poll_sightings(now, self.identifier.remote_subject)
+            sightings += self.nodes.poll_sightings(now, self.identifier.remote_subject, self.members.known)
             sightings = self.identifier.carry_over(sightings)  # a midnight link a remote sighting made
         if self.survey_recorder is not None:
             self.survey_recorder.observe(sightings)

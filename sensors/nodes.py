@@ -64,9 +64,6 @@ _SUBJECT = re.compile(r"anon:[0-9a-f]{16}|member:[A-Za-z0-9][A-Za-z0-9_.:-]{0,63
 ref, a beacon's id. Nothing else: a peer must not hand this gateway an address under one of these prefixes."""
 _ADDRESS = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}(?![0-9A-Fa-f])")
 """A Bluetooth (or other MAC) address anywhere in a subject: refused whatever its prefix."""
-_ADDRESS_REF = re.compile(r"member:(?:[0-9A-Fa-f]{12}|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4})")
-"""A member ref that is an address written without colons (as ESPresense's `mac`) or in dotted groups: refused, since
-a peer's `member:` rows become the `subject` and `member` of this gateway's events and history."""
 _RECEIVER = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 DEFAULT_ACCEPT = ("iBeacon:", "altBeacon:", "eddy:", "apple:", "samsung:", "md:ffff:", "irk:")
@@ -312,12 +309,7 @@ def parse_batch(topic: str, payload: bytes, store: str) -> Batch | None:
             return None
         if not isinstance(receiver, str) or not _RECEIVER.fullmatch(receiver):
             return None
-        if (
-            not isinstance(subject, str)
-            or not _SUBJECT.fullmatch(subject)
-            or _ADDRESS.search(subject)
-            or _ADDRESS_REF.fullmatch(subject)
-        ):
+        if not isinstance(subject, str) or not _SUBJECT.fullmatch(subject) or _ADDRESS.search(subject):
             return None
         r, f = _int_in(rssi, -127, 20), _int_in(ref, -127, 20)
         if r is None or f is None:
@@ -420,6 +412,7 @@ class NodesSource:
             "own_batches": 0,
             "dropped": 0,
             "too_many_nodes": 0,
+            "unknown_members": 0,
         }
         self._ignored_kinds: dict[str, int] = {}
         self._connected = threading.Event()
@@ -453,12 +446,17 @@ class NodesSource:
         """No Adverts: remote receivers deliver Sightings (`poll_sightings`)."""
         return []
 
-    def poll_sightings(self, now: float, subject_of: Callable[[str, float], str]) -> list[Sighting]:
+    def poll_sightings(
+        self, now: float, subject_of: Callable[[str, float], str], member_known: Callable[[str], bool]
+    ) -> list[Sighting]:
         """Sightings received up to `now` since the last call, in time order.
 
         `subject_of(key, ts)` turns an address (or `irk:<hex>`) into a subject: the runtime passes
         `Identifier.remote_subject`, so an address is hashed with the same daily salt as the
         gateway's own radio uses and the same phone is one subject whichever receiver heard it.
+        A peer gateway's `member:` row is taken only for a member `member_known(ref)` says this gateway provisions
+        (`MemberDirectory.known`); others are counted as `unknown_members`: a peer must not make members of its own
+        here, nor put anything else (an address written as a member ref) into this gateway's events.
         """
         with self._lock:
             buf = self._buffer
@@ -470,12 +468,13 @@ class NodesSource:
             if len(self._recent) > 1_000 and now - self._pruned_at >= self.options.dedup_s:
                 self._prune_recent(now)
         taken.sort(key=lambda r: r.ts)
-        out = [
-            Sighting(
-                r.ts, r.receiver, r.subject if r.subject is not None else subject_of(r.key, r.ts), r.rssi, r.ref_rssi
-            )
-            for r in taken
-        ]
+        out: list[Sighting] = []
+        for r in taken:
+            subject = r.subject if r.subject is not None else subject_of(r.key, r.ts)
+            if r.subject is not None and subject.startswith("member:") and not member_known(subject[7:]):
+                self._counts["unknown_members"] += 1
+                continue
+            out.append(Sighting(r.ts, r.receiver, subject, r.rssi, r.ref_rssi))
         return out
 
     async def stop(self) -> None:

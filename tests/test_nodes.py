@@ -57,6 +57,11 @@ def identifier() -> Identifier:
     return Identifier(MemberDirectory(), LocalDays("UTC"), salt_source=lambda: b"s" * 32)
 
 
+def ident_known(ref: str) -> bool:
+    """The members this gateway provisions, for peers' `member:` rows."""
+    return ref in ("m-1", "m-2")
+
+
 class FakeClock:
     def __init__(self, t: float = T0) -> None:
         self.t = t
@@ -163,9 +168,6 @@ def test_batch_round_trip_and_rejects() -> None:
         ("sightings", [[T0, "rx-2", "anon:C0:FF:EE:12:34:56", -60, -59]]),  # nor under a subject's prefix
         ("sightings", [[T0, "rx-2", "member:c0-ff-ee-12-34-56", -60, -59]]),
         ("sightings", [[T0, "rx-2", "beacon:c0:ff:ee:12:34:56", -60, -59]]),
-        ("sightings", [[T0, "rx-2", "member:c0ffee123456", -60, -59]]),  # ESPresense's own way to write an address
-        ("sightings", [[T0, "rx-2", "member:C0FFEE123456", -60, -59]]),
-        ("sightings", [[T0, "rx-2", "member:c0ff.ee12.3456", -60, -59]]),
         ("sightings", [[T0, "rx-2", "anon:ab12", -60, -59]]),  # not what a gateway makes of an address
         ("sightings", [[T0, "RX 2", "anon:ab", -60, -59]]),
         ("sightings", [[T0, "rx-2", "anon:ab", -60]]),
@@ -231,7 +233,7 @@ def test_duplicates_only_within_one_receiver() -> None:
     clock.t += 0.6
     assert src.receive(topic.format("entrance"), report("apple:1005:9-26", -72)) == 1  # a new reading
     ident = identifier()
-    out = src.poll_sightings(clock.t, ident.remote_subject)
+    out = src.poll_sightings(clock.t, ident.remote_subject, ident_known)
     assert [(s.receiver, s.rssi) for s in out] == [("rx-entrance", -70), ("rx-checkout", -80), ("rx-entrance", -72)]
     assert len({s.subject for s in out}) == 1
     d = src.diagnostics()
@@ -244,7 +246,7 @@ def test_remote_and_local_hearing_of_one_phone_is_one_subject() -> None:
     src = source(clock)
     src.receive("espresense/devices/apple:1005:9-26/entrance", report("apple:1005:9-26"))
     ident = identifier()
-    remote = src.poll_sightings(clock.t, ident.remote_subject)
+    remote = src.poll_sightings(clock.t, ident.remote_subject, ident_known)
     nearby = bytes([0x10, 0x05, 0x01, 0x18, 0x00, 0x00, 0x00])  # Apple Nearby Info, as docs/frames.md describes
     local = Advert(T0, "rx-local", ADDRESS, True, -60, manufacturer_data={0x004C: nearby})
     decoded = Decoder().decode_batch([local])
@@ -260,9 +262,9 @@ def test_poll_holds_readings_stamped_after_now_and_buffer_is_bounded() -> None:
         clock.t = T0 + i
         src.receive(f"espresense/devices/iBeacon:{UUID}-1-{i}/entrance", report(f"iBeacon:{UUID}-1-{i}"))
     assert src.diagnostics()["dropped"] == 2
-    first = src.poll_sightings(T0 + 3, identifier().remote_subject)
+    first = src.poll_sightings(T0 + 3, identifier().remote_subject, ident_known)
     assert [s.subject[-1] for s in first] == ["2", "3"]
-    assert [s.ts for s in src.poll_sightings(T0 + 10, identifier().remote_subject)] == [T0 + 4]
+    assert [s.ts for s in src.poll_sightings(T0 + 10, identifier().remote_subject, ident_known)] == [T0 + 4]
 
 
 def test_malformed_and_foreign_messages_are_counted_never_raised() -> None:
@@ -348,7 +350,7 @@ def test_espresense_and_gateway_batches_through_mosquitto(
 
     asyncio.run(main())
     ident = identifier()
-    out = src.poll_sightings(T0 + 1, ident.remote_subject)
+    out = src.poll_sightings(T0 + 1, ident.remote_subject, ident_known)
     by_receiver = {s.receiver: s for s in out}
     assert by_receiver["rx-entrance"].subject == f"beacon:{UUID}:100:7"
     assert by_receiver["rx-checkout"].subject.startswith("anon:") and by_receiver["rx-checkout"].rssi == -77
@@ -382,9 +384,9 @@ def test_receive_from_paho_thread_and_poll_from_another_do_not_race() -> None:
     got = 0
     ident = identifier()
     while t.is_alive():
-        got += len(src.poll_sightings(T0 + 1, ident.remote_subject))
+        got += len(src.poll_sightings(T0 + 1, ident.remote_subject, ident_known))
     t.join()
-    got += len(src.poll_sightings(T0 + 1, ident.remote_subject))
+    got += len(src.poll_sightings(T0 + 1, ident.remote_subject, ident_known))
     d = src.diagnostics()
     assert got == d["readings"] and got + d["duplicates"] == 2000
 
@@ -450,7 +452,7 @@ def test_peer_batches_resent_are_dropped_and_a_far_clock_is_clamped(caplog: pyte
     assert src.receive(topic, encode_batch("gw-2", 2, T0 + 3600.1, rows)) == 1
     assert src.receive(topic, encode_batch("gw-2", 1, T0 + 3600, rows)) == 0  # an older batch, resent
     assert src.receive(topic, encode_batch("gw-2", 1, T0 + 3700, rows)) == 1  # restarted: seq 1 again, later
-    out = src.poll_sightings(T0 + 10, identifier().remote_subject)
+    out = src.poll_sightings(T0 + 10, identifier().remote_subject, ident_known)
     # Moved back by the bound (60 s), then never later than their arrival: all at T0.
     assert [s.ts for s in out] == [T0] * 3
     peer = src.diagnostics()["nodes"]["gateway:gw-2"]
@@ -489,5 +491,22 @@ def test_no_broker_at_start_then_a_broker_restart(tmp_path: Path, caplog: pytest
             broker.stop()
 
     asyncio.run(main())
-    assert [s.receiver for s in src.poll_sightings(T0, identifier().remote_subject)] == ["rx-checkout"]
+    assert [s.receiver for s in src.poll_sightings(T0, identifier().remote_subject, ident_known)] == ["rx-checkout"]
     assert "lost the broker" in caplog.text
+
+
+def test_a_peers_rows_are_taken_for_members_this_gateway_provisions_only() -> None:
+    """A peer gateway's `member:` rows become this gateway's visits, events and history: a member this gateway does not
+    provision is not taken, and so neither is an address a peer writes as a member ref (ESPresense's `mac` form)."""
+    clock = FakeClock()
+    src = source(clock, max_offset_s=60)
+    rows = [
+        Sighting(T0 + 0.5, "rx-aisle", "member:m-2", -62, -59),
+        Sighting(T0 + 0.5, "rx-aisle", "member:m-peer-only", -62, -59),
+        Sighting(T0 + 0.5, "rx-aisle", "member:c0ffee123456", -62, -59),
+        Sighting(T0 + 0.5, "rx-aisle", "anon:0123456789abcdef", -62, -59),
+    ]
+    assert src.receive("visita/v1/s1/gw-2/sightings", encode_batch("gw-2", 1, T0 + 1, rows)) == 4
+    out = src.poll_sightings(T0 + 2, identifier().remote_subject, ident_known)
+    assert sorted(s.subject for s in out) == ["anon:0123456789abcdef", "member:m-2"]
+    assert src.diagnostics()["unknown_members"] == 2
