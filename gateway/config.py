@@ -1143,9 +1143,9 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel], dat
         if isinstance(value, str):
             value = redact_url(value)
         held, fld = _walk(model, loc)
-        if (fld is not None and fld.repr is False) or _holds_secret(held):
+        if (fld is not None and fld.repr is False) or (not isinstance(value, (dict, list)) and _holds_secret(held)):
             # A secret (an EID beacon's key), or a plain value where a table with a secret in it belongs (`eid = "…"`):
-            # never echoed.
+            # never echoed. (A table's own problems are shown without its value, below.)
             lines.append(f"{source}: {key} = (hidden): {msg}")
             continue
         if isinstance(value, dt.time) and not value.second and not value.microsecond:
