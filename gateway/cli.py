@@ -454,6 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the installer token")
         sp.add_argument("--cafile", metavar="FILE", help=CAFILE_HELP)
         sp.add_argument("--json", action="store_true", help="print the gateway's answer as JSON")
+
+    doctor = sub.add_parser(
+        "doctor",
+        help="what is wrong with the running gateway, and what to do",
+        description="Asks the running gateway for its status (/api/v1/status, no token needed) and checks it: the "
+        "Bluetooth adapters and remote receivers (heard lately?), the MQTT broker (connected? events waiting?), the "
+        "disk, the fixed beacons' batteries, the member keys, the zone estimator and survey, the dashboard's "
+        "certificate. Prints one line per check, and what to do for each warning and problem.",
+        epilog="exit codes: 0 no problem (warnings allowed), 1 a problem or no gateway answering, 2 bad usage.",
+    )
+    doctor.add_argument("--config", type=Path, metavar="FILE", help="config file (the dashboard's address)")
+    doctor.add_argument("--url", metavar="URL", help="the gateway's dashboard, e.g. http://127.0.0.1:8080")
+    doctor.add_argument("--cafile", metavar="FILE", help=CAFILE_HELP)
+    doctor.add_argument("--json", action="store_true", help="print one JSON object: the checks and their counts")
     return p
 
 
@@ -464,10 +478,14 @@ CAFILE_HELP = (
 
 
 def _gateway_call(
-    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None, role: str = "installer"
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    role: str | None = "installer",
 ) -> Any:
     """One request to the running gateway's API behind a token: the installer's, or with `role` "support" the support
-    token. UsageError / GatewayCallError with its message."""
+    token, or with None none (an open endpoint). UsageError / GatewayCallError with its message."""
     import os
     import ssl
     import urllib.error
@@ -479,7 +497,9 @@ def _gateway_call(
     settings = load_settings(args.config)
     base, context, pinned = _gateway_address(args, settings, role)
     try:
-        if args.token_file:
+        if role is None:
+            token: str | None = None
+        elif args.token_file:
             token = read_secret(str(args.token_file), f"visita-{role}-token", "--token-file")
         elif role == "support":
             token = os.environ.get("VISITA_SUPPORT_TOKEN") or settings.dashboard.support_token()
@@ -488,12 +508,13 @@ def _gateway_call(
     except ValueError as e:
         raise UsageError(str(e)) from None
     token = token.strip() if token else None
-    if not token:
+    if not token and role is not None:
         env = "VISITA_SUPPORT_TOKEN" if role == "support" else "VISITA_INSTALLER_TOKEN"
         raise UsageError(f"no {role} token: pass --token-file FILE or set {env}")
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method)
-    req.add_header("Authorization", f"Bearer {token}")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
@@ -538,10 +559,10 @@ def _gateway_call(
         ) from None
 
 
-def _gateway_address(args: argparse.Namespace, settings: Settings, role: str) -> tuple[str, ssl.SSLContext, str]:
+def _gateway_address(args: argparse.Namespace, settings: Settings, role: str | None) -> tuple[str, ssl.SSLContext, str]:
     """The running gateway's base URL and the TLS context to reach it with, and the certificate file it is pinned to
-    ("" unless it is this machine's own gateway over HTTPS). UsageError when the token would cross a network in clear
-    or a certificate cannot be used."""
+    ("" unless it is this machine's own gateway over HTTPS). UsageError when the `role`'s token would cross a network
+    in clear (None: no token is sent) or a certificate cannot be used."""
     import ssl
     from urllib.parse import urlsplit
 
@@ -558,7 +579,7 @@ def _gateway_address(args: argparse.Namespace, settings: Settings, role: str) ->
             raise UsageError(f"--url {shown}: {e}; give an address such as https://visita-gw.local:8443") from None
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.username is not None:
             raise UsageError(f"--url {shown}: not an http(s) address such as https://visita-gw.local:8443")
-        if parts.scheme == "http" and not is_loopback(parts.hostname):
+        if parts.scheme == "http" and not is_loopback(parts.hostname) and role is not None:
             raise UsageError(
                 f"--url {args.url}: plain HTTP would send the {role} token across the network in clear; use https:// "
                 "(docs/install.md, HTTPS), or a tunnel (ssh -L 8080:127.0.0.1:8080 pi@gateway, then --url "
@@ -576,13 +597,14 @@ def _gateway_address(args: argparse.Namespace, settings: Settings, role: str) ->
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate trusted as it is, not only a CA
         return base, context, ""
     if settings.dashboard.listen == "off":
-        raise UsageError(f"the config says dashboard.listen = off: the {role} API needs the dashboard; use --url")
+        api = role or "status"
+        raise UsageError(f"the config says dashboard.listen = off: the {api} API needs the dashboard; use --url")
     host, port = parse_listen(settings.dashboard.listen)
     host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     scheme = "https" if cert else "http"
     base = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
     if not cert:
-        if not _is_own_address(host):  # loopback included
+        if not _is_own_address(host) and role is not None:  # loopback included
             raise UsageError(
                 f"dashboard.listen {settings.dashboard.listen}: {host} is not this machine, and plain HTTP would send "
                 f"the {role} token there in clear; use an address of this machine, or HTTPS (docs/install.md)"
@@ -665,6 +687,30 @@ def _print_survey(status: dict[str, Any]) -> None:
     print(f"in use: {applied['file']} ({applied['spots']} spots)" if applied else "in use: no survey map")
     if status.get("problem"):
         print(f"not used: {status['problem']}")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """visita doctor: the running gateway's status, checked (gateway/doctor.py)."""
+    from gateway.doctor import checks
+
+    try:
+        status = _gateway_call(args, "GET", "/api/v1/status", role=None)
+    except GatewayCallError as e:
+        print(f"visita doctor: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    found = checks(status, time.time())
+    problems = sum(c.status == "problem" for c in found)
+    warnings = sum(c.status == "warning" for c in found)
+    if args.json:
+        rows = [{"status": c.status, "what": c.what, "detail": c.detail} for c in found]
+        print(json.dumps({"gateway": status.get("gateway_id"), "store": status.get("store_id"), "checks": rows,
+                          "problems": problems, "warnings": warnings}))  # fmt: skip
+    else:
+        print(f"gateway {status.get('gateway_id')} of store {status.get('store_id')}, version {status.get('version')}")
+        for c in found:
+            print(f"  {c.status:<8} {c.what}: {c.detail}")
+        print(f"{problems} problem(s), {warnings} warning(s)")
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 def cmd_survey(args: argparse.Namespace) -> int:
@@ -1411,6 +1457,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_keys(args)
         if args.command == "points":
             return cmd_points_explain(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         if args.command == "survey":
             return cmd_survey(args)
         return cmd_config_check(args)
