@@ -68,6 +68,8 @@ def _source(src: dict[str, Any]) -> list[Check]:
         age = a.get("last_advert_age_s")
         if a.get("problem"):
             out.append(Check("problem", label, f"{a['problem']} (docs/ble.md)"))
+        elif a.get("state") == "starting":
+            out.append(Check("warning", label, "still starting: ask again in a few seconds"))
         elif a.get("state") != "scanning":
             out.append(
                 Check(
