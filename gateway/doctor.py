@@ -63,11 +63,12 @@ def _source(src: dict[str, Any]) -> list[Check]:
     if src.get("problem"):
         out.append(Check("problem", "bluetooth", f"{src['problem']} (docs/ble.md)"))
     adapters: dict[str, dict[str, Any]] = src.get("adapters") or {}
+    said = {e.get("adapter"): e.get("message") for e in src.get("events") or [] if e.get("event") != "recovered"}
     for name, a in adapters.items():
         label = f"adapter {name} (receiver {a.get('receiver')})"
         age = a.get("last_advert_age_s")
-        if a.get("problem"):
-            out.append(Check("problem", label, f"{a['problem']} (docs/ble.md)"))
+        if a.get("problem"):  # a code (absent, off, blocked, silent); the scanner's own words are in its events
+            out.append(Check("problem", label, f"{said.get(name) or a['problem']} (docs/ble.md)"))
         elif a.get("state") == "starting":
             out.append(Check("warning", label, "still starting: ask again in a few seconds"))
         elif a.get("state") != "scanning":

@@ -54,6 +54,11 @@ def test_each_fault_is_named_with_what_to_do() -> None:
     s = status()
     s["source"]["adapters"]["hci1"]["last_advert_age_s"] = 300.0
     s["source"]["adapters"]["hci0"] = {"receiver": "rx-entrance", "state": "off", "problem": None}
+    s["source"]["adapters"]["hci2"] = {"receiver": "rx-bakery", "state": "absent", "problem": "absent"}
+    s["source"]["events"] = [
+        {"adapter": "hci2", "event": "absent", "message": "adapter hci2 not found (bluetoothd has: hci0, hci1): is the "
+         "dongle plugged in (`btmgmt info`)? waiting for it"},
+    ]  # fmt: skip
     s["uplink"] = {"broker": "mqtts://broker:8883", "connected": False, "last_error": "refused: not authorised"}
     s["store"] = {**s["store"], "disk_full": True, "last_error": "cannot write /var/lib/visita: No space left"}
     s["identity"]["beacon_battery_mv"]["beacon:b:1:2"] = BATTERY_LOW_MV - 200
@@ -62,6 +67,8 @@ def test_each_fault_is_named_with_what_to_do() -> None:
     assert f["problem"] == [
         "adapter hci0 (receiver rx-entrance): is off, not scanning: systemctl restart visita, then check "
         "`bluetoothctl list` and dmesg for the adapter (docs/ble.md)",
+        "adapter hci2 (receiver rx-bakery): adapter hci2 not found (bluetoothd has: hci0, hci1): is the dongle "
+        "plugged in (`btmgmt info`)? waiting for it (docs/ble.md)",
         "MQTT: not connected to mqtts://broker:8883 (refused: not authorised); 3 event(s) wait in the outbox and are "
         "sent once it is back: check the broker, the network and the credentials (docs/install.md)",
         "storage: the disk is full (cannot write /var/lib/visita: No space left): new events are held in memory only "
