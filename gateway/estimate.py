@@ -613,6 +613,13 @@ class HmmEstimator:
         out: list[ZoneEstimate] = []
         decide_to = math.floor(now - REORDER_S)  # seconds < decide_to are complete
         if decide_to > self._next_sec + 3600:  # a long silence: skip ahead instead of stepping through it
+            # First decide the seconds heard before it as a quiet second after them would (lag + 1 steps with nothing
+            # heard), so the ring of the last lag seconds holds nothing of them when the steps go on after the skip:
+            # else they would come out again dated after it (a live clock stepped forward by hours: a visit stretched
+            # over the hours no one was heard, docs/events.md).
+            for _ in range(self._lag + 1):
+                out += self._step(self._next_sec)
+                self._next_sec += 1
             self._next_sec = decide_to - self._lag - 1
         while self._next_sec < decide_to:
             out += self._step(self._next_sec)

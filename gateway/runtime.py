@@ -63,7 +63,7 @@ from gateway.survey import SurveyError, SurveyMap, SurveyRecorder, SurveyRefused
 from gateway.uplink import Uplink
 from gateway.visits import VisitTracker, link_subjects
 from sensors.base import Source
-from sensors.checkins import CheckinVerifier, NonceJournal
+from sensors.checkins import SKEW_S, CheckinVerifier, NonceJournal
 from sensors.nodes import NodesSource
 
 log = logging.getLogger("visita.runtime")
@@ -130,10 +130,19 @@ class Clock:
                 self.steps += 1
                 t = wall
             elif t - wall > CLOCK_STEP_S and not self._behind:
+                # Data time goes on at the rate of the monotonic clock, as the system clock does: it stays this far
+                # ahead until a restart (which starts it on the system clock again), it never meets it by itself.
                 log.warning(
-                    "the system clock was set back by %.0f s: data time keeps going forward and meets it again "
-                    "(check-ins from phones on the right time may be refused as stale until then)",
+                    "the system clock was set back by %.0f s (NTP correcting a fast clock?): data time does not go "
+                    "back, so event times and the dashboard stay %.0f s ahead of the system clock until Visita is "
+                    "restarted%s",
                     t - wall,
+                    t - wall,
+                    "; app check-ins from phones on the right time are refused as stale meanwhile (more than "
+                    f"{SKEW_S:.0f} s apart): restart Visita once the clock is right (systemctl restart visita; open "
+                    "visits then end at their last sighting, docs/events.md#restarts)"
+                    if t - wall > SKEW_S
+                    else "",
                 )
             self._behind = t - wall > CLOCK_STEP_S
         return t

@@ -189,6 +189,40 @@ def test_no_estimates_while_silent_and_the_zone_is_kept_across_the_gap() -> None
     assert {e.zone for e in out if e.ts - T0 >= 3} == {"b"}
 
 
+@pytest.mark.parametrize("gap_s", [3 * 3600, 3 * 86400])
+def test_after_a_jump_of_data_time_nothing_heard_before_it_is_dated_after_it(gap_s: float) -> None:
+    # A live gateway's clock stepped forward by NTP (hours or days): data time jumps, no real time passed. Only what
+    # is heard after the jump may be dated after it; a phone last heard before it must not get an estimate in the gap
+    # (the visit tracker would stretch its visit over the hours or days no one was heard: dwell of days).
+    rng = np.random.default_rng(5)
+    old, new = "anon:00000000000000aa", "anon:00000000000000bb"
+    est = hmm()
+    before = walk([(0, 4, 3), (30, 4, 3)], rng, subject=old)
+    feed(est, before, 0.1, 30.05)  # the jump comes right after the last tick; the lag's seconds are not yet decided
+    after = walk([(gap_s + 30.1, 16, 3), (gap_s + 60, 16, 3)], rng, subject=new)
+    out = feed_from(est, after, 0.1, gap_s + 30.1, gap_s + 70)
+    late = [(e.subject, e.ts - T0) for e in out if e.ts - T0 > 31]
+    assert late and all(subject == new and t >= gap_s + 30 for subject, t in late), "nothing dated in the gap"
+    assert not [e for e in out if e.subject == old and e.ts - T0 > 31], "the phone heard before is not in it"
+
+
+def feed_from(
+    est: HmmEstimator, sightings: list[Sighting], tick_s: float, start: float, until: float
+) -> list[ZoneEstimate]:
+    """`feed`, with ticks from T0 + start on (after a jump of data time)."""
+    out: list[ZoneEstimate] = []
+    sightings = sorted(sightings, key=lambda s: s.ts)
+    i = 0
+    for k in range(math.ceil((until - start) / tick_s) + 1):
+        now = T0 + start + k * tick_s
+        batch = []
+        while i < len(sightings) and sightings[i].ts <= now:
+            batch.append(sightings[i])
+            i += 1
+        out += est.update(batch, now)
+    return out
+
+
 def test_a_receiver_that_reports_nothing_at_all_is_no_evidence_but_one_that_works_and_misses_is() -> None:
     # The phone stands in B, 5 m from rx-a's zone centre; only rx-a reports it, rx-b is down (nothing at all).
     rng = np.random.default_rng(5)

@@ -167,6 +167,13 @@ def test_a_live_clock_follows_a_step_forward_of_the_system_clock_and_never_goes_
     got = [clock.now(), clock.now()]
     assert got[0] == got[1] == 1_000_010.0 + 86_400.5 + 5 and clock.steps == 1
     assert caplog.text.count("set back by") == 1, "said once"
+    # Data time runs at the system clock's rate: it stays an hour ahead, it never meets it again by itself; the log
+    # says so, and what it costs (check-ins judged against data time) and does.
+    mono[0] += 600
+    wall[0] += 600
+    assert clock.now() - wall[0] == 3605
+    assert "stay 3605 s ahead of the system clock until Visita is restarted" in caplog.text
+    assert "refused as stale" in caplog.text and "meets it again" not in caplog.text
     sim = Clock(speed=60)
     wall[0] += 1000
     assert sim.now() == sim.start, "a simulation at speed 60 keeps its own time"
