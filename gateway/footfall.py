@@ -181,10 +181,28 @@ class Footfall:
                 self._open.discard(v.visit_id)
                 m.exits += 1
                 m.dwell_sum_s += v.dwell_s
+            if v.classification == "staff" and v.visit_id in self._open:
+                self._staff_found(v)
         closed += self._roll(now)
         while self._entries and self._entries[0] < self._now - 3600:
             self._entries.popleft()
         return closed
+
+    def found_staff(self, visits: Sequence[Visit]) -> None:
+        """Open visits that changed (VisitTracker.changed_visits): one counted as a visitor's that turns out to be a
+        member of staff's (an iPhone's new address is heard without the app's frame for the minimum dwell, then the
+        frame links it to the staff member) leaves occupancy, as an exit of this minute: staff are never in it."""
+        for v in visits:
+            if v.classification == "staff" and v.visit_id in self._open:
+                self._staff_found(v)
+
+    def _staff_found(self, v: Visit) -> None:
+        # Its entry is in a minute already counted (and published), so it leaves as an exit: occupancy stays the
+        # entries minus the exits. Today's visitors keep it, as today's minutes do.
+        self._open.discard(v.visit_id)
+        if self._minute is not None:
+            self._minute.exits += 1
+            self._minute.dwell_sum_s += v.dwell_s
 
     def _roll(self, ts: float) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

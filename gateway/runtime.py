@@ -361,11 +361,13 @@ class Gateway:
 
     def _conclude(self, changes: list[VisitChange], now: float, stopping: bool = False) -> list[Event]:
         """Visit changes → points → footfall → events → store (one commit) → uplink."""
-        awards = self.points.evaluate(changes) + self.points.evaluate_open(self.tracker.changed_visits(), now)
+        changed = self.tracker.changed_visits()
+        awards = self.points.evaluate(changes) + self.points.evaluate_open(changed, now)
         self.tracker.keep({a.visit_id for a in awards})
         due = [c for c in self._footfall_later if c.ts <= now or stopping]
         self._footfall_later = [c for c in self._footfall_later if c.ts > now and not stopping]
         minutes = self.footfall.update(due + changes, now)
+        self.footfall.found_staff(changed)  # a visitor's visit that a member link showed to be staff's
         if due:  # counted without an event of their own: a restart must find them counted, as the tracker has them
             self.store.keep_now()
         events = [e for c in changes if (e := self.events.from_change(c)) is not None]

@@ -313,3 +313,33 @@ def test_a_visit_whose_entry_a_power_loss_kept_from_being_written_counts_on_the_
     g.update([], at(0, 1, 0, day=16))
     snap = g.snapshot()
     assert (snap["day"], snap["visitors_today"], snap["occupancy"]) == ("2026-06-16", 0, 1), snap
+
+
+def test_a_visitor_visit_a_member_link_shows_to_be_staff_leaves_occupancy() -> None:
+    # An iPhone's new address is heard without the app's frame for the minimum dwell (a visitor's visit starts), then
+    # the frame links it to a member of staff. Wired as the runtime does: it must not stay in "Inside now" (all day,
+    # and at night with the store closed) while the zones and the visits list call it staff.
+    from gateway.config import VisitsConfig
+    from gateway.model import SubjectLink, ZoneEstimate
+    from gateway.visits import VisitTracker, link_subjects
+
+    class NoRelabel:
+        def relabel(self, old: str, new: str) -> None:
+            pass
+
+    tracker = VisitTracker("gw-1", VisitsConfig(absence_timeout_s=60, min_dwell_s=45, staff=["staff-4"]))
+    f = Footfall(LocalDays("Europe/Berlin"))
+    anon, staff = "anon:00000000000000aa", "member:staff-4"
+    t0 = at(8, 40)
+    minutes: list[dict[str, Any]] = []
+    for i in range(300):
+        t = t0 + i
+        changes = link_subjects(NoRelabel(), tracker, None, [SubjectLink(t, anon, staff, "member")]) if i == 60 else []
+        changes += tracker.update([ZoneEstimate(t, anon if i < 60 else staff, "grocery", True, -60.0, sure=True)], t)
+        minutes += f.update(changes, t)
+        f.found_staff(tracker.changed_visits())
+        if i == 50:
+            assert f.snapshot()["occupancy"] == 1, "a visitor, as far as anyone could tell"
+    assert [v.classification for v in tracker.open_visits()] == ["staff"]
+    assert f.snapshot()["occupancy"] == 0
+    assert sum(m["entries"] for m in minutes) - sum(m["exits"] for m in minutes) == minutes[-1]["occupancy"] == 0
