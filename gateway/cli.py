@@ -216,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--silence", type=float, default=4.0, metavar="SECONDS", help="--ble: watchdog silence threshold (default: 4)"
     )
     run.add_argument(
+        "--clock-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="--ble and --nodes: at start, wait this long for the system clock to be synchronised (NTP) when it is "
+        "not yet, since a step of the clock later ends every visit open then (0: do not wait; default: 30)",
+    )
+    run.add_argument(
         "--rehearse",
         action="store_true",
         help="--ble against `visita sim SCENARIO --bluez`: scenario, seed, speed and clock come from that "
@@ -459,9 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor",
         help="what is wrong with the running gateway, and what to do",
         description="Asks the running gateway for its status (/api/v1/status, no token needed) and checks it: the "
-        "Bluetooth adapters and remote receivers (heard lately?), the MQTT broker (connected? events waiting?), the "
-        "disk, the fixed beacons' batteries, the member keys, the zone estimator and survey, the dashboard's "
-        "certificate. Prints one line per check, and what to do for each warning and problem.",
+        "Bluetooth adapters and remote receivers (heard lately?), the system clock (synchronised? stepped?), the MQTT "
+        "broker (connected? events waiting?), the disk, the fixed beacons' batteries, the member keys, the zone "
+        "estimator and survey, the dashboard's certificate. Prints one line per check, and what to do for each "
+        "warning and problem.",
         epilog="exit codes: 0 no problem (warnings allowed), 1 a problem or no gateway answering, 2 bad usage.",
     )
     doctor.add_argument("--config", type=Path, metavar="FILE", help="config file (the dashboard's address)")
@@ -1081,7 +1090,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         + (f", going on from {_local(clock.start, settings.timezone)} (the data directory's time)" if ahead else ""),
     ]
     nodes = _nodes_source(args, settings, clock.now, banner)
-    opts = RunOptions(data_dir=args.data_dir, mqtt=args.mqtt, dashboard=args.dashboard, until_s=args.until)
+    opts = RunOptions(
+        data_dir=args.data_dir,
+        mqtt=args.mqtt,
+        dashboard=args.dashboard,
+        until_s=args.until,
+        clock_wait_s=args.clock_wait,
+    )
     try:
         return asyncio.run(run(settings, opts, SimSource(world), clock, members, world.staff_refs, banner, nodes))
     except (StartupError, StoreError) as e:
@@ -1200,7 +1215,13 @@ def _run_ble(args: argparse.Namespace, settings: Settings) -> int:
         f" · watchdog {watchdog}",
     ]
     nodes = _nodes_source(args, settings, clock.now, banner)
-    opts = RunOptions(data_dir=args.data_dir, mqtt=args.mqtt, dashboard=args.dashboard, until_s=args.until)
+    opts = RunOptions(
+        data_dir=args.data_dir,
+        mqtt=args.mqtt,
+        dashboard=args.dashboard,
+        until_s=args.until,
+        clock_wait_s=args.clock_wait,
+    )
     try:
         return asyncio.run(run(settings, opts, source, clock, members, staff, banner, nodes))
     except (StartupError, StoreError) as e:
@@ -1272,7 +1293,13 @@ def _run_nodes_only(args: argparse.Namespace, settings: Settings) -> int:
     banner = [f"Visita {__version__} · store {settings.store} · gateway {settings.gateway}"]
     nodes = _nodes_source(args, settings, clock.now, banner)
     assert nodes is not None
-    opts = RunOptions(data_dir=args.data_dir, mqtt=args.mqtt, dashboard=args.dashboard, until_s=args.until)
+    opts = RunOptions(
+        data_dir=args.data_dir,
+        mqtt=args.mqtt,
+        dashboard=args.dashboard,
+        until_s=args.until,
+        clock_wait_s=args.clock_wait,
+    )
     try:
         return asyncio.run(run(settings, opts, nodes, clock, MemberDirectory(), [], banner, nodes))
     except (StartupError, StoreError) as e:

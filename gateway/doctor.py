@@ -37,6 +37,7 @@ def checks(status: dict[str, Any], now: float) -> list[Check]:
     """Every check of a gateway's status (as /api/v1/status gives it), `now` the wall clock (UNIX seconds)."""
     out: list[Check] = []
     out += _source(status.get("source") or {})
+    out += _clock(status.get("clock") or {})
     out += _nodes(status.get("nodes"))
     out += _uplink(status.get("uplink") or {}, status.get("store") or {})
     out += _store(status.get("store") or {})
@@ -95,6 +96,32 @@ def _source(src: dict[str, Any]) -> list[Check]:
     if not adapters and not out:
         out.append(Check("problem", "bluetooth", "no adapter is in use (docs/ble.md)"))
     return out
+
+
+def _clock(clock: dict[str, Any]) -> list[Check]:
+    if not clock.get("live"):
+        return []  # a simulation or a rehearsal keeps its own time
+    out: list[Check] = []
+    if clock.get("synchronised") is False:
+        out.append(
+            Check(
+                "warning",
+                "clock",
+                "the system clock is not synchronised (NTP): if it is wrong, members' phones are not recognised and "
+                "check-ins are refused, and when it is stepped right every open visit ends and starts again; check "
+                "`timedatectl` and the network's NTP (docs/install.md, Time)",
+            )
+        )
+    if clock.get("steps"):
+        out.append(
+            Check(
+                "warning",
+                "clock",
+                f"the system clock was stepped forward {clock['steps']} time(s) while running: the visits open then "
+                "were ended and started again (docs/install.md, Time)",
+            )
+        )
+    return out or [Check("ok", "clock", "synchronised")]
 
 
 def _nodes(nodes: dict[str, Any] | None) -> list[Check]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import signal
@@ -85,6 +86,26 @@ CLOCK_STEP_S = 2.0
 differences are the slow slewing NTP does anyway and monotonic time carries on through them."""
 
 
+CLOCK_WAIT_S = 30.0
+"""How long `visita run` on a live clock waits at start for the system clock to be synchronised (`--clock-wait`)."""
+BEHIND_LAST_RUN_S = 60.0
+"""A live clock this far behind the data time the data directory was written up to is said to be wrong."""
+_TIME_ERROR = 5
+"""adjtimex(2)'s clock state when the clock is not synchronised (what `timedatectl` shows as "synchronized: no")."""
+
+
+def clock_synchronised() -> bool | None:
+    """Whether the kernel holds the system clock synchronised (NTP, chrony, timesyncd set it so); None when this
+    system cannot say (not Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        timex = ctypes.create_string_buffer(512)  # struct timex, zeroed: modes 0 reads the state, changes nothing
+        state = int(libc.adjtimex(timex))
+    except (OSError, AttributeError):
+        return None
+    return None if state < 0 else state != _TIME_ERROR
+
+
 class StartupError(Exception):
     """Something outside Visita keeps it from starting; the message says what and the fix."""
 
@@ -105,6 +126,9 @@ class Clock:
         self._t0 = time.monotonic()
         self._ticks = 0
         self._follows_wall = start is None and step_s is None and speed == 1.0
+        self.live = self._follows_wall and not simulation
+        """Data from a radio or remote receivers in real time, dated by the system clock (not a simulation, a
+        replay or a rehearsal)."""
         self._behind = False
         self.steps = 0
         """Times the system clock was stepped forward and data time followed it (live runs)."""
@@ -147,6 +171,10 @@ class Clock:
             self._behind = t - wall > CLOCK_STEP_S
         return t
 
+    def restart(self) -> None:
+        """Start again on the system clock as it is now (after waiting for it to be synchronised)."""
+        self.start, self._t0 = time.time(), time.monotonic()
+
     def hold_back(self, t: float) -> bool:
         """Make data time `t` now and go on from there at the same speed, when this clock runs a simulation the gateway
         drives itself (`simulation`; not a replay's steps): a simulation asked to run faster than the machine can
@@ -179,6 +207,8 @@ class RunOptions:
     """The data directory is thrown away after the run (a replay without --data-dir)."""
     recorded: bool = False
     """The source is a recording (a replay): data the directory already holds is refused, not published again."""
+    clock_wait_s: float = CLOCK_WAIT_S
+    """A live clock not synchronised yet is waited for this long at start (0: not at all)."""
 
 
 class Gateway:
@@ -268,6 +298,8 @@ class Gateway:
         """Set by `run`: commits go through the writer thread. Without one (tests, tools) they are synchronous."""
         self.clock: Callable[[], float] = time.time
         """Data time for check-ins between ticks (the runtime's clock; wall time by default)."""
+        self.data_clock: Clock | None = None
+        """The runtime's clock itself (set by `run`), for its diagnostics."""
         self._days = days
         self._retained_day = ""
         """The store-local day the history was last trimmed for (`_retain`)."""
@@ -659,7 +691,14 @@ class Gateway:
                 "certificate_names": self.dashboard_tls.names if self.dashboard_tls else [],
             },
             **({"nodes": self.nodes.diagnostics()} if self.nodes is not None else {}),
+            **({"clock": self._clock_state(self.data_clock)} if self.data_clock is not None else {}),
         }
+
+    @staticmethod
+    def _clock_state(clock: Clock) -> dict[str, Any]:
+        """Whether data time is the system clock's (`live`), whether the kernel holds that synchronised, and how often
+        it was stepped forward while running (each step ended the visits open then)."""
+        return {"live": clock.live, "synchronised": clock_synchronised(), "steps": clock.steps}
 
 
 class GcFreezer:
@@ -837,6 +876,33 @@ def bind(listen: str) -> socket.socket:
     return sock
 
 
+async def _wait_for_clock(clock: Clock, wait_s: float) -> None:
+    """Before a live run starts: a system clock not synchronised yet (a Pi just booted, on the time it saved at
+    shutdown) is waited for up to `wait_s`, since NTP's step afterwards ends every visit open then and starts it again.
+    It goes on unsynchronised after that, and says so (a store without NTP must still run)."""
+    if wait_s <= 0 or clock_synchronised() is not False:
+        return
+    log.warning(
+        "the system clock is not synchronised (NTP) yet: waiting up to %.0f s for it (--clock-wait), since a step of "
+        "the clock later would end every visit open then and start it again",
+        wait_s,
+    )
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < wait_s:
+        await asyncio.sleep(1.0)
+        if clock_synchronised():
+            clock.restart()
+            log.info("the system clock is synchronised (after %.0f s): starting", time.monotonic() - t0)
+            return
+    clock.restart()
+    log.warning(
+        "the system clock is still not synchronised after %.0f s: running on it as it is. If it is wrong, members' "
+        "phones are not recognised and check-ins are refused; check `timedatectl` and the network's NTP "
+        "(docs/install.md, Time)",
+        wait_s,
+    )
+
+
 async def run(
     settings: Settings,
     opts: RunOptions,
@@ -853,6 +919,8 @@ async def run(
     """
     from dashboard.app import create_app
 
+    if clock.live:
+        await _wait_for_clock(clock, opts.clock_wait_s)
     data_dir = settings.storage.directory(opts.data_dir)
     mqtt_url = opts.mqtt or settings.mqtt.url
     listen = opts.dashboard or settings.dashboard.listen
@@ -862,6 +930,16 @@ async def run(
         full_disk_outbox_max=settings.storage.full_disk_outbox_max,
     )
     held = (store.kept() or {}).get("data_until")
+    if clock.live and isinstance(held, (int, float)) and held - clock.now() > BEHIND_LAST_RUN_S:
+        log.warning(
+            "the system clock says %s, but this gateway wrote data up to %s before it stopped: the clock looks %.0f s "
+            "behind. While it is wrong, members' phones are not recognised (their tokens follow the right time), "
+            "app check-ins are refused as stale and visits are dated on the wrong day; when NTP steps it right, every "
+            "visit open then ends and starts again. Check `timedatectl` and the network's NTP (docs/install.md, Time)",
+            datetime.fromtimestamp(clock.now(), UTC).isoformat(timespec="seconds"),
+            datetime.fromtimestamp(held, UTC).isoformat(timespec="seconds"),
+            held - clock.now(),
+        )
     if opts.recorded and isinstance(held, (int, float)) and clock.start < held:
         store.close()
         at = datetime.fromtimestamp
@@ -922,6 +1000,7 @@ async def run(
     gw.writer = writer = CommitWriter(gw)
     if clock.step_s is None:  # a replay's clock moves on each reading: check-ins then use the last tick's time
         gw.clock = clock.now
+        gw.data_clock = clock
 
     try:
         sock = bind(listen) if listen != "off" else None

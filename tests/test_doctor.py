@@ -33,6 +33,7 @@ def status(**over: Any) -> dict[str, Any]:
         "estimator": {"estimator": "hmm", "resolution": "zones"},
         "survey": {"problem": None},
         "dashboard": {"https": True, "certificate_until": "2027-06-01T00:00:00+00:00"},
+        "clock": {"live": True, "synchronised": True, "steps": 0},
     }
     return {**base, **over}
 
@@ -63,6 +64,7 @@ def test_each_fault_is_named_with_what_to_do() -> None:
     s["store"] = {**s["store"], "disk_full": True, "last_error": "cannot write /var/lib/visita: No space left"}
     s["identity"]["beacon_battery_mv"]["beacon:b:1:2"] = BATTERY_LOW_MV - 200
     s["dashboard"]["certificate_until"] = "2026-09-01T00:00:00+00:00"  # before NOW
+    s["clock"] = {"live": True, "synchronised": False, "steps": 2}
     f = found(s)
     assert f["problem"] == [
         "adapter hci0 (receiver rx-entrance): is off, not scanning: systemctl restart visita, then check "
@@ -76,9 +78,11 @@ def test_each_fault_is_named_with_what_to_do() -> None:
         "HTTPS: the dashboard's certificate ended on 2026-09-01T00:00:00+00:00: browsers and `visita survey` refuse "
         "it; renew dashboard.tls_cert_file and restart (docs/install.md)",
     ], f["problem"]
-    assert [w.split(":")[0] for w in f["warning"]] == ["adapter hci1 (receiver rx-checkout)", "beacon"], f["warning"]
+    heads = [w.split(":")[0] for w in f["warning"]]
+    assert heads == ["adapter hci1 (receiver rx-checkout)", "clock", "clock", "beacon"], f["warning"]
     assert "has heard nothing for 300 s" in f["warning"][0]
-    assert f"battery at {BATTERY_LOW_MV - 200} mV" in f["warning"][1]
+    assert "not synchronised (NTP)" in f["warning"][1] and "stepped forward 2 time(s)" in f["warning"][2]
+    assert f"battery at {BATTERY_LOW_MV - 200} mV" in f["warning"][3]
 
 
 def test_remote_receivers_members_and_a_plan_without_geometry() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import re
 import subprocess
 import time
@@ -177,6 +178,43 @@ def test_a_live_clock_follows_a_step_forward_of_the_system_clock_and_never_goes_
     sim = Clock(speed=60)
     wall[0] += 1000
     assert sim.now() == sim.start, "a simulation at speed 60 keeps its own time"
+
+
+@pytest.mark.parametrize("synced_after", [3, None])
+def test_a_live_run_waits_for_the_clock_to_be_synchronised_and_goes_on_without_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, synced_after: int | None
+) -> None:
+    """A Pi just booted runs on the time it saved at shutdown until NTP steps it; a step after the start ends every
+    visit open then, so a live run waits a while for the sync, and starts on the clock as it is then."""
+    import asyncio
+
+    import gateway.runtime as rt
+
+    polls = [0]
+
+    def synchronised() -> bool:
+        polls[0] += 1
+        return synced_after is not None and polls[0] > synced_after
+
+    async def no_sleep(_: float) -> None:
+        mono[0] += 1.0
+
+    wall, mono = [1_000_000.0], [50.0]
+    monkeypatch.setattr(rt, "clock_synchronised", synchronised)
+    monkeypatch.setattr(time, "time", lambda: wall[0])
+    monkeypatch.setattr(time, "monotonic", lambda: mono[0])
+    monkeypatch.setattr(asyncio, "sleep", no_sleep)
+    clock = Clock()
+    assert clock.live and not Clock(speed=1.0, simulation=True).live and not Clock(start=5.0).live
+    wall[0] += 86_400  # NTP steps the clock during the wait
+    with caplog.at_level(logging.INFO, logger="visita.runtime"):
+        asyncio.run(rt._wait_for_clock(clock, 10.0))
+    assert "not synchronised (NTP) yet: waiting up to 10 s" in caplog.text
+    if synced_after is None:
+        assert "still not synchronised after 10 s: running on it as it is" in caplog.text
+    else:
+        assert "the system clock is synchronised (after 3 s): starting" in caplog.text
+    assert clock.now() == wall[0] and clock.steps == 0, "started on the clock as it is now: no step to follow"
 
 
 def test_visita_sim_writes_a_log_that_visita_replay_turns_into_visits(tmp_path: Path) -> None:

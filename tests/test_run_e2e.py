@@ -299,3 +299,20 @@ def test_a_real_time_simulation_started_again_does_not_claim_to_go_on_from_the_d
     for _ in range(2):
         r = subprocess.run(args, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "going on from" not in r.stdout, r.stdout
+
+
+def test_a_live_run_on_a_clock_behind_its_own_data_says_what_that_costs(tmp_path: Path) -> None:
+    """A Pi that booted on a stale clock and has not reached NTP: the data directory holds data from after "now"."""
+    data = tmp_path / "data"
+    ahead = time.time() + 3 * 3600
+    with Store(data) as store:
+        store.keep(lambda: {"data_until": ahead})
+        store.keep_now()
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"}  # no radio needed for this
+    args = [*VISITA, "run", "--ble", "--mqtt", "off", "--dashboard", "off", "--until", "2s", "--clock-wait", "0",
+            "--data-dir", str(data)]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"the clock looks 10[78]\d\d s behind\. While it is wrong, members' phones are not recognised",
+                     proc.stderr), proc.stderr  # fmt: skip
+    assert "timedatectl" in proc.stderr
