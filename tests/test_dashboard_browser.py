@@ -356,6 +356,16 @@ def test_recent_visits_count_inside_as_inside_now_does_and_label_staff(browser: 
     staff = page.locator('[data-testid="visit-row"]', has_text="Staff")
     expect(staff.first).to_be_visible(timeout=10_000)
     expect(staff.first).to_contain_text("staff · not counted")
+    # The badge stays inside the table at a laptop's and a landscape tablet's widths: the Status cell wraps, and at
+    # 1080 px and under the table gets the whole width, rather than the label running out of the card.
+    for width in (1024, 1100, 1280):
+        page.set_viewport_size({"width": width, "height": 800})
+        badge = staff.first.locator(".badge-staff").bounding_box()
+        table = page.locator(".table-wrap").bounding_box()
+        assert badge is not None and table is not None
+        assert badge["x"] + badge["width"] <= table["x"] + table["width"], (width, badge, table)
+    # What the figures count, said on the page.
+    expect(page.get_by_test_id("what-counts")).to_contain_text("people whose phone advertises over Bluetooth")
     for _ in range(3):  # the note and the figure come from one poll: equal at every redraw
         page.wait_for_timeout(2_000)
         occupancy, note = page.evaluate(
