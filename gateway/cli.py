@@ -1040,6 +1040,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """visita run."""
+    from datetime import UTC, datetime
+
     from firmware_sim.scenario import load_scenario, scenario_plan
     from firmware_sim.world import World
     from gateway.identity import MemberDirectory
@@ -1081,6 +1083,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ahead = held is not None and held > time.time() + AHEAD_S
     clock = Clock(args.speed, start=held if ahead else None, simulation=True)
     world = World(scenario, args.seed, clock.start)
+    world_start = datetime.fromtimestamp(world.start_ts, UTC).isoformat(timespec="seconds")  # whole seconds
     members = MemberDirectory()
     members.set_members(world.member_keys)  # the simulated store's app users, as if the backend provisioned them
     banner = [
@@ -1088,6 +1091,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"  source     simulated store {scenario.name!r} (seed {args.seed}) at {args.speed:g}x"
         + (f", for {args.until:g} s of simulated time" if args.until else "")
         + (f", going on from {_local(clock.start, settings.timezone)} (the data directory's time)" if ahead else ""),
+        # The world's start: `visita sim SCENARIO --seed N --start …` writes this run's ground truth.
+        f"  truth      visita sim {scenario.name} --seed {args.seed} --start {world_start} --out DIR "
+        f"(the same world, from {_local(world.start_ts, settings.timezone)})",
     ]
     nodes = _nodes_source(args, settings, clock.now, banner)
     opts = RunOptions(

@@ -277,7 +277,12 @@ def test_a_faster_than_real_time_simulation_goes_on_from_its_data_directory_in_i
     held = re.search(r"going on from (\S+ \S+) (\S+) \(the data directory's time\)", line)
     assert held and held.group(2) in ("CET", "CEST"), line
     # 20 simulated minutes after the first run's start, in Berlin time: ahead of the wall clock.
-    assert datetime.fromisoformat(held.group(1)).replace(tzinfo=ZoneInfo("Europe/Berlin")).timestamp() > time.time()
+    going_on = datetime.fromisoformat(held.group(1)).replace(tzinfo=ZoneInfo("Europe/Berlin")).timestamp()
+    assert going_on > time.time()
+    # The banner names the command that writes this world's ground truth: its world starts where the run goes on.
+    (truth,) = [x for x in second.stdout.splitlines() if x.startswith("  truth")]
+    start = re.search(r"visita sim supermarket --seed 1 --start (\S+) --out DIR", truth)
+    assert start and abs(datetime.fromisoformat(start.group(1)).timestamp() - going_on) < 1, truth
 
 
 def test_a_clock_held_back_is_the_simulations_own_only() -> None:
