@@ -953,7 +953,8 @@ class MqttUrl:
 def redact_url(text: str) -> str:
     """`text` with the user name and password of any URL in it replaced by *** (for messages and logs)."""
     text = re.sub(r"//[^/\s]*@", "//***@", text)  # up to the last @ of the address, as urlsplit reads it
-    return re.sub(r"(?<![\w.%+:/-])[\w.%+-]+:[^\s/@]*@", "***@", text)  # user:password@host without a scheme
+    # user:password@host without a scheme, up to the last @ too (a password may hold one)
+    return re.sub(r"(?<![\w.%+:/-])[\w.%+-]+:[^\s/]*@", "***@", text)
 
 
 def parse_mqtt_url(url: str) -> MqttUrl:

@@ -664,3 +664,18 @@ def test_config_errors_never_echo_a_secret_given_in_the_wrong_place(
     for secret in ("INLINEPW4", SECRET_KEY, "CFGURLPW3"):
         assert secret not in err, err
     assert expected in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("mqtt://alice:p@ss@broker:1883", "mqtt://***@broker:1883"),
+        ("alice:p@ss@broker:1883", "***@broker:1883"),  # without a scheme: up to the last @ as well
+        ("alice:S3cret@broker", "***@broker"),
+        ("broker:1883", "broker:1883"),
+    ],
+)
+def test_redact_url_hides_all_of_a_password_that_holds_an_at_sign(text: str, shown: str) -> None:
+    from gateway.config import redact_url
+
+    assert redact_url(text) == shown
