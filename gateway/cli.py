@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -1092,7 +1093,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         + (f", for {args.until:g} s of simulated time" if args.until else "")
         + (f", going on from {_local(clock.start, settings.timezone)} (the data directory's time)" if ahead else ""),
         # The world's start: `visita sim SCENARIO --seed N --start …` writes this run's ground truth.
-        f"  truth      visita sim {scenario.name} --seed {args.seed} --start {world_start} --out DIR "
+        # As --scenario was given (a file's path, not the name inside it, which `visita sim` would not find).
+        f"  truth      visita sim {shlex.quote(args.scenario)} --seed {args.seed} --start {world_start} --out DIR "
         f"(the same world, from {_local(world.start_ts, settings.timezone)})",
     ]
     nodes = _nodes_source(args, settings, clock.now, banner)

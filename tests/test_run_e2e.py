@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -321,3 +322,27 @@ def test_a_live_run_on_a_clock_behind_its_own_data_says_what_that_costs(tmp_path
     assert re.search(r"the clock looks 10[78]\d\d s behind\. While it is wrong, members' phones are not recognised",
                      proc.stderr), proc.stderr  # fmt: skip
     assert "timedatectl" in proc.stderr
+
+
+def test_the_truth_command_of_a_scenario_file_names_the_file(tmp_path: Path) -> None:
+    """`--scenario FILE`: the banner's `visita sim` command is given the file, as `visita sim` needs it (the name
+    inside the file is no shipped scenario's, or worse, one whose world is not this one)."""
+    from gateway.cli import __file__ as cli_file
+
+    shipped = Path(cli_file).parent.parent / "firmware_sim" / "scenarios" / "small-shop.toml"
+    scenario = tmp_path / "my shop.toml"
+    scenario.write_text(shipped.read_text().replace('name = "small-shop"', 'name = "my-shop"', 1))
+    args = [*VISITA, "run", "--sim", "--scenario", str(scenario), "--speed", "100", "--until", "10s", "--mqtt",
+            "off", "--dashboard", "off", "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (truth,) = [x for x in r.stdout.splitlines() if x.startswith("  truth")]
+    command = re.search(r"visita sim (.+) --out DIR", truth)
+    assert command, truth
+    sim = subprocess.run(
+        [*VISITA, "sim", *shlex.split(command.group(1)), "--duration", "1m", "--out", str(tmp_path / "truth")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sim.returncode == 0, (truth, sim.stderr)
