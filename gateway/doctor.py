@@ -121,7 +121,11 @@ def _clock(clock: dict[str, Any]) -> list[Check]:
                 "were ended and started again (docs/install.md, Time)",
             )
         )
-    return out or [Check("ok", "clock", "synchronised")]
+    if out:
+        return out
+    if clock.get("synchronised") is None:  # not Linux, or a sandbox that refuses adjtimex (systemd's ProtectClock=)
+        return [Check("ok", "clock", "the gateway cannot tell whether it is synchronised: `timedatectl` says")]
+    return [Check("ok", "clock", "synchronised")]
 
 
 def _nodes(nodes: dict[str, Any] | None) -> list[Check]:
@@ -215,8 +219,6 @@ def _store(store: dict[str, Any]) -> list[Check]:
                 "memory only and a power cut loses them; free space on the SD card",
             )
         )
-    elif store.get("last_error"):
-        out.append(Check("warning", "storage", f"{store['last_error']}"))
     dropped = store.get("outbox_dropped") or {}
     if dropped:
         what = ", ".join(f"{n} {t}" for t, n in dropped.items())
@@ -234,7 +236,9 @@ def _store(store: dict[str, Any]) -> list[Check]:
                 "ok",
                 "storage",
                 f"{store.get('outbox_depth', 0)} event(s) in the outbox, "
-                f"{store.get('recent_visits', 0)} recent visits kept",
+                f"{store.get('recent_visits', 0)} recent visits kept"
+                # `last_error` stays after the disk has room again: a past disk-full, written since.
+                + (f" (earlier: {store['last_error']}; written since)" if store.get("last_error") else ""),
             )
         )
     return out

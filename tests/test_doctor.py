@@ -129,3 +129,33 @@ def test_the_command_checks_a_running_gateway_and_says_when_none_answers(tmp_pat
         _stop(proc)
     r = subprocess.run([*VISITA, "doctor", "--url", f"http://127.0.0.1:{port}"], capture_output=True, text=True)
     assert r.returncode == 1 and f"no gateway answers at http://127.0.0.1:{port}" in r.stderr, r.stderr
+
+
+def test_a_clock_the_gateway_cannot_ask_about_is_not_said_to_be_synchronised() -> None:
+    # Under the shipped unit (ProtectClock=, SystemCallFilter=~@privileged) adjtimex is refused: synchronised is None.
+    f = found(status(clock={"live": True, "synchronised": None, "steps": 0}))
+    (clock,) = [line for line in f["ok"] if line.startswith("clock")]
+    assert clock != "clock: synchronised" and "cannot tell" in clock, clock
+
+
+def test_a_disk_full_that_is_over_is_no_warning(tmp_path: Path) -> None:
+    import errno
+
+    from gateway.model import Event
+    from gateway.store import Store
+
+    with Store(tmp_path / "data") as store:
+        store.put_events([Event("visit.ended", "evt-1", 1_700_000_000.0, "store-1", "gw-1", 1, {})])
+        real = store._disk.write_payload
+
+        def full(payload: bytes) -> float:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        store._disk.write_payload = full  # type: ignore[method-assign]
+        assert store.commit() is False
+        store._disk.write_payload = real  # type: ignore[method-assign]
+        assert store.commit(force=True)
+        f = found(status(store=store.diagnostics()))
+    assert f["warning"] == [] and f["problem"] == [], f
+    (line,) = [x for x in f["ok"] if x.startswith("storage")]
+    assert "earlier: cannot write" in line and "written since" in line, line
