@@ -1331,13 +1331,19 @@ class Store:
         return True
 
     def _forget_before(self, before: str, deleted: int, error: OSError | None) -> None:
-        """After `retain`'s files are gone: its visits leave the recent visits."""
+        """After `retain`'s files are gone: its visits leave the recent visits.
+
+        A day file that cannot be deleted is logged, not raised: raising would stop the pipeline, and the first tick
+        of every restart would ask again and stop it again. The runtime asks again the next store-local day."""
         if error is not None:
-            self._retain_from = self._retain_from or before  # asked again with the next commit
-            raise StoreError(
-                f"cannot delete the history before {before} in {self._hist}: {error.strerror}; fix the permissions "
-                f"of {self._dir}"
-            ) from error
+            _log.warning(
+                "cannot delete the history before %s in %s: %s; it is kept until it can be (asked again tomorrow): "
+                "fix the permissions of %s",
+                before,
+                self._hist,
+                error.strerror or error,
+                self._dir,
+            )
         old = [vid for vid, rec in self._visits.items() if _visit_day(float(rec["ended"])) < before]
         for vid in old:
             del self._visits[vid]

@@ -1026,3 +1026,43 @@ def test_the_gateway_keeps_storage_history_days_or_what_its_rules_look_back_on(
         assert store.diagnostics()["history_days_deleted"] == 200 - kept
     finally:
         store.close()
+
+
+def test_a_day_file_that_cannot_be_deleted_does_not_stop_the_gateway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleting old history is housekeeping: a day file that cannot be deleted is logged and kept. Raising stopped
+    the pipeline, and the first tick of every restart (systemd's Restart=on-failure) stopped it again."""
+    from firmware_sim.scenario import load_scenario, scenario_plan
+    from firmware_sim.world import World
+    from gateway.config import Settings
+    from gateway.identity import MemberDirectory
+    from gateway.points import load_rules
+    from gateway.runtime import Gateway
+    from sensors.sim import SimSource
+
+    data_dir = tmp_path / "data"
+    days = history_of_days(data_dir, 100)
+    stuck = data_dir / "history" / f"{days[0]}.jsonl"
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path) == stuck:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    rules_file = tmp_path / "rules.toml"
+    rules_file.write_text('[[rules]]\nid = "visit"\nkind = "visit"\npoints = 10\n')
+    scenario = load_scenario("default")
+    settings = Settings().model_copy(update={"plan": scenario_plan(scenario), "timezone": "UTC"})
+    now = datetime.fromisoformat(days[-1] + "T12:00:00+00:00").timestamp()
+    store = Store(data_dir)
+    gw = Gateway(settings, store, SimSource(World(scenario, 1, now)), MemberDirectory(), load_rules(rules_file), [])
+    try:
+        gw.step(now)
+        gw.step(now + 1)
+    finally:
+        store.close()
+    assert f"cannot delete the history before {days[10]}" in caplog.text
+    assert stuck.exists()
