@@ -378,13 +378,18 @@ class Gateway:
 
     def _retain(self, now: float) -> None:
         """Once a store-local day: the store deletes the history older than `storage.history_days`, or than the points
-        rules look back if that is longer (with this tick's commit)."""
+        rules look back if that is longer (with this tick's commit), counted back from today or from the newest day
+        with history if that is older; not while a live clock is known not to be synchronised."""
         today = self._days.day(now)
         if today == self._retained_day:
             return
+        if self.data_clock is not None and self.data_clock.live and clock_synchronised() is False:
+            return  # a Pi's clock before NTP may be far off: a year ahead, every day of history would look old
         self._retained_day = today
+        days = self.store.history_days()
+        newest = min(today, days[-1]) if days else today  # a clock ahead of every day written deletes nothing more
         back = max(self.settings.storage.history_days - 1, ledger_days(self.points.rules))  # today is one of them
-        self.store.retain((date.fromisoformat(today) - timedelta(days=back)).isoformat())
+        self.store.retain((date.fromisoformat(newest) - timedelta(days=back)).isoformat())
 
     def _keep_visits(self, now: float, everything: bool = False) -> None:
         """Hand the store the open visits that changed (VisitTracker.take_kept), for the commit of their events."""

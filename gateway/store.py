@@ -1321,10 +1321,10 @@ class Store:
             self._pending_on_disk = pending.pending
         self._committed_seq = max(self._committed_seq, pending.seq)
         self._last_write = time.monotonic()
+        if pending.retain_from is not None:  # before the roll's accounting, which may raise: the files are gone
+            self._forget_before(pending.retain_from, pending.deleted, pending.retain_error)
         if pending.roll_ids:
             self._rolled(pending.roll_ids, pending.roll_error)
-        if pending.retain_from is not None:
-            self._forget_before(pending.retain_from, pending.deleted, pending.retain_error)
         if self._disk_full:
             self._disk_full = False
             _log.warning("disk space is back: %s written again (%d events pending)", self._path, len(self._outbox_seq))

@@ -990,12 +990,9 @@ def test_only_plausible_seqs_are_read_from_an_unusable_file(tmp_path: Path) -> N
     assert store_mod._seqs_in(f) == 3
 
 
-@pytest.mark.parametrize(("history_days", "streak_days", "kept"), [(90, None, 90), (30, None, 30), (30, 120, 123)])
-def test_the_gateway_keeps_storage_history_days_or_what_its_rules_look_back_on(
-    tmp_path: Path, history_days: int, streak_days: int | None, kept: int
-) -> None:
-    """Once a store-local day the gateway deletes older history: it keeps `storage.history_days` (today included),
-    never fewer days than the points rules look back on (a streak's `days` plus 2, before today)."""
+def gateway_on(data_dir: Path, now: float, history_days: int = 90, rules: str = "") -> Any:
+    """A Gateway on the default store with its data in `data_dir`, `storage.history_days` and points `rules` (TOML;
+    empty: one visit rule), its simulated world starting at `now`."""
     from firmware_sim.scenario import load_scenario, scenario_plan
     from firmware_sim.world import World
     from gateway.config import Settings
@@ -1004,28 +1001,63 @@ def test_the_gateway_keeps_storage_history_days_or_what_its_rules_look_back_on(
     from gateway.runtime import Gateway
     from sensors.sim import SimSource
 
-    data_dir = tmp_path / "data"
-    days = history_of_days(data_dir, 200)
-    rules_file = tmp_path / "rules.toml"
-    rules_file.write_text(
-        '[[rules]]\nid = "visit"\nkind = "visit"\npoints = 10\n'
-        + (f'[[rules]]\nid = "streak"\nkind = "streak"\nvisits = 3\ndays = {streak_days}\npoints = 5\n'
-           if streak_days else "")
-    )  # fmt: skip
+    rules_file = data_dir.parent / "rules.toml"
+    rules_file.write_text('[[rules]]\nid = "visit"\nkind = "visit"\npoints = 10\n' + rules)
     scenario = load_scenario("default")
     settings = Settings().model_copy(update={"plan": scenario_plan(scenario), "timezone": "UTC"})
     storage = settings.storage.model_copy(update={"history_days": history_days})
     settings = settings.model_copy(update={"storage": storage})
+    return Gateway(settings, Store(data_dir), SimSource(World(scenario, 1, now)), MemberDirectory(),
+                   load_rules(rules_file), [])  # fmt: skip
+
+
+@pytest.mark.parametrize(("history_days", "streak_days", "kept"), [(90, None, 90), (30, None, 30), (30, 120, 123)])
+def test_the_gateway_keeps_storage_history_days_or_what_its_rules_look_back_on(
+    tmp_path: Path, history_days: int, streak_days: int | None, kept: int
+) -> None:
+    """Once a store-local day the gateway deletes older history: it keeps `storage.history_days` (today included),
+    never fewer days than the points rules look back on (a streak's `days` plus 2, before today)."""
+    data_dir = tmp_path / "data"
+    days = history_of_days(data_dir, 200)
+    streak = f'[[rules]]\nid = "streak"\nkind = "streak"\nvisits = 3\ndays = {streak_days}\npoints = 5\n'
     now = datetime.fromisoformat(days[-1] + "T12:00:00+00:00").timestamp()
-    store = Store(data_dir)
-    gw = Gateway(settings, store, SimSource(World(scenario, 1, now)), MemberDirectory(), load_rules(rules_file), [])
+    gw = gateway_on(data_dir, now, history_days, streak if streak_days else "")
     try:
         gw.step(now)
         assert sorted(os.listdir(data_dir / "history")) == [f"{d}.jsonl" for d in days[-kept:]]
         gw.step(now + 60)  # the same day: nothing more to do
-        assert store.diagnostics()["history_days_deleted"] == 200 - kept
+        assert gw.store.diagnostics()["history_days_deleted"] == 200 - kept
     finally:
-        store.close()
+        gw.store.close()
+
+
+def test_a_clock_far_ahead_or_not_synchronised_does_not_delete_the_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Pi's clock before NTP may be a year off: days of history are counted back from the newest one written, not
+    from a "today" ahead of all of them, and nothing is deleted while a live clock is known not to be synchronised."""
+    import gateway.runtime as rt
+
+    data_dir = tmp_path / "data"
+    days = history_of_days(data_dir, 60)
+    year_on = datetime.fromisoformat(days[-1] + "T12:00:00+00:00").timestamp() + 365 * DAY_S
+    gw = gateway_on(data_dir, year_on)
+    try:
+        gw.step(year_on)
+        assert len(os.listdir(data_dir / "history")) == 60, "counted back from the newest day written: none is old"
+    finally:
+        gw.store.close()
+    monkeypatch.setattr(rt, "clock_synchronised", lambda: False)
+    gw = gateway_on(data_dir, year_on + 2 * DAY_S, history_days=30)
+    gw.data_clock = rt.Clock()  # live: the system clock's
+    try:
+        gw.step(year_on + 2 * DAY_S)
+        assert len(os.listdir(data_dir / "history")) == 60, "not while the clock is not synchronised"
+        monkeypatch.setattr(rt, "clock_synchronised", lambda: True)
+        gw.step(year_on + 2 * DAY_S + 1)
+        assert len(os.listdir(data_dir / "history")) == 30, "once it is"
+    finally:
+        gw.store.close()
 
 
 def test_a_day_file_that_cannot_be_deleted_does_not_stop_the_gateway(
