@@ -721,9 +721,12 @@ class Store:
         return sorted(out)
 
     def _read_day(self, path: Path, *, repair: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(kind, record) of every good line of a day file; a torn last line is cut off when `repair`."""
+        """(kind, record) of every good line of a day file; a torn last line is cut off when `repair`. None of a file
+        that is gone (retention deleted it on the writer thread since the directory was listed)."""
         try:
             raw = path.read_bytes()
+        except FileNotFoundError:
+            return
         except OSError as e:
             raise StoreError(f"cannot read {path}: {e.strerror}; fix its permissions") from e
         end = raw.rfind(b"\n") + 1

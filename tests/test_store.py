@@ -1098,3 +1098,16 @@ def test_a_day_file_that_cannot_be_deleted_does_not_stop_the_gateway(
         store.close()
     assert f"cannot delete the history before {days[10]}" in caplog.text
     assert stuck.exists()
+
+
+def test_a_day_file_deleted_while_the_ledger_is_read_is_skipped(
+    open_store: Callable[..., Store], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention deletes day files on the writer thread; a `cmd/rules` reading the ledger on the loop may have listed
+    one of them just before: it is gone, not unreadable."""
+    days = history_of_days(data_dir, 3)
+    s = open_store()
+    listed = s._day_files()
+    (data_dir / "history" / f"{days[0]}.jsonl").unlink()
+    monkeypatch.setattr(s, "_day_files", lambda: listed)
+    assert [a.day for a in s.awards()] == [days[1]] * 3 + [days[2]] * 3
