@@ -103,6 +103,11 @@ class FootfallNow(BaseModel):
     staff_today: int = Field(
         ge=0, description="Staff visits started today (one open across midnight is its first day's)."
     )
+    left_today: int = Field(ge=0, description="Visitor visits that ended today (store-local day of their end).")
+    mean_dwell_today_s: int | None = Field(
+        description="The average visit: mean dwell of the visitor visits that ended today, seconds; null before the "
+        "first of the day."
+    )
     zones: list[ZoneCount] = Field(description="Visitors inside now by zone, in store plan order (inside zones).")
     resolution: Literal["zones", "presence"] = Field(
         description="'zones' with several receivers; 'presence' (inside/outside only) with one."
@@ -301,6 +306,8 @@ def create_app(gateway: Gateway) -> FastAPI:
             visitors_today=snap["visitors_today"],
             passbys_today=snap["passbys_today"],
             staff_today=snap["staff_today"],
+            left_today=snap["left_today"],
+            mean_dwell_today_s=snap["mean_dwell_today_s"],
             zones=_zones(gw),
             resolution=gw.resolution,
         )

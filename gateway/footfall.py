@@ -47,6 +47,10 @@ class _Minute:
     dwell_sum_s: float = 0.0
 
 
+_TODAY_BEFORE = {"visitors", "passbys", "staff"}
+"""Today's counts an earlier version kept across a restart (`restore` takes them, the others from zero)."""
+
+
 class Footfall:
     """Live counts and per-minute aggregates; no I/O, time from the data."""
 
@@ -55,7 +59,9 @@ class Footfall:
         self._open: set[str] = set()
         self._entries: deque[float] = deque()  # start times of visits, for "last hour"
         self._day = ""
-        self._today = {"visitors": 0, "passbys": 0, "staff": 0}
+        # "left" and "dwell_s": visitors' visits that ended today and their dwell summed (whole seconds), for the
+        # average visit of the day
+        self._today = {"visitors": 0, "passbys": 0, "staff": 0, "left": 0, "dwell_s": 0}
         self._minute: _Minute | None = None
         self._now = 0.0
         self._restored: dict[str, Any] | None = None
@@ -87,7 +93,7 @@ class Footfall:
             minute = state["minute"]
             ok = (
                 isinstance(state["day"], str)
-                and set(state["today"]) == set(self._today)
+                and _TODAY_BEFORE <= set(state["today"]) <= set(self._today)  # an older version kept fewer
                 and all(type(n) is int for n in state["today"].values())
                 and all(isinstance(m, number) and type(n) is int for m, n in state["entries"])
                 and type(state["occupancy"]) is int
@@ -127,7 +133,7 @@ class Footfall:
         assert state is not None
         self._day = self._days.day(now)
         if state["day"] == self._day:
-            self._today = {k: int(v) for k, v in state["today"].items()}
+            self._today = {**dict.fromkeys(self._today, 0), **{k: int(v) for k, v in state["today"].items()}}
         # The last hour's entries whatever the day (a restart just after midnight still had them); none dated after
         # `now` (a clock that went back across the restart): the last hour cannot hold them.
         self._entries = deque(m for m, n in sorted(state["entries"]) for _ in range(n) if now - 3600 <= m <= now)
@@ -181,6 +187,8 @@ class Footfall:
                 self._open.discard(v.visit_id)
                 m.exits += 1
                 m.dwell_sum_s += v.dwell_s
+                self._today["left"] += 1  # on the day it ended: the average visit of the visits that ended today
+                self._today["dwell_s"] += round(v.dwell_s)
             if v.classification == "staff" and v.visit_id in self._open:
                 self._staff_found(v)
         closed += self._roll(now)
@@ -236,7 +244,8 @@ class Footfall:
         }
 
     def snapshot(self) -> dict[str, Any]:
-        """Occupancy now, entries in the last hour, today's visitors / pass-bys / staff."""
+        """Occupancy now, entries in the last hour, today's visitors / pass-bys / staff, and the visitors' visits that
+        ended today with their mean dwell (None before the first)."""
         return {
             "as_of": self._now,
             "occupancy": len(self._open),
@@ -245,4 +254,6 @@ class Footfall:
             "visitors_today": self._today["visitors"],
             "passbys_today": self._today["passbys"],
             "staff_today": self._today["staff"],
+            "left_today": self._today["left"],
+            "mean_dwell_today_s": round(self._today["dwell_s"] / self._today["left"]) if self._today["left"] else None,
         }

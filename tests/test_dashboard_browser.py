@@ -56,6 +56,7 @@ READ_PAGE = """() => {
     entries_last_hour: text("entries-last-hour"),
     visitors_today: text("visitors-today"),
     passbys_today: text("passbys-today"),
+    mean_dwell: text("mean-dwell"),
     zones: [...document.querySelectorAll('[data-testid="zones"] [data-zone]')].map((li) => ({
       id: li.dataset.zone,
       name: li.querySelector(".zone-name").textContent,
@@ -213,6 +214,13 @@ def test_page_shows_the_live_figures_of_the_api(browser: Browser, product: Produ
     assert body["visitors_today"] > 0, "no visitor within 15 s at 60x"
     for key in ("occupancy", "entries_last_hour", "visitors_today", "passbys_today"):
         assert number(shown[key]) == body[key], (key, shown[key], body[key])
+    # The average visit of the day, as the visit rows write a dwell.
+    mean = body["mean_dwell_today_s"]
+    if mean is None:
+        assert body["left_today"] == 0 and shown["mean_dwell"] == "— (no visit ended yet today)", shown
+    else:
+        as_rows = f"{mean} s" if mean < 60 else f"{mean // 60} min {mean % 60} s"
+        assert shown["mean_dwell"] == f"{as_rows} ({body['left_today']} ended)", (shown, body)
     assert shown["zones"] == [{"id": z["id"], "name": z["name"], "count": str(z["visitors"])} for z in body["zones"]]
     # The API asked directly afterwards has moved on from what the page showed, never back.
     later = product.get("/api/v1/footfall")

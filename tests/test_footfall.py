@@ -101,6 +101,8 @@ def test_snapshot_of_a_hand_built_morning_and_an_hour_later() -> None:
         "visitors_today": 3,
         "passbys_today": 2,
         "staff_today": 1,
+        "left_today": 2,  # v2 (250 s) and v1 (855 s) ended
+        "mean_dwell_today_s": 552,  # the average visit of the day: (250 + 855) / 2, rounded half to even
     }
     f.update([], at(11, 5))  # v1 (10:00:05) and v2 (10:00:55) entered more than an hour ago, v3 (10:09:30) not
     snap = f.snapshot()
@@ -343,3 +345,23 @@ def test_a_visitor_visit_a_member_link_shows_to_be_staff_leaves_occupancy() -> N
     assert [v.classification for v in tracker.open_visits()] == ["staff"]
     assert f.snapshot()["occupancy"] == 0
     assert sum(m["entries"] for m in minutes) - sum(m["exits"] for m in minutes) == minutes[-1]["occupancy"] == 0
+
+
+def test_the_average_visit_of_the_day_goes_on_across_a_restart_and_starts_afresh_at_midnight() -> None:
+    days = LocalDays("Europe/Berlin")
+    f = Footfall(days)
+    run(f, hand_built_morning(), at(10, 0), at(10, 20))
+    g = Footfall(days)
+    g.restore(f.state())
+    g.update([], at(10, 21))
+    assert (g.snapshot()["left_today"], g.snapshot()["mean_dwell_today_s"]) == (2, 552)
+    # A state kept by a version that did not count it yet is taken (its counts), the average from zero.
+    old = f.state()
+    old["today"] = {k: old["today"][k] for k in ("visitors", "passbys", "staff")}
+    h = Footfall(days)
+    h.restore(old)
+    h.update([], at(10, 21))
+    snap = h.snapshot()
+    assert (snap["visitors_today"], snap["left_today"], snap["mean_dwell_today_s"]) == (3, 0, None)
+    g.update([], at(0, 0, 5, day=16))
+    assert (g.snapshot()["left_today"], g.snapshot()["mean_dwell_today_s"]) == (0, None)

@@ -132,6 +132,9 @@ function renderFootfall(f) {
   $("visitors-today").textContent = fmt(f.visitors_today);
   $("passbys-today").textContent = fmt(f.passbys_today);
   $("staff-today").textContent = fmt(f.staff_today);
+  // The mean dwell of the visits that ended today: "—" until one has.
+  $("mean-dwell").textContent =
+    f.mean_dwell_today_s === null ? "— (no visit ended yet today)" : `${dwell(f.mean_dwell_today_s)} (${fmt(f.left_today)} ended)`;
   $("day").textContent = f.day ? `· ${dayLabel(f.day)}` : "";
   today = f.day;
 
