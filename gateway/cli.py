@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     import ssl
 
     from firmware_sim.scenario import Scenario
+    from gateway.identity import MemberDirectory
+    from gateway.runtime import Clock
+    from sensors.base import Source
     from sensors.nodes import NodesSource
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -1046,8 +1049,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from firmware_sim.scenario import load_scenario, scenario_plan
     from firmware_sim.world import World
     from gateway.identity import MemberDirectory
-    from gateway.runtime import Clock, RunOptions, StartupError, run
-    from gateway.store import StoreError
+    from gateway.runtime import Clock
     from sensors.sim import SimSource
 
     settings = apply_mqtt_flags(args, load_settings(args.config))
@@ -1098,6 +1100,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"(the same world, from {_local(world.start_ts, settings.timezone)})",
     ]
     nodes = _nodes_source(args, settings, clock.now, banner)
+    return _run_gateway(args, settings, SimSource(world), clock, members, world.staff_refs, banner, nodes)
+
+
+def _run_gateway(
+    args: argparse.Namespace,
+    settings: Settings,
+    source: Source,
+    clock: Clock,
+    members: MemberDirectory,
+    staff: list[str],
+    banner: list[str],
+    nodes: NodesSource | None,
+) -> int:
+    """`visita run` on any source, with the options every source shares; a start-up failure is exit 1."""
+    from gateway.runtime import RunOptions, StartupError, run
+    from gateway.store import StoreError
+
     opts = RunOptions(
         data_dir=args.data_dir,
         mqtt=args.mqtt,
@@ -1106,7 +1125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         clock_wait_s=args.clock_wait,
     )
     try:
-        return asyncio.run(run(settings, opts, SimSource(world), clock, members, world.staff_refs, banner, nodes))
+        return asyncio.run(run(settings, opts, source, clock, members, staff, banner, nodes))
     except (StartupError, StoreError) as e:
         print(f"visita run: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -1181,8 +1200,7 @@ def _run_ble(args: argparse.Namespace, settings: Settings) -> int:
     from firmware_sim.scenario import load_scenario, scenario_plan
     from firmware_sim.world import member_keys
     from gateway.identity import MemberDirectory
-    from gateway.runtime import Clock, RunOptions, StartupError, run
-    from gateway.store import StoreError
+    from gateway.runtime import Clock
     from sensors import ble_source
 
     if args.speed != 1 and not args.rehearse:
@@ -1223,18 +1241,7 @@ def _run_ble(args: argparse.Namespace, settings: Settings) -> int:
         f" · watchdog {watchdog}",
     ]
     nodes = _nodes_source(args, settings, clock.now, banner)
-    opts = RunOptions(
-        data_dir=args.data_dir,
-        mqtt=args.mqtt,
-        dashboard=args.dashboard,
-        until_s=args.until,
-        clock_wait_s=args.clock_wait,
-    )
-    try:
-        return asyncio.run(run(settings, opts, source, clock, members, staff, banner, nodes))
-    except (StartupError, StoreError) as e:
-        print(f"visita run: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    return _run_gateway(args, settings, source, clock, members, staff, banner, nodes)
 
 
 def _nodes_source(
@@ -1292,8 +1299,7 @@ def _nodes_source(
 def _run_nodes_only(args: argparse.Namespace, settings: Settings) -> int:
     """visita run --nodes without a radio: remote receivers are the only source."""
     from gateway.identity import MemberDirectory
-    from gateway.runtime import Clock, RunOptions, StartupError, run
-    from gateway.store import StoreError
+    from gateway.runtime import Clock
 
     if args.speed != 1:
         raise UsageError(f"--speed {args.speed:g}: remote receivers are heard in real time")
@@ -1301,18 +1307,7 @@ def _run_nodes_only(args: argparse.Namespace, settings: Settings) -> int:
     banner = [f"Visita {__version__} · store {settings.store} · gateway {settings.gateway}"]
     nodes = _nodes_source(args, settings, clock.now, banner)
     assert nodes is not None
-    opts = RunOptions(
-        data_dir=args.data_dir,
-        mqtt=args.mqtt,
-        dashboard=args.dashboard,
-        until_s=args.until,
-        clock_wait_s=args.clock_wait,
-    )
-    try:
-        return asyncio.run(run(settings, opts, nodes, clock, MemberDirectory(), [], banner, nodes))
-    except (StartupError, StoreError) as e:
-        print(f"visita run: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    return _run_gateway(args, settings, nodes, clock, MemberDirectory(), [], banner, nodes)
 
 
 def _span(seconds: float) -> str:
