@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="--ble and --nodes: at start, wait this long for the system clock to be synchronised (NTP) when it is "
-        "not yet, since a step of the clock later ends every visit open then (0: do not wait; default: 30)",
+        "not yet, since until then members' phones are not recognised and check-ins are refused (0: do not wait; "
+        "default: 30)",
     )
     run.add_argument(
         "--rehearse",

@@ -107,8 +107,8 @@ def _clock(clock: dict[str, Any]) -> list[Check]:
             Check(
                 "warning",
                 "clock",
-                "the system clock is not synchronised (NTP): if it is wrong, members' phones are not recognised and "
-                "check-ins are refused, and when it is stepped right every open visit ends and starts again; check "
+                "the system clock is not synchronised (NTP): if it is wrong, members' phones are not recognised, "
+                "check-ins are refused and events carry the wrong time (until it is stepped right); check "
                 "`timedatectl` and the network's NTP (docs/install.md, Time)",
             )
         )
@@ -118,7 +118,8 @@ def _clock(clock: dict[str, Any]) -> list[Check]:
                 "warning",
                 "clock",
                 f"the system clock was stepped forward {clock['steps']} time(s) while running: the visits open then "
-                "were ended and started again (docs/install.md, Time)",
+                "went on, but what was published before carries times that were wrong by as much (docs/install.md, "
+                "Time)",
             )
         )
     if out:

@@ -134,6 +134,15 @@ class StrongestReceiver:
         self._subjects[new] = self._subjects.pop(old)
         return True
 
+    def shift(self, by: float) -> None:
+        """Move every time held forward by `by` seconds (a clock step, `Gateway.shift`): smoothed levels go on."""
+        for subj in self._subjects.values():
+            subj.last += by
+            for link in subj.links.values():
+                link.last += by
+        self._beacon_heard = {rx: t + by for rx, t in self._beacon_heard.items()}
+        self._last_prune += by
+
     def _prune(self, now: float) -> None:
         if now - self._last_prune < 30.0:
             return
@@ -613,14 +622,21 @@ class HmmEstimator:
         out: list[ZoneEstimate] = []
         decide_to = math.floor(now - REORDER_S)  # seconds < decide_to are complete
         if decide_to > self._next_sec + 3600:  # a long silence: skip ahead instead of stepping through it
-            # First decide the seconds heard before it as a quiet second after them would (lag + 1 steps with nothing
-            # heard), so the ring of the last lag seconds holds nothing of them when the steps go on after the skip:
-            # else they would come out again dated after it (a live clock stepped forward by hours: a visit stretched
-            # over the hours no one was heard, docs/events.md).
-            for _ in range(self._lag + 1):
+            # First decide every second heard before it, then lag + 1 quiet seconds after the last of them, so the
+            # ring of the last lag seconds holds nothing of them when the steps go on after the skip: else they would
+            # come out again dated after it, and the visit tracker would stretch a visit over the hours no one was
+            # heard. (A live clock's step does not come here: the gateway moves the estimator's times with it,
+            # `shift`; data that itself jumps by an hour or more, as a recording with a gap, does.)
+            gap_from = decide_to - 3600
+            heard_to = max((p[0] for p in self._pending if p[0] < gap_from), default=self._next_sec - 1)
+            while self._next_sec <= heard_to + self._lag + 1:
                 out += self._step(self._next_sec)
                 self._next_sec += 1
-            self._next_sec = decide_to - self._lag - 1
+            self._next_sec = max(self._next_sec, decide_to - self._lag - 1)
+            stray = [p for p in self._pending if p[0] < self._next_sec]  # dated in the silence itself: late
+            if stray:
+                self._counts["late"] += len(stray)
+                self._pending = [p for p in self._pending if p[0] >= self._next_sec]
         while self._next_sec < decide_to:
             out += self._step(self._next_sec)
             self._next_sec += 1
@@ -815,6 +831,28 @@ class HmmEstimator:
         if row is None:
             return None
         return float(self._off_mean[row]), math.sqrt(float(self._off_var[row]))
+
+    def shift(self, by: float) -> None:
+        """Move every time held forward by `by` whole seconds (a clock step, `Gateway.shift`), as if the seconds
+        before it had been dated that much later: the seconds still to be decided, the sightings waiting for them,
+        the lag's ring (rotated, so each second keeps its slot), last-heard times and levels' ages. Every subject's
+        belief goes on where it was; no second of the jump is ever stepped through."""
+        n = round(by)
+        if n != by:
+            raise ValueError(f"the HMM moves by whole seconds, not {by!r}")
+        if self._next_sec is not None:
+            self._next_sec += n
+        self._pending = [(k + n, row, r, v, t + by) for k, row, r, v, t in self._pending]
+        turn = n % (self._lag + 1)  # second k's slot is k % (lag + 1)
+        self._ring_alpha = np.roll(self._ring_alpha, turn, axis=0)
+        self._ring_emit = np.roll(self._ring_emit, turn, axis=0)
+        heard = self._ring_heard[-turn:] + self._ring_heard[:-turn] if turn else list(self._ring_heard)
+        self._ring_heard = [(rows, ts + by) for rows, ts in heard]
+        self._last += by  # -inf (never heard) stays so
+        self._heard_at += n
+        self._rx_last += by
+        self._beacon_heard = {rx: t + by for rx, t in self._beacon_heard.items()}
+        self._last_prune += by
 
     def relabel(self, old: str, new: str) -> bool:
         """Carry `old`'s state on as `new` (a member recognised on an address that was anonymous until now).

@@ -196,6 +196,21 @@ class Footfall:
             self._entries.popleft()
         return closed
 
+    def shift(self, by: float) -> None:
+        """The clock was stepped forward by `by` seconds (`Gateway.shift`): the minutes of the wrong clock never
+        happened. The minute in progress goes on, with its counts, as the minute its start moves into (whole minutes
+        stay whole), so the minutes of the jump are neither published nor counted; the last hour's entries and
+        today's counts move with it (when the step crosses midnight, today's counts are the new day's: the visits
+        they count were, by the corrected clock). Minutes already published stay as they were."""
+        if self._now:
+            self._now += by
+        self._entries = deque(t + by for t in self._entries)
+        if self._minute is not None:
+            start = self._minute.start + by
+            self._minute.start = start - start % 60
+            if self._day:
+                self._day = max(self._day, self._days.day(self._minute.start))
+
     def found_staff(self, visits: Sequence[Visit]) -> None:
         """Open visits that changed (VisitTracker.changed_visits): one counted as a visitor's that turns out to be a
         member of staff's (an iPhone's new address is heard without the app's frame for the minimum dwell, then the

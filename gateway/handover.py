@@ -231,6 +231,26 @@ class HandoverLinker:
         _rename(self._signals, old, new)
         _rename(self._inside_s, old, new)
 
+    def shift(self, by: float) -> None:
+        """Move every time held forward by `by` whole seconds (the clock was stepped forward: `Gateway.shift`): the
+        subjects' first and last estimates, the sightings kept per whole second, the advertising events. A phone that
+        changes its address across the step is linked as if no time had passed; a subject heard on both sides is
+        not new."""
+        n = round(by)
+        if n != by:
+            raise ValueError(f"the handover linker moves by whole seconds, not {by!r}")
+        for s in self._subjects.values():
+            s.first += by
+            s.last += by
+            s.inside_since += by  # inf (not inside) stays so
+        for sig in self._signals.values():
+            sig.first += by
+            sig.bins = {sec + n: b for sec, b in sig.bins.items()}
+            sig.last_in = {sec + n: t + by for sec, t in sig.last_in.items()}
+            sig.events = {rx: [t + by for t in ev] for rx, ev in sig.events.items()}
+        self._watermark += by
+        self._last_prune += by
+
     def observe(self, sightings: Sequence[Sighting]) -> None:
         """Fold in the tick's sightings (before `update` with its estimates): the RSSI pattern each address had."""
         signals = self._signals

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -312,6 +313,7 @@ class Identifier:
         self._carried: dict[str, dict[str, str]] = {}  # day -> {that day's subject: the next day's}
         self._carried_new: dict[str, str] = {}  # carried since `carry_over` last looked
         self._calm, self._calm_day = (0.0, 0.0), ""  # a day's time away from both its midnights by `carry_s`
+        self._newest = -math.inf  # the newest time an anonymous subject was made for (`shift`)
         self._beacon_by_address: dict[str, str] = {}
         # An app phone also sends the OS's own adverts (Apple Nearby Info, Samsung) from the same address:
         # they are that member, not a second, anonymous shopper. Memory only, bounded, gone when it rotates.
@@ -342,6 +344,8 @@ class Identifier:
         return "anon:" + hmac.new(salt, address.encode(), hashlib.sha256).hexdigest()[:16]
 
     def _anon(self, address: str, ts: float) -> str:
+        if ts > self._newest:
+            self._newest = ts
         if self._calm[0] <= ts < self._calm[1]:  # most of the day: nothing to carry over (the fast path)
             return self._hash(self._calm_day, address)
         day = self._days.day(ts)
@@ -368,6 +372,26 @@ class Identifier:
                     self._carried_new[old] = subject
                     self._add_link(SubjectLink(ts, old, subject, "midnight"))
         return subject
+
+    def shift(self, by: float) -> None:
+        """The clock was stepped forward by `by` seconds (`Gateway.shift`): the times before the step were that much
+        behind. Links not taken yet move with them; and when the step crosses a store-local midnight (a Pi that
+        booted on yesterday evening's saved time), the day the addresses heard before it were hashed for becomes the
+        day they really were heard on: its salt, and what it keeps for the midnight links, serve the new day, so a
+        phone keeps its subject across the step, as it would have on a clock that was right all along (unless that
+        wrong clock itself ran across a real midnight, the salt serves one real day still)."""
+        self._links = [replace(k, ts=k.ts + by) for k in self._links]
+        if not math.isfinite(self._newest):
+            return
+        was, self._newest = self._days.day(self._newest), self._newest + by
+        day = self._days.day(self._newest)
+        if day != was and was in self._salts and day not in self._salts:
+            self._salts[day] = self._salts.pop(was)
+            if was in self._late:
+                self._late[day] = self._late.pop(was)
+            if was in self._carried:
+                self._carried[day] = self._carried.pop(was)
+        self._calm, self._calm_day = (0.0, 0.0), ""
 
     def _add_link(self, link: SubjectLink) -> None:
         if len(self._links) >= MAX_MEMBER_ADDRESSES:  # nobody takes them (a tool that only identifies)

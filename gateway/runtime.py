@@ -17,14 +17,15 @@ import gc
 import logging
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from gateway import __version__
 from gateway.config import (
@@ -45,7 +46,7 @@ from gateway.footfall import Footfall
 from gateway.handover import HandoverLinker
 from gateway.identity import BeaconRegistry, Identifier, MemberDirectory
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
-from gateway.model import Award, Event, Visit, VisitChange
+from gateway.model import Advert, Award, Event, Sighting, Visit, VisitChange
 from gateway.points import (
     BACKEND_RULES_FILE,
     BackendRulesDamaged,
@@ -86,6 +87,13 @@ CLOCK_STEP_S = 2.0
 differences are the slow slewing NTP does anyway and monotonic time carries on through them."""
 
 
+REDATE_S = 60.0
+"""For this long in data time after a clock step, what comes in dated before it is moved forward by it (`Gateway.
+_redated`); later still, it is late, and the estimator counts and drops it as it does any late sighting."""
+
+_Dated = TypeVar("_Dated", Advert, Sighting)
+
+
 CLOCK_WAIT_S = 30.0
 """How long `visita run` on a live clock waits at start for the system clock to be synchronised (`--clock-wait`)."""
 BEHIND_LAST_RUN_S = 60.0
@@ -110,6 +118,16 @@ class StartupError(Exception):
     """Something outside Visita keeps it from starting; the message says what and the fix."""
 
 
+@dataclass(frozen=True, slots=True)
+class ClockStep:
+    """A forward step of a live clock (`Clock.take_steps`)."""
+
+    at: float
+    """Data time just after the step, UNIX seconds: anything dated before `at - by` was dated by the clock before it."""
+    by: float
+    """How far data time jumped, whole seconds (more than CLOCK_STEP_S)."""
+
+
 class Clock:
     """Data time for a live radio (speed 1, now), a simulation (any start, any speed), or a
     replay driven by the data alone (`step_s`: each reading moves data time on by that much,
@@ -130,29 +148,44 @@ class Clock:
         """Data from a radio or remote receivers in real time, dated by the system clock (not a simulation, a
         replay or a rehearsal)."""
         self._behind = False
+        self._lock = threading.Lock()  # `now` is called from the event loop and from paho's thread (sensors/nodes.py)
+        self._pending: list[ClockStep] = []
         self.steps = 0
         """Times the system clock was stepped forward and data time followed it (live runs)."""
+        self.stepped_s = 0.0
+        """Seconds data time was stepped forward in all (`steps`)."""
 
     def now(self) -> float:
         """Current data time, UNIX seconds; it never goes back.
 
-        Live (speed 1, no start given), data time is the wall clock kept monotonic: a Pi without a real-time
-        clock starts on the time it saved at shutdown and is stepped forward once NTP syncs, and data time
-        follows that step (check-ins are judged against it, days are dated by it). A step back is not followed:
-        data time holds its course until the wall clock catches up, and says so once.
+        Live (speed 1, no start given), data time is the wall clock kept monotonic: a Pi without a real-time clock
+        starts on the time it saved at shutdown and is stepped forward once NTP syncs, and data time follows that
+        step (check-ins are judged against it, days are dated by it), in whole seconds (so it stays within half a
+        second of the system clock): the step is kept for `take_steps`, and the gateway moves the times it holds by
+        as much (`Gateway.follow_clock`), so that the minutes of the wrong clock are not taken for time passing. A
+        step back is not followed: data time holds its course until the wall clock catches up, and says so once.
         """
         if self.step_s is not None:
             self._ticks += 1
             return self.start + self._ticks * self.step_s
-        elapsed = time.monotonic() - self._t0
-        t = self.start + elapsed * self.speed
-        if self._follows_wall:
+        if not self._follows_wall:
+            return self.start + (time.monotonic() - self._t0) * self.speed
+        with self._lock:  # one thread sees a step and records it once; another then reads the new time
+            elapsed = time.monotonic() - self._t0
+            t = self.start + elapsed
             wall = time.time()
             if wall - t > CLOCK_STEP_S:
-                log.warning("the system clock was stepped forward by %.0f s (NTP?): data time follows it", wall - t)
-                self.start = wall - elapsed  # set, not added: a second thread seeing the same step changes nothing
+                by = float(round(wall - t))
+                log.warning(
+                    "the system clock was stepped forward by %.0f s (NTP?): data time follows it, and the visits open "
+                    "go on as if no time passed",
+                    by,
+                )
+                self.start += by
                 self.steps += 1
-                t = wall
+                self.stepped_s += by
+                t = self.start + elapsed
+                self._pending.append(ClockStep(t, by))
             elif t - wall > CLOCK_STEP_S and not self._behind:
                 # Data time goes on at the rate of the monotonic clock, as the system clock does: it stays this far
                 # ahead until a restart (which starts it on the system clock again), it never meets it by itself.
@@ -169,11 +202,20 @@ class Clock:
                     else "",
                 )
             self._behind = t - wall > CLOCK_STEP_S
-        return t
+            return t
+
+    def take_steps(self) -> list[ClockStep]:
+        """The forward steps data time took since the last call, oldest first (each is returned once, whichever
+        thread's `now` saw it)."""
+        with self._lock:
+            steps, self._pending = self._pending, []
+        return steps
 
     def restart(self) -> None:
-        """Start again on the system clock as it is now (after waiting for it to be synchronised)."""
-        self.start, self._t0 = time.time(), time.monotonic()
+        """Start again on the system clock as it is now (after waiting for it to be synchronised, before the pipeline
+        holds any time: not a step)."""
+        with self._lock:
+            self.start, self._t0 = time.time(), time.monotonic()
 
     def hold_back(self, t: float) -> bool:
         """Make data time `t` now and go on from there at the same speed, when this clock runs a simulation the gateway
@@ -306,6 +348,11 @@ class Gateway:
         self.now = 0.0
         self.ticks = 0
         self.adverts = 0
+        self._redate: list[ClockStep] = []
+        """Forward steps of the clock in the last REDATE_S of data time: what comes in dated before one (a source's
+        buffer, a remote receiver's reading) is moved forward by it (`_redated`)."""
+        self.redated = 0
+        """Adverts and sightings dated before a clock step that came in after it, and were moved forward by it."""
 
     @property
     def resolution(self) -> Literal["zones", "presence"]:
@@ -318,15 +365,17 @@ class Gateway:
 
     def step(self, now: float) -> list[Event]:
         """One tick: source → decode → identify → estimate → visits → points → store (one commit) → uplink."""
+        self.follow_clock()
         self.now = now
         if self.writer is not None:
             self.writer.raise_error()  # a commit that failed on the writer thread stops the pipeline
         self.members.prepare(now)  # the next window's token table, a chunk per tick
-        adverts = self.source.poll(now)
+        adverts = self._redated(self.source.poll(now))
         self.adverts += len(adverts)
         sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
         if self.nodes is not None:
-            sightings += self.nodes.poll_sightings(now, self.identifier.remote_subject, self.members.known)
+            remote = self.nodes.poll_sightings(now, self.identifier.remote_subject, self.members.known)
+            sightings += self._redated(remote)
             sightings = self.identifier.carry_over(sightings)  # a midnight link a remote sighting made
         if self.survey_recorder is not None:
             self.survey_recorder.observe(sightings)
@@ -339,6 +388,63 @@ class Gateway:
             for link in self.linker.update(estimates, now):
                 changes += self.tracker.link(link)
         return self._conclude(changes, now)
+
+    def follow_clock(self) -> list[ClockStep]:
+        """Take the forward steps of the runtime's clock (`Clock.take_steps`) and move every time the pipeline holds
+        forward by each (`shift`), before anything dated by the stepped clock comes in. The runtime calls it after
+        each reading of the clock, and so does a check-in; on the event loop's thread, so no stage is in the middle
+        of a tick. Returns the steps taken (none without a live clock)."""
+        steps = self.data_clock.take_steps() if self.data_clock is not None else []
+        for st in steps:
+            self.shift(st)
+        return steps
+
+    def shift(self, step: ClockStep) -> None:
+        """The clock was stepped forward by `step.by` (NTP, after a boot on the time saved at shutdown): the times
+        before the step were that much behind, so every time a stage holds moves forward by as much, and the
+        visits open go on as if no time passed: they neither end (absence) nor count the jump as dwell, and the
+        footfall minutes of the jump are neither published nor counted ("the minutes of the wrong clock never
+        happened"). What was published, stored or awarded stays as it was (events, finished visits, the ledger, the
+        day files, the outbox); the open visits are stored again with their new times. Whatever comes in dated
+        before the step afterwards (an advert a source held, a remote receiver's reading) is moved forward too
+        (`_redated`)."""
+        by = step.by
+        if self.now:
+            self.now += by
+        self.identifier.shift(by)
+        self.estimator.shift(by)
+        self.tracker.shift(by)
+        if self.linker is not None:
+            self.linker.shift(by)
+        self.footfall.shift(by)
+        self.checkins.shift(by)
+        if self.survey_recorder is not None:
+            self.survey_recorder.shift(by)
+        if self.nodes is not None:
+            self.nodes.shift(by)
+        self._redate = [*[s for s in self._redate if s.at + REDATE_S > step.at], step]
+        log.info("the open visits and every time held moved forward by %.0f s with the clock", by)
+
+    def _redated(self, items: list[_Dated]) -> list[_Dated]:
+        """`items` (adverts or sightings) with those dated before a recent clock step moved forward by it: they were
+        stamped by the clock before the step (a source's buffer, a remote receiver's reading in flight). Stamps of
+        the old clock are at most `at - by`, of the new one at least `at`: the middle tells them apart."""
+        if not self._redate:
+            return items
+        if self.now >= self._redate[-1].at + REDATE_S:
+            self._redate = []  # anything still older is late, as without a step (the estimator counts it)
+            return items
+        out: list[_Dated] = []
+        for x in items:
+            ts = x.ts
+            for st in self._redate:
+                if ts < st.at - st.by / 2:
+                    ts += st.by
+            if ts != x.ts:
+                self.redated += 1
+                x = replace(x, ts=ts)
+            out.append(x)
+        return out
 
     def resume(self, now: float) -> None:
         """Once, at start (`run` calls it as its loop begins; a check-in, tick or stop that comes first does): take up
@@ -491,7 +597,9 @@ class Gateway:
         return events
 
     def _apply_checkin(self, body: bytes) -> dict[str, Any]:
-        now = max(self.clock(), self.now)
+        wall = self.clock()
+        self.follow_clock()  # a step this reading saw moves the pipeline's times before the check-in joins them
+        now = max(wall, self.now)
         c = self.checkins.verify(body, now)
         subject = "member:" + c.member
         beacon, proof = self.beacons.claim(c.beacon, now)  # only a current EID proves the phone heard it
@@ -699,11 +807,18 @@ class Gateway:
             **({"clock": self._clock_state(self.data_clock)} if self.data_clock is not None else {}),
         }
 
-    @staticmethod
-    def _clock_state(clock: Clock) -> dict[str, Any]:
-        """Whether data time is the system clock's (`live`), whether the kernel holds that synchronised, and how often
-        it was stepped forward while running (each step ended the visits open then)."""
-        return {"live": clock.live, "synchronised": clock_synchronised(), "steps": clock.steps}
+    def _clock_state(self, clock: Clock) -> dict[str, Any]:
+        """Whether data time is the system clock's (`live`), whether the kernel holds that synchronised, how often it
+        was stepped forward while running and by how many seconds in all (the visits open then went on, the times the
+        gateway held moved with the clock: `follow_clock`), and how many adverts and sightings dated before a step
+        came in after it and were moved forward too."""
+        return {
+            "live": clock.live,
+            "synchronised": clock_synchronised(),
+            "steps": clock.steps,
+            "stepped_s": clock.stepped_s,
+            "redated": self.redated,
+        }
 
 
 class GcFreezer:
@@ -883,13 +998,14 @@ def bind(listen: str) -> socket.socket:
 
 async def _wait_for_clock(clock: Clock, wait_s: float) -> None:
     """Before a live run starts: a system clock not synchronised yet (a Pi just booted, on the time it saved at
-    shutdown) is waited for up to `wait_s`, since NTP's step afterwards ends every visit open then and starts it again.
-    It goes on unsynchronised after that, and says so (a store without NTP must still run)."""
+    shutdown) is waited for up to `wait_s`, since until NTP steps it members' phones are not recognised, check-ins are
+    refused and what is published carries the wrong time (the step itself is followed: `Gateway.follow_clock`). It
+    goes on unsynchronised after that, and says so (a store without NTP must still run)."""
     if wait_s <= 0 or clock_synchronised() is not False:
         return
     log.warning(
-        "the system clock is not synchronised (NTP) yet: waiting up to %.0f s for it (--clock-wait), since a step of "
-        "the clock later would end every visit open then and start it again",
+        "the system clock is not synchronised (NTP) yet: waiting up to %.0f s for it (--clock-wait), since until it "
+        "is, members' phones are not recognised, check-ins are refused and events carry the wrong time",
         wait_s,
     )
     t0 = time.monotonic()
@@ -939,8 +1055,8 @@ async def run(
         log.warning(
             "the system clock says %s, but this gateway wrote data up to %s before it stopped: the clock looks %.0f s "
             "behind. While it is wrong, members' phones are not recognised (their tokens follow the right time), "
-            "app check-ins are refused as stale and visits are dated on the wrong day; when NTP steps it right, every "
-            "visit open then ends and starts again. Check `timedatectl` and the network's NTP (docs/install.md, Time)",
+            "app check-ins are refused as stale and what is published carries the wrong time (when NTP steps it right, "
+            "the visits open then go on). Check `timedatectl` and the network's NTP (docs/install.md, Time)",
             datetime.fromtimestamp(clock.now(), UTC).isoformat(timespec="seconds"),
             datetime.fromtimestamp(held, UTC).isoformat(timespec="seconds"),
             held - clock.now(),
@@ -1063,13 +1179,14 @@ async def run(
     systemd = Notifier()
     systemd.ready(f"running; dashboard {listen}, mqtt {mqtt_url}")
     freezer = GcFreezer()
-    clock_steps = clock.steps
     tls_check = time.monotonic() + TLS_RECHECK_S
     started, slow = time.monotonic(), False
     try:
         gw.resume(clock.start)  # the visits open before a restart (a check-in that comes first takes them up itself)
         while not stop.is_set():
-            now, done = clock.now(), gw.now or clock.start  # data time now, and as far as the pipeline got
+            now = clock.now()
+            gw.follow_clock()  # a step of the system clock (this reading's or another thread's): no time passed
+            done = gw.now or clock.start  # as far as the pipeline got
             if now - done > max(2 * CATCH_UP_S, clock.speed * HOLD_BACK_S) and clock.hold_back(done + CATCH_UP_S):
                 now = done + CATCH_UP_S  # a simulation faster than this machine: as fast as it can, no backlog
                 ran = time.monotonic() - started
@@ -1085,9 +1202,8 @@ async def run(
             now = min(now, end) if end is not None else now
             # Behind (a live gateway whose process was suspended or machine overloaded): catch up in slices of data
             # time and serve the dashboard and check-ins between them. The pipeline's result does not depend on how
-            # data time is sliced. A step of the system clock (Clock.now) left no data behind: one step.
-            stepped, clock_steps = clock.steps != clock_steps, clock.steps
-            while now - (gw.now or clock.start) > CATCH_UP_S and not stepped and not stop.is_set():
+            # data time is sliced. (A step of the system clock is not behind: `follow_clock` moved the pipeline on.)
+            while now - (gw.now or clock.start) > CATCH_UP_S and not stop.is_set():
                 gw.step((gw.now or clock.start) + CATCH_UP_S)
                 await asyncio.sleep(0)
             if stop.is_set():

@@ -220,6 +220,12 @@ class SurveyRecorder:
             )
         self._running = _Running(x, y, now, seconds)
 
+    def shift(self, by: float) -> None:
+        """The clock was stepped forward by `by` seconds (gateway.runtime.Gateway.shift): the spot recording now keeps
+        the rest of its window. Spots recorded stay as they were."""
+        if self._running is not None:
+            self._running.start += by
+
     def observe(self, sightings: Sequence[Sighting]) -> None:
         """Fold in sightings; only the tag's, inside the running spot's window, count."""
         newest = -math.inf

@@ -263,6 +263,31 @@ class VisitTracker:
         self._now = max(self._now, now)
         return self._end([k for k, s in self._sessions.items() if not s.resumable()])
 
+    def shift(self, by: float) -> None:
+        """Move every time held forward by `by` seconds (the clock was stepped forward: `Gateway.shift`). The open
+        sessions go on as if the times before the step had been that much later: their start, zone segments and last
+        sighting move, so the step is neither absence (they do not end) nor dwell (their segments do not reach over
+        it). Visit ids stay (made at the start, and published). Every open visit is handed to the store again
+        (`take_kept`), with its new times, so a restart resumes it as it is now."""
+        for key, s in self._sessions.items():
+            s.first += by
+            s.last += by
+            for g in s.segments:
+                g.entered += by
+                g.left += by
+            m = s.movement
+            if m.first is not None:
+                m.first += by
+                m.last += by
+            if s.resumed:
+                s.resumed += by
+            s.kept_at += by
+            s.kept_last += by
+            self._keep.add(key)
+        if self._now:
+            self._now += by
+        self._refresh_next += by
+
     @property
     def now(self) -> float:
         """The newest data time an update, check-in or link brought: what the kept visits are as of."""

@@ -352,6 +352,14 @@ class CheckinVerifier:
         beacon = obj.get("beacon")
         return CheckIn(now, member, ts, nonce, beacon if isinstance(beacon, str) else None)
 
+    def shift(self, by: float) -> None:
+        """The data clock was stepped forward by `by` seconds (gateway.runtime.Gateway.shift): the members' recent
+        check-ins (data times, for the rate limit) move with it. Nonces stay: they are judged by the phone's own
+        `ts`, which a step of the gateway's clock does not change (a replay stays refused as replayed or stale)."""
+        for recent in self._recent.values():
+            for i in range(len(recent)):
+                recent[i] += by
+
     def sync_later(self) -> Callable[[], None] | None:
         """What makes the nonces of accepted check-ins durable, to run (on any thread) before they are
         answered; None when there is nothing to sync."""

@@ -345,6 +345,10 @@ class PeerClock:
         """One batch: sent at `sent` on the peer's clock, arrived at `arrival` on ours."""
         self._samples.append(arrival - sent)
 
+    def shift(self, by: float) -> None:
+        """Our clock was stepped forward by `by` seconds and the peer's was not: the offset is that much larger now."""
+        self._samples = deque((x + by for x in self._samples), maxlen=self._samples.maxlen)
+
     @property
     def offset(self) -> float:
         """Seconds to add to the peer's timestamps (0 before the first batch)."""
@@ -445,6 +449,21 @@ class NodesSource:
     def poll(self, now: float) -> list[Advert]:
         """No Adverts: remote receivers deliver Sightings (`poll_sightings`)."""
         return []
+
+    def shift(self, by: float) -> None:
+        """This gateway's data clock was stepped forward by `by` seconds (gateway.runtime.Gateway.shift): the peers'
+        clock offsets grow by as much at once (else their sightings would be placed that much early, as late, until
+        the new offset held the median of `PeerClock`), and the arrival times kept move with it. Readings in the
+        buffer keep their stamps: the gateway moves those dated before the step when it takes them. (A batch that
+        arrives between the step and this call is stamped by the new clock and moved once more: too high a sample,
+        which `PeerClock` does not take.)"""
+        with self._lock:
+            for node in self._nodes.values():
+                node.last_seen += by
+                if node.clock is not None:
+                    node.clock.shift(by)
+            self._recent = {k: t + by for k, t in self._recent.items()}
+            self._pruned_at += by
 
     def poll_sightings(
         self, now: float, subject_of: Callable[[str, float], str], member_known: Callable[[str], bool]

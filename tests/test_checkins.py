@@ -486,3 +486,28 @@ def test_a_failed_commit_on_the_writer_fails_its_check_ins_and_the_next_tick_but
     asyncio.run(main())
     types = [e.type for e in gw.store.sendable(0, 100)]  # on disk now, the accepted check-in included
     assert types == ["visit.started", "checkin.accepted", "points.awarded", "points.awarded"]
+
+
+def test_a_clock_step_moves_the_rate_limits_window_with_it_and_a_replay_stays_refused() -> None:
+    # A member checked in 3 times (the limit here) in the minute before the gateway's clock was stepped forward by an
+    # hour: a fourth check-in a second after the step is still one too many, and a replay of an earlier one is stale.
+    from sensors.checkins import CheckinRefused, CheckinVerifier
+
+    by = 3600.0
+
+    def verifier(shift: bool) -> tuple[CheckinVerifier, list[bytes]]:
+        v = CheckinVerifier("demo-store", KEYS.get, rate_n=3, rate_window_s=60)
+        sent = [json.dumps(body(ts=NOW + i)).encode() for i in range(3)]
+        for i, b in enumerate(sent):
+            v.verify(b, NOW + i)
+        if shift:
+            v.shift(by)
+        return v, sent
+
+    v, sent = verifier(True)
+    for again, reason in ((json.dumps(body(ts=NOW + by + 3)).encode(), "rate_limited"), (sent[0], "stale")):
+        with pytest.raises(CheckinRefused) as refused:
+            v.verify(again, NOW + by + 4)
+        assert refused.value.reason == reason
+    v, _ = verifier(False)
+    assert v.verify(json.dumps(body(ts=NOW + by + 3)).encode(), NOW + by + 4).member == "m-1", "the window had passed"

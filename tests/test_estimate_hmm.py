@@ -4,6 +4,7 @@ silence, dead receivers, one receiver, late sightings, and the factory."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from itertools import pairwise
 
 import numpy as np
@@ -204,6 +205,43 @@ def test_after_a_jump_of_data_time_nothing_heard_before_it_is_dated_after_it(gap
     late = [(e.subject, e.ts - T0) for e in out if e.ts - T0 > 31]
     assert late and all(subject == new and t >= gap_s + 30 for subject, t in late), "nothing dated in the gap"
     assert not [e for e in out if e.subject == old and e.ts - T0 > 31], "the phone heard before is not in it"
+
+
+def test_a_jump_of_data_time_with_seconds_still_waiting_dates_nothing_heard_before_it_after_it() -> None:
+    # As above, but the tick that jumps also brings the last seconds heard before the jump (a source's buffer): they
+    # wait for their seconds with the ones the lag holds back, and all of them must be decided before the skip, else
+    # the ring of the last seconds comes out again dated after it (a visit stretched over the hours).
+    rng = np.random.default_rng(5)
+    old, new = "anon:00000000000000aa", "anon:00000000000000bb"
+    gap_s = 3 * 3600
+    before = walk([(0, 4, 3), (30, 4, 3)], rng, subject=old)
+    est = hmm()
+    out = [e for _, e in feed(est, [s for s in before if s.ts <= T0 + 27.05], 0.1, 27.05)]
+    after = walk([(gap_s + 30.1, 16, 3), (gap_s + 60, 16, 3)], rng, subject=new)
+    late = [s for s in before if s.ts > T0 + 27.05]
+    out += est.update(late + [s for s in after if s.ts <= T0 + gap_s + 31.5], T0 + gap_s + 31.5)
+    out += feed_from(est, [s for s in after if s.ts > T0 + gap_s + 31.5], 0.1, gap_s + 31.6, gap_s + 70)
+    assert {e.ts - T0 for e in out if e.subject == old} == {k + 0.5 for k in range(30)}, "every second, once"
+    assert [e for e in out if e.subject == new] and all(e.ts - T0 >= gap_s + 30 for e in out if e.subject == new)
+
+
+@pytest.mark.parametrize("by", [7201.0, 3 * 86400.0])
+def test_an_estimator_shifted_by_a_clock_step_goes_on_as_if_the_seconds_before_it_were_that_much_later(
+    by: float,
+) -> None:
+    # A live clock stepped forward mid-walk, with seconds waiting for the lag and sightings not yet decided: shifted
+    # (gateway.runtime.Gateway.shift), the estimator gives exactly what it gives without a step, `by` later.
+    path = [(0, 4, 3), (40, 4, 3), (50, 16, 3), (80, 16, 3)]
+    sightings = walk(path, np.random.default_rng(7))
+    plain = [e for _, e in feed(hmm(), sightings, 0.1, 90)]
+    est = hmm()
+    got = [e for _, e in feed(est, [s for s in sightings if s.ts <= T0 + 45.05], 0.1, 45.05)]
+    est.shift(by)
+    later = [replace(s, ts=s.ts + by) for s in sightings if s.ts > T0 + 45.05]
+    got += [replace(e, ts=e.ts - by) for e in feed_from(est, later, 0.1, by + 45.15, by + 90)]
+    assert len(plain) == 80 and got == plain
+    with pytest.raises(ValueError, match="whole seconds"):
+        est.shift(0.5)
 
 
 def feed_from(

@@ -365,3 +365,30 @@ def test_the_average_visit_of_the_day_goes_on_across_a_restart_and_starts_afresh
     assert (snap["visitors_today"], snap["left_today"], snap["mean_dwell_today_s"]) == (3, 0, None)
     g.update([], at(0, 0, 5, day=16))
     assert (g.snapshot()["left_today"], g.snapshot()["mean_dwell_today_s"]) == (0, None)
+
+
+def test_a_clock_step_goes_on_with_the_minute_in_progress_and_todays_counts_and_publishes_none_of_the_jump() -> None:
+    # A Pi booted on yesterday evening's saved time (22:10 on the 14th); NTP steps it to 08:30:05 on the 15th.
+    by = at(8, 30, 5) - at(22, 11, 35, day=14)
+    f = Footfall(LocalDays("Europe/Berlin"))
+    v = visit("v1", at(22, 10, 5, day=14), at(22, 11, 30, day=14), "visitor")
+    out = f.update([chg("started", at(22, 10, 50, day=14), v)], at(22, 11, 0, day=14))
+    p = visit("p1", at(22, 11, 0, day=14), at(22, 11, 0, day=14), "pass-by", at(22, 11, 20, day=14))
+    out += f.update([chg("ended", at(22, 11, 20, day=14), p)], at(22, 11, 35, day=14))
+    assert [(m["minute"], m["entries"]) for m in out] == [(at(22, 10, day=14), 1)]
+    f.shift(by)
+    snap = f.snapshot()
+    assert (snap["day"], snap["visitors_today"], snap["passbys_today"], snap["occupancy"]) == ("2026-06-15", 1, 1, 1)
+    assert snap["entries_last_hour"] == 1 and snap["as_of"] == at(8, 30, 5)
+    # The minute in progress (22:11) goes on as 08:29 (its start, 22:11:00, moved by the step), with its pass-by;
+    # the next minutes follow; none of the jump's.
+    out = f.update([], at(8, 31, 1)) + f.update([], at(8, 32, 1))
+    assert [(m["minute"], m["passbys"], m["occupancy"]) for m in out] == [
+        (at(8, 29), 1, 1),
+        (at(8, 30), 0, 1),
+        (at(8, 31), 0, 1),
+    ]
+    # Not shifted, the jump is 10 hours of quiet: its last hour published as empty minutes, today's counts reset.
+    f = Footfall(LocalDays("Europe/Berlin"))
+    f.update([chg("started", at(22, 10, 50, day=14), v)], at(22, 11, 0, day=14))
+    assert len(f.update([], at(8, 31, 1))) == 60 and f.snapshot()["visitors_today"] == 0

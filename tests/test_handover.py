@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -438,3 +439,30 @@ def test_a_midnight_link_carries_the_subject_on_in_the_linker_and_the_tracker() 
     assert mine[-1].visit.dwell_s == pytest.approx(300.0)
     assert all(c.visit.subject != NEW for c in changes), "today's subject is in no visit"
     assert tracker.diagnostics()["links_joined"] == 1
+
+
+def test_an_address_change_across_a_clock_step_is_linked_as_if_no_time_had_passed() -> None:
+    # The old address falls silent, the clock is stepped forward by 2 h, and the phone's new address is heard right
+    # after: shifted with the step (gateway.runtime.Gateway.shift), the linker links them as without a step, by the
+    # pattern and the advertising schedule across it; not shifted, the old address looks 2 h silent.
+    by = 7200.0
+    sightings = old_and_new(0.25)
+
+    def play_stepped(shift: bool) -> list[SubjectLink]:
+        linker, out = HandoverLinker(DOORS), []
+        for t in range(170):
+            d = by if t >= 100 else 0.0
+            if t == 100 and shift:
+                linker.shift(by)
+            now = [replace(x, ts=x.ts + d) for x in sightings if T0 + t <= x.ts < T0 + t + 1]
+            linker.observe(now)
+            batch = [replace(est(t, s, *PLACES[s]), ts=T0 + t + d) for s in sorted({x.subject for x in now})]
+            out += linker.update(batch, T0 + t + d)
+        return out
+
+    heard_at = {s: [x.ts for x in sightings if x.subject == s] for s in (OLD, NEW)}
+    assert max(heard_at[OLD]) < T0 + 100 <= min(heard_at[NEW]), "the step falls between the two addresses"
+    assert [(k.old, k.new, k.ts) for k in play_stepped(True)] == [(OLD, NEW, T0 + 100 + by)]
+    assert play_stepped(False) == []
+    with pytest.raises(ValueError, match="whole seconds"):
+        HandoverLinker(DOORS).shift(1.5)

@@ -487,3 +487,29 @@ def test_an_anonymous_subject_that_sends_a_member_frame_is_linked_to_the_member_
     ident.identify([(advert(DOC_TS + 32), member_frame(DOC_KEY, DOC_WINDOW))])
     assert ident.take_links() == [], "known address: no second link"
     assert ADDRESS not in repr(link)
+
+
+def test_a_clock_step_across_midnight_keeps_each_phones_subject_and_a_member_found_after_it_takes_it_over() -> None:
+    # A Pi booted on yesterday evening's saved time: at 21:50 by its clock (08:10 the next morning, really) it hears
+    # an anonymous phone and an app phone whose token it cannot resolve yet (the phone's clock is right); NTP steps
+    # it forward by 10 h 20 min. Shifted (gateway.runtime.Gateway.shift), the day the addresses were hashed for is
+    # the day they were heard on: the same subjects after the step, and the member link finds the app phone's.
+    by = 10 * 3600 + 1200.0
+    wrong = first_second_of_next_day("Europe/Berlin", 2026, 6, 15) - 7800.0  # 21:50 local on the 15th
+    right = wrong + by
+
+    def app(ts: float) -> MemberFrame:
+        return member_frame(DOC_KEY, int(ts // WINDOW_S))
+
+    ident, salts = identifier("Europe/Berlin", directory(**{"m-1": DOC_KEY}))
+    phone = subject_of(ident, wrong)
+    unresolved = subject_of(ident, wrong + 1, OTHER_ADDRESS, frame=app(right + 1))
+    assert unresolved.startswith("anon:")
+    ident.shift(by)
+    assert subject_of(ident, right + 5) == phone
+    assert subject_of(ident, right + 6, OTHER_ADDRESS, frame=app(right + 6)) == "member:m-1"
+    assert ident.take_links() == [SubjectLink(right + 6, unresolved, "member:m-1", "member")]
+    assert len(salts) == 1, "one salt, serving the day the phones were really heard on"
+    # Not shifted, the step is a midnight nobody was heard across: every phone a new subject.
+    ident, salts = identifier("Europe/Berlin")
+    assert subject_of(ident, wrong) != subject_of(ident, right + 5) and len(salts) == 2

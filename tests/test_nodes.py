@@ -512,3 +512,31 @@ def test_a_peers_rows_are_taken_for_members_this_gateway_provisions_only() -> No
     out = src.poll_sightings(T0 + 2, identifier().remote_subject, ident_known)
     assert sorted(s.subject for s in out) == ["anon:0123456789abcdef", "member:m-2"]
     assert src.diagnostics()["unknown_members"] == 2
+
+
+def test_a_step_of_our_clock_moves_the_peers_offsets_with_it_at_once() -> None:
+    # Our clock is 100 s behind a peer gateway's until NTP steps it forward; the peer's sightings were placed on our
+    # clock by the measured offset. Shifted with the step (gateway.runtime.Gateway.shift), the next batch's sightings
+    # are placed right at once; not shifted, 100 s early (late, for the estimator) until new samples held the median.
+    topic = "visita/v1/s1/gw-2/sightings"
+
+    def placed(shift: bool) -> list[float]:
+        clock = FakeClock(T0 - 100)
+        src = source(clock, max_offset_s=300)
+        for i in range(6):
+            clock.t = T0 - 100 + i + 0.05
+            rows = [Sighting(T0 + i - 0.5, "rx-aisle", "beacon:x:1:2", -70, -59)]
+            src.receive(topic, encode_batch("gw-2", i + 1, T0 + i, rows))
+        assert [s.ts for s in src.poll_sightings(clock.t, identifier().remote_subject, ident_known)] == [
+            pytest.approx(T0 - 100 + i - 0.45) for i in range(6)
+        ]
+        clock.t += 100
+        if shift:
+            src.shift(100)
+        clock.t = T0 + 6.05
+        rows = [Sighting(T0 + 5.5, "rx-aisle", "beacon:x:1:2", -70, -59)]
+        src.receive(topic, encode_batch("gw-2", 7, T0 + 6, rows))
+        return [s.ts for s in src.poll_sightings(clock.t, identifier().remote_subject, ident_known)]
+
+    assert placed(True) == [pytest.approx(T0 + 5.55)]
+    assert placed(False) == [pytest.approx(T0 + 5.55 - 100)]

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from firmware_sim.scenario import load_scenario
 from firmware_sim.truth import read_truth
 from firmware_sim.world import World
 from gateway.model import Advert
-from gateway.runtime import Clock
+from gateway.runtime import Clock, ClockStep
 from gateway.store import Store
 from sensors.replay import ReplaySource
 
@@ -161,23 +162,49 @@ def test_a_live_clock_follows_a_step_forward_of_the_system_clock_and_never_goes_
     wall[0] += 10.5  # NTP slewing: no step
     assert clock.now() == 1_000_010.0
     wall[0] += 86_400  # the Pi booted on its saved time; NTP steps it forward by a day
-    assert clock.now() == wall[0] and clock.steps == 1
+    # Followed in whole seconds (the half second of slewing stays), and kept for the gateway, once.
+    assert clock.now() == wall[0] - 0.5 and clock.steps == 1 and clock.stepped_s == 86_400
+    assert clock.take_steps() == [ClockStep(wall[0] - 0.5, 86_400.0)] and clock.take_steps() == []
     assert "stepped forward by 86400 s" in caplog.text
     mono[0] += 5
     wall[0] -= 3600  # and back by an hour: data time does not follow
     got = [clock.now(), clock.now()]
-    assert got[0] == got[1] == 1_000_010.0 + 86_400.5 + 5 and clock.steps == 1
+    assert got[0] == got[1] == 1_000_010.0 + 86_400 + 5 and clock.steps == 1 and clock.take_steps() == []
     assert caplog.text.count("set back by") == 1, "said once"
     # Data time runs at the system clock's rate: it stays an hour ahead, it never meets it again by itself; the log
     # says so, and what it costs (check-ins judged against data time) and does.
     mono[0] += 600
     wall[0] += 600
-    assert clock.now() - wall[0] == 3605
-    assert "stay 3605 s ahead of the system clock until Visita is restarted" in caplog.text
+    assert clock.now() - wall[0] == 3604.5
+    assert "stay 3604 s ahead of the system clock until Visita is restarted" in caplog.text
     assert "refused as stale" in caplog.text and "meets it again" not in caplog.text
     sim = Clock(speed=60)
     wall[0] += 1000
     assert sim.now() == sim.start, "a simulation at speed 60 keeps its own time"
+
+
+def test_a_step_seen_by_two_threads_at_once_is_taken_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runtime's loop and paho's thread (remote receivers stamp their readings) both read the clock: whichever
+    # sees the step first records it, the other reads the new time, and the gateway learns the step once.
+    wall, mono = [1_000_000.0], [50.0]
+    monkeypatch.setattr(time, "time", lambda: wall[0])
+    monkeypatch.setattr(time, "monotonic", lambda: mono[0])
+    clock = Clock()
+    wall[0] += 7200
+    go = threading.Barrier(4)
+    seen: list[float] = []
+
+    def read() -> None:
+        go.wait()
+        seen.extend(clock.now() for _ in range(2000))
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(seen) == {wall[0]} and clock.steps == 1
+    assert clock.take_steps() == [ClockStep(wall[0], 7200.0)] and clock.take_steps() == []
 
 
 @pytest.mark.parametrize("synced_after", [3, None])

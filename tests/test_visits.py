@@ -611,3 +611,43 @@ def test_a_shopper_inside_at_store_local_midnight_keeps_one_visit_through_the_ga
     # counted once, on the day they came in: today's entries are the visits that started after midnight
     assert footfall["day"] == "2026-06-16"
     assert footfall["visitors_today"] == sum(1 for v in started if float(v["started"]) >= midnight)
+
+
+# --------------------------------------------------------------------------- a step of the clock
+
+
+def test_a_clock_step_moves_the_open_visit_on_the_jump_is_neither_absence_nor_dwell() -> None:
+    # In the produce zone for 2 minutes, then the clock is stepped forward by 2 h (NTP after a boot on the saved
+    # time), then 2 more minutes in the bakery and gone: one visit of 4 minutes, dated by the corrected clock.
+    by = 7200.0
+    before = {float(s): [inside(s, "produce")] for s in range(0, 120, 2)}
+    after = {float(s): [inside(s + by, "bakery")] for s in range(120, 240, 2)}
+    t = tracker()
+    assert [c.kind for c in run(t, before, 119)] == ["started"]
+    t.take_kept(T0 + 119)
+    (was,) = t.open_visits()
+    t.shift(by)
+    (moved,) = t.open_visits()
+    assert (moved.visit_id, moved.started, moved.dwell_s) == (was.visit_id, was.started + by, was.dwell_s)
+    kept, gone = t.take_kept(T0 + by + 119)
+    assert [(k["visit_id"], k["first"], k["last"]) for k in kept] == [(was.visit_id, T0 + by, T0 + by + 118)]
+    assert gone == [] and t.now == T0 + by + 119, "stored again with its new times, as of the new clock"
+    changes: list[VisitChange] = []
+    for s in range(120, 400):
+        changes += t.update(after.get(float(s), []), T0 + by + s)
+    assert [(c.kind, c.visit.visit_id) for c in changes] == [("zone", was.visit_id), ("ended", was.visit_id)]
+    end = changes[-1].visit
+    assert (end.started, end.ended, end.path) == (T0 + by, T0 + by + 238, ("produce", "bakery"))
+    assert end.dwell_s == pytest.approx(238, abs=2), "the 2 hours of the step are not dwell"
+    # The same without the shift: the jump is 2 h of absence (the shopper makes a second visit) when the first tick
+    # after it brings no estimate (the estimator's lag), else 2 h of dwell.
+    t = tracker()
+    run(t, before, 119)
+    split = t.update([], T0 + by + 119) + [c for s in range(120, 400) for c in t.update(after.get(s, []), T0 + by + s)]
+    assert [c.kind for c in split] == ["ended", "started", "ended"]
+    t = tracker()
+    run(t, before, 119)
+    (stretched,) = [
+        c.visit for s in range(120, 400) for c in t.update(after.get(s, []), T0 + by + s) if c.kind != "zone"
+    ]
+    assert stretched.dwell_s == pytest.approx(by + 238, abs=2)
