@@ -367,6 +367,8 @@ class Gateway:
         """One tick: source → decode → identify → estimate → visits → points → store (one commit) → uplink."""
         self.follow_clock()
         self.now = now
+        if self._redate and now >= self._redate[-1].at + REDATE_S:
+            self._redate = []  # anything dated before a step still coming in is late, as without one
         if self.writer is not None:
             self.writer.raise_error()  # a commit that failed on the writer thread stops the pipeline
         self.members.prepare(now)  # the next window's token table, a chunk per tick
@@ -374,7 +376,7 @@ class Gateway:
         self.adverts += len(adverts)
         sightings = self.identifier.identify(self.decoder.decode_batch(adverts))
         if self.nodes is not None:
-            remote = self.nodes.poll_sightings(now, self.identifier.remote_subject, self.members.known)
+            remote = self.nodes.poll_sightings(now, self._remote_subject, self.members.known)
             sightings += self._redated(remote)
             sightings = self.identifier.carry_over(sightings)  # a midnight link a remote sighting made
         if self.survey_recorder is not None:
@@ -427,24 +429,29 @@ class Gateway:
 
     def _redated(self, items: list[_Dated]) -> list[_Dated]:
         """`items` (adverts or sightings) with those dated before a recent clock step moved forward by it: they were
-        stamped by the clock before the step (a source's buffer, a remote receiver's reading in flight). Stamps of
-        the old clock are at most `at - by`, of the new one at least `at`: the middle tells them apart."""
+        stamped by the clock before the step (a source's buffer, a remote receiver's reading in flight)."""
         if not self._redate:
-            return items
-        if self.now >= self._redate[-1].at + REDATE_S:
-            self._redate = []  # anything still older is late, as without a step (the estimator counts it)
             return items
         out: list[_Dated] = []
         for x in items:
-            ts = x.ts
-            for st in self._redate:
-                if ts < st.at - st.by / 2:
-                    ts += st.by
+            ts = self._redate_ts(x.ts)
             if ts != x.ts:
                 self.redated += 1
                 x = replace(x, ts=ts)
             out.append(x)
         return out
+
+    def _redate_ts(self, ts: float) -> float:
+        """`ts` moved forward by each recent clock step it is dated before. Stamps of the clock before a step are at
+        most `at - by`, of the clock after it at least `at`: the middle tells them apart."""
+        for st in self._redate:
+            if ts < st.at - st.by / 2:
+                ts += st.by
+        return ts
+
+    def _remote_subject(self, key: str, ts: float) -> str:
+        """`Identifier.remote_subject` for a remote receiver's reading, on the day of its time after `_redate_ts`."""
+        return self.identifier.remote_subject(key, self._redate_ts(ts))
 
     def resume(self, now: float) -> None:
         """Once, at start (`run` calls it as its loop begins; a check-in, tick or stop that comes first does): take up

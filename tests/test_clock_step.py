@@ -23,12 +23,14 @@ import gateway.runtime as rt
 from firmware_sim.scenario import load_scenario
 from firmware_sim.world import World
 from gateway.config import Settings
+from gateway.days import LocalDays
 from gateway.identity import MemberDirectory
-from gateway.model import Advert, Visit
+from gateway.model import Advert, Sighting, Visit
 from gateway.points import load_rules
 from gateway.runtime import Clock, ClockStep, Gateway
 from gateway.store import Store
 from sensors.checkins import sign
+from sensors.nodes import NodesOptions, NodesSource
 from sensors.sim import SimSource
 
 NOW = 1_780_000_000.0
@@ -140,6 +142,39 @@ def test_adverts_stamped_before_a_step_that_come_in_after_it_are_moved_forward_b
     heard.queue += [Advert(NOW + 5.3, *_rest(phone[0]))]  # a minute after the step: late, as without one
     gw.step(NOW + 5.1 + by + rt.REDATE_S + 1)
     assert gw.redated == 1 and gw.estimator.diagnostics()["late_sightings"] == 1
+    gw.store.close()
+
+
+def test_a_remote_reading_stamped_before_a_step_across_midnight_is_the_same_phone_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node's report arrives at 23:59:50 by the wrong clock and waits in the buffer while NTP steps the clock 2 h
+    # forward, past midnight: taken after the step, it is dated and hashed on the day it was really heard, so it is
+    # the same subject as the phone's next report, and as its report before it.
+    gw = _gateway(tmp_path / "data", Heard())
+    midnight = LocalDays(gw.settings.timezone).bounds(NOW)[1]
+    stamp = [midnight - 60.0]
+    gw.nodes = NodesSource(NodesOptions(store="demo-store", gateway="gw-1", rooms={"entrance": "rx-entrance"}),
+                           lambda: stamp[0])  # fmt: skip
+    heard: list[Sighting] = []
+    update = gw.estimator.update
+    monkeypatch.setattr(gw.estimator, "update", lambda s, now: heard.extend(s) or update(s, now))
+
+    def report() -> None:
+        assert gw.nodes is not None
+        gw.nodes.receive("espresense/devices/apple:1005:9-26/entrance", b'{"mac": "c0ffee123456", "rssi": -70}')
+
+    report()
+    gw.step(midnight - 59.0)
+    stamp[0] = midnight - 10.0
+    report()
+    by = 7200.0
+    gw.shift(ClockStep(midnight - 9.0 + by, by))
+    stamp[0] = midnight - 8.0 + by
+    report()
+    gw.step(midnight - 7.0 + by)
+    assert [s.ts for s in heard] == [midnight - 60.0, midnight - 10.0 + by, midnight - 8.0 + by]
+    assert len({s.subject for s in heard}) == 1 and gw.redated == 1
     gw.store.close()
 
 
