@@ -604,9 +604,9 @@ class Gateway:
         return events
 
     def _apply_checkin(self, body: bytes) -> dict[str, Any]:
-        wall = self.clock()
+        read = self.clock()
         self.follow_clock()  # a step this reading saw moves the pipeline's times before the check-in joins them
-        now = max(wall, self.now)
+        now = max(read, self.now)
         c = self.checkins.verify(body, now)
         subject = "member:" + c.member
         beacon, proof = self.beacons.claim(c.beacon, now)  # only a current EID proves the phone heard it
