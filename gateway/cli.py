@@ -945,8 +945,15 @@ def _dashboard_notes(settings: Settings, source: str) -> list[str]:
     from gateway.config import load_tls, serving_notes
 
     dash = settings.dashboard
+    problems: list[str] = []
+    tokens: list[str] = []
+    for role, token_of in (("installer", dash.installer_token), ("support", dash.support_token)):
+        try:  # each token file is checked on its own, so that one round names every problem
+            if token_of():
+                tokens.append(role)
+        except ValueError as e:
+            problems.append(f"{source}: {e}")
     try:
-        tokens = [role for role, t in (("installer", dash.installer_token()), ("support", dash.support_token())) if t]
         # The key may be for the unit alone (LoadCredential=): then the certificate is what can be checked here.
         key_elsewhere = dash.tls_cert_file and not dash.tls_key_file and not os.environ.get("CREDENTIALS_DIRECTORY")
         notes: list[str] = []
@@ -961,7 +968,9 @@ def _dashboard_notes(settings: Settings, source: str) -> list[str]:
                 "the gateway starts"
             ]
     except ValueError as e:
-        raise ConfigError([f"{source}: {e}"]) from None
+        problems.append(f"{source}: {e}")
+    if problems:
+        raise ConfigError(problems)
     return notes + [message for _, message in serving_notes(dash.listen, tls, tokens)]
 
 

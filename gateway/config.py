@@ -650,8 +650,9 @@ def _token(path: str, role: str) -> str | None:
     key = f"dashboard.{role}_token_file"
     token = read_secret(path, f"visita-{role}-token", key)
     if token is not None and len(token.strip()) < INSTALLER_TOKEN_MIN:
+        where = path or f"(systemd credential visita-{role}-token)"
         raise ValueError(
-            f"{key}: the {role} token must be at least {INSTALLER_TOKEN_MIN} characters; make one with: "
+            f"{key} {where}: the {role} token must be at least {INSTALLER_TOKEN_MIN} characters; make one with: "
             "openssl rand -hex 24"
         )
     return None if token is None else token.strip()

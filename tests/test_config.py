@@ -435,6 +435,38 @@ beacons = [ { id = "beacon:e2c56db5-dffb-48d2-b060-d0f5a71096e0:1:1", zone = "no
     assert main(["config", "check", str(cfg)]) == 0, capsys.readouterr().err
 
 
+def test_config_check_names_every_bad_dashboard_file_in_one_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A world-readable installer token, a too-short support token and a missing certificate are three fixes:
+    one round of `visita config check` names all three, each with its file (the first used to hide the rest)."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    (tmp_path / "installer-token").write_text("0123456789abcdef0123\n")
+    (tmp_path / "installer-token").chmod(0o644)
+    (tmp_path / "support-token").write_text("short\n")
+    (tmp_path / "support-token").chmod(0o600)
+    cfg = write(
+        tmp_path,
+        """
+[dashboard]
+installer_token_file = "installer-token"
+support_token_file = "support-token"
+tls_cert_file = "missing.pem"
+tls_key_file = "missing.key"
+""",
+    )
+    assert main(["config", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"{cfg}: dashboard.installer_token_file {tmp_path / 'installer-token'}: mode 0644 lets anyone on this "
+        "machine read it; chmod 640 it",
+        f"{cfg}: dashboard.support_token_file {tmp_path / 'support-token'}: the support token must be at least 16 "
+        "characters; make one with: openssl rand -hex 24",
+        f"{cfg}: dashboard.tls_cert_file {tmp_path / 'missing.pem'}: cannot be read: No such file or directory; "
+        "fix the path or its mode",
+    ], err
+
+
 def test_a_pattern_mismatch_says_what_that_field_allows_and_a_secret_is_never_echoed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
