@@ -1236,6 +1236,15 @@ def _run_ble(args: argparse.Namespace, settings: Settings) -> int:
         clock = Clock(speed, start=float(info["now"]))
         rehearsal = f", rehearsing {scenario.name!r} (seed {seed}) at {speed:g}x"
     plan_rx = [r.id for r in settings.plan.receivers]
+    missing = [rx for rx in defaults if rx not in plan_rx]
+    if args.rehearse and not args.adapter and missing:  # as --sim says: the emulator plays the scenario's receivers
+        raise ConfigError(
+            [
+                f"--rehearse: scenario {scenario.name}: receiver(s) {', '.join(missing)} are not in the store plan "
+                f"(plan receivers: {', '.join(sorted(plan_rx))}); give a config whose [plan] matches the scenario, "
+                "or say which adapter hears for which plan receiver (--adapter hci0=RECEIVER)"
+            ]
+        )
     adapters = _ble_adapters(args.adapter, defaults, plan_rx)
     expected = len(settings.plan.beacons) if args.expect_beacons is None else args.expect_beacons
     try:
