@@ -459,7 +459,23 @@ def load_scenario(name_or_path: str) -> Scenario:
     path = Path(name_or_path)
     if not path.is_file():
         raise ConfigError([f"{name_or_path}: no such scenario file (shipped scenarios: {', '.join(shipped())})"])
-    return scenario_from_data(read_toml(path), str(path), path.stem)
+    data = read_toml(path)
+    config_keys = sorted(set(data) & GATEWAY_CONFIG_KEYS)
+    if config_keys and "zones" not in data:  # the store's gateway config given where a scenario is asked for
+        raise ConfigError(
+            [
+                f"{path}: a gateway config file ({', '.join(config_keys)}), not a scenario: a scenario describes a "
+                "simulated store, its receivers and its people (docs/scenarios.md; copy a shipped one from "
+                "firmware_sim/scenarios/); `visita eval` and `visita run` take a config with --config"
+            ]
+        )
+    return scenario_from_data(data, str(path), path.stem)
+
+
+GATEWAY_CONFIG_KEYS = frozenset(
+    {"store", "gateway", "mqtt", "dashboard", "storage", "plan", "estimate", "visits", "survey", "points"}
+)
+"""Top-level keys of a gateway config file (docs/config.md) that no scenario has."""
 
 
 # --------------------------------------------------------------------------- the gateway's plan

@@ -946,8 +946,15 @@ def _dashboard_notes(settings: Settings, source: str) -> list[str]:
     from gateway.config import load_tls, serving_notes
 
     dash = settings.dashboard
+    problems: list[str] = []
+    tokens: list[str] = []
+    for role, token_of in (("installer", dash.installer_token), ("support", dash.support_token)):
+        try:  # each token file is checked on its own, so that one round names every problem
+            if token_of():
+                tokens.append(role)
+        except ValueError as e:
+            problems.append(f"{source}: {e}")
     try:
-        tokens = [role for role, t in (("installer", dash.installer_token()), ("support", dash.support_token())) if t]
         # The key may be for the unit alone (LoadCredential=): then the certificate is what can be checked here.
         key_elsewhere = dash.tls_cert_file and not dash.tls_key_file and not os.environ.get("CREDENTIALS_DIRECTORY")
         notes: list[str] = []
@@ -962,7 +969,9 @@ def _dashboard_notes(settings: Settings, source: str) -> list[str]:
                 "the gateway starts"
             ]
     except ValueError as e:
-        raise ConfigError([f"{source}: {e}"]) from None
+        problems.append(f"{source}: {e}")
+    if problems:
+        raise ConfigError(problems)
     return notes + [message for _, message in serving_notes(dash.listen, tls, tokens)]
 
 
@@ -1228,6 +1237,15 @@ def _run_ble(args: argparse.Namespace, settings: Settings) -> int:
         clock = Clock(speed, start=float(info["now"]))
         rehearsal = f", rehearsing {scenario.name!r} (seed {seed}) at {speed:g}x"
     plan_rx = [r.id for r in settings.plan.receivers]
+    missing = [rx for rx in defaults if rx not in plan_rx]
+    if args.rehearse and not args.adapter and missing:  # as --sim says: the emulator plays the scenario's receivers
+        raise ConfigError(
+            [
+                f"--rehearse: scenario {scenario.name}: receiver(s) {', '.join(missing)} are not in the store plan "
+                f"(plan receivers: {', '.join(sorted(plan_rx))}); give a config whose [plan] matches the scenario, "
+                "or say which adapter hears for which plan receiver (--adapter hci0=RECEIVER)"
+            ]
+        )
     adapters = _ble_adapters(args.adapter, defaults, plan_rx)
     expected = len(settings.plan.beacons) if args.expect_beacons is None else args.expect_beacons
     try:

@@ -478,10 +478,45 @@ class MqttConfig(Strict):
         return self
 
     def secrets(self) -> str | None:
-        """`password`, once the client key is known to be private too (ValueError naming the setting and file)."""
+        """`password`, once the client key is known to be private too and the TLS files can be loaded as the uplink
+        will load them (ValueError naming the setting and file)."""
         if self.key:
             check_private(self.key, "mqtt.key")
-        return self.password()
+        password = self.password()
+        self.check_tls_files()
+        return password
+
+    def check_tls_files(self) -> None:
+        """ValueError naming the setting and file when `ca`, or `cert` with `key`, cannot be loaded: the uplink
+        would fail on them at start (a missing CA file used to pass `visita config check` and then crash `run`)."""
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.ca:
+            try:
+                ctx.load_verify_locations(self.ca)
+            except (OSError, ssl.SSLError) as e:
+                raise ValueError(
+                    f"mqtt.ca {self.ca}: cannot be loaded as a CA certificate (PEM): {_tls_reason(e)}; fix the path "
+                    "or the file"
+                ) from None
+        if self.cert:
+
+            def no_passphrase() -> bytes:
+                raise ValueError("encrypted")  # the gateway starts unattended: nobody types a passphrase
+
+            try:
+                ctx.load_cert_chain(self.cert, self.key or None, password=no_passphrase)
+            except (OSError, ssl.SSLError, ValueError) as e:
+                reason = "encrypted" if isinstance(e, ValueError) else _tls_reason(e)
+                reason = {
+                    "encrypted": "the key is encrypted (the gateway starts unattended: give it unencrypted)",
+                    "KEY_VALUES_MISMATCH": "the key is not the certificate's",
+                }.get(reason, reason)
+                raise ValueError(
+                    f"mqtt.cert {self.cert} with mqtt.key {self.key}: cannot be loaded: {reason}; fix the paths or "
+                    "the files (the certificate and its private key, PEM)"
+                ) from None
 
     def password(self) -> str | None:
         """The password from `password_file`, or systemd's credential ``mqtt-password``; None when neither.
@@ -489,6 +524,13 @@ class MqttConfig(Strict):
         Raises ValueError naming the file when it cannot be read.
         """
         return read_secret(self.password_file, "mqtt-password", "mqtt.password_file")
+
+
+def _tls_reason(e: Exception) -> str:
+    """An OSError's or SSLError's reason, short."""
+    if isinstance(e, OSError) and e.strerror and not getattr(e, "reason", None):
+        return e.strerror
+    return str(getattr(e, "reason", None) or e)
 
 
 def check_private(path: str, setting: str) -> None:
@@ -650,8 +692,9 @@ def _token(path: str, role: str) -> str | None:
     key = f"dashboard.{role}_token_file"
     token = read_secret(path, f"visita-{role}-token", key)
     if token is not None and len(token.strip()) < INSTALLER_TOKEN_MIN:
+        where = path or f"(systemd credential visita-{role}-token)"
         raise ValueError(
-            f"{key}: the {role} token must be at least {INSTALLER_TOKEN_MIN} characters; make one with: "
+            f"{key} {where}: the {role} token must be at least {INSTALLER_TOKEN_MIN} characters; make one with: "
             "openssl rand -hex 24"
         )
     return None if token is None else token.strip()

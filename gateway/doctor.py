@@ -280,6 +280,18 @@ def _estimator(est: dict[str, Any], survey: dict[str, Any]) -> list[Check]:
                 "missing (docs/estimation.md)",
             )
         ]
+    unknown = est.get("unknown_receivers") or []
+    if est.get("unknown_receiver_sightings"):
+        named = ", ".join(unknown) if unknown else "some receivers"
+        out.append(
+            Check(
+                "warning",
+                "receivers",
+                f"{est['unknown_receiver_sightings']} sighting(s) from {named}, not in the plan, were not used: map an "
+                "ESPresense node's room to its plan receiver with --room ROOM=RECEIVER, or name the room after it "
+                "(docs/nodes.md)",
+            )
+        )
     if survey.get("problem"):
         out.append(Check("warning", "survey", f"the survey map is not used: {survey['problem']} (docs/survey.md)"))
     return out

@@ -58,6 +58,16 @@ class _Subject:
     last: float = 0.0
 
 
+UNKNOWN_RECEIVERS_LISTED = 8
+"""Receivers not in the plan named in the diagnostics, at most (their sightings are counted, not used)."""
+
+
+def _note_unknown(names: list[str], receiver: str) -> None:
+    """Remember a receiver id that is not in the plan (an ESPresense room nobody mapped), for the diagnostics."""
+    if receiver not in names and len(names) < UNKNOWN_RECEIVERS_LISTED:
+        names.append(receiver[:64])
+
+
 class StrongestReceiver:
     """Strongest receiver with hysteresis; no I/O, time comes from the sightings."""
 
@@ -71,6 +81,7 @@ class StrongestReceiver:
         self._subjects: dict[str, _Subject] = {}
         self._beacon_heard: dict[str, float] = {}
         self._unknown_receiver = 0
+        self._unknown_names: list[str] = []
         self._last_prune = 0.0
 
     def update(self, sightings: Sequence[Sighting], now: float | None = None) -> list[ZoneEstimate]:
@@ -81,6 +92,7 @@ class StrongestReceiver:
             gain = self._gain.get(s.receiver)
             if gain is None:
                 self._unknown_receiver += 1
+                _note_unknown(self._unknown_names, s.receiver)
                 continue
             if s.subject.startswith("beacon:"):
                 self._beacon_heard[s.receiver] = max(s.ts, self._beacon_heard.get(s.receiver, 0.0))
@@ -157,6 +169,7 @@ class StrongestReceiver:
             "resolution": "receiver-zones",
             "subjects": len(self._subjects),
             "unknown_receiver_sightings": self._unknown_receiver,
+            "unknown_receivers": list(self._unknown_names),
             "beacon_last_heard": dict(self._beacon_heard),
         }
 
@@ -359,6 +372,7 @@ class HmmEstimator:
             "seconds": 0,
             "offset_lessons": 0,
         }
+        self._unknown_names: list[str] = []
         self._beacon_heard: dict[str, float] = {}
         self._bands: dict[str, int] = {"near": 0, "mid": 0, "far": 0}
 
@@ -594,6 +608,7 @@ class HmmEstimator:
             r = idx.get(s.receiver)
             if r is None:
                 self._counts["unknown_receiver"] += 1
+                _note_unknown(self._unknown_names, s.receiver)
                 continue
             k = math.floor(s.ts)
             if s.ts > self._rx_last[r]:
@@ -878,6 +893,7 @@ class HmmEstimator:
             "lag_s": self._lag,
             "subjects": len(self._names),
             "unknown_receiver_sightings": self._counts["unknown_receiver"],
+            "unknown_receivers": list(self._unknown_names),
             "late_sightings": self._counts["late"],
             "outliers_clipped": self._counts["outliers_clipped"],
             "offset_lessons": self._counts["offset_lessons"],

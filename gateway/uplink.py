@@ -343,7 +343,12 @@ class Uplink:
             self._report_outage(f"refused the connection: {reason}; {hint}", level=logging.ERROR)
             self._next_delay()
             return
-        self._attempt = 0
+        if not self._quick_drops:
+            # After quick drops (most likely another client with this client id) the backoff keeps growing and the
+            # outage stays reported: two gateways taking the session from each other must not reconnect twice a
+            # second, nor log each round, for as long as both run.
+            self._attempt = 0
+            self._outage_reported = False
         self._connects += 1
         self._connected_at = time.monotonic()
         self._client.reconnect_delay_set(self._cfg.backoff_min_s, self._cfg.backoff_max_s)  # type: ignore[arg-type]
@@ -353,12 +358,12 @@ class Uplink:
         if self._on_command is not None:
             client.subscribe(f"{self._prefix}cmd/+", qos=QOS)
         # Only what was handed over is known here; the rest of the outbox (/api/v1/status → store.outbox_depth) follows.
-        log.info(
+        log.log(
+            logging.DEBUG if self._quick_drops else logging.INFO,
             "MQTT connected to %s; sending the outbox (%d event(s) handed over and not yet acknowledged first)",
             self._url,
             self.pending(),
         )
-        self._outage_reported = False
         self._last_error = ""
         self._refused_kind = ""
         self.pump()
@@ -391,7 +396,10 @@ class Uplink:
             # within seconds of connecting, are that too. A drop with another reason says that reason instead.
             silent = str(reason) in ("Unspecified error", "Success", "Normal disconnection")
             quick = silent and time.monotonic() - self._connected_at < QUICK_DROP_S
-            self._quick_drops = self._quick_drops + 1 if quick else 0
+            self._quick_drops = self._quick_drops + 1 if quick or str(reason) == "Session taken over" else 0
+            if not self._quick_drops:  # a connection that held: this outage is new, and backs off afresh
+                self._attempt = 0
+                self._outage_reported = False
             if (self._quick_drops >= 3 or str(reason) == "Session taken over") and not self._taken_over_said:
                 self._taken_over_said = True  # once: the drops go on as long as the other client does
                 log.error(

@@ -212,7 +212,7 @@ class VisitTracker:
                 s.sure_s += max(0.0, e.ts - last.left)  # the inside time this estimate adds, when it is sure
             if last is None or last.closed:
                 s.segments.append(_Seg(e.zone, e.ts, e.ts))
-                if last is not None and s.qualified:
+                if last is not None and s.qualified and last.zone != e.zone:  # back in the zone it left: no move
                     changes.append(VisitChange("zone", e.ts, self._snapshot(s, None), last.zone))
                     self._keep.add(key)
             elif last.zone != e.zone:

@@ -169,3 +169,36 @@ def test_bad_ble_input_is_one_clear_line_and_exit_2(tmp_path: Path, args: list[s
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_rehearsal_with_a_config_whose_plan_is_not_the_scenarios_is_refused(tmp_path: Path) -> None:
+    """The installer rehearses with their own store's config: the emulator plays the scenario's receivers, which
+    that plan does not have. Refused naming them, as `visita run --sim` does (it used to run, hearing nothing it
+    could place, and report pass-bys only)."""
+    cfg = tmp_path / "visita.toml"
+    cfg.write_text(
+        '[[plan.zones]]\nid = "street"\noutside = true\n[[plan.zones]]\nid = "shop"\n'
+        '[[plan.receivers]]\nid = "hci0"\nzone = "shop"\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sim = subprocess.Popen(
+        [*VISITA, "sim", "default", "--bluez"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert sim.stdout is not None
+        first = sim.stdout.readline()
+        assert first.startswith("DBUS_SYSTEM_BUS_ADDRESS="), first
+        run = subprocess.run(
+            [*VISITA, "run", "--ble", "--rehearse", "--config", str(cfg), "--mqtt", "off", "--dashboard", "off",
+             "--until", "10s", "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=60,
+            env={**env, "DBUS_SYSTEM_BUS_ADDRESS": first.strip().split("=", 1)[1]},
+        )  # fmt: skip
+    finally:
+        sim.send_signal(signal.SIGTERM)
+        sim.communicate(timeout=20)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert (
+        "--rehearse: scenario default: receiver(s) rx-entrance, rx-produce, rx-bakery, rx-grocery, rx-promotions, "
+        "rx-checkout are not in the store plan (plan receivers: hci0)" in run.stderr
+    ), run.stderr[-2000:]

@@ -435,6 +435,69 @@ beacons = [ { id = "beacon:e2c56db5-dffb-48d2-b060-d0f5a71096e0:1:1", zone = "no
     assert main(["config", "check", str(cfg)]) == 0, capsys.readouterr().err
 
 
+def test_config_check_names_every_bad_dashboard_file_in_one_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A world-readable installer token, a too-short support token and a missing certificate are three fixes:
+    one round of `visita config check` names all three, each with its file (the first used to hide the rest)."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    (tmp_path / "installer-token").write_text("0123456789abcdef0123\n")
+    (tmp_path / "installer-token").chmod(0o644)
+    (tmp_path / "support-token").write_text("short\n")
+    (tmp_path / "support-token").chmod(0o600)
+    cfg = write(
+        tmp_path,
+        """
+[dashboard]
+installer_token_file = "installer-token"
+support_token_file = "support-token"
+tls_cert_file = "missing.pem"
+tls_key_file = "missing.key"
+""",
+    )
+    assert main(["config", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"{cfg}: dashboard.installer_token_file {tmp_path / 'installer-token'}: mode 0644 lets anyone on this "
+        "machine read it; chmod 640 it",
+        f"{cfg}: dashboard.support_token_file {tmp_path / 'support-token'}: the support token must be at least 16 "
+        "characters; make one with: openssl rand -hex 24",
+        f"{cfg}: dashboard.tls_cert_file {tmp_path / 'missing.pem'}: cannot be read: No such file or directory; "
+        "fix the path or its mode",
+    ], err
+
+
+def test_mqtt_tls_files_that_cannot_be_loaded_are_a_config_problem_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing or garbled mqtt.ca, or a client key that is not the certificate's, passed `visita config check`
+    and then crashed `visita run` with a traceback (exit 1, so systemd restarted it forever)."""
+    from conftest import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path, name="client")
+    _, other = self_signed_cert(tmp_path, name="other")
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    cases = [
+        ('ca = "missing.pem"', f"mqtt.ca {tmp_path / 'missing.pem'}: cannot be loaded as a CA certificate (PEM): "
+         "No such file or directory; fix the path or the file"),
+        ('ca = "garbage.pem"', f"mqtt.ca {tmp_path / 'garbage.pem'}: cannot be loaded as a CA certificate (PEM)"),
+        (f'ca = "{cert}"\ncert = "{cert}"\nkey = "{other}"', f"mqtt.cert {cert} with mqtt.key {other}: cannot be "
+         "loaded: the key is not the certificate's"),
+    ]  # fmt: skip
+    for mqtt, says in cases:
+        cfg = write(tmp_path, f'[mqtt]\nurl = "mqtts://broker.invalid"\n{mqtt}\n')
+        assert main(["config", "check", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert says in err, err
+        run = subprocess.run(
+            [*VISITA, "run", "--sim", "--config", str(cfg), "--dashboard", "off", "--data-dir", str(tmp_path / "d")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr, run.stderr
+    cfg = write(tmp_path, f'[mqtt]\nurl = "mqtts://broker.invalid"\nca = "{cert}"\ncert = "{cert}"\nkey = "{key}"\n')
+    assert main(["config", "check", str(cfg)]) == 0, capsys.readouterr().err
+
+
 def test_a_pattern_mismatch_says_what_that_field_allows_and_a_secret_is_never_echoed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -110,6 +110,23 @@ def test_remote_receivers_members_and_a_plan_without_geometry() -> None:
     assert "no member keys" in f["warning"][2] and "strongest receiver only" in f["warning"][3]
 
 
+def test_a_node_whose_room_is_no_plan_receiver_is_a_warning() -> None:
+    """An ESPresense node named `Kitchen` in a plan without such a receiver is heard, and all it hears is thrown
+    away: the installer is told which receiver and how to map it, not `ok`."""
+    nodes = {"connected": True, "nodes": {"espresense:Kitchen": {"last_seen_age_s": 1.0, "receivers": ["kitchen"]}}}
+    est = {
+        "estimator": "hmm",
+        "resolution": "zones",
+        "unknown_receiver_sightings": 42,
+        "unknown_receivers": ["kitchen"],
+    }
+    f = found(status(nodes=nodes, estimator=est))
+    assert f["warning"] == [
+        "receivers: 42 sighting(s) from kitchen, not in the plan, were not used: map an ESPresense node's room to its "
+        "plan receiver with --room ROOM=RECEIVER, or name the room after it (docs/nodes.md)"
+    ], f["warning"]
+
+
 def test_the_command_checks_a_running_gateway_and_says_when_none_answers(tmp_path: Path) -> None:
     cfg = tmp_path / "visita.toml"
     cfg.write_text("")

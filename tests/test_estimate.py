@@ -234,6 +234,7 @@ def test_one_estimate_per_subject_per_batch_dated_at_its_newest_sighting_beacons
     assert out["member:m-1"].zone == "produce"
     d = est.diagnostics()
     assert d["unknown_receiver_sightings"] == 1
+    assert d["unknown_receivers"] == ["rx-unknown"]
     assert d["beacon_last_heard"] == {"rx-a": T0 + 1}
     assert est.update([]) == []
 

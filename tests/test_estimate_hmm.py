@@ -304,6 +304,7 @@ def test_late_and_unknown_sightings_are_counted_not_used() -> None:
     assert est.update([Sighting(T0 + 2, "rx-a", PHONE, -60, -59), Sighting(T0 + 19, "rx-x", PHONE, -60, -59)], T0 + 21)
     d = est.diagnostics()
     assert (d["late_sightings"], d["unknown_receiver_sightings"]) == (1, 1)
+    assert d["unknown_receivers"] == ["rx-x"], "named, so that `visita doctor` can say which node is not mapped"
 
 
 def test_subjects_not_heard_for_a_while_are_forgotten() -> None:

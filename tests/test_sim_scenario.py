@@ -111,6 +111,17 @@ def test_a_scenario_is_a_shipped_name_or_a_path(tmp_path: Path) -> None:
     assert e.value.problems == [f"no-such-store: no such scenario file (shipped scenarios: {', '.join(SHIPPED)})"]
 
 
+def test_a_gateway_config_given_as_a_scenario_is_named_as_such_in_one_line(tmp_path: Path) -> None:
+    """`visita eval ./my-store.toml` (docs/install.md) with the store's visita.toml: one line saying it is a gateway
+    config, not twelve about scenario keys missing and config keys unknown."""
+    path = tmp_path / "visita.toml"
+    path.write_text('store = "s-1"\n[mqtt]\nurl = "off"\n[[plan.zones]]\nid = "shop"\n')
+    with pytest.raises(ConfigError) as e:
+        load_scenario(str(path))
+    assert len(e.value.problems) == 1, e.value.problems
+    assert e.value.problems[0].startswith(f"{path}: a gateway config file (mqtt, plan, store), not a scenario")
+
+
 def test_hourly_rates_take_a_number_or_24_numbers() -> None:
     data = shipped_data("default")
     flat = Scenario.model_validate(data)

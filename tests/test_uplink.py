@@ -113,3 +113,32 @@ def test_only_silent_quick_drops_or_a_session_taken_over_are_blamed_on_a_second_
         assert drops("Unspecified error", 2) == 0
         assert drops("Unspecified error", 1) == 1
         assert drops("Unspecified error", 3) == 1, "said once"
+
+
+def test_a_second_client_taking_the_session_is_fought_with_growing_backoff_and_one_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two gateways with one client id (a copied config): each connection is accepted and dropped at once. The
+    gateway used to reconnect every 0.5 s and log a WARNING and an INFO each time, for as long as both ran."""
+    up, _ = _uplink(backoff_min_s=0.5, backoff_max_s=60.0)
+    delays: list[float] = []
+    monkeypatch.setattr(up._client, "reconnect_delay_set", lambda a, b: delays.append(a))
+    accepted = ReasonCode(PacketTypes.CONNACK, "Success")
+    dropped = ReasonCode(PacketTypes.DISCONNECT, "Unspecified error")
+    with caplog.at_level("DEBUG", logger="visita.uplink"):
+        for _ in range(8):
+            up._on_connect(up._client, None, None, accepted, None)  # type: ignore[arg-type]
+            up._on_disconnect(up._client, None, None, dropped, None)  # type: ignore[arg-type]
+    after_drops = delays[1::2]  # each connect resets paho's delay first; each drop sets the next one
+    assert after_drops[-1] >= 0.5 * 2**6 * 0.5, after_drops  # the 8th round waits half a minute or so
+    infos = [r for r in caplog.records if r.levelname == "INFO"]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(infos) == 1 and len(warnings) == 1 and len(errors) == 1, caplog.text
+    assert "same client id" in errors[0].getMessage()
+    # A connection that then holds, and drops later: a new outage, said again, backing off from the start.
+    caplog.clear()
+    up._on_connect(up._client, None, None, accepted, None)  # type: ignore[arg-type]
+    up._connected_at -= 60
+    up._on_disconnect(up._client, None, None, dropped, None)  # type: ignore[arg-type]
+    assert delays[-1] <= 0.5 and [r.levelname for r in caplog.records] == ["WARNING"], caplog.text
