@@ -416,6 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--replace", action="store_true", help="replace the whole member set instead of merging")
     imp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    secret = keys_sub.add_parser(
+        "new-store-secret",
+        help="make a store secret file (identity.anon_secret_file) for the store's gateways",
+        description="Write 32 random bytes to FILE (mode 0600; an existing file is never overwritten). Copy the same "
+        "file to every gateway of the store (a relay and its main gateway, docs/nodes.md) and set "
+        "identity.anon_secret_file to it: their anonymous subjects then agree (one phone heard by both is one "
+        "subject that day). Whoever holds the file can compute a day's pseudonym of a Bluetooth address: keep it "
+        "like a password, on the gateways only; it is never sent over MQTT (docs/events.md#privacy).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    secret.add_argument("file", type=Path, metavar="FILE", help="where to write it, e.g. /etc/visita/store-secret")
 
     points = sub.add_parser("points", help="loyalty points", description="Loyalty points (docs/rules.md).")
     points_sub = points.add_subparsers(dest="points_command", metavar="SUBCOMMAND", required=True)
@@ -863,9 +875,45 @@ def cmd_points_explain(args: argparse.Namespace) -> int:
     return EXIT_OK if out or others else EXIT_FAILED
 
 
+def cmd_new_store_secret(args: argparse.Namespace) -> int:
+    """visita keys new-store-secret FILE: 32 random bytes, mode 0600, never over an existing file; never printed."""
+    import os
+    import secrets
+
+    from gateway.config import STORE_SECRET_MIN
+    from gateway.files import write_all
+
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        print(
+            f"visita keys new-store-secret: {args.file} exists already: not overwritten (the store's other gateways "
+            "may hold a copy of it); give another path, or delete it first",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"visita keys new-store-secret: {args.file}: {e.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        os.fchmod(fd, 0o600)
+        write_all(fd, secrets.token_bytes(STORE_SECRET_MIN))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    print(
+        f"wrote a store secret to {args.file} (mode 0600): copy it to every gateway of the store and set "
+        "identity.anon_secret_file to it there"
+    )
+    return EXIT_OK
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """visita keys import FILE: all or nothing; never prints a key."""
     from gateway.members import KeyImportError, KeyStoreError, import_keys
+
+    if args.keys_command == "new-store-secret":
+        return cmd_new_store_secret(args)
 
     source = "stdin" if str(args.file) == "-" else str(args.file)
     try:
@@ -1030,6 +1078,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     try:
         if "mqtt" not in bad:
             settings.mqtt.secrets()  # the password file and client key can be used, as `run` will
+    except ValueError as e:
+        problems.append(f"{args.file}: {e}")
+    try:
+        if "identity" not in bad:
+            settings.identity.anon_secret()  # the store secret file can be used
     except ValueError as e:
         problems.append(f"{args.file}: {e}")
     if problems:

@@ -944,6 +944,42 @@ class PointsConfig(Strict):
         return Path(self.rules) if self.rules else None
 
 
+STORE_SECRET_MIN = 32
+"""Fewest bytes a store secret file (`identity.anon_secret_file`) may hold: 256 bits, as many as the salt it keys."""
+
+
+class IdentityConfig(Strict):
+    """How anonymous phones are pseudonymised (gateway/identity.py, docs/events.md#privacy)."""
+
+    anon_secret_file: str = Field(
+        default="",
+        description="Store secret file shared by the store's gateways (a relay and its main gateway): the day's salt "
+        "of anonymous subjects is then HMAC-SHA256(secret, store id and local day), the same on every Pi of the "
+        "store, so one phone heard by two of them is one subject that day. Empty (the default): a random salt per "
+        "gateway and day, never stored. Make one with `visita keys new-store-secret FILE`.",
+    )
+
+    def anon_secret(self) -> bytes | None:
+        """The store secret's bytes, or None when `anon_secret_file` is empty. ValueError naming the setting and
+        the file when it cannot be read, others than its owner and group may read it, or it is too short."""
+        if not self.anon_secret_file:
+            return None
+        path = self.anon_secret_file
+        check_private(path, "identity.anon_secret_file")
+        try:
+            secret = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(
+                f"identity.anon_secret_file {path}: cannot be read: {e.strerror}; fix the path or its mode"
+            ) from None
+        if len(secret) < STORE_SECRET_MIN:
+            raise ValueError(
+                f"identity.anon_secret_file {path}: holds {len(secret)} bytes, fewer than {STORE_SECRET_MIN}; make "
+                "one with `visita keys new-store-secret FILE` and copy the same file to every gateway of the store"
+            )
+        return secret
+
+
 class Settings(Strict):
     """Everything `visita run` needs."""
 
@@ -958,6 +994,7 @@ class Settings(Strict):
     visits: VisitsConfig = Field(default_factory=VisitsConfig)
     survey: SurveyConfig = Field(default_factory=SurveyConfig)
     points: PointsConfig = Field(default_factory=PointsConfig)
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
 
     @model_validator(mode="after")
     def _estimator_needs(self) -> Settings:
@@ -1311,6 +1348,7 @@ def _beside(settings: Settings, path: Path) -> Settings:
             ),
             "mqtt": near(settings.mqtt, "ca", "cert", "key", "password_file"),
             "storage": near(settings.storage, "data_dir"),
+            "identity": near(settings.identity, "anon_secret_file"),
         }
     )
     beacons = [

@@ -3,7 +3,10 @@
 This is where raw Bluetooth addresses end. Anonymous devices become `anon:<hash>` where the
 hash is keyed with a random salt that rotates every store-local day and is never stored, so
 the same phone cannot be linked across days, and an address can never be recovered from
-anything the gateway writes. Member phones become `member:<ref>` through their rotating
+anything the gateway writes. A store whose gateways must agree on a phone's subject (a relay and
+its main gateway, docs/nodes.md) opts in to a store secret instead (`store_day_salt`): the day's
+salt is then derived from it, the same on every gateway of the store, and whoever holds the secret
+file can compute a day's pseudonym of an address. Member phones become `member:<ref>` through their rotating
 token; a token the gateway cannot resolve is treated as an anonymous device.
 
 At store-local midnight the salt changes, so a phone still heard then gets a new subject. For an address heard
@@ -136,6 +139,33 @@ class BeaconRegistry:
 
     def __len__(self) -> int:
         return len(self._beacons)
+
+
+STORE_SALT_CONTEXT = b"visita anon salt v1"
+"""Domain separation of `store_day_salt`'s HMAC input, so the store secret keys nothing else by accident."""
+
+
+def store_day_salt(secret: bytes, store: str) -> Callable[[str], bytes]:
+    """The day's salt of anonymous subjects from a store secret (`identity.anon_secret_file`):
+    HMAC-SHA256(secret, "visita anon salt v1" NUL store id NUL local day as YYYY-MM-DD).
+
+    Every gateway of the store that holds the same secret derives the same salt for a day, so one phone's address
+    hashes to the same `anon:` subject on all of them; the next day's salt is unrelated to it for anyone without the
+    secret. Give it to `Identifier` as `day_salt`.
+    """
+
+    def salt(day: str) -> bytes:
+        msg = STORE_SALT_CONTEXT + b"\0" + store.encode() + b"\0" + day.encode()
+        return hmac.new(secret, msg, hashlib.sha256).digest()
+
+    return salt
+
+
+def secret_id(secret: bytes) -> str:
+    """A short public name of a store secret (16 hex digits of an HMAC of a constant under it): two gateways with
+    the same secret show the same id, so a mismatch can be seen (status, sighting batches) without showing the
+    secret; it does not help compute a pseudonym."""
+    return hmac.new(secret, b"visita store secret id", hashlib.sha256).hexdigest()[:16]
 
 
 def member_token(key: bytes, window: int) -> bytes:
@@ -298,13 +328,16 @@ class Identifier:
         salt_source: Callable[[], bytes] = lambda: secrets.token_bytes(32),
         beacons: BeaconRegistry | None = None,
         carry_s: float = MIDNIGHT_CARRY_S,
+        day_salt: Callable[[str], bytes] | None = None,
     ) -> None:
         """`carry_s`: an address heard within this long before and after midnight is linked across it; the runtime
-        gives the visits' absence timeout (a longer silence ends the visit anyway)."""
+        gives the visits' absence timeout (a longer silence ends the visit anyway). `day_salt`: the salt of a local
+        day from the store secret (`store_day_salt`), instead of `salt_source`'s random one."""
         self._members = members
         self._days = days
         self._registry = beacons
         self._salt_source = salt_source
+        self._day_salt = day_salt
         self._salts: dict[str, bytes] = {}  # local day -> salt, for at most the two newest days
         self._carry_s = carry_s
         # Across midnight, memory only, dropped with the day's salt: subjects heard in the last `carry_s` of their
@@ -336,7 +369,9 @@ class Identifier:
             # A new salt each local day, never stored: yesterday's hashes cannot be linked to today's.
             # Yesterday's stays in memory next to today's because remote receivers deliver late and
             # batches are unsorted: a sighting from 23:59 must not replace today's salt mid-day.
-            salt = self._salts[day] = self._salt_source()
+            # With a store secret, the day's salt is derived from it, as every gateway of the store derives it.
+            salt = self._day_salt(day) if self._day_salt is not None else self._salt_source()
+            self._salts[day] = salt
             for old in sorted(self._salts)[:-2]:
                 del self._salts[old]
                 self._late.pop(old, None)
@@ -385,7 +420,9 @@ class Identifier:
             return
         was, self._newest = self._days.day(self._newest), self._newest + by
         day = self._days.day(self._newest)
-        if day != was and was in self._salts and day not in self._salts:
+        # With a store secret the day's salt is the store's, not this gateway's: the other gateways (on the right
+        # time) use the new day's, so this one must too; the phone's subject then changes as at midnight.
+        if day != was and was in self._salts and day not in self._salts and self._day_salt is None:
             self._salts[day] = self._salts.pop(was)
             if was in self._late:
                 self._late[day] = self._late.pop(was)
@@ -498,9 +535,20 @@ class Identifier:
         self._counts["anonymous"] += 1
         return self._anon(key, ts)
 
+    @property
+    def store_salt(self) -> bool:
+        """Whether anonymous subjects use the store secret's day salts (shared by the store's gateways)."""
+        return self._day_salt is not None
+
     def diagnostics(self) -> dict[str, Any]:
-        """Counts by kind, members known, and the last battery reading per fixed beacon (mV)."""
-        return {**self._counts, "members_known": len(self._members), "beacon_battery_mv": dict(self._battery)}
+        """Counts by kind, members known, the last battery reading per fixed beacon (mV), and which salt anonymous
+        subjects use ("store": the store secret's, "gateway": this gateway's random one)."""
+        return {
+            **self._counts,
+            "members_known": len(self._members),
+            "beacon_battery_mv": dict(self._battery),
+            "anon_salt": "store" if self._day_salt is not None else "gateway",
+        }
 
 
 def beacon_subject(frame: IBeacon | AltBeacon | EddystoneUID | EddystoneURL | EddystoneEID) -> tuple[str, int]:

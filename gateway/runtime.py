@@ -44,7 +44,7 @@ from gateway.estimate import HmmEstimator, make_estimator
 from gateway.events import EventFactory, topic_prefix, uuid7
 from gateway.footfall import Footfall
 from gateway.handover import HandoverLinker
-from gateway.identity import BeaconRegistry, Identifier, MemberDirectory
+from gateway.identity import BeaconRegistry, Identifier, MemberDirectory, secret_id, store_day_salt
 from gateway.members import KeyStoreError, KeyVault, MemberKeys, load_into
 from gateway.model import Advert, Award, Event, Sighting, Visit, VisitChange
 from gateway.points import (
@@ -273,7 +273,17 @@ class Gateway:
         self.decoder = Decoder()
         self.members = members
         self.beacons = BeaconRegistry(settings.plan.beacons)
-        self.identifier = Identifier(members, days, beacons=self.beacons, carry_s=settings.visits.absence_timeout_s)
+        secret = settings.identity.anon_secret()  # ValueError naming the file: `run` makes it a config error
+        self.anon_secret_id = secret_id(secret) if secret is not None else None
+        """The store secret's public id (`identity.secret_id`), None without one: anonymous subjects are then this
+        gateway's own and do not fuse with other gateways' (docs/nodes.md)."""
+        self.identifier = Identifier(
+            members,
+            days,
+            beacons=self.beacons,
+            carry_s=settings.visits.absence_timeout_s,
+            day_salt=store_day_salt(secret, settings.store) if secret is not None else None,
+        )
         # The site survey (docs/survey.md): the map in use, and the installer's recorder for the survey tag.
         self.survey_path = store.path.parent / settings.survey.file
         self.survey_map: SurveyMap | None = None
@@ -1113,7 +1123,11 @@ async def run(
     elif dead:
         store.close()
         raise ConfigError(dead)
-    gw = Gateway(settings, store, source, members, rules, staff)
+    try:
+        gw = Gateway(settings, store, source, members, rules, staff)
+    except ValueError as e:  # the store secret file (identity.anon_secret_file)
+        store.close()
+        raise ConfigError([str(e)]) from None
     gw.rules_source = rules_source
     log.info("points rules: %s (%d rules)", rules_source, len(rules.rules))
     try:

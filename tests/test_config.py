@@ -742,3 +742,33 @@ def test_redact_url_hides_all_of_a_password_that_holds_an_at_sign(text: str, sho
     from gateway.config import redact_url
 
     assert redact_url(text) == shown
+
+
+def test_store_secret_file_made_by_visita_keys_is_private_read_next_to_the_config_and_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = tmp_path / "store-secret"
+    assert main(["keys", "new-store-secret", str(secret)]) == 0
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_bytes()) == 32
+    made = secret.read_bytes()
+    assert main(["keys", "new-store-secret", str(secret)]) == 2  # never overwritten: other gateways hold a copy
+    assert secret.read_bytes() == made
+    out = capsys.readouterr()
+    assert "exists already: not overwritten" in out.err and made.hex() not in out.out + out.err
+    cfg = write(tmp_path, '[identity]\nanon_secret_file = "store-secret"\n')
+    settings = load_settings(cfg)
+    assert settings.identity.anon_secret_file == str(secret)  # next to the config file
+    assert settings.identity.anon_secret() == made
+    assert main(["config", "check", str(cfg)]) == 0
+    secret.chmod(0o644)  # anyone on the Pi could compute the store's pseudonyms
+    assert main(["config", "check", str(cfg)]) == 2
+    assert "identity.anon_secret_file" in capsys.readouterr().err and "chmod 640" in str(
+        pytest.raises(ValueError, settings.identity.anon_secret).value
+    )
+    short = tmp_path / "short"
+    short.write_bytes(b"x" * 16)
+    short.chmod(0o600)
+    cfg = write(tmp_path, '[identity]\nanon_secret_file = "short"\n')
+    assert main(["config", "check", str(cfg)]) == 2
+    assert "holds 16 bytes, fewer than 32" in capsys.readouterr().err
+    assert load_settings(write(tmp_path, "")).identity.anon_secret() is None  # the default: no store secret

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from gateway.config import default_plan
 from gateway.days import LocalDays
-from gateway.identity import Identifier, MemberDirectory, beacon_subject
+from gateway.identity import Identifier, MemberDirectory, beacon_subject, secret_id, store_day_salt
 from gateway.model import (
     Advert,
     AltBeacon,
@@ -513,3 +513,73 @@ def test_a_clock_step_across_midnight_keeps_each_phones_subject_and_a_member_fou
     # Not shifted, the step is a midnight nobody was heard across: every phone a new subject.
     ident, salts = identifier("Europe/Berlin")
     assert subject_of(ident, wrong) != subject_of(ident, right + 5) and len(salts) == 2
+
+
+# --------------------------------------------------------------------------- the store secret (identity.anon_secret_file)
+
+STORE_SECRET = bytes(range(100, 132))
+
+
+def store_identifier(secret: bytes = STORE_SECRET, store: str = "s1", timezone: str = "Europe/Berlin") -> Identifier:
+    """A gateway of store `store` whose anonymous salts come from the store secret; its random source must not be
+    used (it fails the test)."""
+
+    def no_random() -> bytes:
+        raise AssertionError("a random salt was drawn although a store secret is set")
+
+    return Identifier(
+        MemberDirectory(), LocalDays(timezone), salt_source=no_random, day_salt=store_day_salt(secret, store)
+    )
+
+
+def test_the_same_store_secret_store_and_day_give_two_gateways_the_same_subject() -> None:
+    main, relay = store_identifier(), store_identifier()
+    ts = first_second_of_next_day("Europe/Berlin", 2026, 6, 14) + 10 * 3600  # 10:00 local on the 15th
+    assert subject_of(main, ts) == subject_of(relay, ts + 7 * 3600)  # the same local day, another hour
+    assert subject_of(main, ts, OTHER_ADDRESS) == subject_of(relay, ts, OTHER_ADDRESS) != subject_of(main, ts)
+    # The salt is exactly HMAC-SHA256(secret, context NUL store NUL day): computed here without gateway.identity.
+    salt = hmac.new(STORE_SECRET, b"visita anon salt v1\0s1\x002026-06-15", hashlib.sha256).digest()
+    expected = "anon:" + hmac.new(salt, ADDRESS.encode(), hashlib.sha256).hexdigest()[:16]
+    assert subject_of(main, ts) == expected
+    assert main.diagnostics()["anon_salt"] == "store" and main.store_salt
+
+
+def test_a_store_secret_gives_another_subject_on_another_day_store_or_secret() -> None:
+    ts = first_second_of_next_day("Europe/Berlin", 2026, 6, 14) + 10 * 3600
+    today = subject_of(store_identifier(), ts)
+    assert subject_of(store_identifier(), ts + 86_400) != today  # the next local day
+    assert subject_of(store_identifier(), ts - 86_400) != today  # the day before
+    assert subject_of(store_identifier(store="s2"), ts) != today  # another store with the same secret
+    assert subject_of(store_identifier(secret=bytes(32)), ts) != today  # another secret
+    # Local days, not UTC days: 23:30 local on the 15th is the 15th's salt, though it is the 15th's 21:30 UTC.
+    late = first_second_of_next_day("Europe/Berlin", 2026, 6, 15) - 1800
+    assert subject_of(store_identifier(), late) == today
+
+
+def test_without_a_store_secret_each_gateway_draws_its_own_random_salt() -> None:
+    ts = 1_764_000_000.0
+    a = Identifier(MemberDirectory(), LocalDays("UTC"))  # the default: secrets.token_bytes, never stored
+    b = Identifier(MemberDirectory(), LocalDays("UTC"))
+    assert subject_of(a, ts) != subject_of(b, ts)
+    assert subject_of(a, ts) == subject_of(a, ts + 60)
+    assert a.diagnostics()["anon_salt"] == "gateway" and not a.store_salt
+
+
+def test_a_store_secret_clock_step_across_midnight_takes_the_new_days_salt() -> None:
+    # Unlike a gateway's own random salt (moved to the day the phones were really heard on, above), the store's
+    # salt of a day is what every gateway of the store derives for it: after the step this gateway must agree
+    # with the others (on the right time) on the real day's subjects.
+    by = 10 * 3600 + 1200.0
+    wrong = first_second_of_next_day("Europe/Berlin", 2026, 6, 15) - 7800.0
+    stepped, right_all_along = store_identifier(), store_identifier()
+    subject_of(stepped, wrong)
+    stepped.shift(by)
+    assert subject_of(stepped, wrong + by + 5) == subject_of(right_all_along, wrong + by + 5)
+
+
+def test_the_store_secrets_id_names_it_without_giving_it_away() -> None:
+    ident = secret_id(STORE_SECRET)
+    assert ident == secret_id(bytes(STORE_SECRET)) and ident != secret_id(bytes(32))
+    assert len(ident) == 16 and STORE_SECRET.hex()[:16] != ident
+    salt = store_day_salt(STORE_SECRET, "s1")("2026-06-15")
+    assert salt.hex()[:16] != ident
