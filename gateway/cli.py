@@ -1355,9 +1355,20 @@ def _nodes_source(
             password = settings.mqtt.password()
         except ValueError as e:
             raise UsageError(str(e)) from None
+    from gateway.identity import secret_id
+
+    try:
+        secret = settings.identity.anon_secret()
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
     try:
         options = NodesOptions(
-            host=url.host, port=url.port, store=settings.store, gateway=settings.gateway, rooms=rooms
+            host=url.host,
+            port=url.port,
+            store=settings.store,
+            gateway=settings.gateway,
+            rooms=rooms,
+            anon_key=secret_id(secret) if secret is not None else None,
         )
     except ValueError as e:
         raise UsageError(f"--nodes: {e}") from None

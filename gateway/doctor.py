@@ -163,6 +163,14 @@ def _nodes(nodes: dict[str, Any] | None) -> list[Check]:
             )
         else:
             out.append(Check("ok", name, f"last heard {age} s ago, receivers {', '.join(n.get('receivers') or [])}"))
+        if n.get("unfused_anon"):
+            out.append(
+                Check(
+                    "warning",
+                    name,
+                    f"{n['unfused_anon']} anonymous sighting(s) not fused with this gateway's: {n.get('anon_problem')}",
+                )
+            )
     if nodes.get("malformed"):
         out.append(
             Check(

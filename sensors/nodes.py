@@ -65,6 +65,7 @@ ref, a beacon's id. Nothing else: a peer must not hand this gateway an address u
 _ADDRESS = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}(?![0-9A-Fa-f])")
 """A Bluetooth (or other MAC) address anywhere in a subject: refused whatever its prefix."""
 _RECEIVER = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_ANON_KEY = re.compile(r"[0-9a-f]{16}")
 
 DEFAULT_ACCEPT = ("iBeacon:", "altBeacon:", "eddy:", "apple:", "samsung:", "md:ffff:", "irk:")
 """ESPresense id kinds used by default: fixed beacons, and what a phone sends (Apple and Samsung
@@ -123,6 +124,9 @@ class NodesOptions:
     """Nodes and peers tracked for health; reports from further ones are dropped and counted."""
     client_id: str = ""
     """MQTT client id; empty: visita-nodes-<store>-<gateway>."""
+    anon_key: str | None = None
+    """The public id of this gateway's store secret (`gateway.identity.secret_id`), None without one: a peer's
+    `anon:` rows fuse with this gateway's own subjects only when its batches name the same id."""
     connect_timeout_s: float = 5.0
     """Longest wait for the broker on stop/disconnect calls."""
 
@@ -268,15 +272,22 @@ class Batch:
     """When it was sent, on the sender's clock, UNIX seconds."""
     sightings: tuple[Sighting, ...]
     """The sightings, stamped with the sender's clock."""
+    anon_key: str | None = None
+    """The public id of the store secret the sender's `anon:` subjects are salted with; None: its own random salt."""
 
 
-def encode_batch(gateway: str, seq: int, sent: float, sightings: Iterable[Sighting]) -> bytes:
-    """The payload of a sighting batch (docs/nodes.md), for a gateway that publishes its own."""
+def encode_batch(
+    gateway: str, seq: int, sent: float, sightings: Iterable[Sighting], anon_key: str | None = None
+) -> bytes:
+    """The payload of a sighting batch (docs/nodes.md), for a gateway that publishes its own (a relay).
+
+    `anon_key`: the public id of the store secret its anonymous subjects are salted with (never the secret)."""
     doc = {
         "schema": BATCH_SCHEMA,
         "gateway": gateway,
         "seq": seq,
         "sent": round(sent, 3),
+        "anon_key": anon_key,
         "sightings": [[round(s.ts, 3), s.receiver, s.subject, s.rssi, s.ref_rssi] for s in sightings],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
@@ -300,6 +311,9 @@ def parse_batch(topic: str, payload: bytes, store: str) -> Batch | None:
         return None
     if isinstance(sent, bool) or not isinstance(sent, int | float) or not math.isfinite(sent) or sent <= 0:
         return None
+    anon_key = doc.get("anon_key")  # absent in batches of gateways older than the store secret
+    if anon_key is not None and not (isinstance(anon_key, str) and _ANON_KEY.fullmatch(anon_key)):
+        return None
     out: list[Sighting] = []
     for row in rows:
         if not isinstance(row, list) or len(row) != 5:
@@ -315,7 +329,7 @@ def parse_batch(topic: str, payload: bytes, store: str) -> Batch | None:
         if r is None or f is None:
             return None
         out.append(Sighting(float(ts), receiver, subject, r, f))
-    return Batch(parts[3], seq, float(sent), tuple(out))
+    return Batch(parts[3], seq, float(sent), tuple(out), anon_key)
 
 
 # --------------------------------------------------------------------------- clock offsets
@@ -378,6 +392,10 @@ class _Node:
     duplicate_batches: int = 0
     recent_batches: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=64))
     """(seq, sent) of the peer's last batches: a resend repeats both; a restarted peer's new seqs differ in sent."""
+    unfused_anon: int = 0
+    """The peer's `anon:` rows taken without a store secret in common: its subjects, not this gateway's."""
+    anon_problem: str = ""
+    """Why its anonymous subjects do not fuse with this gateway's ("" while they do, or none came)."""
 
 
 class NodesSource:
@@ -417,6 +435,7 @@ class NodesSource:
             "dropped": 0,
             "too_many_nodes": 0,
             "unknown_members": 0,
+            "unfused_anon": 0,
         }
         self._ignored_kinds: dict[str, int] = {}
         self._connected = threading.Event()
@@ -531,6 +550,8 @@ class NodesSource:
                     entry["clock_clamped"] = n.clock.clamped
                     entry["batches"] = n.batches
                     entry["duplicate_batches"] = n.duplicate_batches
+                    entry["unfused_anon"] = n.unfused_anon
+                    entry["anon_problem"] = n.anon_problem
                 nodes[name] = entry
             buffered = len(self._buffer)
             counts = dict(self._counts)
@@ -671,6 +692,7 @@ class NodesSource:
                     )
                 node.clock.clamped += 1
             offset = node.clock.offset
+            self._check_anon(node, batch)
             n = 0
             for s in batch.sightings:
                 if len(node.receivers) < 32:
@@ -680,6 +702,32 @@ class NodesSource:
                 self._append(Reading(ts, s.receiver, s.subject, "", s.rssi, s.ref_rssi))
                 n += 1
         return n
+
+    def _check_anon(self, node: _Node, batch: Batch) -> None:
+        """Count the batch's `anon:` rows that do not fuse with this gateway's subjects (no store secret in common),
+        and say why once per peer: the same phone heard here too is then two subjects, counted twice in footfall.
+        They are still taken: the peer's receivers are the only ones to hear some phones. (Caller holds the lock.)"""
+        anon = sum(1 for s in batch.sightings if s.subject.startswith("anon:"))
+        ours = self.options.anon_key
+        if not anon or (ours is not None and batch.anon_key == ours):
+            return
+        node.unfused_anon += anon
+        self._counts["unfused_anon"] += anon
+        if node.anon_problem:
+            return
+        if ours is None and batch.anon_key is None:
+            why = "neither this gateway nor it has a store secret (identity.anon_secret_file)"
+        elif ours is None:
+            why = "it uses a store secret (identity.anon_secret_file) and this gateway has none"
+        elif batch.anon_key is None:
+            why = "this gateway uses a store secret (identity.anon_secret_file) and it has none"
+        else:
+            why = "its store secret (identity.anon_secret_file) is not this gateway's"
+        node.anon_problem = (
+            f"{why}: an anonymous phone both hear is two subjects, counted twice in footfall; copy the same "
+            "secret file to both (docs/nodes.md)"
+        )
+        log.warning("gateway %s: %s", batch.gateway, node.anon_problem)
 
     def _append(self, r: Reading) -> None:
         if len(self._buffer) >= self.options.buffer_max:

@@ -171,9 +171,62 @@ def test_batch_round_trip_and_rejects() -> None:
         ("sightings", [[T0, "rx-2", "anon:ab12", -60, -59]]),  # not what a gateway makes of an address
         ("sightings", [[T0, "RX 2", "anon:ab", -60, -59]]),
         ("sightings", [[T0, "rx-2", "anon:ab", -60]]),
+        ("anon_key", "not-a-secret-id"),  # the store secret's public id: 16 lowercase hex digits or null
+        ("anon_key", 7),
     ]:
         bad = json.dumps({**doc, key: value}).encode()
         assert parse_batch("visita/v1/s1/gw-2/sightings", bad, "s1") is None, (key, value)
+
+
+def test_a_batch_names_the_store_secret_its_anonymous_rows_are_salted_with() -> None:
+    rows = [Sighting(T0, "rx-2", "anon:0123456789abcdef", -80, -59)]
+    batch = parse_batch("visita/v1/s1/gw-2/sightings", encode_batch("gw-2", 1, T0, rows, "00112233aabbccdd"), "s1")
+    assert batch is not None and batch.anon_key == "00112233aabbccdd"
+    old = json.loads(encode_batch("gw-2", 1, T0, rows))
+    assert old.pop("anon_key") is None  # a batch of a gateway older than the field: none
+    batch = parse_batch("visita/v1/s1/gw-2/sightings", json.dumps(old).encode(), "s1")
+    assert batch is not None and batch.anon_key is None
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "why"),
+    [
+        (None, None, "neither this gateway nor it has a store secret"),
+        (None, "00112233aabbccdd", "it uses a store secret (identity.anon_secret_file) and this gateway has none"),
+        ("00112233aabbccdd", None, "this gateway uses a store secret (identity.anon_secret_file) and it has none"),
+        ("00112233aabbccdd", "ffffffffffffffff", "its store secret (identity.anon_secret_file) is not this gateway's"),
+    ],
+)
+def test_a_peers_anonymous_rows_without_a_store_secret_in_common_are_counted_and_said_once(
+    ours: str | None, theirs: str | None, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Taken (the peer may be the only one to hear the phone), but the same phone heard here too would be two
+    subjects: counted per peer and in all, the reason logged once and kept for the status and `visita doctor`."""
+    src = source(FakeClock(), anon_key=ours)
+    rows = [Sighting(T0, "rx-2", "anon:0123456789abcdef", -80, -59), Sighting(T0, "rx-2", "member:m-1", -70, -59)]
+    topic = "visita/v1/s1/gw-2/sightings"
+    assert src.receive(topic, encode_batch("gw-2", 1, T0, rows, theirs)) == 2
+    assert src.receive(topic, encode_batch("gw-2", 2, T0 + 0.5, rows, theirs)) == 2
+    d = src.diagnostics()
+    peer = d["nodes"]["gateway:gw-2"]
+    assert d["unfused_anon"] == 2 and peer["unfused_anon"] == 2 and why in peer["anon_problem"]
+    assert caplog.text.count(why) == 1
+    fused = source(FakeClock(), anon_key="00112233aabbccdd")  # the same secret on both: nothing to say
+    assert fused.receive(topic, encode_batch("gw-2", 1, T0, rows, "00112233aabbccdd")) == 2
+    assert fused.diagnostics()["unfused_anon"] == 0
+    assert fused.diagnostics()["nodes"]["gateway:gw-2"]["anon_problem"] == ""
+
+
+def test_a_relay_restarting_at_seq_0_is_taken_not_dropped_as_a_resend() -> None:
+    """A relay counts its batches from 0 at every start; a resend repeats (seq, sent), a restart does not."""
+    src = source(FakeClock())
+    rows = [Sighting(T0, "rx-2", "beacon:x:1:2", -70, -59)]
+    topic = "visita/v1/s1/gw-2/sightings"
+    for seq in range(5):
+        assert src.receive(topic, encode_batch("gw-2", seq, T0 + seq * 0.25, rows)) == 1
+    for seq in range(5):  # restarted 10 s later: seqs 0.. again
+        assert src.receive(topic, encode_batch("gw-2", seq, T0 + 10 + seq * 0.25, rows)) == 1
+    assert src.diagnostics()["duplicate_batches"] == 0
 
 
 def test_a_full_batch_of_real_rows_fits_the_payload_limit() -> None:
