@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dashboard import installer
 from gateway.model import Visit
+from gateway.relay import Relay
 from gateway.runtime import Gateway
 from gateway.survey import SurveyRefused
 from sensors.checkins import MAX_BODY, CheckinRefused
@@ -430,4 +431,37 @@ def create_app(gateway: Gateway) -> FastAPI:
     # Mounted before /static, which would otherwise take its paths.
     app.mount(API_UI_URL, StaticFiles(directory=str(API_UI)), name="api-ui")
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    return app
+
+
+class RelayStatus(BaseModel):
+    """Diagnostics of a relay (`Relay.diagnostics()`): its source, decoder, identity, member keys, what it published."""
+
+    model_config = ConfigDict(extra="allow")
+
+    store_id: str = Field(description="Store id.")
+    gateway_id: str = Field(description="This relay's gateway id.")
+    version: str = Field(description="Visita version.")
+    role: Literal["relay"] = Field(description="Always relay: no visits, footfall or points are made here.")
+    source: dict[str, Any] = Field(description="The advert source (radio or simulator).")
+    identity: dict[str, Any] = Field(description="Sightings by subject kind; `anon_salt`: store or gateway.")
+    relay: dict[str, Any] = Field(description="Sighting batches published and dropped (docs/nodes.md).")
+    uplink: dict[str, Any] = Field(description="MQTT broker connection.")
+
+
+def create_relay_app(relay: Relay) -> FastAPI:
+    """A relay's dashboard (`visita run --relay`): /healthz and /api/v1/status only, for `visita doctor`; the
+    footfall page and its API are the main gateway's."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="Visita relay", version=relay.version)
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        """Liveness probe."""
+        return Health(status="ok", store=relay.store, gateway=relay.gateway, version=relay.version)
+
+    @app.get("/api/v1/status", response_model=RelayStatus)
+    async def status() -> RelayStatus:
+        """Diagnostics of the relay's stages."""
+        return RelayStatus(store_id=relay.store, gateway_id=relay.gateway, version=relay.version, **relay.diagnostics())
+
     return app

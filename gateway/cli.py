@@ -248,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROOM=RECEIVER",
         help="--nodes: an ESPresense node's room and the plan receiver it is (repeatable; default: the room's name)",
     )
+    run.add_argument(
+        "--relay",
+        action="store_true",
+        help="with --ble (or --sim, a rehearsal): run as a relay, a remote receiver of the store's main gateway: "
+        "decode and identify only, and publish the sightings as batches to the store's broker (--mqtt) every 0.25 s "
+        "for the main gateway's --nodes; no visits, points, events or outbox here. Set identity.anon_secret_file to "
+        "the same store secret on both Pis, and give both the member keys (docs/nodes.md)",
+    )
     run.add_argument("--scenario", default="default", metavar="NAME|FILE", help="simulator scenario (default: default)")
     run.add_argument("--seed", type=_seed, default=1, metavar="N", help="simulator seed (default: 1)")
     run.add_argument(
@@ -1120,6 +1128,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     BeaconRegistry(settings.plan.beacons)  # and on an EID beacon key that cannot be read
     if args.sim and args.ble:
         raise UsageError("--sim and --ble are two sources: pass one")
+    if args.relay and args.nodes and args.nodes != "off":
+        raise UsageError(
+            "--relay with --nodes: a relay publishes what its own radio hears; ESPresense nodes and other gateways "
+            "are taken by the store's main gateway (its --nodes)"
+        )
+    if args.relay and not (args.sim or args.ble):
+        raise UsageError("--relay: say what the relay hears: --ble (the Pi's adapters), or --sim to try it out")
     if args.ble:
         return _run_ble(args, settings)
     if not args.sim and args.nodes and args.nodes != "off":
@@ -1176,8 +1191,9 @@ def _run_gateway(
     banner: list[str],
     nodes: NodesSource | None,
 ) -> int:
-    """`visita run` on any source, with the options every source shares; a start-up failure is exit 1."""
-    from gateway.runtime import RunOptions, StartupError, run
+    """`visita run` on any source, with the options every source shares; a start-up failure is exit 1. With --relay,
+    the relay's pipeline (gateway/relay.py) instead of the gateway's."""
+    from gateway.runtime import RunOptions, StartupError, run, run_relay
     from gateway.store import StoreError
 
     opts = RunOptions(
@@ -1188,6 +1204,10 @@ def _run_gateway(
         clock_wait_s=args.clock_wait,
     )
     try:
+        if args.relay:
+            assert nodes is None  # refused by cmd_run
+            banner[0] += " · relay"
+            return asyncio.run(run_relay(settings, opts, source, clock, members, banner))
         return asyncio.run(run(settings, opts, source, clock, members, staff, banner, nodes))
     except (StartupError, StoreError) as e:
         print(f"visita run: {e}", file=sys.stderr)

@@ -27,12 +27,13 @@ import json
 import logging
 import queue
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from gateway.config import ConfigError, validate
 
 if TYPE_CHECKING:
+    from gateway.members import MemberKeys
     from gateway.runtime import Gateway
 
 log = logging.getLogger("visita.downlink")
@@ -159,7 +160,14 @@ def _config(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     return {"set": {k: changes[k] for k in sorted(changes)}}
 
 
-def _members(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
+class KeepsMembers(Protocol):
+    """What the ``members`` command needs: a gateway, or a relay (gateway/relay.py), which serves only this one."""
+
+    member_keys: MemberKeys | None
+
+
+def members_command(gw: KeepsMembers, payload: dict[str, Any]) -> dict[str, Any]:
+    """``members``: the member keys (gateway/members.py `apply_members_command`), kept in the vault."""
     from gateway.members import apply_members_command
 
     if gw.member_keys is None:
@@ -170,7 +178,7 @@ def _members(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "ok"}
 
 
-HANDLERS: dict[str, Handler] = {"rules": _rules, "config": _config, "members": _members}
+HANDLERS: dict[str, Handler] = {"rules": _rules, "config": _config, "members": members_command}
 """Command name -> handler; add an entry to serve a new command."""
 
 UNKNOWN = "unknown"
@@ -178,12 +186,22 @@ UNKNOWN = "unknown"
 name sent), so the gateway publishes only on the channels docs/asyncapi.yaml lists, whatever a sender makes up."""
 
 
-class Downlink:
+T = TypeVar("T")
+
+
+class Downlink(Generic[T]):
     """Queues commands from paho's thread and applies them on the runtime's, one at a time."""
 
-    def __init__(self, gw: Gateway, reply: Callable[[str, bytes], None]) -> None:
+    def __init__(
+        self,
+        gw: T,
+        reply: Callable[[str, bytes], None],
+        handlers: Mapping[str, Callable[[T, dict[str, Any]], dict[str, Any]]] | None = None,
+    ) -> None:
+        """`handlers`: the commands served (default `HANDLERS`, a gateway's; a relay serves ``members`` only)."""
         self._gw = gw
         self._reply = reply
+        self._handlers = handlers if handlers is not None else cast(Mapping[str, Callable[[T, Any], Any]], HANDLERS)
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(MAX_QUEUED)
         self.counts = {"applied": 0, "refused": 0}
 
@@ -219,9 +237,9 @@ class Downlink:
             if raw_id is not None and not (isinstance(raw_id, str) and len(raw_id) <= 128):
                 raise CommandRefused('"id" must be a string of at most 128 characters')
             cmd_id = raw_id  # echoed from here on, an unknown command's too
-            handler = HANDLERS.get(name)
+            handler = self._handlers.get(name)
             if handler is None:
-                raise CommandRefused(f"unknown command {name!r} (known: {', '.join(sorted(HANDLERS))})")
+                raise CommandRefused(f"unknown command {name!r} (known: {', '.join(sorted(self._handlers))})")
             fields = handler(self._gw, body)
         except CommandRefused as e:
             log.warning("downlink command %s refused: %s (nothing changed)", name, e)
@@ -232,5 +250,5 @@ class Downlink:
     def _answer(self, name: str, cmd_id: str | None, ok: bool, fields: dict[str, Any]) -> dict[str, Any]:
         self.counts["applied" if ok else "refused"] += 1
         result = {"id": cmd_id, "name": name, "ok": ok, **fields}
-        self._reply(name if name in HANDLERS else UNKNOWN, json.dumps(result, separators=(",", ":")).encode())
+        self._reply(name if name in self._handlers else UNKNOWN, json.dumps(result, separators=(",", ":")).encode())
         return result

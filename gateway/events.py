@@ -91,12 +91,15 @@ class EventFactory:
         self._seq += 1
         return Event(event_type, uuid7(ts), ts, self.store, self.gateway, self._seq, data)
 
-    def status(self, ts: float, online: bool, version: str, resolution: str | None = None) -> Event:
+    def status(
+        self, ts: float, online: bool, version: str, resolution: str | None = None, role: str = "gateway"
+    ) -> Event:
         """The retained status message; outside the durable stream, so seq is None.
 
-        `resolution`: what the store's receivers can tell, "zones" or "presence" (docs/events.md).
+        `resolution`: what the store's receivers can tell, "zones" or "presence" (docs/events.md). `role`: "gateway"
+        (publishes the store's events) or "relay" (publishes sighting batches for another gateway, docs/nodes.md).
         """
-        data = {"state": "online" if online else "offline", "version": version}
+        data = {"state": "online" if online else "offline", "version": version, "role": role}
         if resolution is not None:
             data["resolution"] = resolution
         with self._lock:

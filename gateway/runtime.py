@@ -333,7 +333,7 @@ class Gateway:
         store.keep(self._kept_state)
         self.events = EventFactory(settings.store, settings.gateway, store.last_seq())
         self.uplink: Uplink | None = None
-        self.downlink: Downlink | None = None
+        self.downlink: Downlink[Gateway] | None = None
         """Downlink commands (gateway.downlink), applied on the runtime's thread by `feed_uplink`."""
         self.nodes: NodesSource | None = None
         """Remote receivers (sensors/nodes.py): their sightings join the radio's after the identify stage."""
@@ -1287,3 +1287,154 @@ async def run(
             flush=True,
         )
     return code
+
+
+async def run_relay(
+    settings: Settings,
+    opts: RunOptions,
+    source: Source,
+    clock: Clock,
+    members: MemberDirectory,
+    banner: list[str],
+) -> int:
+    """`visita run --relay`: source → decode → identify → sighting batches on the store's broker (gateway/relay.py),
+    with the retained status (role "relay"), the ``members`` downlink command and, if on, a dashboard serving
+    /healthz and /api/v1/status. No store, estimator, visits, points or outbox. Runs until stopped (a signal or
+    `until_s`); returns the process exit code."""
+    import os
+
+    from dashboard.app import create_relay_app
+    from gateway.downlink import members_command
+    from gateway.relay import BatchPublisher, Relay
+    from gateway.store import lock_data_dir
+
+    mqtt_url = opts.mqtt or settings.mqtt.url
+    if mqtt_url == "off":
+        raise ConfigError(["--relay publishes to the store's broker: give it (--mqtt URL or mqtt.url), not off"])
+    try:
+        secret = settings.identity.anon_secret()
+        password = settings.mqtt.secrets()
+        tls = settings.dashboard.tls() if (opts.dashboard or settings.dashboard.listen) != "off" else None
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
+    if clock.live:
+        await _wait_for_clock(clock, opts.clock_wait_s)
+    data_dir = settings.storage.directory(opts.data_dir)
+    lock = lock_data_dir(data_dir)  # the member keys' vault is the directory's, as a gateway's
+    sock: socket.socket | None = None
+    try:
+        try:
+            loaded = load_into(members, data_dir)
+        except KeyStoreError as e:
+            raise StartupError(str(e)) from None
+        days = LocalDays(settings.timezone)
+        identifier = Identifier(
+            members,
+            days,
+            beacons=BeaconRegistry(settings.plan.beacons),
+            carry_s=settings.visits.absence_timeout_s,
+            day_salt=store_day_salt(secret, settings.store) if secret is not None else None,
+        )
+        events = EventFactory(settings.store, settings.gateway, 0)
+        url = parse_mqtt_url(mqtt_url)
+        client_id = settings.mqtt.client_id or f"visita-{settings.store}-{settings.gateway}"
+
+        def status(online: bool) -> Event:
+            return events.status(time.time(), online, __version__, role="relay")
+
+        uplink = Uplink(settings.mqtt, url, client_id, status, password)
+        publisher = BatchPublisher(
+            settings.gateway,
+            lambda payload: uplink.publish_live("sightings", payload),
+            secret_id(secret) if secret is not None else None,
+        )
+        relay = Relay(settings.store, settings.gateway, __version__, source, members, identifier, publisher)
+        relay.uplink = uplink
+        relay.member_keys = MemberKeys(members, KeyVault(data_dir))
+        relay.downlink = downlink = Downlink(relay, uplink.reply, {"members": members_command})
+        relay.clock_state = lambda: {"live": clock.live, "synchronised": clock_synchronised(), "steps": clock.steps}
+        listen = opts.dashboard or settings.dashboard.listen
+        try:
+            sock = bind(listen) if listen != "off" else None
+        except OSError as e:
+            raise StartupError(
+                f"dashboard cannot listen on {listen}: {e.strerror}; pass --dashboard HOST:PORT or --dashboard off"
+            ) from None
+        if secret is None:
+            log.warning(
+                "relay without a store secret (identity.anon_secret_file): an anonymous phone that this relay and the "
+                "main gateway both hear is two subjects there, counted twice in footfall; copy the main gateway's "
+                "secret file here (docs/nodes.md)"
+            )
+        lines = [*banner]
+        lines.append(
+            f"  relay      sighting batches every {publisher.interval_s:g} s to {url} "
+            f"{topic_prefix(settings.store, settings.gateway)}sightings (no visits, points or outbox here)"
+        )
+        lines.append(
+            "  identity   anonymous subjects "
+            + (
+                "with the store secret's salt (fused with the store's other gateways)"
+                if secret
+                else "NOT fused: no store secret"
+            )
+            + f" · {len(members):,} member key(s)"
+            + (" from the vault" if loaded else "")
+        )
+        if sock is not None:
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            lines.append(f"  dashboard  {'https' if tls else 'http'}://{shown}:{port}/api/v1/status (status only)")
+        else:
+            lines.append("  dashboard  off")
+        lines.append("Ctrl-C stops.")
+        print("\n".join(lines), flush=True)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        server = _QuietServer(create_relay_app(relay), sock, tls) if sock is not None else None
+        server_task = asyncio.create_task(server.serve()) if server else None
+        uplink.start(downlink.receive)
+        await source.start()
+        end = clock.start + opts.until_s if opts.until_s is not None else None
+        code = 0
+        systemd = Notifier()
+        systemd.ready(f"relaying; mqtt {url}")
+        try:
+            while not stop.is_set():
+                now = clock.now()
+                for st in clock.take_steps():
+                    relay.shift(st.by)
+                final = end is not None and now >= end
+                relay.step(min(now, end) if end is not None else now)
+                systemd.alive()
+                if final:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), opts.tick_s)
+            publisher.flush(relay.now, force=True)  # what the last tick heard
+        except Exception:
+            log.exception("relay failed")
+            code = 1
+        finally:
+            systemd.stopping()
+            await source.stop()
+            await asyncio.to_thread(uplink.stop, min(opts.flush_timeout_s, 2.0))  # the "offline" status
+            if server is not None and server_task is not None:
+                server.stop()
+                await server_task
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            c = publisher.counts
+            print(
+                f"stopped: {c['batches']} batch(es), {c['sightings']} sighting(s) published; "
+                f"{c['dropped_sightings']} sighting(s) dropped while the broker was away",
+                flush=True,
+            )
+        return code
+    finally:
+        if sock is not None:
+            sock.close()
+        os.close(lock)

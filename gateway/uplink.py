@@ -279,6 +279,14 @@ class Uplink:
         self._client.publish(topic(event.store, event.gateway, event.type), event.payload(), qos=0)
         return True
 
+    def publish_live(self, event_type: str, payload: bytes) -> bool:
+        """Publish live data (a relay's sighting batch) on ``<prefix><event_type>`` with QoS 0, if connected; False
+        when not sent. Never queued: paho keeps no QoS 0 message for later, so an outage drops, never delays."""
+        if not self.connected:
+            return False
+        info = self._client.publish(f"{self._prefix}{event_type}", payload, qos=0)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
     def reply(self, name: str, payload: bytes) -> None:
         """Publish a downlink command's result on ``<prefix>cmd_result/<name>`` (QoS 1, not retained)."""
         self._client.publish(f"{self._prefix}cmd_result/{name}", payload, qos=QOS)

@@ -515,7 +515,7 @@ def test_a_clock_step_across_midnight_keeps_each_phones_subject_and_a_member_fou
     assert subject_of(ident, wrong) != subject_of(ident, right + 5) and len(salts) == 2
 
 
-# --------------------------------------------------------------------------- the store secret (identity.anon_secret_file)
+# --------------------------------------------------------------------------- the store secret (anon_secret_file)
 
 STORE_SECRET = bytes(range(100, 132))
 
