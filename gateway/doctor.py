@@ -38,6 +38,11 @@ def checks(status: dict[str, Any], now: float) -> list[Check]:
     out: list[Check] = []
     out += _source(status.get("source") or {})
     out += _clock(status.get("clock") or {})
+    if status.get("role") == "relay":  # a relay (docs/nodes.md): no store, estimator or outbox to check
+        out += _relay(status.get("relay") or {}, status.get("uplink") or {}, status.get("identity") or {})
+        out += _beacons(status.get("identity") or {})
+        out += _members(status.get("identity") or {})
+        return out
     out += _nodes(status.get("nodes"))
     out += _uplink(status.get("uplink") or {}, status.get("store") or {})
     out += _store(status.get("store") or {})
@@ -178,6 +183,42 @@ def _nodes(nodes: dict[str, Any] | None) -> list[Check]:
                 "remote receivers",
                 f"{nodes['malformed']} message(s) could not be read: a node "
                 "with other firmware, or a peer of another version",
+            )
+        )
+    return out
+
+
+def _relay(relay: dict[str, Any], up: dict[str, Any], identity: dict[str, Any]) -> list[Check]:
+    out: list[Check] = []
+    dropped = relay.get("dropped_sightings", 0)
+    if not up.get("connected"):
+        out.append(
+            Check(
+                "problem",
+                "relay",
+                f"not connected to the store's broker {up.get('broker')} ({up.get('last_error') or 'no answer yet'}): "
+                f"the main gateway hears nothing from this relay; {dropped} sighting(s) dropped so far (live data, "
+                "never queued): check the broker, the network and the credentials",
+            )
+        )
+    else:
+        out.append(
+            Check(
+                "ok" if not dropped else "warning",
+                "relay",
+                f"publishing to {up.get('broker')}: {relay.get('batches', 0)} batch(es), {relay.get('sightings', 0)} "
+                f"sighting(s)"
+                + (f"; {dropped} dropped during {relay.get('outages')} broker outage(s)" if dropped else ""),
+            )
+        )
+    if identity.get("anon_salt") != "store":
+        out.append(
+            Check(
+                "warning",
+                "anonymous phones",
+                "no store secret (identity.anon_secret_file): an anonymous phone this relay and the main gateway both "
+                "hear is two subjects there, counted twice in footfall; copy the main gateway's secret file here "
+                "(docs/nodes.md)",
             )
         )
     return out
