@@ -280,4 +280,10 @@ def test_no_address_member_key_token_or_salt_in_any_payload() -> None:
 def test_status_says_what_the_receivers_can_tell_when_given() -> None:
     f = EventFactory("s", "g", 0)
     assert "resolution" not in f.status(T0, True, "1").data
-    assert f.status(T0, True, "1", "presence").data == {"state": "online", "version": "1", "resolution": "presence"}
+    assert f.status(T0, True, "1", "presence").data == {
+        "state": "online",
+        "version": "1",
+        "role": "gateway",
+        "resolution": "presence",
+    }
+    assert f.status(T0, False, "1", role="relay").data == {"state": "offline", "version": "1", "role": "relay"}

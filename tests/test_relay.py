@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import time
 import urllib.request
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +280,7 @@ def test_visita_run_relay_publishes_batches_twice_a_second_or_more_with_a_relay_
     batches = [parse_batch(topic, json.dumps(msg).encode(), "s1") for topic, msg, _ in messages if "sightings" in topic]
     assert all(b is not None for b in batches) and len(batches) >= 12
     sent = [b.sent for b in batches if b is not None]
-    gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    gaps = [b - a for a, b in pairwise(sent)]
     assert max(gaps) <= 0.5, max(gaps)
     assert [b.seq for b in batches if b] == list(range(len(batches)))
     assert sum(len(b.sightings) for b in batches if b) > 0

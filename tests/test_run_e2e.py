@@ -116,9 +116,11 @@ def test_run_sim_publishes_valid_gapless_events(broker: Broker, tmp_path: Path) 
     assert statuses[-1] == {  # the demo store has six receivers: zones
         "state": "offline",
         "version": statuses[-1]["version"],  # type: ignore[index]
+        "role": "gateway",
         "resolution": "zones",
     }
-    assert {"state": "online", "version": statuses[0]["version"], "resolution": "zones"} in statuses  # type: ignore[index]
+    online = {"state": "online", "version": statuses[0]["version"], "role": "gateway", "resolution": "zones"}  # type: ignore[index]
+    assert online in statuses
 
     everything = json.dumps([p for _, p, _ in sub.snapshot()]) + proc.stdout + proc.stderr
     everything += (tmp_path / "data" / "visita.json").read_text()
