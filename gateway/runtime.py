@@ -1342,7 +1342,7 @@ async def run_relay(
         def status(online: bool) -> Event:
             return events.status(time.time(), online, __version__, role="relay")
 
-        uplink = Uplink(settings.mqtt, url, client_id, status, password)
+        uplink = Uplink(settings.mqtt, url, client_id, status, password, outbox=False)
         publisher = BatchPublisher(
             settings.gateway,
             lambda payload: uplink.publish_live("sightings", payload),

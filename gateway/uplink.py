@@ -76,9 +76,12 @@ class Uplink:
         client_id: str,
         status: Callable[[bool], Event],
         password: str | None = None,
+        outbox: bool = True,
     ) -> None:
-        """`password` is read by the caller (a file, systemd's CREDENTIALS_DIRECTORY); it is never logged."""
+        """`password` is read by the caller (a file, systemd's CREDENTIALS_DIRECTORY); it is never logged. `outbox`
+        False: a relay's uplink, which has no events to keep (its log lines do not speak of an outbox)."""
         self._cfg = cfg
+        self._outbox = outbox
         self._url = url
         self._status = status
         # Never held while calling into paho: paho calls on_publish under its own mutex.
@@ -368,9 +371,11 @@ class Uplink:
         # Only what was handed over is known here; the rest of the outbox (/api/v1/status → store.outbox_depth) follows.
         log.log(
             logging.DEBUG if self._quick_drops else logging.INFO,
-            "MQTT connected to %s; sending the outbox (%d event(s) handed over and not yet acknowledged first)",
+            "MQTT connected to %s; sending the outbox (%d event(s) handed over and not yet acknowledged first)"
+            if self._outbox
+            else "MQTT connected to %s",
             self._url,
-            self.pending(),
+            *((self.pending(),) if self._outbox else ()),
         )
         self._last_error = ""
         self._refused_kind = ""
@@ -497,7 +502,9 @@ class Uplink:
             self._outage_reported = True
             log.log(
                 level,
-                "MQTT broker %s %s; events are kept in the outbox and sent when it is back (retrying)",
+                "MQTT broker %s %s; "
+                + ("events are kept in the outbox and sent when it is back" if self._outbox else "nothing is kept")
+                + " (retrying)",
                 self._url,
                 what,
             )

@@ -15,6 +15,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from conftest import VISITA, Broker, Subscriber, free_port
 from test_clock_step import NEARBY, Heard
@@ -270,6 +271,7 @@ def test_visita_run_relay_publishes_batches_twice_a_second_or_more_with_a_relay_
         messages = sub.snapshot()
         sub.close()
     assert proc.returncode == 0, err
+    assert "MQTT connected to" in err and "outbox" not in err, err  # a relay keeps no events
     assert "· relay" in out and "sighting batches every 0.25 s" in out and "stopped:" in out
     assert status["role"] == "relay" and status["identity"]["anon_salt"] == "store"
     assert status["relay"]["anon_key"] is not None and status["relay"]["dropped_sightings"] == 0
@@ -277,6 +279,11 @@ def test_visita_run_relay_publishes_batches_twice_a_second_or_more_with_a_relay_
     assert "relay: publishing to" in doctor.stdout
     topics = {m[0].rsplit("/", 1)[1] for m in messages}
     assert topics == {"status", "sightings"}, topics  # no visit, footfall, health or points event from a relay
+    payloads = [msg for topic, msg, _ in messages if topic.endswith("/sightings")]
+    schema = json.loads((Path(__file__).parent.parent / "docs" / "schemas" / "sightings.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for msg in payloads:  # the documented contract (docs/asyncapi.yaml's sightings channel)
+        jsonschema.validate(msg, schema, cls=jsonschema.Draft202012Validator)
     batches = [parse_batch(topic, json.dumps(msg).encode(), "s1") for topic, msg, _ in messages if "sightings" in topic]
     assert all(b is not None for b in batches) and len(batches) >= 12
     sent = [b.sent for b in batches if b is not None]
