@@ -366,6 +366,10 @@ class Gateway:
     def step(self, now: float) -> list[Event]:
         """One tick: source → decode → identify → estimate → visits → points → store (one commit) → uplink."""
         self.follow_clock()
+        # `now` may have been read before a step that something else saw first (paho's thread, a radio's callback or
+        # a check-in during a catch-up's await), and the pipeline has moved on by the step since: data time does not
+        # go back (else the next tick would "catch up" over the whole jump); the next reading takes it on from here.
+        now = max(now, self.now)
         self.now = now
         if self._redate and now >= self._redate[-1].at + REDATE_S:
             self._redate = []  # anything dated before a step still coming in is late, as without one

@@ -290,3 +290,36 @@ def test_a_live_run_whose_clock_is_stepped_forward_while_phones_are_heard_goes_o
     assert len(before) + len(after) == len(minutes) and len(before) == STEP_AT_S / 60 - 1
     assert all(b - a == 60 for part in (before, after) for a, b in pairwise(part))
     assert clock.stepped_s == BEHIND_S and "moved forward by 36000 s" in caplog.text
+
+
+# --------------------------------------------------------------------------- who sees the step, and when
+
+
+@pytest.mark.parametrize("seen_by", ["another thread", "a check-in"])
+def test_a_tick_with_a_time_read_before_a_step_something_else_saw_does_not_send_data_time_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seen_by: str
+) -> None:
+    # The runtime reads the clock for a tick; before the tick runs, NTP steps the clock and something else reads it
+    # first: paho's thread (a remote receiver's reading), a radio's callback or a check-in in a catch-up's await.
+    # The pipeline moves on by the step (`follow_clock`, by the tick itself or by the check-in), and the tick's time,
+    # read before the step, must not take data time back by as much: else the next tick "catches up" over the whole
+    # jump, CATCH_UP_S at a time (720 ticks for an hour), with the dashboard an hour behind meanwhile.
+    wall = _fake_wall(monkeypatch, NOW)
+    clock = Clock()
+    members = MemberDirectory()
+    members.set_members({"m-1": KEY})
+    gw = _gateway(tmp_path / "data", Heard(), members)
+    gw.clock, gw.data_clock = clock.now, clock
+    gw.step(clock.now())
+    now = clock.now()  # the runtime's reading for the next tick
+    wall[0] += 3600
+    if seen_by == "a check-in":
+        obj: dict[str, Any] = {"member": "m-1", "store": "demo-store", "ts": int(wall[0]), "nonce": "ab" * 16}
+        obj["sig"] = sign(KEY, obj)
+        gw.checkin(json.dumps(obj).encode())
+    else:
+        clock.now()
+    gw.step(now)
+    assert clock.steps == 1 and gw.now == NOW + 3600
+    assert clock.now() - gw.now <= rt.CATCH_UP_S, "nothing to catch up: the step is not time passing"
+    gw.store.close()
