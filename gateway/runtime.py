@@ -177,15 +177,18 @@ class Clock:
             if wall - t > CLOCK_STEP_S:
                 by = float(round(wall - t))
                 log.warning(
-                    "the system clock was stepped forward by %.0f s (NTP?): data time follows it, and the visits open "
-                    "go on as if no time passed",
+                    "the system clock was stepped forward by %.0f s (NTP?): data time follows it, %s",
                     by,
+                    "and the visits open go on as if no time passed"
+                    if self.live
+                    else "and the simulated store plays through the jump (time passing for its world)",
                 )
                 self.start += by
                 self.steps += 1
                 self.stepped_s += by
                 t = self.start + elapsed
-                self._pending.append(ClockStep(t, by))
+                if self.live:  # a simulation on the system clock plays through the jump: time passing for its world
+                    self._pending.append(ClockStep(t, by))
             elif t - wall > CLOCK_STEP_S and not self._behind:
                 # Data time goes on at the rate of the monotonic clock, as the system clock does: it stays this far
                 # ahead until a restart (which starts it on the system clock again), it never meets it by itself.

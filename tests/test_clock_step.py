@@ -323,3 +323,21 @@ def test_a_tick_with_a_time_read_before_a_step_something_else_saw_does_not_send_
     assert clock.steps == 1 and gw.now == NOW + 3600
     assert clock.now() - gw.now <= rt.CATCH_UP_S, "nothing to catch up: the step is not time passing"
     gw.store.close()
+
+
+def test_a_simulation_on_the_system_clock_takes_no_step_for_the_gateway_to_follow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `visita run --sim` at its default --speed 1 runs on the system clock too. A step of it (a laptop's NTP) is time
+    # passing for the simulated store, which plays through it: the gateway moves nothing, or the world's visits and
+    # the gateway's would no longer be the same people at the same times. Only a live clock's steps are followed.
+    wall = _fake_wall(monkeypatch, NOW)
+    clock = Clock(simulation=True)
+    assert not clock.live
+    gw = _gateway(tmp_path / "data", Heard())
+    gw.clock, gw.data_clock = clock.now, clock
+    gw.step(clock.now())
+    wall[0] += 3600
+    assert clock.now() == NOW + 3600 and clock.steps == 1, "data time follows the system clock still"
+    assert gw.follow_clock() == [] and gw.now == NOW
+    gw.store.close()
