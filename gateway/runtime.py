@@ -467,6 +467,9 @@ class Gateway:
         if self._resumed:
             return
         self._resumed = True
+        # A step the clock took before (`run` reads it at start) is in `now` already: the visits are taken up on the
+        # clock as it is, and the step must not move them again.
+        self.follow_clock()
         kept = self.store.open_visits()
         if not kept:
             return

@@ -341,3 +341,35 @@ def test_a_simulation_on_the_system_clock_takes_no_step_for_the_gateway_to_follo
     assert clock.now() == NOW + 3600 and clock.steps == 1, "data time follows the system clock still"
     assert gw.follow_clock() == [] and gw.now == NOW
     gw.store.close()
+
+
+def test_a_step_the_clock_took_before_the_open_visits_were_taken_up_moves_none_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `run` reads the clock at start (is it behind the data directory?), before the gateway takes up the visits open
+    # before the restart (`resume`, at the clock's start). A step seen then is already in that start: taking the
+    # visits up at it and then moving them by the step put the tracker's time an hour ahead, and with it the time
+    # the kept visits are said to be as of (a restart within the hour would end the members' visits it should resume).
+    wall = _fake_wall(monkeypatch, NOW)
+    members = MemberDirectory()
+    members.set_members({"m-1": KEY})
+    gw = _gateway(tmp_path / "data", Heard(), members)
+    obj: dict[str, Any] = {"member": "m-1", "store": "demo-store", "ts": int(NOW), "nonce": "cd" * 16}
+    obj["sig"] = sign(KEY, obj)
+    gw.clock = lambda: NOW
+    visit_id = gw.checkin(json.dumps(obj).encode())["visit_id"]
+    gw.end_visits(NOW + 10, restart=True)
+    gw.store.close()
+    wall[0] = NOW + 20 - 3600  # restarted 10 s later on a clock an hour slow ...
+    clock = Clock()
+    wall[0] += 3600  # ... which NTP steps right as `run` first reads it
+    clock.now()
+    gw = _gateway(tmp_path / "data", Heard(), members)
+    gw.clock, gw.data_clock = clock.now, clock
+    gw.resume(clock.start)
+    gw.step(clock.now())
+    assert clock.start == NOW + 20 and gw.tracker.now == NOW + 20
+    assert gw._kept_state()["visits_as_of"] == NOW + 20
+    (v,) = gw.tracker.open_visits()
+    assert v.visit_id == visit_id and v.started == NOW, "taken up as it was: dated by the run before's clock"
+    gw.store.close()
