@@ -430,7 +430,7 @@ class Gateway:
         if self.survey_recorder is not None:
             self.survey_recorder.shift(by)
         if self.nodes is not None:
-            self.nodes.shift(by)
+            self.nodes.shift(by, step.at)
         self._redate = [*[s for s in self._redate if s.at + REDATE_S > step.at], step]
         log.info("the open visits and every time held moved forward by %.0f s with the clock", by)
 
