@@ -22,6 +22,7 @@ zeros it did not count). The open visits a restart takes up (gateway/visits.py) 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -66,6 +67,10 @@ class Footfall:
         self._now = 0.0
         self._restored: dict[str, Any] | None = None
         self._reopened: list[Visit] = []  # visits a restart took up, for the restored state to count (`reopen`)
+        # What a restored state brought, which the run before dated by its own clock (`shift` leaves it): the data time
+        # it applied at (entries up to it are that run's) and today's counts it brought (None once that day is over).
+        self._restored_at = -math.inf
+        self._brought: dict[str, int] | None = None
 
     def state(self) -> dict[str, Any]:
         """What `restore` needs after a restart (JSON types): the last hour's entries as [minute, count] pairs (at
@@ -159,6 +164,7 @@ class Footfall:
             self._open.add(v.visit_id)
         self._reopened = []
         self._entries = deque(sorted(self._entries))  # in time order, as `update` trims them
+        self._restored_at, self._brought = now, dict(self._today)
         return out
 
     def update(self, changes: Sequence[VisitChange], now: float) -> list[dict[str, Any]]:
@@ -201,15 +207,23 @@ class Footfall:
         happened. The minute in progress goes on, with its counts, as the minute its start moves into (whole minutes
         stay whole), so the minutes of the jump are neither published nor counted; the last hour's entries and
         today's counts move with it (when the step crosses midnight, today's counts are the new day's: the visits
-        they count were, by the corrected clock). Minutes already published stay as they were."""
+        they count were, by the corrected clock). Minutes already published stay as they were.
+
+        But what a restart brought (`restore`) was counted by the run before, on its own clock (a Pi that rebooted
+        ran on a clock that was right): those entries keep their times, and when the step crosses midnight the counts
+        it brought stay with their day rather than open the new one."""
         if self._now:
             self._now += by
-        self._entries = deque(t + by for t in self._entries)
+        self._entries = deque(t + by if t > self._restored_at else t for t in self._entries)  # still in time order
         if self._minute is not None:
             start = self._minute.start + by
             self._minute.start = start - start % 60
             if self._day:
-                self._day = max(self._day, self._days.day(self._minute.start))
+                day = self._days.day(self._minute.start)
+                if day > self._day and self._brought is not None:
+                    self._today = {k: n - self._brought.get(k, 0) for k, n in self._today.items()}
+                    self._brought = None
+                self._day = max(self._day, day)
 
     def found_staff(self, visits: Sequence[Visit]) -> None:
         """Open visits that changed (VisitTracker.changed_visits): one counted as a visitor's that turns out to be a
@@ -236,6 +250,7 @@ class Footfall:
         if day > self._day:
             self._day = day
             self._today = dict.fromkeys(self._today, 0)
+            self._brought = None
         if self._minute is None:
             self._minute = _Minute(start)
         while self._minute.start < start:

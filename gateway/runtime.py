@@ -177,15 +177,18 @@ class Clock:
             if wall - t > CLOCK_STEP_S:
                 by = float(round(wall - t))
                 log.warning(
-                    "the system clock was stepped forward by %.0f s (NTP?): data time follows it, and the visits open "
-                    "go on as if no time passed",
+                    "the system clock was stepped forward by %.0f s (NTP?): data time follows it, %s",
                     by,
+                    "and the visits open go on as if no time passed"
+                    if self.live
+                    else "and the simulated store plays through the jump (time passing for its world)",
                 )
                 self.start += by
                 self.steps += 1
                 self.stepped_s += by
                 t = self.start + elapsed
-                self._pending.append(ClockStep(t, by))
+                if self.live:  # a simulation on the system clock plays through the jump: time passing for its world
+                    self._pending.append(ClockStep(t, by))
             elif t - wall > CLOCK_STEP_S and not self._behind:
                 # Data time goes on at the rate of the monotonic clock, as the system clock does: it stays this far
                 # ahead until a restart (which starts it on the system clock again), it never meets it by itself.
@@ -376,6 +379,10 @@ class Gateway:
     def step(self, now: float) -> list[Event]:
         """One tick: source → decode → identify → estimate → visits → points → store (one commit) → uplink."""
         self.follow_clock()
+        # `now` may have been read before a step that something else saw first (paho's thread, a radio's callback or
+        # a check-in during a catch-up's await), and the pipeline has moved on by the step since: data time does not
+        # go back (else the next tick would "catch up" over the whole jump); the next reading takes it on from here.
+        now = max(now, self.now)
         self.now = now
         if self._redate and now >= self._redate[-1].at + REDATE_S:
             self._redate = []  # anything dated before a step still coming in is late, as without one
@@ -433,7 +440,7 @@ class Gateway:
         if self.survey_recorder is not None:
             self.survey_recorder.shift(by)
         if self.nodes is not None:
-            self.nodes.shift(by)
+            self.nodes.shift(by, step.at)
         self._redate = [*[s for s in self._redate if s.at + REDATE_S > step.at], step]
         log.info("the open visits and every time held moved forward by %.0f s with the clock", by)
 
@@ -470,6 +477,9 @@ class Gateway:
         if self._resumed:
             return
         self._resumed = True
+        # A step the clock took before (`run` reads it at start) is in `now` already: the visits are taken up on the
+        # clock as it is, and the step must not move them again.
+        self.follow_clock()
         kept = self.store.open_visits()
         if not kept:
             return

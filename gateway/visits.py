@@ -167,6 +167,8 @@ class VisitTracker:
         self._keep: set[str] = set()  # session keys of visits the store should have anew (`take_kept`)
         self._gone: list[str] = []  # visit ids of visits ended since `take_kept`
         self._refresh_next = 0.0
+        self._restored_as_of: float | None = None  # what the visits `restore` took up were as of (`shift`)
+        self._expired: dict[str, None] = {}  # keys of sessions `shift` found a restart should have ended (`update`)
 
     def _visit_id(self, subject: str, started: float) -> str:
         # Derived, not random: a replay of the same data yields the same ids.
@@ -187,7 +189,10 @@ class VisitTracker:
 
     def update(self, estimates: Sequence[ZoneEstimate], now: float) -> list[VisitChange]:
         """Fold in estimates, then end sessions silent for the absence timeout as of `now`."""
-        changes: list[VisitChange] = []
+        # First the visits a restart took up that a clock step showed were not to go on (`shift`): no estimate of
+        # this tick joins them.
+        changes = self._end([k for k in self._expired if k in self._sessions])
+        self._expired = {}
         for e in sorted(estimates, key=lambda e: e.ts):
             key = self._alias.get(e.subject, e.subject)
             s = self._sessions.get(key)
@@ -261,15 +266,30 @@ class VisitTracker:
         """A stop that a restart will follow: end the sessions a restart could not go on with (all but members'
         visits, `_Session.resumable`); the others are kept (`take_kept`)."""
         self._now = max(self._now, now)
-        return self._end([k for k, s in self._sessions.items() if not s.resumable()])
+        return self._end([k for k, s in self._sessions.items() if not s.resumable() or k in self._expired])
 
     def shift(self, by: float) -> None:
         """Move every time held forward by `by` seconds (the clock was stepped forward: `Gateway.shift`). The open
         sessions go on as if the times before the step had been that much later: their start, zone segments and last
         sighting move, so the step is neither absence (they do not end) nor dwell (their segments do not reach over
         it). Visit ids stay (made at the start, and published). Every open visit is handed to the store again
-        (`take_kept`), with its new times, so a restart resumes it as it is now."""
-        for key, s in self._sessions.items():
+        (`take_kept`), with its new times, so a restart resumes it as it is now.
+
+        But a visit a restart took up (`restore`) and not heard since holds the times of the run before, dated by the
+        clock then (a Pi that rebooted ran on a clock that was right, and came back on the time it saved at
+        shutdown): those stay, and only the restart's time, of the clock stepped now, moves. The restart is then
+        judged again as `restore` would have on the right clock: after more than `resume_within_s` the visit ends at
+        its last sighting (at the next `update`, before anything joins it), else it goes on."""
+        for key, s in list(self._sessions.items()):
+            if s.resumed and s.last < s.resumed:
+                s.resumed += by
+                s.kept_at += by
+                as_of = self._restored_as_of
+                if as_of is None or s.resumed - as_of > self._cfg.resume_within_s:
+                    del self._sessions[key]  # under its visit id, as `restore` keeps an ending one: nobody joins it
+                    self._sessions[s.visit_id] = s
+                    self._expired[s.visit_id] = None  # once, however many steps come before the next update
+                continue
             s.first += by
             s.last += by
             for g in s.segments:
@@ -343,6 +363,7 @@ class VisitTracker:
         usable = {s.visit_id for s in sessions}
         self._gone += [v for v in unusable if v not in usable]  # the store forgets them: not warned about every start
         fresh = as_of is not None and 0 <= now - as_of <= self._cfg.resume_within_s
+        self._restored_as_of = as_of
         ending: list[str] = []
         for s in sessions:
             go_on = fresh and s.resumable() and s.subject not in self._sessions  # a member has one session to go on

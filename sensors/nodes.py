@@ -351,17 +351,21 @@ class PeerClock:
     JITTER_S = 2.0
 
     def __init__(self, samples: int, max_offset_s: float) -> None:
-        self._samples: deque[float] = deque(maxlen=samples)
+        self._samples: deque[tuple[float, float]] = deque(maxlen=samples)  # (arrival, arrival - sent)
         self._max = max_offset_s
         self.clamped = 0
 
     def observe(self, arrival: float, sent: float) -> None:
         """One batch: sent at `sent` on the peer's clock, arrived at `arrival` on ours."""
-        self._samples.append(arrival - sent)
+        self._samples.append((arrival, arrival - sent))
 
-    def shift(self, by: float) -> None:
-        """Our clock was stepped forward by `by` seconds and the peer's was not: the offset is that much larger now."""
-        self._samples = deque((x + by for x in self._samples), maxlen=self._samples.maxlen)
+    def shift(self, by: float, at: float = math.inf) -> None:
+        """Our clock was stepped forward by `by` seconds and the peer's was not: the offsets measured on our clock
+        before the step (arrivals before `at - by / 2`, `at` our time just after it) are that much larger now; those of
+        batches that came in after the step, before this call, were measured on the new clock already."""
+        self._samples = deque(
+            ((a + by, x + by) if a < at - by / 2 else (a, x) for a, x in self._samples), maxlen=self._samples.maxlen
+        )
 
     @property
     def offset(self) -> float:
@@ -374,8 +378,9 @@ class PeerClock:
         """The unclamped estimate, for diagnostics."""
         if not self._samples:
             return None
-        floor = statistics.median_high(self._samples) - self.JITTER_S
-        return min(x for x in self._samples if x >= floor)
+        offsets = [x for _, x in self._samples]
+        floor = statistics.median_high(offsets) - self.JITTER_S
+        return min(x for x in offsets if x >= floor)
 
 
 # --------------------------------------------------------------------------- the source
@@ -469,20 +474,24 @@ class NodesSource:
         """No Adverts: remote receivers deliver Sightings (`poll_sightings`)."""
         return []
 
-    def shift(self, by: float) -> None:
-        """This gateway's data clock was stepped forward by `by` seconds (gateway.runtime.Gateway.shift): the peers'
-        clock offsets grow by as much at once (else their sightings would be placed that much early, as late, until
-        the new offset held the median of `PeerClock`), and the arrival times kept move with it. Readings in the
-        buffer keep their stamps: the gateway moves those dated before the step when it takes them. (A batch that
-        arrives between the step and this call is stamped by the new clock and moved once more: too high a sample,
-        which `PeerClock` does not take.)"""
+    def shift(self, by: float, at: float = math.inf) -> None:
+        """This gateway's data clock was stepped forward by `by` seconds (gateway.runtime.Gateway.shift; `at`: its time
+        just after the step): the peers' clock offsets grow by as much at once (else their sightings would be placed
+        that much early, as late, until the new offset held the median of `PeerClock`), and the arrival times kept
+        move with it. Readings in the buffer keep their stamps: the gateway moves those dated before the step when it
+        takes them. What came in between the step and this call (paho's thread reads the clock too, and may be the
+        one that saw the step) was stamped by the new clock already: times from `at - by / 2` on do not move."""
+
+        def moved(t: float) -> float:
+            return t + by if t < at - by / 2 else t
+
         with self._lock:
             for node in self._nodes.values():
-                node.last_seen += by
+                node.last_seen = moved(node.last_seen)
                 if node.clock is not None:
-                    node.clock.shift(by)
-            self._recent = {k: t + by for k, t in self._recent.items()}
-            self._pruned_at += by
+                    node.clock.shift(by, at)
+            self._recent = {k: moved(t) for k, t in self._recent.items()}
+            self._pruned_at = moved(self._pruned_at)
 
     def poll_sightings(
         self, now: float, subject_of: Callable[[str, float], str], member_known: Callable[[str], bool]

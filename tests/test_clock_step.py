@@ -290,3 +290,86 @@ def test_a_live_run_whose_clock_is_stepped_forward_while_phones_are_heard_goes_o
     assert len(before) + len(after) == len(minutes) and len(before) == STEP_AT_S / 60 - 1
     assert all(b - a == 60 for part in (before, after) for a, b in pairwise(part))
     assert clock.stepped_s == BEHIND_S and "moved forward by 36000 s" in caplog.text
+
+
+# --------------------------------------------------------------------------- who sees the step, and when
+
+
+@pytest.mark.parametrize("seen_by", ["another thread", "a check-in"])
+def test_a_tick_with_a_time_read_before_a_step_something_else_saw_does_not_send_data_time_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seen_by: str
+) -> None:
+    # The runtime reads the clock for a tick; before the tick runs, NTP steps the clock and something else reads it
+    # first: paho's thread (a remote receiver's reading), a radio's callback or a check-in in a catch-up's await.
+    # The pipeline moves on by the step (`follow_clock`, by the tick itself or by the check-in), and the tick's time,
+    # read before the step, must not take data time back by as much: else the next tick "catches up" over the whole
+    # jump, CATCH_UP_S at a time (720 ticks for an hour), with the dashboard an hour behind meanwhile.
+    wall = _fake_wall(monkeypatch, NOW)
+    clock = Clock()
+    members = MemberDirectory()
+    members.set_members({"m-1": KEY})
+    gw = _gateway(tmp_path / "data", Heard(), members)
+    gw.clock, gw.data_clock = clock.now, clock
+    gw.step(clock.now())
+    now = clock.now()  # the runtime's reading for the next tick
+    wall[0] += 3600
+    if seen_by == "a check-in":
+        obj: dict[str, Any] = {"member": "m-1", "store": "demo-store", "ts": int(wall[0]), "nonce": "ab" * 16}
+        obj["sig"] = sign(KEY, obj)
+        gw.checkin(json.dumps(obj).encode())
+    else:
+        clock.now()
+    gw.step(now)
+    assert clock.steps == 1 and gw.now == NOW + 3600
+    assert clock.now() - gw.now <= rt.CATCH_UP_S, "nothing to catch up: the step is not time passing"
+    gw.store.close()
+
+
+def test_a_simulation_on_the_system_clock_takes_no_step_for_the_gateway_to_follow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `visita run --sim` at its default --speed 1 runs on the system clock too. A step of it (a laptop's NTP) is time
+    # passing for the simulated store, which plays through it: the gateway moves nothing, or the world's visits and
+    # the gateway's would no longer be the same people at the same times. Only a live clock's steps are followed.
+    wall = _fake_wall(monkeypatch, NOW)
+    clock = Clock(simulation=True)
+    assert not clock.live
+    gw = _gateway(tmp_path / "data", Heard())
+    gw.clock, gw.data_clock = clock.now, clock
+    gw.step(clock.now())
+    wall[0] += 3600
+    assert clock.now() == NOW + 3600 and clock.steps == 1, "data time follows the system clock still"
+    assert gw.follow_clock() == [] and gw.now == NOW
+    gw.store.close()
+
+
+def test_a_step_the_clock_took_before_the_open_visits_were_taken_up_moves_none_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `run` reads the clock at start (is it behind the data directory?), before the gateway takes up the visits open
+    # before the restart (`resume`, at the clock's start). A step seen then is already in that start: taking the
+    # visits up at it and then moving them by the step put the tracker's time an hour ahead, and with it the time
+    # the kept visits are said to be as of (a restart within the hour would end the members' visits it should resume).
+    wall = _fake_wall(monkeypatch, NOW)
+    members = MemberDirectory()
+    members.set_members({"m-1": KEY})
+    gw = _gateway(tmp_path / "data", Heard(), members)
+    obj: dict[str, Any] = {"member": "m-1", "store": "demo-store", "ts": int(NOW), "nonce": "cd" * 16}
+    obj["sig"] = sign(KEY, obj)
+    gw.clock = lambda: NOW
+    visit_id = gw.checkin(json.dumps(obj).encode())["visit_id"]
+    gw.end_visits(NOW + 10, restart=True)
+    gw.store.close()
+    wall[0] = NOW + 20 - 3600  # restarted 10 s later on a clock an hour slow ...
+    clock = Clock()
+    wall[0] += 3600  # ... which NTP steps right as `run` first reads it
+    clock.now()
+    gw = _gateway(tmp_path / "data", Heard(), members)
+    gw.clock, gw.data_clock = clock.now, clock
+    gw.resume(clock.start)
+    gw.step(clock.now())
+    assert clock.start == NOW + 20 and gw.tracker.now == NOW + 20
+    assert gw._kept_state()["visits_as_of"] == NOW + 20
+    (v,) = gw.tracker.open_visits()
+    assert v.visit_id == visit_id and v.started == NOW, "taken up as it was: dated by the run before's clock"
+    gw.store.close()

@@ -392,3 +392,25 @@ def test_a_clock_step_goes_on_with_the_minute_in_progress_and_todays_counts_and_
     f = Footfall(LocalDays("Europe/Berlin"))
     f.update([chg("started", at(22, 10, 50, day=14), v)], at(22, 11, 0, day=14))
     assert len(f.update([], at(8, 31, 1))) == 60 and f.snapshot()["visitors_today"] == 0
+
+
+def test_a_step_across_midnight_after_a_restart_leaves_the_run_befores_counts_on_their_own_day() -> None:
+    # The gateway counted the evening of the 14th on a clock that was right and stopped at 22:10; the Pi came back
+    # next morning on the time it saved (22:10:30 by its clock), took its counts up, counted one shopper more, and NTP
+    # then stepped the clock to 08:30 on the 15th. The counts this run made on the wrong clock were the 15th's; those
+    # the restart brought are the 14th's: the 15th starts with the one visitor, and its last hour holds one entry.
+    days = LocalDays("Europe/Berlin")
+    f = Footfall(days)
+    evening = [visit(f"v{i}", at(21, 40 + 5 * i, day=14), at(22, 5, day=14), "visitor") for i in range(3)]
+    f.update([chg("started", v.started + 50, v) for v in evening], at(22, 10, day=14))
+    assert f.snapshot()["visitors_today"] == 3
+    g = Footfall(days)
+    g.restore(f.state())
+    g.update([], at(22, 10, 30, day=14))
+    assert (g.snapshot()["visitors_today"], g.snapshot()["entries_last_hour"]) == (3, 3), "the same evening, it seems"
+    v = visit("v9", at(22, 10, 35, day=14), at(22, 11, 30, day=14), "visitor")
+    g.update([chg("started", at(22, 11, 25, day=14), v)], at(22, 11, 35, day=14))
+    g.shift(at(8, 30, 5) - at(22, 11, 35, day=14))
+    snap = g.snapshot()
+    assert (snap["day"], snap["visitors_today"], snap["entries_last_hour"]) == ("2026-06-15", 1, 1)
+    assert g.state()["today"]["visitors"] == 1, "and so it is kept"

@@ -593,3 +593,30 @@ def test_a_step_of_our_clock_moves_the_peers_offsets_with_it_at_once() -> None:
 
     assert placed(True) == [pytest.approx(T0 + 5.55)]
     assert placed(False) == [pytest.approx(T0 + 5.55 - 100)]
+
+
+def test_batches_that_came_in_between_the_step_and_the_gateway_following_it_are_not_moved_by_it_again() -> None:
+    # A peer first heard just before our clock was stepped forward by 100 s, and two more of its batches read our
+    # clock after the step (paho's thread may be the one that sees it) before the gateway followed it (a tick later, or
+    # more during a catch-up): their samples are of the new clock already. Moved by the step with the one before, they
+    # were 100 s too high and, two of four with the next, made the median: the peer's clock looked 100 s off ours and
+    # its sightings were placed at their arrival instead of their time. Only what was stamped before the step (before
+    # `at - by / 2`, as the gateway re-dates readings) moves.
+    topic = "visita/v1/s1/gw-2/sightings"
+    clock = FakeClock(T0 - 100 + 0.05)
+    src = source(clock, max_offset_s=300)
+
+    def batch(seq: int) -> None:
+        rows = [Sighting(T0 + seq - 1.5, "rx-aisle", "beacon:x:1:2", -70, -59)]
+        src.receive(topic, encode_batch("gw-2", seq, T0 + seq - 1, rows))
+
+    batch(1)
+    for seq in (2, 3):  # after the step
+        clock.t = T0 + seq - 1 + 0.05
+        batch(seq)
+    src.shift(100, at=T0 + 1.05)  # the gateway follows the step (`at`: our time just after it)
+    clock.t = T0 + 3.05
+    batch(4)
+    assert src.diagnostics()["nodes"]["gateway:gw-2"]["clock_offset_s"] == pytest.approx(0.05)
+    placed = [s.ts for s in src.poll_sightings(clock.t, identifier().remote_subject, ident_known)]
+    assert placed[1:] == [pytest.approx(T0 + t) for t in (0.55, 1.55, 2.55)]

@@ -663,3 +663,33 @@ def test_a_clock_step_moves_the_open_visit_on_the_jump_is_neither_absence_nor_dw
         c.visit for s in range(120, 400) for c in t.update(after.get(s, []), T0 + by + s) if c.kind != "zone"
     ]
     assert stretched.dwell_s == pytest.approx(by + 238, abs=2)
+
+
+@pytest.mark.parametrize("steps", [[60.0], [36_000.0], [18_000.0, 18_000.0]])
+def test_a_clock_step_just_after_a_restart_leaves_the_visits_taken_up_as_the_run_before_dated_them(
+    steps: list[float],
+) -> None:
+    # The gateway stopped at 120 s (a clean reboot, a clock that was right) and the Pi came back on the time it saved
+    # at shutdown: it takes the member's visit up 30 s later by that clock, and NTP then steps the clock forward by
+    # what the reboot really took beyond. The visit's times were dated by the run before's clock, which was right:
+    # they stay; only the restart's own time moves, and the restart is judged again as `restore` would have on the
+    # right clock. Down 90 s: it goes on (heard again, the time between is dwell, as across any restart). Down 10 h:
+    # it ends at its last sighting, and the member coming in then makes a new visit, not last night's stretched (also
+    # when NTP gets there in two steps).
+    by = sum(steps)
+    kept, changes = _member_visit_then_stop()
+    (visit_id,) = [c.visit.visit_id for c in changes if c.kind == "started" and c.visit.subject == MEMBER]
+    t = tracker()
+    assert t.restore(list(kept.visits.values()), kept.as_of, T0 + 150) == []
+    for step in steps:
+        t.shift(step)
+    (v,) = t.open_visits()
+    assert (v.visit_id, v.started, v.dwell_s) == (visit_id, T0 + 10, 110), "dated as the run before dated it"
+    script = {float(s): [inside(s, "produce", MEMBER)] for s in range(int(150 + by) + 10, int(150 + by) + 80, 2)}
+    out = run(t, script, until=150 + by + 200)
+    ends = [(c.visit.visit_id, c.visit.started, c.visit.ended, c.visit.dwell_s) for c in out if c.kind == "ended"]
+    if by < CFG.resume_within_s:
+        assert [c.kind for c in out] == ["ended"] and ends == [(visit_id, T0 + 10, T0 + by + 228, by + 218)]
+    else:
+        assert ends[0] == (visit_id, T0 + 10, T0 + 120, 110), "ended where it was last heard, last night"
+        assert [c.kind for c in out[1:]] == ["started", "ended"] and out[1].visit.visit_id != visit_id
