@@ -35,7 +35,8 @@ Tables in the hot file `<data_dir>/visita.json`:
 A crash between the append to a day file and the commit that clears the journal leaves a
 record in both: the open finds it in the day file and drops it from the journal (records
 are keyed by award_id / visit_id, so nothing is counted twice). A torn last line of a day
-file (power lost during the append) is cut off at open; its record is still in the journal.
+file (power lost during the append) is cut off at open; its record is still in the journal. An append a full
+disk cuts short is cut off at once, so the retry starts on a line of its own.
 
 The outbox has a size bound (`outbox_max`). Past it, pending events of the droppable types
 are dropped, oldest first, in `DROP_ORDER` (``footfall.minute`` first, then ``zone.changed``);
@@ -852,8 +853,16 @@ class Store:
                         self._hist / f"{day}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
                     )
                     try:
-                        write_all(fd, b"".join(lines))
-                        os.fsync(fd)
+                        size = os.fstat(fd).st_size
+                        try:
+                            write_all(fd, b"".join(lines))
+                            os.fsync(fd)
+                        except OSError:
+                            # A full disk takes part of an append: cut it off, or the retry's first line would be
+                            # joined to the torn one and neither read back (the records stay in the journal).
+                            with contextlib.suppress(OSError):
+                                os.ftruncate(fd, size)
+                            raise
                     finally:
                         os.close(fd)
                 os.fsync(hist_fd)
@@ -1324,13 +1333,13 @@ class Store:
             self._pending_on_disk = pending.pending
         self._committed_seq = max(self._committed_seq, pending.seq)
         self._last_write = time.monotonic()
+        if self._disk_full:  # before the roll's accounting: a roll the disk is still too full for says so again
+            self._disk_full = False
+            _log.warning("disk space is back: %s written again (%d events pending)", self._path, len(self._outbox_seq))
         if pending.retain_from is not None:  # before the roll's accounting, which may raise: the files are gone
             self._forget_before(pending.retain_from, pending.deleted, pending.retain_error)
         if pending.roll_ids:
             self._rolled(pending.roll_ids, pending.roll_error)
-        if self._disk_full:
-            self._disk_full = False
-            _log.warning("disk space is back: %s written again (%d events pending)", self._path, len(self._outbox_seq))
         return True
 
     def _forget_before(self, before: str, deleted: int, error: OSError | None) -> None:
