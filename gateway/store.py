@@ -223,8 +223,8 @@ class _AtomicJSONStorage(Storage):
     def load(self) -> dict[str, Any] | None:
         """Read the hot file into memory; None when there is none yet.
 
-        Raises _CorruptFileError for anything that is not a JSON object of tables,
-        and OSError when the file cannot be read at all.
+        Raises _CorruptFileError for anything that is not a JSON object of tables (NUL bytes after a whole one are
+        ignored), and OSError when the file cannot be read at all.
         """
         try:
             raw = self.path.read_bytes()
@@ -232,6 +232,16 @@ class _AtomicJSONStorage(Storage):
             self._data, self._dirty, self._fragments, self._docs, self.size_bytes = None, False, {}, {}, 0
             return None
         self.size_bytes = len(raw)
+        whole = raw.rstrip(b"\0")
+        if len(whole) < len(raw) and whole.endswith(b"}"):
+            # A power cut can leave a file longer than what was written to it, the rest zeros. A complete document
+            # before them (checked like any other below) is the last commit, whole; the next commit drops the zeros.
+            _log.warning(
+                "%s ends in %d NUL byte(s) (a power cut); the commit before them is whole and is used",
+                self.path,
+                len(raw) - len(whole),
+            )
+            raw = whole
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as e:
