@@ -208,9 +208,8 @@ def _uplink(up: dict[str, Any], store: dict[str, Any]) -> list[Check]:
         ]
     if waiting > OUTBOX_WARN and store.get("disk_full"):
         # Not a slow broker: events are published once they are on disk.
-        return [
-            Check("ok", "MQTT", f"connected to {broker}; {waiting} event(s) wait to be written first (disk full, below)")
-        ]
+        waits = f"{waiting} event(s) wait to be written first (disk full, below)"
+        return [Check("ok", "MQTT", f"connected to {broker}; {waits}")]
     if waiting > OUTBOX_WARN:
         return [
             Check(
