@@ -206,7 +206,7 @@ def _uplink(up: dict[str, Any], store: dict[str, Any]) -> list[Check]:
                 "gateway's topics (docs/events.md, Delivery)",
             )
         ]
-    if waiting > OUTBOX_WARN and store.get("disk_full"):
+    if store.get("disk_full"):
         # Not a slow broker: events are published once they are on disk.
         waits = f"{waiting} event(s) wait to be written first (disk full, below)"
         return [Check("ok", "MQTT", f"connected to {broker}; {waits}")]

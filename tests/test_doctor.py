@@ -169,3 +169,5 @@ def test_events_held_back_by_a_full_disk_are_not_blamed_on_the_broker() -> None:
     assert not [line for line in f["warning"] + f["problem"] if line.startswith("MQTT")], f
     (mqtt,) = [line for line in f["ok"] if line.startswith("MQTT")]
     assert "1330 event(s) wait to be written first (disk full" in mqtt, mqtt
+    few = found(status(store={**status()["store"], **full, "outbox_depth": 40}))
+    assert [line for line in few["ok"] if line.startswith("MQTT") and "40 event(s) wait to be written first" in line]
