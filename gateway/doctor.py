@@ -246,6 +246,20 @@ def _uplink(up: dict[str, Any], store: dict[str, Any]) -> list[Check]:
                 "the credentials (docs/install.md)",
             )
         ]
+    if up.get("refusing"):
+        return [
+            Check(
+                "problem",
+                "MQTT",
+                f"connected to {broker}, but it refuses this gateway's events ({up.get('last_error')}); {waiting} "
+                "event(s) wait in the outbox and are sent once it accepts them: check the broker's ACL for the "
+                "gateway's topics (docs/events.md, Delivery)",
+            )
+        ]
+    if store.get("disk_full"):
+        # Not a slow broker: events are published once they are on disk.
+        waits = f"{waiting} event(s) wait to be written first (disk full, below)"
+        return [Check("ok", "MQTT", f"connected to {broker}; {waits}")]
     if waiting > OUTBOX_WARN:
         return [
             Check(

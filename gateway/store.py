@@ -35,7 +35,8 @@ Tables in the hot file `<data_dir>/visita.json`:
 A crash between the append to a day file and the commit that clears the journal leaves a
 record in both: the open finds it in the day file and drops it from the journal (records
 are keyed by award_id / visit_id, so nothing is counted twice). A torn last line of a day
-file (power lost during the append) is cut off at open; its record is still in the journal.
+file (power lost during the append) is cut off at open; its record is still in the journal. An append a full
+disk cuts short is cut off at once, so the retry starts on a line of its own.
 
 The outbox has a size bound (`outbox_max`). Past it, pending events of the droppable types
 are dropped, oldest first, in `DROP_ORDER` (``footfall.minute`` first, then ``zone.changed``);
@@ -222,8 +223,8 @@ class _AtomicJSONStorage(Storage):
     def load(self) -> dict[str, Any] | None:
         """Read the hot file into memory; None when there is none yet.
 
-        Raises _CorruptFileError for anything that is not a JSON object of tables,
-        and OSError when the file cannot be read at all.
+        Raises _CorruptFileError for anything that is not a JSON object of tables (NUL bytes after a whole one are
+        ignored), and OSError when the file cannot be read at all.
         """
         try:
             raw = self.path.read_bytes()
@@ -231,6 +232,16 @@ class _AtomicJSONStorage(Storage):
             self._data, self._dirty, self._fragments, self._docs, self.size_bytes = None, False, {}, {}, 0
             return None
         self.size_bytes = len(raw)
+        whole = raw.rstrip(b"\0")
+        if len(whole) < len(raw) and whole.endswith(b"}"):
+            # A power cut can leave a file longer than what was written to it, the rest zeros. A complete document
+            # before them (checked like any other below) is the last commit, whole; the next commit drops the zeros.
+            _log.warning(
+                "%s ends in %d NUL byte(s) (a power cut); the commit before them is whole and is used",
+                self.path,
+                len(raw) - len(whole),
+            )
+            raw = whole
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as e:
@@ -852,8 +863,16 @@ class Store:
                         self._hist / f"{day}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
                     )
                     try:
-                        write_all(fd, b"".join(lines))
-                        os.fsync(fd)
+                        size = os.fstat(fd).st_size
+                        try:
+                            write_all(fd, b"".join(lines))
+                            os.fsync(fd)
+                        except OSError:
+                            # A full disk takes part of an append: cut it off, or the retry's first line would be
+                            # joined to the torn one and neither read back (the records stay in the journal).
+                            with contextlib.suppress(OSError):
+                                os.ftruncate(fd, size)
+                            raise
                     finally:
                         os.close(fd)
                 os.fsync(hist_fd)
@@ -1324,13 +1343,13 @@ class Store:
             self._pending_on_disk = pending.pending
         self._committed_seq = max(self._committed_seq, pending.seq)
         self._last_write = time.monotonic()
+        if self._disk_full:  # before the roll's accounting: a roll the disk is still too full for says so again
+            self._disk_full = False
+            _log.warning("disk space is back: %s written again (%d events pending)", self._path, len(self._outbox_seq))
         if pending.retain_from is not None:  # before the roll's accounting, which may raise: the files are gone
             self._forget_before(pending.retain_from, pending.deleted, pending.retain_error)
         if pending.roll_ids:
             self._rolled(pending.roll_ids, pending.roll_error)
-        if self._disk_full:
-            self._disk_full = False
-            _log.warning("disk space is back: %s written again (%d events pending)", self._path, len(self._outbox_seq))
         return True
 
     def _forget_before(self, before: str, deleted: int, error: OSError | None) -> None:

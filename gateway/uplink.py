@@ -307,7 +307,8 @@ class Uplink:
 
     @property
     def last_error(self) -> str:
-        """The last connection or publish error, "" once connected again."""
+        """The last connection or publish error, "" once connected again (or, for a refused publish, once the broker
+        accepts one again)."""
         return self._last_error
 
     @property
@@ -316,7 +317,8 @@ class Uplink:
         return self._published
 
     def diagnostics(self) -> dict[str, Any]:
-        """Connection state, queue depth, in-flight count, acknowledged total, last error."""
+        """Connection state, queue depth, in-flight count, acknowledged and refused totals, whether the broker refuses
+        this gateway's events now (an ACL: until one is accepted again), last error."""
         with self._lock:
             return {
                 "broker": str(self._url),
@@ -327,6 +329,7 @@ class Uplink:
                 "inflight": len(self._inflight),
                 "acknowledged": self._published,
                 "refused": self._refused,
+                "refusing": bool(self._refused_kind),
                 "cursor": self.cursor,
                 "last_error": self._last_error,
             }
@@ -492,6 +495,10 @@ class Uplink:
             return
         if time.monotonic() >= self._paused_until:  # acknowledged after a pause, not within the refused window
             self._refusal_backoff = 0.0
+            if self._refused_kind:  # the ACL was fixed: say so, and stop reporting the refusal as current
+                log.info("MQTT broker %s accepts this gateway's events again", self._url)
+                self._refused_kind = ""
+                self._last_error = ""
         self._acked.append(event.id)
         self._published += 1
 

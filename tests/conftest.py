@@ -76,6 +76,11 @@ class Broker:
                 time.sleep(0.01)
         raise RuntimeError(f"mosquitto did not listen on {self.port} within 10 s")
 
+    def reload(self) -> None:
+        """Make it read its password and ACL files again (SIGHUP), as an operator fixing them would."""
+        assert self._proc is not None and self._proc.poll() is None, "the broker is not running"
+        self._proc.send_signal(signal.SIGHUP)
+
     def stop(self) -> None:
         """Stop by PID (SIGTERM saves the persistent sessions)."""
         if self._proc is not None and self._proc.poll() is None:

@@ -176,3 +176,15 @@ def test_a_disk_full_that_is_over_is_no_warning(tmp_path: Path) -> None:
     assert f["warning"] == [] and f["problem"] == [], f
     (line,) = [x for x in f["ok"] if x.startswith("storage")]
     assert "earlier: cannot write" in line and "written since" in line, line
+
+
+def test_events_held_back_by_a_full_disk_are_not_blamed_on_the_broker() -> None:
+    # A full disk holds new events in memory, unpublished: thousands wait while the broker is fine.
+    full = {"outbox_depth": 1330, "disk_full": True, "last_error": "cannot write /var/lib/visita: No space left"}
+    f = found(status(store={**status()["store"], **full}))
+    assert [line for line in f["problem"] if line.startswith("storage: the disk is full")], f
+    assert not [line for line in f["warning"] + f["problem"] if line.startswith("MQTT")], f
+    (mqtt,) = [line for line in f["ok"] if line.startswith("MQTT")]
+    assert "1330 event(s) wait to be written first (disk full" in mqtt, mqtt
+    few = found(status(store={**status()["store"], **full, "outbox_depth": 40}))
+    assert [line for line in few["ok"] if line.startswith("MQTT") and "40 event(s) wait to be written first" in line]

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.config import MqttConfig, parse_mqtt_url
+from gateway.doctor import checks
 from gateway.events import EventFactory
 from gateway.model import Event
 from gateway.uplink import Uplink
@@ -295,6 +296,33 @@ def test_acl_limits_a_gateway_to_its_own_prefix(
         assert gw.uplink.take_acks() == [], "a refused event is not acknowledged: it stays in the outbox"
         assert gw.uplink.pending() == 3
     assert lines and "Not authorized" in lines[0] and "ACL" in lines[0] and "visita/v1/demo-store/gw-2/" in lines[0]
+
+
+def test_a_refusing_acl_is_a_problem_for_the_doctor_until_the_broker_accepts_events_again(
+    tmp_path: Path, start_broker: Callable[..., Broker], caplog: pytest.LogCaptureFixture
+) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("topic read visita/#\n")  # anonymous clients may subscribe, not publish: a wrong ACL
+    b = start_broker(["allow_anonymous true", f"acl_file {acl}"])
+    store = {"outbox_depth": 3, "disk_full": False, "last_error": "", "outbox_dropped": {}}
+
+    def mqtt_check(gw: Gw) -> tuple[str, str]:
+        (c,) = [c for c in checks({"uplink": gw.uplink.diagnostics(), "store": store}, time.time()) if c.what == "MQTT"]
+        return c.status, c.detail
+
+    with caplog.at_level(logging.INFO, logger="visita.uplink"), Gw(b.url) as gw:
+        assert gw.wait_connected()
+        gw.send(3)
+        assert _wait_log(caplog, "refused visit.started")
+        status, detail = mqtt_check(gw)
+        assert status == "problem", detail
+        assert "refuses this gateway's events" in detail and "Not authorized" in detail and "ACL" in detail, detail
+        acl.write_text("topic readwrite visita/#\n")  # fixed, without restarting the broker or the gateway
+        b.reload()
+        assert len(gw.wait_acked(timeout=20)) == 3, "the refused events are delivered once the ACL allows them"
+        assert _wait_log(caplog, "accepts this gateway's events again")
+        assert mqtt_check(gw) == ("ok", f"connected to {b.url}, 3 event(s) waiting")
+        assert gw.uplink.last_error == "" and gw.uplink.diagnostics()["refusing"] is False
 
 
 def test_run_with_tls_and_password_flags(pki: Pki, tmp_path: Path, start_broker: Callable[..., Broker]) -> None:

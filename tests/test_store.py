@@ -457,6 +457,32 @@ def test_corrupt_target_is_moved_aside(
     assert s.last_seq() == (20_007 if b'"seq"' in content else 1), "kept across the next restart"
 
 
+def test_nul_bytes_after_a_whole_hot_file_cost_nothing(
+    open_store: Callable[..., Store], data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A power cut can leave a file longer than its data, the rest zeros (ext4); a complete commit before them is used.
+    s = open_store()
+    s.put_events([event(1), event(2)])
+    s.put_awards([award(1)])
+    s.close()
+    with open(data_dir / "visita.json", "ab") as f:
+        f.write(b"\0" * 3000)
+    with caplog.at_level(logging.WARNING, logger="visita.store"):
+        s = open_store()
+    assert not list(data_dir.glob("visita.json.corrupt-*")), caplog.text
+    assert [e.seq for e in s.pending_events()] == [1, 2] and s.last_seq() == 2 and s.awards() == [award(1)]
+    assert "ends in 3000 NUL byte(s)" in caplog.text
+    s.put_events([event(3)])
+    s.close()
+    assert not (data_dir / "visita.json").read_bytes().endswith(b"\0"), "the next commit writes it without them"
+    # Zeros over the end of the document itself are damage: moved aside as before.
+    raw = (data_dir / "visita.json").read_bytes()
+    (data_dir / "visita.json").write_bytes(raw[:-20] + b"\0" * 20)
+    s = open_store()
+    assert len(list(data_dir.glob("visita.json.corrupt-*"))) == 1
+    assert s.last_seq() == 3 + 20_000
+
+
 def test_crash_mid_write_leaves_the_previous_commit(
     open_store: Callable[..., Store], data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import signal
@@ -20,7 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import VISITA, Broker, Subscriber
 
-from gateway.store import Store
+from gateway.model import Award
+from gateway.store import ROLL_EVERY, Store
 
 pytestmark = pytest.mark.broker
 
@@ -136,3 +138,53 @@ def test_a_stop_on_a_full_disk_says_which_events_are_lost_and_which_wait(small_d
     (small_disk / "filler").unlink()
     with Store(data) as s:
         assert len(s.pending_events()) == int(m.group(1))  # what the summary says waits is what waits
+
+
+def _award(n: int, reason: str = "visited the store") -> Award:
+    return Award(f"award-{n}", "m-42", "visit", 10, f"v{n}", 1_764_000_000.0 + n, "2026-11-24", reason)
+
+
+def _journal_to_roll(s: Store) -> None:
+    """A journal that the next commit appends to the day file, its first record longer than a page of tmpfs."""
+    s.put_awards([_award(0, "x" * 12_000)] + [_award(n) for n in range(1, ROLL_EVERY)])
+
+
+def test_an_append_the_disk_cuts_short_is_undone_and_its_retry_loses_no_record(
+    small_disk: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The commit below writes the hot file and then appends its journal to the day file. The disk has room for the
+    # hot file only: the append gets the page the old hot file frees and the rest of the day file's last page, and
+    # stops in the middle of its first record.
+    with Store(tmp_path / "measure") as m:  # the size of that hot file, measured on a roomy disk
+        m.put_awards([_award(-1)])
+        m.close()
+    with Store(tmp_path / "measure") as m:
+        _journal_to_roll(m)
+        assert m.commit()
+        hot_pages = -(-(tmp_path / "measure" / "visita.json").stat().st_size // 4096)
+    data = small_disk / "data"
+    with Store(data) as s:
+        s.put_awards([_award(-1)])  # the day file exists, with room left in its last page
+    day = data / "history" / "2026-11-24.jsonl"
+    s = Store(data)
+    _journal_to_roll(s)
+    before = day.stat().st_size
+    filler = small_disk / "filler"
+    _fill(filler)
+    os.truncate(filler, filler.stat().st_size - hot_pages * 4096)
+    with caplog.at_level(logging.INFO, logger="visita.store"):
+        assert s.commit() is True, "the hot file is written"
+        assert s.diagnostics()["journal"] == ROLL_EVERY, "the append did not get through: the records stay"
+        assert day.stat().st_size == before, "what the disk took of the append is cut off again"
+        assert s.diagnostics()["disk_full"] is True
+        filler.unlink()
+        assert s.commit(force=True) and s.commit(force=True)
+        assert s.diagnostics()["journal"] == 0
+        s.close()
+        with Store(data) as s:
+            assert len(s.awards()) == ROLL_EVERY + 1
+    msgs = [r.getMessage() for r in caplog.records]
+    assert not [m for m in msgs if "not a valid record" in m], msgs
+    # Said in the order it happened: full (the append), then back (the next write).
+    said = [m.split(":")[0] for m in msgs if m.startswith(("disk full", "disk space is back"))]
+    assert said == ["disk full", "disk space is back"], msgs
