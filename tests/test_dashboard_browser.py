@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import VISITA, free_port, self_signed_cert
+from conftest import VISITA, Broker, free_port, self_signed_cert
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Route, expect, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
@@ -498,6 +498,34 @@ def test_broker_down_says_events_wait_in_the_outbox(browser: Browser, broker_dow
     assert status["uplink"]["connected"] is False and status["uplink"]["last_error"]
     queued = number(uplink.inner_text().split("·")[1].split()[0])
     assert 0 < queued <= status["store"]["outbox_depth"]  # the outbox only grows while the broker is away
+    assert not watch.console_errors and not watch.page_errors and not watch.external()
+    page.close()
+
+
+@pytest.fixture
+def broker_refusing(tmp_path: Path) -> Iterator[Product]:
+    """The gateway with a broker that takes the connection but refuses every publish (an ACL that only allows
+    reading: what a wrong ACL does; MQTT 5 says so, which the uplink reports as `refusing`)."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic read visita/#\n")
+    broker = Broker(tmp_path / "broker", free_port(), ["allow_anonymous true", f"acl_file {acl}"])
+    broker.start()
+    try:
+        yield from run_product(tmp_path, "60", "--mqtt", broker.url)
+    finally:
+        broker.stop()
+
+
+def test_a_broker_refusing_events_is_said_on_the_page(browser: Browser, broker_refusing: Product) -> None:
+    page, watch = open_page(browser, broker_refusing, viewport={"width": 1280, "height": 800})
+    expect(page.get_by_test_id("conn-state")).to_have_attribute("data-state", "ok", timeout=10_000)
+    uplink = page.get_by_test_id("uplink-state")
+    expect(uplink).to_be_visible(timeout=15_000)
+    expect(uplink).to_have_text(
+        re.compile(r"^\s*MQTT broker refuses our events \(check its ACL\) · [1-9][\d,]* events? in the outbox\s*$")
+    )
+    status = broker_refusing.get("/api/v1/status")
+    assert status["uplink"]["connected"] is True and status["uplink"]["refusing"] is True, status["uplink"]
     assert not watch.console_errors and not watch.page_errors and not watch.external()
     page.close()
 

@@ -271,13 +271,16 @@ function renderVisits(inside, finished, f) {
 }
 
 function renderUplink(status) {
-  // The broker connection: shown only while it is down (nothing with MQTT off, the uplink then reports no state).
+  // The broker connection: shown only while it is down, or up but refusing our events (an ACL); nothing with MQTT
+  // off (the uplink then reports no state).
   const up = status.uplink;
   const box = $("uplink-state");
-  box.hidden = up.connected !== false;
+  box.hidden = up.connected !== false && up.refusing !== true;
   if (box.hidden) return;
   const queued = status.store && Number.isFinite(status.store.outbox_depth) ? status.store.outbox_depth : null;
-  const what = up.last_error ? "MQTT broker unreachable" : "Connecting to the MQTT broker";
+  const what = up.connected !== false
+    ? "MQTT broker refuses our events (check its ACL)"
+    : up.last_error ? "MQTT broker unreachable" : "Connecting to the MQTT broker";
   const kept = queued === null ? "events kept in the outbox" : `${fmt(queued)} ${queued === 1 ? "event" : "events"} in the outbox`;
   box.querySelector(".uplink-text").textContent = `${what} · ${kept}`;
   box.title = up.last_error || "";
