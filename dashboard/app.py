@@ -213,7 +213,7 @@ class CheckinRefusal(BaseModel):
 
     reason: str = Field(
         description="too_large, malformed, wrong_store, unauthorized (unknown member or bad signature: one answer, "
-        "so refs cannot be probed), stale, replayed, rate_limited or busy (docs/checkin.md)."
+        "so refs cannot be probed), stale, replayed, rate_limited, busy or unavailable (docs/checkin.md)."
     )
     message: str = Field(description="What is wrong, in one line.")
     field: str | None = Field(default=None, description="The field at fault, when there is one.")
@@ -346,6 +346,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             (413, "Body too large."),
             (422, "Malformed: the field and the reason."),
             (429, "Over the member's rate limit (or the gateway is busy); Retry-After says when to try again."),
+            (503, "The gateway cannot record check-ins on its disk now; Retry-After says when to try again."),
         )
     }
 

@@ -26,6 +26,7 @@ stale               409    timestamp more than `skew_s` from the gateway's clock
 replayed            409    this member's nonce was accepted before
 rate_limited        429    more than `rate_n` check-ins by this member in `rate_window_s`
 busy                429    the nonce memory is full (only under a flood of distinct members)
+unavailable         503    the nonce could not be written to disk (full or failing): nothing changed
 =================  ======  ====================================================================
 """
 
@@ -36,6 +37,7 @@ import hashlib
 import heapq
 import hmac
 import json
+import logging
 import math
 import os
 import re
@@ -45,7 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.files import write_atomic
+from gateway.files import write_all, write_atomic
+
+log = logging.getLogger("visita.checkins")
 
 MAX_BODY = 1024
 """Largest body accepted, bytes (a real check-in is about 200)."""
@@ -79,6 +83,7 @@ REASONS = {
     "replayed": 409,
     "rate_limited": 429,
     "busy": 429,
+    "unavailable": 503,
 }
 """Every refusal reason and its HTTP status."""
 
@@ -111,7 +116,7 @@ class CheckinRefused(Exception):
         self.message = message
         self.field = field
         self.retry_after_s = retry_after_s
-        """When the same member may try again (rate_limited, busy), seconds; the answer's Retry-After."""
+        """When the same member may try again (rate_limited, busy, unavailable), seconds; the answer's Retry-After."""
 
     @property
     def public_reason(self) -> str:
@@ -202,10 +207,18 @@ class NonceJournal:
         self._lines = len(entries)
 
     def append(self, member: str, nonce: str, ts: int) -> None:
-        """Record one accepted check-in; durable at the next `sync` (before the gateway answers it)."""
+        """Record one accepted check-in; durable at the next `sync` (before the gateway answers it). OSError (a full
+        disk) leaves the file as it was: what a short write got onto it is cut off again, so the next line is not
+        joined to a torn one (and both lost at the next start)."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.write(self._fd, f"{ts} {member} {nonce}\n".encode())
+        size = os.fstat(self._fd).st_size
+        try:
+            write_all(self._fd, f"{ts} {member} {nonce}\n".encode())
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise
         self._lines += 1
         self._dirty = True
 
@@ -260,6 +273,7 @@ class CheckinVerifier:
         self._store = store_id
         self._key_of = key_of
         self._journal = journal
+        self._unwritable = False  # the journal's last append failed (a full disk): said once
         self._skew = skew_s
         self._rate_n = rate_n
         self._rate_window = rate_window_s
@@ -339,7 +353,25 @@ class CheckinVerifier:
         if len(self._nonces) >= self._max:
             raise CheckinRefused("busy", "too many check-ins right now; try again in a minute", retry_after_s=60)
         if self._journal is not None:
-            self._journal.append(member, nonce, ts)  # synced before the check-in is answered
+            try:
+                self._journal.append(member, nonce, ts)  # synced before the check-in is answered
+            except OSError as e:
+                if not self._unwritable:  # once while it lasts, not at every check-in
+                    self._unwritable = True
+                    log.error(
+                        "app check-ins are refused: their nonces cannot be written to %s (%s); free disk space",
+                        self._journal.path,
+                        e.strerror,
+                    )
+                raise CheckinRefused(
+                    "unavailable",
+                    "the gateway cannot record check-ins right now (its disk is full or failing); "
+                    "try again in a minute",
+                    retry_after_s=60,
+                ) from None
+            if self._unwritable:
+                self._unwritable = False
+                log.info("app check-ins are recorded again (%s)", self._journal.path)
         self._remember(member, nonce, ts)
         if recent is None:
             recent = self._recent[member] = deque()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import pytest
 from conftest import VISITA, Broker, Subscriber
+from test_checkins import NOW, body
 
 from gateway.model import Award
 from gateway.store import ROLL_EVERY, Store
+from sensors.checkins import SKEW_S, CheckinRefused, CheckinVerifier, NonceJournal
 
 pytestmark = pytest.mark.broker
 
@@ -188,3 +191,40 @@ def test_an_append_the_disk_cuts_short_is_undone_and_its_retry_loses_no_record(
     # Said in the order it happened: full (the append), then back (the next write).
     said = [m.split(":")[0] for m in msgs if m.startswith(("disk full", "disk space is back"))]
     assert said == ["disk full", "disk space is back"], msgs
+
+
+def test_a_checkin_nonce_the_disk_cuts_short_is_refused_and_no_accepted_nonce_is_lost(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The nonce journal on a full disk: the line that meets the end of its last page gets part-way on. It must be
+    # cut off again and the check-in refused as `unavailable` (nothing changed: the app may send it again), or the
+    # next line joins the torn one and both nonces are forgotten at the next start (a replay accepted then).
+    caplog.set_level(logging.INFO, logger="visita.checkins")
+    key = b"\x07" * 32
+    journal = NonceJournal(small_disk)
+    v = CheckinVerifier("demo-store", lambda member: key, journal)
+    v.verify(json.dumps(body("m-0", key=key)).encode(), NOW)  # the journal exists, its last page part-full
+    _fill(small_disk / "filler")
+    accepted = ["m-0"]
+    refused, refused_at = None, 0
+    for i in range(1, 200):
+        if refused is not None and i > refused_at + 3:
+            break  # a few more refused while the disk stays full
+        try:
+            v.verify(json.dumps(body(f"member-with-a-long-ref-{i:04d}", key=key)).encode(), NOW)
+            accepted.append(f"member-with-a-long-ref-{i:04d}")
+        except CheckinRefused as e:
+            refused_at = i if refused is None else refused_at
+            refused = e
+    assert refused is not None and refused.reason == "unavailable" and refused.status == 503, refused
+    assert refused.retry_after_s == 60 and v.refused["unavailable"] == 4
+    assert journal.path.read_bytes().endswith(b"\n"), "no torn line is left at the end of the journal"
+    said = [r.getMessage() for r in caplog.records if "check-ins are" in r.getMessage()]
+    assert len(said) == 1 and "cannot be written" in said[0], said  # once, not at every refused check-in
+    (small_disk / "filler").unlink()
+    v.verify(json.dumps(body("m-after", key=key)).encode(), NOW)
+    assert "app check-ins are recorded again" in caplog.text
+    accepted.append("m-after")
+    journal.close()
+    remembered = {member for member, _nonce, _ts in NonceJournal(small_disk).load(NOW, SKEW_S)}
+    assert remembered == set(accepted), sorted(set(accepted) - remembered)
