@@ -315,7 +315,7 @@ class Gateway:
         self.dashboard_tls: DashboardTls | None = None
         """The certificate the dashboard serves HTTPS with (set by `run`); None: plain HTTP."""
         visits_cfg = settings.visits.model_copy(update={"staff": sorted({*settings.visits.staff, *staff})})
-        self.tracker = VisitTracker(settings.gateway, visits_cfg)
+        self.tracker = VisitTracker(settings.gateway, visits_cfg, anon_resume=secret is not None)
         self.linker = HandoverLinker(settings.plan.doors) if settings.visits.handover else None
         since = ledger_since(rules, store.history_days())
         self.points = PointsEngine(rules, days, store.awards(since), members.tier, members.known, since)
@@ -472,8 +472,9 @@ class Gateway:
 
     def resume(self, now: float) -> None:
         """Once, at start (`run` calls it as its loop begins; a check-in, tick or stop that comes first does): take up
-        the visits open before the restart (VisitTracker.restore). Members' go on, counted as open by footfall; the
-        others end at their last sighting now, with their points, events and history like any other end."""
+        the visits open before the restart (VisitTracker.restore). Members' go on (anonymous phones' too with a store
+        secret), counted as open by footfall; the others end at their last sighting now, with their points, events and
+        history like any other end."""
         if self._resumed:
             return
         self._resumed = True

@@ -12,7 +12,9 @@ heard for `absence_timeout_s`. Staff are members on the staff list.
 
 Visits outlive the process (`take_kept`, `restore`): a member's visit open when the gateway stopped or lost power
 goes on after a restart within `resume_within_s`, with the same visit id; every other open visit ends at its last
-sighting then (an anonymous subject's hash changes with the restart: nothing would ever join it again).
+sighting then (an anonymous subject's hash changes with the restart: nothing would ever join it again), unless the
+store has a secret (`identity.anon_secret_file`): then an anonymous phone hashes to the same subject after the restart
+that day, and its visit goes on as a member's does (`anon_resume`).
 
 Everything follows from the estimates' own times, never from when they were handed over, so the
 runtime's tick size does not change a visit.
@@ -113,6 +115,7 @@ class _Session:
             "checked_in": self.checked_in,
             "sure_s": self.sure_s,
             "moved_m": self.movement.moved,
+            "aliases": list(self.aliases),
         }
 
     @classmethod
@@ -135,12 +138,16 @@ class _Session:
         s.segments = [_Seg(z, float(a), float(b), c) for z, a, b, c in d["segments"]]
         s.qualified, s.ble, s.checked_in = d["qualified"], d["ble"], d["checked_in"]
         s.sure_s, s.movement.moved = float(d["sure_s"]), float(d["moved_m"])
+        aliases = d.get("aliases", [])  # kept since the store secret; older kept visits have none
+        if not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
+            raise ValueError(f"session {str(d.get('visit_id'))[:24]!r} has aliases of the wrong type")
+        s.aliases = list(aliases)
         return s
 
-    def resumable(self) -> bool:
-        """Whether a restart can go on with it: a member's visit (the same subject after the restart). Anonymous
-        subjects' hashes change with the restart."""
-        return self.qualified and self.subject.startswith("member:")
+    def resumable(self, anon: bool = False) -> bool:
+        """Whether a restart can go on with it: a member's visit (the same subject after the restart); an anonymous
+        one's too with `anon` (a store secret: the same hash after the restart that day; else it changes)."""
+        return self.qualified and (self.subject.startswith("member:") or (anon and self.subject.startswith("anon:")))
 
     def inside_s(self) -> float:
         return sum(g.left - g.entered for g in self.segments)
@@ -153,9 +160,12 @@ class _Session:
 class VisitTracker:
     """Sessions for every subject; no I/O, time comes with the estimates and `now`."""
 
-    def __init__(self, gateway_id: str, cfg: VisitsConfig) -> None:
+    def __init__(self, gateway_id: str, cfg: VisitsConfig, *, anon_resume: bool = False) -> None:
+        """`anon_resume`: anonymous subjects hash the same after a restart (a store secret), so their visits go on
+        after one as members' do."""
         self._gateway = gateway_id
         self._cfg = cfg
+        self._anon_resume = anon_resume
         self._staff = {"member:" + ref for ref in cfg.staff}
         self._sessions: dict[str, _Session] = {}
         self._changed: set[str] = set()  # session keys whose session changed since `changed_visits`
@@ -266,7 +276,9 @@ class VisitTracker:
         """A stop that a restart will follow: end the sessions a restart could not go on with (all but members'
         visits, `_Session.resumable`); the others are kept (`take_kept`)."""
         self._now = max(self._now, now)
-        return self._end([k for k, s in self._sessions.items() if not s.resumable() or k in self._expired])
+        return self._end(
+            [k for k, s in self._sessions.items() if not s.resumable(self._anon_resume) or k in self._expired]
+        )
 
     def shift(self, by: float) -> None:
         """Move every time held forward by `by` seconds (the clock was stepped forward: `Gateway.shift`). The open
@@ -347,9 +359,11 @@ class VisitTracker:
 
         A member's visit goes on when `as_of` is at most `resume_within_s` before `now`: its visit id stays,
         absence is counted from `now` (the gateway heard nothing while it was down) and, heard again, the time in
-        between is the dwell of the zone it was in. Every other ends at its last sighting (returned): anonymous
-        subjects get new hashes after a restart, and after a longer outage nobody can tell whether the shopper
-        stayed. A kept visit that is not what `take_kept` writes is logged, left out and forgotten.
+        between is the dwell of the zone it was in; so does an anonymous one with `anon_resume` (a store secret), on its
+        subject or on any address it was linked to (its aliases). Every other ends at its last sighting (returned):
+        anonymous subjects get new hashes after a restart without a store secret, and after a longer outage nobody
+        can tell whether the shopper stayed. A kept visit that is not what `take_kept` writes is logged, left out and
+        forgotten.
         """
         sessions: list[_Session] = []
         unusable: list[str] = []
@@ -366,12 +380,14 @@ class VisitTracker:
         self._restored_as_of = as_of
         ending: list[str] = []
         for s in sessions:
-            go_on = fresh and s.resumable() and s.subject not in self._sessions  # a member has one session to go on
+            go_on = fresh and s.resumable(self._anon_resume) and s.subject not in self._sessions  # one session each
             key = s.subject if go_on else s.visit_id  # an ending one's key only has to be unique
             if key in self._sessions:
                 continue  # the same visit is open already (restored twice)
             self._sessions[key] = s
             if go_on:
+                for alias in s.aliases:  # the addresses it was heard on since (the handover): heard on them again
+                    self._alias.setdefault(alias, key)
                 s.resumed, s.kept_last = now, s.last
                 s.kept_at = now - KEEP_REFRESH_S * (zlib.crc32(s.visit_id.encode()) % 64) / 64  # staggered refreshes
                 self._resumed += 1

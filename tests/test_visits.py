@@ -500,6 +500,33 @@ def test_after_a_power_loss_an_anonymous_visit_ends_at_its_last_sighting_and_a_m
     assert [v.subject for v in after.open_visits()] == [MEMBER]
 
 
+def test_with_a_store_secret_an_anonymous_visit_goes_on_across_a_restart_on_its_latest_address_too() -> None:
+    # A store secret (identity.anon_secret_file) hashes a phone to the same subject after a restart that day: its
+    # visit goes on as a member's does, also on the address it moved to before the stop (the handover's alias).
+    moved = "anon:7c7c7c7c7c7c7c7c"
+    t, kept = VisitTracker("gw-1", CFG, anon_resume=True), Kept()
+    script = {float(s): [inside(s, "bakery")] for s in range(10, 81, 2)}
+    script |= {float(s): [inside(s, "bakery", moved)] for s in range(82, 121, 2)}
+    changes = run_kept(t, kept, {k: v for k, v in script.items() if k < 82}, 0, 81)
+    changes += t.link(SubjectLink(T0 + 82, SHOPPER, moved, "handover"))
+    changes += run_kept(t, kept, {k: v for k, v in script.items() if k >= 82}, 82, 120)
+    changes += t.end_for_restart(T0 + 120)
+    kept.take(t, T0 + 120, everything=True)
+    (started,) = [c.visit.visit_id for c in changes if c.kind == "started"]
+    assert [c.kind for c in changes if c.kind == "ended"] == [], "a restart will go on with it: not ended at the stop"
+
+    after = VisitTracker("gw-1", CFG, anon_resume=True)
+    assert after.restore(list(kept.visits.values()), kept.as_of, T0 + 150) == []
+    changes = run(after, {float(s): [inside(s, "bakery", moved)] for s in range(160, 200, 2)}, until=300)
+    assert [(c.kind, c.visit.visit_id, c.ts - T0) for c in changes] == [("ended", started, 198)]
+    assert changes[0].visit.zone_dwell() == {"bakery": 188}
+
+    # Without a secret the same kept visit ends at its last sighting: the phone's hash is new after the restart.
+    plain = tracker()
+    (ended,) = plain.restore(list(kept.visits.values()), kept.as_of, T0 + 150)
+    assert (ended.kind, ended.visit.visit_id, ended.ts - T0) == ("ended", started, 120)
+
+
 def test_open_visits_are_kept_at_their_start_each_zone_they_enter_and_every_minute() -> None:
     t = tracker()
     taken: list[tuple[float, float]] = []  # (tick, the kept visit's last sighting) whenever the tracker hands it over
