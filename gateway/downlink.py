@@ -103,7 +103,7 @@ def _rules(gw: Gateway, payload: dict[str, Any]) -> dict[str, Any]:
     # Built completely (the ledger replayed into it) before it replaces the old engine.
     since = ledger_since(rules, gw.store.history_days())
     engine = PointsEngine(
-        rules, LocalDays(gw.settings.timezone), gw.store.awards(since), gw.members.tier, gw.members.known, since
+        rules, LocalDays(gw.settings.timezone), gw.ledger(since), gw.members.tier, gw.members.known, since
     )
     # Kept on disk before they are applied: rules in force are never lost by a restart. Once the file is in place
     # they are applied even if the directory could not be synced (a restart would apply them too), and `synced`

@@ -610,6 +610,15 @@ class Gateway:
             self.store.finish_commit(pending)
         self.feed_uplink()
 
+    def ledger(self, since_day: str | None = None) -> list[Award]:
+        """The awards a new points engine starts from (`cmd/rules`): the store's ledger, and the awards of check-ins
+        applied since the last commit began, which the store has not been handed yet (a check-in answered while a
+        commit is written). Without those, the new engine would grant them again to the open visit."""
+        awards = self.store.awards(since_day)
+        known = {a.award_id for a in awards}
+        late = [a for a in self._checkin_awards if a.award_id not in known and a.day >= (since_day or "")]
+        return awards + late
+
     def _put_checkins(self) -> list[Event]:
         """Hand the store the check-ins applied since the last commit (their nonces are synced first).
 
