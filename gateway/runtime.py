@@ -991,6 +991,29 @@ class _QuietServer:
         self.server.should_exit = True
 
 
+def _start_serving(
+    app: Callable[[], Any], sock: socket.socket | None, tls: DashboardTls | None
+) -> tuple[asyncio.Event, _QuietServer | None, asyncio.Task[None] | None]:
+    """SIGINT and SIGTERM set the returned event (the runtime's stop), and the dashboard serves `app()` on `sock`
+    (none without a socket); `_stop_serving` undoes both."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = _QuietServer(app(), sock, tls) if sock is not None else None
+    return stop, server, asyncio.create_task(server.serve()) if server else None
+
+
+async def _stop_serving(server: _QuietServer | None, task: asyncio.Task[None] | None) -> None:
+    """Stop what `_start_serving` started: the dashboard, then the signal handlers."""
+    if server is not None and task is not None:
+        server.stop()
+        await task
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+
+
 TLS_RECHECK_S = 86_400.0
 """How often a running gateway looks again at its certificate's end (the start-up log says it first)."""
 
@@ -1200,13 +1223,7 @@ async def run(
     lines.append("Ctrl-C stops; queued events are flushed first.")
     print("\n".join(lines), flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    server = _QuietServer(create_app(gw), sock, tls) if sock is not None else None
-    server_task = asyncio.create_task(server.serve()) if server else None
+    stop, server, server_task = _start_serving(lambda: create_app(gw), sock, tls)
     pending = store.pending_events()
     if gw.uplink is not None:
         if pending:
@@ -1289,11 +1306,7 @@ async def run(
             store.ack_events(gw.uplink.take_acks())
         queued, lost = store.close()  # events a full disk kept from being written are lost with the process
         gw.checkins.close()
-        if server is not None and server_task is not None:
-            server.stop()
-            await server_task
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        await _stop_serving(server, server_task)
         snap = gw.footfall.snapshot()
         print(
             f"stopped: last event seq {gw.events.last_seq}, {queued} still queued in the outbox"
@@ -1410,12 +1423,7 @@ async def run_relay(
         lines.append("Ctrl-C stops.")
         print("\n".join(lines), flush=True)
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        server = _QuietServer(create_relay_app(relay), sock, tls) if sock is not None else None
-        server_task = asyncio.create_task(server.serve()) if server else None
+        stop, server, server_task = _start_serving(lambda: create_relay_app(relay), sock, tls)
         uplink.start(downlink.receive)
         await source.start()
         end = clock.start + opts.until_s if opts.until_s is not None else None
@@ -1442,11 +1450,7 @@ async def run_relay(
             systemd.stopping()
             await source.stop()
             await asyncio.to_thread(uplink.stop, min(opts.flush_timeout_s, 2.0))  # the "offline" status
-            if server is not None and server_task is not None:
-                server.stop()
-                await server_task
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+            await _stop_serving(server, server_task)
             c = publisher.counts
             print(
                 f"stopped: {c['batches']} batch(es), {c['sightings']} sighting(s) published; "
